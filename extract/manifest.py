@@ -1,0 +1,304 @@
+"""Read a dataset description, check all of it, and plan the items the extractor will encode.
+
+A dataset is a CSV or JSONL manifest (columns `path`, `labels` or `label`, `split`, optional `id`,
+`start`, `end`) or a folder laid out as ROOT/<split>/<class>/<file>. Every problem is collected and
+raised together in one ManifestError before anything is decoded, so the user fixes the manifest in
+one pass instead of discovering one mistake per hour of extraction. Problems are located by the
+line number of the file, as an editor shows it: a CSV header is line 1, so its first row is line 2.
+
+A missing file is a manifest problem (the user can fix it before any work); a file that exists but
+cannot be decoded is not: it stays an item, and the extractor records it as failed and goes on.
+"""
+
+import csv
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+
+SPLITS = ("train", "valid", "test")
+# A recording's last partial window becomes an item only if it holds at least this fraction of a
+# window: a 0.3 s tail padded to 10 s is mostly padding and adds little but cost. A recording
+# shorter than one window is always kept whole.
+MIN_LAST_WINDOW = 0.1
+
+
+class ManifestError(ValueError):
+    """Every problem found in a dataset description, one per line, raised before any work."""
+
+    def __init__(self, source: Path, problems: list[str]):
+        self.problems = problems
+        listing = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s); fix them and run again:\n{listing}")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: a whole image, or one window of an audio recording."""
+
+    id: str
+    path: Path  # absolute
+    offset: float  # seconds into the file; 0 for images
+    duration: float | None  # seconds to read; None: to the end (images, audio of unknown length)
+    split: str
+    labels: list[int]  # indices into Dataset.classes
+
+
+@dataclass
+class Dataset:
+    """The planned items of each split, with the label space they refer to."""
+
+    root: Path  # the folder that item paths are relative to
+    task: str  # "multilabel" or "multiclass"
+    classes: list[str]
+    splits: dict[str, list[Item]]  # only the splits that have items, in SPLITS order
+    sample_rate: int | None  # the rate audio items are decoded at; None for images
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything that decides what is stored and how it is labelled (cache key)."""
+        items = [
+            [it.split, it.id, it.path.relative_to(self.root).as_posix(), it.offset, it.duration, it.labels]
+            for items in self.splits.values()
+            for it in items
+        ]
+        text = json.dumps({"task": self.task, "classes": self.classes, "items": items}, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class _Row:
+    """A manifest row that passed every check."""
+
+    where: str  # "line 7" or, for class folders, the file's relative path
+    rel: str  # path relative to the dataset root, "/"-separated
+    path: Path
+    split: str
+    labels: list[str]
+    id: str | None
+    start: float
+    end: float | None
+
+
+def read_dataset(
+    source: str | Path,
+    *,
+    window_seconds: float | None,
+    sample_rate: int | None,
+    modality: str,
+    classes: list[str] | None = None,
+) -> Dataset:
+    """Check a manifest or class-folder tree and expand it into items.
+
+    Audio longer than `window_seconds` is cut into windows (see MIN_LAST_WINDOW for the tail);
+    durations come from file headers, nothing is decoded. `classes` fixes the label space when
+    resuming into an existing store: a label outside it is a problem.
+    """
+    if modality not in ("audio", "image"):
+        raise ValueError(f"modality must be 'audio' or 'image', not {modality!r}")
+    if modality == "audio" and not sample_rate:
+        raise ValueError("audio needs the sample_rate its encoder expects")
+    if window_seconds is not None and window_seconds <= 0:
+        raise ValueError(f"window_seconds must be positive, not {window_seconds}")
+    source = Path(source).absolute()
+    columns, records, problems = _read(source)
+    root = (source if source.is_dir() else source.parent).resolve()
+    task, rows = _check(root, columns, records, classes, problems)
+
+    names = list(classes) if classes is not None else sorted({name for row in rows for name in row.labels})
+    index = {name: i for i, name in enumerate(names)}
+    splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
+    first_row_of: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    for row in rows:
+        labels = sorted({index[name] for name in row.labels})
+        windows = _windows(row, window_seconds) if modality == "audio" else [(0.0, None)]
+        for n, (offset, duration) in enumerate(windows):
+            item_id = _item_id(row, offset, first=n == 0)
+            if first_row_of.setdefault(item_id, row.where) != row.where:
+                duplicates.setdefault(row.where, f"duplicate id {item_id!r} (also {first_row_of[item_id]})")
+            splits[row.split].append(Item(item_id, row.path, offset, duration, row.split, labels))
+    problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
+    if problems:
+        raise ManifestError(source, problems)
+    return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate)
+
+
+def _read(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+    """Columns, (location, record) pairs and reading problems of any supported source."""
+    if source.is_dir():
+        return _read_folders(source)
+    if not source.is_file():
+        raise ManifestError(source, ["no such file or folder"])
+    if source.suffix.lower() == ".csv":
+        return _read_csv(source)
+    if source.suffix.lower() in (".jsonl", ".ndjson"):
+        return _read_jsonl(source)
+    raise ManifestError(source, ["not a .csv or .jsonl manifest, nor a folder of <split>/<class>/ files"])
+
+
+def _read_csv(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+    records, problems = [], []
+    with source.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        line = reader.line_num + 1  # a quoted field may span lines: a row starts after the last one
+        for values in reader:
+            if len(values) > len(header):
+                problems.append(f"line {line}: {len(values)} fields but the header has {len(header)}")
+            elif any(value.strip() for value in values):
+                records.append((f"line {line}", dict(zip(header, values))))
+            line = reader.line_num + 1
+    return header, records, problems
+
+
+def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+    columns, records, problems = {}, [], []
+    with source.open(encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                problems.append(f"line {line}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"line {line}: not a JSON object")
+                continue
+            columns.update(dict.fromkeys(record))
+            records.append((f"line {line}", record))
+    return list(columns), records, problems
+
+
+def _read_folders(root: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+    """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries are skipped."""
+    records, problems = [], []
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if split_dir.name not in SPLITS:
+            problems.append(f"{split_dir.name}/: not a split folder (use train, valid or test)")
+            continue
+        for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
+            if not class_dir.is_dir():
+                problems.append(f"{split_dir.name}/{class_dir.name}: file outside a class folder")
+                continue
+            for file in sorted(class_dir.rglob("*")):
+                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts):
+                    rel = file.relative_to(root).as_posix()
+                    records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
+    return ["path", "label", "split"], records, problems
+
+
+def _check(
+    root: Path, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str]
+) -> tuple[str, list[_Row]]:
+    """The task and the rows without problems; every problem found is appended to `problems`."""
+    if not records and not problems:
+        problems.append("no rows: the dataset is empty")
+        return "", []
+    missing = [repr(name) for name in ("path", "split") if name not in columns]
+    if "labels" in columns and "label" in columns:
+        problems.append("both 'labels' and 'label' columns: keep 'labels' (multi-label) or 'label' (multi-class)")
+    elif "labels" not in columns and "label" not in columns:
+        missing.append("'labels' (multi-label) or 'label' (multi-class)")
+    if missing:
+        problems.append(f"missing required column(s): {', '.join(missing)}")
+        return "", []
+    task = "multilabel" if "labels" in columns else "multiclass"
+    known = None if classes is None else set(classes)
+    rows = []
+    for where, record in records:
+        row, row_problems = _check_row(root, where, record, task, known)
+        problems += [f"{where}: {p}" for p in row_problems]
+        if not row_problems:
+            rows.append(row)
+    return task, rows
+
+
+def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] | None) -> tuple[_Row, list[str]]:
+    bad = []
+    raw_path = _text(record.get("path"))
+    path = Path(os.path.normpath(root / raw_path))  # removes "..": the lexical check below needs that
+    if not raw_path:
+        bad.append("empty path")
+    elif not path.is_relative_to(root) or not path.resolve().is_relative_to(root):
+        bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
+    elif not path.is_file():
+        bad.append(f"file not found: {raw_path}")
+
+    split = _text(record.get("split"))
+    if split not in SPLITS:
+        bad.append(f"unknown split {split!r} (use train, valid or test)")
+
+    labels = _labels(record.get("labels" if task == "multilabel" else "label"), task)
+    if not labels:
+        bad.append("empty label")
+    elif known is not None and (unknown := [name for name in labels if name not in known]):
+        bad.append(f"label(s) not among the store's classes: {', '.join(unknown)}")
+
+    start = _seconds(record.get("start"), "start", bad) or 0.0
+    end = _seconds(record.get("end"), "end", bad)
+    if end is not None and start >= end:
+        bad.append(f"start {start:g} is not before end {end:g}")
+
+    rel = "" if bad else path.relative_to(root).as_posix()
+    return _Row(where, rel, path, split, labels, _text(record.get("id")) or None, start, end), bad
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _labels(value, task: str) -> list[str]:
+    """Class names of one row: `;`-separated (or a JSON list) for multi-label, one name otherwise."""
+    if task == "multiclass":
+        return [name] if (name := _text(value)) else []
+    names = value if isinstance(value, list) else _text(value).split(";")
+    return [name for name in map(_text, names) if name]
+
+
+def _seconds(value, name: str, bad: list[str]) -> float | None:
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        bad.append(f"{name} {text!r} is not a number of seconds")
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        bad.append(f"{name} {text} is not a finite, non-negative number of seconds")
+        return None
+    return seconds
+
+
+def _windows(row: _Row, window: float | None) -> list[tuple[float, float | None]]:
+    """(offset, duration) pairs covering the row's span of its file, from the file's header only.
+
+    A file soundfile cannot open becomes one item, so that its failure is recorded once, later.
+    """
+    try:
+        file_seconds = sf.info(str(row.path)).duration
+    except sf.SoundFileError:
+        return [(row.start, None if row.end is None else row.end - row.start)]
+    length = max(min(file_seconds, math.inf if row.end is None else row.end) - row.start, 0.0)
+    if window is None:
+        return [(row.start, round(length, 6))]
+    full = math.floor(length / window + 1e-9)
+    spans = [(row.start + k * window, window) for k in range(full)]
+    rest = length - full * window
+    if full == 0 or rest >= MIN_LAST_WINDOW * window:
+        spans.append((row.start + full * window, rest))
+    return [(round(offset, 6), round(duration, 6)) for offset, duration in spans]
+
+
+def _item_id(row: _Row, offset: float, first: bool) -> str:
+    """The `id` column (windows after the first get `@<offset>`), else the relative path, with
+    `@<offset>` for any window not at the start of the file."""
+    seconds = f"{offset:.3f}".rstrip("0").rstrip(".")
+    if row.id:
+        return row.id if first else f"{row.id}@{seconds}"
+    return row.rel if offset == 0 else f"{row.rel}@{seconds}"
