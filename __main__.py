@@ -1,0 +1,3 @@
+from tokens.cli import app
+
+app(prog_name="tokens")

@@ -1,0 +1,114 @@
+"""`tokens info` and `tokens verify`: look at a store without loading it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from tokens.cache.store import StoreError, TokenStore, open_store
+from tokens.cache.verify import verify as verify_store
+
+
+def describe(store: TokenStore) -> dict:
+    """The store at a glance, as plain data (what `tokens info --json` prints)."""
+    meta = store.meta
+    splits = {}
+    for split in store.splits.values():
+        done = split.complete_mask()
+        errors = split.column("errors") if done.any() else np.array([])
+        splits[split.name] = {
+            "items": split.num_items,
+            "complete": bool(done.all()),
+            "shards": split.num_shards,
+            "shards_complete": int(done.sum()),
+            "failed_items": int(sum(1 for e in errors if e)),
+        }
+    return {
+        "path": str(store.path),
+        "format": store.format,
+        "backbone": meta["backbone"],
+        "backbone_config": meta["backbone_config"],
+        "checkpoint_sha256": meta["checkpoint_sha256"],
+        "frontend": meta["frontend"],
+        "dim": meta["dim"],
+        "grid": meta["grid"],
+        "num_tokens": meta["grid"][0] * meta["grid"][1],
+        "num_prefix": meta["num_prefix"],
+        "layers": meta["layers"],
+        "final_norm": meta["final_norm"],
+        "dtype": meta["dtype"],
+        "masked": meta["masked"],
+        "task": meta["task"],
+        "classes": meta["classes"],
+        "splits": splits,
+        "shard_size": meta["shard_size"],
+        "codec": meta["codec"],
+        "disk_bytes": store.disk_bytes(),
+        "created": meta["created"],
+        "tool_version": meta["tool_version"],
+        "cache_key": meta["cache_key"],
+        "extra": meta.get("extra", {}),
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def render(info: dict) -> str:
+    T, F = info["grid"]
+    classes = info["classes"]
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} in all)" if len(classes) > 8 else "")
+    lines = [
+        f"store      {info['path']} ({info['format']}, {_size(info['disk_bytes'])} on disk)",
+        f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or 'none (built-in weights)')[:16]}",
+        f"tokens     grid {T}x{F} = {info['num_tokens']} tokens x {info['dim']} dims, "
+        f"{info['num_prefix']} prefix tokens, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}",
+        f"layers     {', '.join(map(str, info['layers']))}",
+        f"task       {info['task']}, {len(classes)} classes: {shown}",
+        "splits",
+    ]
+    for name, s in info["splits"].items():
+        state = "complete" if s["complete"] else f"INCOMPLETE ({s['shards_complete']}/{s['shards']} shards)"
+        failed = f", {s['failed_items']} failed items" if s["failed_items"] else ""
+        lines.append(f"  {name:<8} {s['items']:>9} items  {state}{failed}")
+    lines.append(f"created    {info['created']} by tokens {info['tool_version']}; cache key {info['cache_key'][:16]}")
+    return "\n".join(lines)
+
+
+def info(
+    store: Path = typer.Argument(..., help="A store: a .zarr directory or a .h5 file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for other programs instead of the summary."),
+):
+    """Summarise a store: splits, items, completeness, grid, dim, layers, classes, size, provenance."""
+    try:
+        with open_store(store) as opened:
+            summary = describe(opened)
+    except StoreError as error:
+        raise typer.BadParameter(str(error), param_hint="STORE") from error
+    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+def verify(
+    store: Path = typer.Argument(..., help="A store: a .zarr directory or a .h5 file."),
+):
+    """Check completeness, shapes, dtypes and NaN/Inf; name damaged shards. Exit 0 only if sound."""
+    try:
+        with open_store(store) as opened:
+            report = verify_store(opened)
+    except StoreError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    if report.ok:
+        typer.echo(f"{store}: sound ({report.shards_checked} complete shards checked)")
+        return
+    typer.echo(f"{store}: {len(report.problems)} problems", err=True)
+    for problem in report.problems:
+        typer.echo(f"  - {problem}", err=True)
+    raise typer.Exit(1)

@@ -1,0 +1,385 @@
+"""The token store: one extraction (one backbone, one checkpoint, one front-end, one dataset).
+
+A store holds, per split, the patch tokens of every cached layer (N, L, D), the prefix tokens
+(class token, registers) per layer (N, P, D), an optional validity mask (N, L), labels, item ids
+and where each item came from. The stages talk to `TokenStore` and `Split`; whether zarr or HDF5
+lies underneath is the backend's business (`cache/zarr_backend.py`, `cache/hdf5_backend.py`).
+
+Items are written a shard at a time (a fixed run of `shard_size` items). A shard is marked
+complete only after all its data is written and flushed, so a killed writer loses at most the
+shard in flight and a restarted one skips what is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokens import __version__
+
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32")
+# bfloat16 has no numpy dtype: it is stored as its raw 16 bits (exact round trip).
+STORAGE_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+# Fields whose change changes the cached tokens; their hash is the cache key.
+KEY_FIELDS = (
+    "backbone", "backbone_config", "checkpoint_sha256", "frontend", "layers", "final_norm",
+    "dtype", "dataset_fingerprint", "task", "classes",
+)
+# Fields that fix the on-disk layout; a resume must agree on them too.
+LAYOUT_FIELDS = ("grid", "dim", "num_prefix", "masked", "shard_size", "codec", "splits")
+TARGET_SHARD_BYTES = 128 * 2**20
+
+
+class StoreError(Exception):
+    """A store cannot be created, opened or written as asked; the message says why."""
+
+
+@dataclass
+class StoreSpec:
+    """Everything needed to create a store; the extraction stage fills it from the backbone and dataset."""
+
+    backbone: str
+    backbone_config: dict
+    checkpoint_sha256: str | None
+    frontend: dict
+    layers: list[int]
+    final_norm: bool
+    dtype: str
+    grid: tuple[int, int]
+    dim: int
+    num_prefix: int
+    task: str  # "multilabel" or "multiclass"
+    classes: list[str]
+    splits: dict[str, int]  # split name -> number of items
+    dataset_fingerprint: str
+    masked: bool = True
+    shard_size: int = 0  # 0: chosen so that one shard of one layer is about 128 MiB
+    codec: str | None = None  # None, "zstd" or "blosc-lz4"
+    extra: dict = field(default_factory=dict)  # provenance that does not change tokens
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.task not in ("multilabel", "multiclass"):
+            raise StoreError(f"task must be 'multilabel' or 'multiclass', not {self.task!r}")
+        self.grid = tuple(int(g) for g in self.grid)
+        self.layers = [int(layer) for layer in self.layers]
+        if not self.shard_size:
+            item_bytes = self.grid[0] * self.grid[1] * self.dim * np.dtype(STORAGE_DTYPE[self.dtype]).itemsize
+            self.shard_size = int(np.clip(TARGET_SHARD_BYTES // max(item_bytes, 1), 16, 4096))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def cache_key(self) -> str:
+        return cache_key({name: getattr(self, name) for name in KEY_FIELDS})
+
+    def to_meta(self) -> dict:
+        meta = asdict(self)
+        meta["grid"] = list(self.grid)
+        meta.update(
+            schema_version=SCHEMA_VERSION,
+            tool_version=__version__,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            cache_key=self.cache_key(),
+            key_fields={name: meta[name] for name in KEY_FIELDS},
+        )
+        return meta
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir() or path.suffix == ".zarr":
+        return "zarr"
+    if path.suffix in (".h5", ".hdf5"):
+        return "hdf5"
+    raise StoreError(f"{path}: cannot tell the store format; use a .zarr directory or a .h5 file")
+
+
+def _backend(fmt: str):
+    if fmt == "zarr":
+        from tokens.cache import zarr_backend
+
+        return zarr_backend
+    if fmt == "hdf5":
+        from tokens.cache import hdf5_backend
+
+        return hdf5_backend
+    raise StoreError(f"unknown store format {fmt!r}: use 'zarr' or 'hdf5'")
+
+
+def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None) -> "TokenStore":
+    """Open `path` for writing, creating it if needed; refuse a store made with another config.
+
+    Creation is atomic (built aside, then renamed into place), so many tasks of a job array may
+    call this at once: one wins, the others open what it made and check the cache key.
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    backend = _backend(fmt)
+    if not path.exists():
+        backend.create(path, spec)
+    store = TokenStore(path, fmt=fmt, mode="a")
+    store.check_compatible(spec)
+    return store
+
+
+def open_store(path: str | Path, mode: str = "r") -> "TokenStore":
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    return TokenStore(path, mode=mode)
+
+
+class TokenStore:
+    """An open store: store-level metadata and its splits."""
+
+    def __init__(self, path: Path, fmt: str | None = None, mode: str = "r"):
+        self.path = Path(path)
+        self.format = fmt or detect_format(self.path)
+        self.mode = mode
+        self._handle = _backend(self.format).open(self.path, mode)
+        self.meta = self._handle.meta()
+        if self.meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {self.meta.get('schema_version')!r} is not "
+                f"{SCHEMA_VERSION}; this store was written by another version of tokens"
+            )
+        self.splits = {name: Split(self, name, n) for name, n in self.meta["splits"].items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._handle.close()
+
+    def split(self, name: str) -> "Split":
+        if name not in self.splits:
+            raise StoreError(f"{self.path}: no split {name!r}; it has {', '.join(self.splits)}")
+        return self.splits[name]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.meta["layers"]
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    def check_compatible(self, spec: StoreSpec):
+        """Refuse to write tokens of another configuration into this store, naming what differs."""
+        new = spec.to_meta()
+        for name in KEY_FIELDS + LAYOUT_FIELDS:
+            old_value = self.meta.get(name)
+            new_value = new[name]
+            if json.dumps(old_value, sort_keys=True, default=str) != json.dumps(new_value, sort_keys=True, default=str):
+                raise StoreError(
+                    f"{self.path} was made with another configuration: {name} is "
+                    f"{_short(old_value)} in the store but {_short(new_value)} now. "
+                    "Use a new store path, or rerun with the store's settings."
+                )
+
+    def disk_bytes(self) -> int:
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Split:
+    """One split of a store: items addressed by index, written and tracked shard by shard."""
+
+    def __init__(self, store: TokenStore, name: str, num_items: int):
+        self.store, self.name, self.num_items = store, name, int(num_items)
+        meta = store.meta
+        self.shard_size = int(meta["shard_size"])
+        self.num_shards = -(-self.num_items // self.shard_size)
+        self.grid = tuple(meta["grid"])
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.dim = int(meta["dim"])
+        self.num_prefix = int(meta["num_prefix"])
+        self.layers = list(meta["layers"])
+        self.dtype = meta["dtype"]
+        self.masked = bool(meta["masked"])
+        self._raw = {}
+
+    def __len__(self):
+        return self.num_items
+
+    @property
+    def _h(self):
+        return self.store._handle
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_items)
+
+    # -- progress ---------------------------------------------------------------------------
+    def complete_mask(self) -> np.ndarray:
+        """One bool per shard: true once the shard is fully written."""
+        return self._h.complete(self.name, self.num_shards)
+
+    def missing_shards(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(~self.complete_mask())]
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.complete_mask().all())
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_shard(
+        self,
+        shard: int,
+        *,
+        tokens: dict[int, np.ndarray],
+        labels: np.ndarray,
+        ids: list[str],
+        sources: list[str],
+        offsets: np.ndarray,
+        durations: np.ndarray,
+        prefix: dict[int, np.ndarray] | None = None,
+        mask: np.ndarray | None = None,
+        errors: list[str] | None = None,
+    ):
+        """Write all items of one shard, then mark it complete. Arrays hold exactly the shard's items."""
+        if self.store.mode == "r":
+            raise StoreError(f"{self.store.path} is open read-only")
+        start, stop = self.shard_range(shard)
+        n = stop - start
+        storage = STORAGE_DTYPE[self.dtype]
+        arrays = {}
+        for layer in self.layers:
+            if layer not in tokens:
+                raise StoreError(f"shard {shard} of {self.name}: no tokens for layer {layer}")
+            arrays[f"tokens/{layer}"] = self._checked(tokens[layer], (n, self.num_tokens, self.dim), storage, f"tokens of layer {layer}")
+            if self.num_prefix:
+                if prefix is None or layer not in prefix:
+                    raise StoreError(f"shard {shard} of {self.name}: no prefix tokens for layer {layer}")
+                arrays[f"prefix/{layer}"] = self._checked(prefix[layer], (n, self.num_prefix, self.dim), storage, f"prefix tokens of layer {layer}")
+        if self.masked:
+            if mask is None:
+                raise StoreError(f"shard {shard} of {self.name}: this store keeps a token mask; none was given")
+            arrays["mask"] = self._checked(mask, (n, self.num_tokens), np.bool_, "mask")
+        label_shape = (n, len(self.store.classes)) if self.store.task == "multilabel" else (n,)
+        label_dtype = np.uint8 if self.store.task == "multilabel" else np.int64
+        arrays["labels"] = self._checked(labels, label_shape, label_dtype, "labels")
+        arrays["offsets"] = self._checked(offsets, (n,), np.float64, "offsets")
+        arrays["durations"] = self._checked(durations, (n,), np.float64, "durations")
+        for name, values in (("ids", ids), ("sources", sources), ("errors", errors or [""] * n)):
+            if len(values) != n:
+                raise StoreError(f"shard {shard} of {self.name}: {len(values)} {name} for {n} items")
+            arrays[name] = np.asarray(values, dtype=object)
+        self._h.write_shard(self.name, shard, start, arrays)
+
+    def _checked(self, array, shape, dtype, what) -> np.ndarray:
+        array = np.asarray(array)
+        if array.shape != tuple(shape):
+            raise StoreError(f"{self.name}: {what} has shape {array.shape}, expected {tuple(shape)}")
+        if dtype is np.uint16 and array.dtype != np.uint16:
+            raise StoreError(f"{self.name}: bfloat16 {what} must be given as their uint16 bit pattern")
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_tokens(self, layer: int, indices) -> np.ndarray:
+        """Tokens (B, L, D) of items `indices`, in storage dtype (uint16 bits for bfloat16)."""
+        return self._read(f"tokens/{layer}", indices, (self.num_tokens, self.dim))
+
+    def read_prefix(self, layer: int, indices) -> np.ndarray | None:
+        if not self.num_prefix:
+            return None
+        return self._read(f"prefix/{layer}", indices, (self.num_prefix, self.dim))
+
+    def read_mask(self, indices) -> np.ndarray | None:
+        if not self.masked:
+            return None
+        return self._h.read_rows(self.name, "mask", np.asarray(indices))
+
+    def _read(self, name: str, indices, item_shape) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_items):
+            raise IndexError(f"{self.name}: item index out of range 0..{self.num_items - 1}")
+        if name not in self._raw:
+            self._raw[name] = self._h.raw_layout(self.name, name, self.num_items, self.shard_size)
+        out = np.empty((len(indices), *item_shape), dtype=STORAGE_DTYPE[self.dtype])
+        raw = self._raw[name]
+        if raw is None:  # compressed: let the library decode
+            order = np.argsort(indices, kind="stable")
+            out[order] = self._h.read_rows(self.name, name, indices[order])
+        else:
+            raw.read_into(indices, out)
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole per-item column: labels, ids, sources, offsets, durations or errors."""
+        return self._h.read_column(self.name, name, self.num_items)
+
+    def load(self, layer: int) -> np.ndarray:
+        """The whole split's tokens of one layer in RAM, read shard by shard."""
+        out = np.empty((self.num_items, self.num_tokens, self.dim), dtype=STORAGE_DTYPE[self.dtype])
+        for shard in range(self.num_shards):
+            start, stop = self.shard_range(shard)
+            out[start:stop] = self.read_tokens(layer, np.arange(start, stop))
+        return out
+
+
+class RawItems:
+    """Positioned reads of fixed-size uncompressed items: the cost is the bytes, not the library.
+
+    `locate(indices)` gives, per item, the file and byte offset where its bytes start (an
+    uncompressed zarr shard with one-item inner chunks, or a contiguous HDF5 dataset); offset -1
+    means the item was never stored and reads as zeros, zarr's fill value.
+    """
+
+    def __init__(self, locate, item_bytes: int, threads: int = 4):
+        self.locate = locate
+        self.item_bytes = item_bytes
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_into(self, indices: np.ndarray, out: np.ndarray):
+        flat = out.reshape(len(indices), -1).view(np.uint8)
+        files, offsets = self.locate(indices)
+
+        def read(rows):
+            for row in rows:
+                if offsets[row] < 0:
+                    flat[row] = 0
+                    continue
+                view = memoryview(flat[row])
+                got = os.preadv(self._fd(files[row]), [view], int(offsets[row]))
+                if got != self.item_bytes:
+                    raise StoreError(f"{files[row]}: short read at byte {offsets[row]} (file damaged?)")
+
+        rows = np.argsort(offsets, kind="stable")  # sequential-ish order helps readahead
+        if len(rows) < 32 or self._pool is None:
+            read(rows)
+        else:
+            list(self._pool.map(read, np.array_split(rows, self._pool._max_workers)))

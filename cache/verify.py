@@ -1,0 +1,81 @@
+"""Check a store the way a careful user would before trusting a probe result on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from tokens.cache.store import STORAGE_DTYPE, StoreError, TokenStore
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(store: TokenStore, progress: bool = True) -> Report:
+    """Completeness, shape/dtype agreement and finite values, shard by shard; damaged shards by name."""
+    report = Report()
+    for split in store.splits.values():
+        missing = split.missing_shards()
+        if missing:
+            report.problems.append(f"{split.name}: {len(missing)} of {split.num_shards} shards not complete: {_ranges(missing)}")
+        names = [f"tokens/{layer}" for layer in split.layers]
+        names += [f"prefix/{layer}" for layer in split.layers] if split.num_prefix else []
+        expected_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
+        for name in names:
+            array = split._h.array(split.name, name) if store.format == "zarr" else split._h.dataset(split.name, name)
+            expected = (split.num_items, split.num_tokens if name.startswith("tokens") else split.num_prefix, split.dim)
+            if tuple(array.shape) != expected or np.dtype(array.dtype) != expected_dtype:
+                report.problems.append(f"{split.name}/{name}: shape {tuple(array.shape)} {array.dtype}, expected {expected} {expected_dtype}")
+        complete = [s for s in range(split.num_shards) if s not in set(missing)]
+        for shard in tqdm(complete, desc=f"verify {split.name}", unit="shard", disable=not progress, leave=False):
+            start, stop = split.shard_range(shard)
+            if store.format == "zarr":  # zarr reads a missing shard file as zeros: look for the files
+                for name in names:
+                    if not split._h.chunk_file(split.name, name, shard).exists():
+                        report.problems.append(f"{_shard_name(store, split, name, shard)}: file missing")
+            for name in names:
+                where = _shard_name(store, split, name, shard)
+                try:
+                    layer = int(name.split("/")[1])
+                    read = split.read_tokens if name.startswith("tokens") else split.read_prefix
+                    data = read(layer, np.arange(start, stop))
+                except (StoreError, OSError, ValueError, KeyError) as error:
+                    report.problems.append(f"{where}: unreadable ({error})")
+                    continue
+                if split.dtype == "bfloat16":
+                    exponent_all_ones = (data & 0x7F80) == 0x7F80
+                    bad = int(exponent_all_ones.any(axis=(1, 2)).sum())
+                else:
+                    bad = int((~np.isfinite(data)).any(axis=(1, 2)).sum())
+                if bad:
+                    report.problems.append(f"{where}: {bad} items hold NaN or Inf")
+            report.shards_checked += 1
+    return report
+
+
+def _shard_name(store: TokenStore, split, name: str, shard: int) -> str:
+    if store.format == "zarr":
+        return str(split._h.chunk_file(split.name, name, shard))
+    start, stop = split.shard_range(shard)
+    return f"{store.path}:{split.name}/{name} items {start}-{stop - 1} (shard {shard})"
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' so a long list of missing shards stays readable."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)

@@ -1,0 +1,159 @@
+"""Zarr v3 directory stores: one-item chunks inside shards of `shard_size` items.
+
+Chunk = one item so random access reads only what it needs; the sharding codec keeps a
+2-million-item store from being 2 million files. Every per-item array is chunked (or sharded)
+along the item axis at the same `shard_size`, so a writer that owns a shard owns whole files and
+several processes can fill disjoint shards of one store at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec
+
+CODECS = {
+    "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
+    "gzip": lambda: [zarr.codecs.GzipCodec(level=1)],
+    "blosc-lz4": lambda: [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
+}
+MISSING = np.uint64(2**64 - 1)
+FAST_WRITES = {"write_empty_chunks": True}  # skip the read-back check of empty chunks
+
+
+def create(path: Path, spec: StoreSpec):
+    """Build the store aside and rename it into place, so racing creators cannot half-make it."""
+    if spec.codec is not None and spec.codec not in CODECS:
+        raise StoreError(f"codec {spec.codec!r} is not available for zarr stores: use one of {', '.join(CODECS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    compressors = CODECS[spec.codec]() if spec.codec else None
+    root = zarr.open_group(tmp, mode="w")
+    root.attrs.update(spec.to_meta())
+    storage = STORAGE_DTYPE[spec.dtype]
+    S = spec.shard_size
+    for split, n in spec.splits.items():
+        group = root.create_group(split)
+        item_arrays = [(f"tokens/{layer}", spec.num_tokens) for layer in spec.layers]
+        if spec.num_prefix:
+            item_arrays += [(f"prefix/{layer}", spec.num_prefix) for layer in spec.layers]
+        for name, count in item_arrays:
+            group.create_array(
+                name, shape=(n, count, spec.dim), chunks=(1, count, spec.dim), shards=(S, count, spec.dim),
+                dtype=storage, compressors=compressors, fill_value=0, config=FAST_WRITES,
+            )
+        columns = {
+            "labels": ((n, len(spec.classes)), np.uint8) if spec.task == "multilabel" else ((n,), np.int64),
+            "offsets": ((n,), np.float64),
+            "durations": ((n,), np.float64),
+        }
+        if spec.masked:
+            columns["mask"] = ((n, spec.num_tokens), np.bool_)
+        for name, (shape, dtype) in columns.items():
+            group.create_array(name, shape=shape, chunks=(S, *shape[1:]), dtype=dtype, fill_value=0, config=FAST_WRITES)
+        for name in ("ids", "sources", "errors"):
+            group.create_array(name, shape=(n,), chunks=(S,), dtype=str, fill_value="", config=FAST_WRITES)
+        group.create_array("complete", shape=(-(-n // S),), chunks=(1,), dtype=np.uint8, fill_value=0)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another task created it first (or a file is in the way: open() will say)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists():
+            raise
+
+
+def open(path: Path, mode: str) -> "ZarrHandle":  # noqa: A001 - the backend's verb
+    return ZarrHandle(path, mode)
+
+
+class ZarrHandle:
+    def __init__(self, path: Path, mode: str):
+        self.path = path
+        try:
+            self.root = zarr.open_group(path, mode="r" if mode == "r" else "r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+            raise StoreError(f"{path}: not a zarr store ({error})") from error
+        self._arrays = {}
+
+    def meta(self) -> dict:
+        return dict(self.root.attrs)
+
+    def array(self, split: str, name: str) -> zarr.Array:
+        key = f"{split}/{name}"
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = self.root[key]
+            except KeyError as error:
+                raise StoreError(f"{self.path}: array {key} is missing") from error
+        return self._arrays[key]
+
+    def chunk_file(self, split: str, name: str, shard: int) -> Path:
+        ndim = self.array(split, name).ndim
+        return self.path / split / name / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))
+
+    def complete(self, split: str, num_shards: int) -> np.ndarray:
+        return self.array(split, "complete")[:].astype(bool)
+
+    def write_shard(self, split: str, shard: int, start: int, arrays: dict):
+        for name, data in arrays.items():
+            self.array(split, name)[start:start + len(data)] = data
+        for name in arrays:  # data reaches the disk before the shard is called complete
+            chunk = self.chunk_file(split, name, shard)
+            if chunk.exists():
+                fd = os.open(chunk, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self.array(split, "complete")[shard] = 1
+
+    def read_rows(self, split: str, name: str, indices: np.ndarray) -> np.ndarray:
+        return self.array(split, name).oindex[indices]
+
+    def read_column(self, split: str, name: str, num_items: int) -> np.ndarray:
+        return self.array(split, name)[:]
+
+    def raw_layout(self, split: str, name: str, num_items: int, shard_size: int) -> RawItems | None:
+        """Where each item's bytes sit, read from the shard index at the end of each shard file."""
+        array = self.array(split, name)
+        if array.compressors:
+            return None
+        item_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        index_bytes = 16 * shard_size + 4  # (offset, nbytes) uint64 per inner chunk + crc32c
+        shard_offsets: dict[int, np.ndarray] = {}
+
+        def offsets_of(shard: int) -> np.ndarray:
+            if shard not in shard_offsets:
+                path = self.chunk_file(split, name, shard)
+                try:
+                    with path.open("rb") as f:
+                        f.seek(-index_bytes, os.SEEK_END)
+                        index = np.frombuffer(f.read(index_bytes - 4), dtype="<u8").reshape(-1, 2)
+                except (FileNotFoundError, OSError) as error:
+                    raise StoreError(f"{path}: shard file missing or damaged ({error}); run `tokens verify`") from error
+                start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
+                used = index[: stop - start]
+                present = used[:, 0] != MISSING  # an absent inner chunk reads as the fill value, zero
+                file_size = path.stat().st_size
+                if (used[present, 1] != item_bytes).any() or (used[present].sum(axis=1) > file_size).any():
+                    raise StoreError(f"{path}: shard index does not match the file (truncated or damaged); run `tokens verify`")
+                shard_offsets[shard] = np.where(present, used[:, 0], -1).astype(np.int64)
+            return shard_offsets[shard]
+
+        def locate(indices: np.ndarray):
+            shards, within = np.divmod(indices, shard_size)
+            files = [str(self.chunk_file(split, name, int(s))) for s in shards]
+            offsets = np.array([offsets_of(int(s))[w] for s, w in zip(shards, within)], dtype=np.int64).reshape(-1)
+            return files, offsets
+
+        return RawItems(locate, item_bytes)
+
+    def close(self):
+        self._arrays.clear()
