@@ -1,0 +1,285 @@
+"""Dataset manifests: parsing, validation reported all at once, window planning, images."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from tokens.extract.images import BadImage, load_image
+from tokens.extract.manifest import ManifestError, read_dataset
+
+SR = 16000
+
+
+def wav(path, seconds, sample_rate=8000):
+    """A quiet noise recording of the given length (the content does not matter here)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0).standard_normal(round(seconds * sample_rate)) * 0.01
+    sf.write(path, noise.astype("float32"), sample_rate)
+    return path
+
+
+def csv_file(path, text):
+    path.write_text(text.lstrip())
+    return path
+
+
+def audio(source, window=10.0, **kw):
+    return read_dataset(source, window_seconds=window, sample_rate=SR, modality="audio", **kw)
+
+
+def test_csv_multilabel(tmp_path):
+    for name in ("a.wav", "sub/b.wav", "c.wav"):
+        wav(tmp_path / name, 2)
+    manifest = csv_file(
+        tmp_path / "m.csv",
+        """
+path,labels,split
+a.wav,dog;cat,train
+sub/b.wav, cat ,train
+c.wav,bird,test
+""",
+    )
+    ds = audio(manifest)
+    assert ds.task == "multilabel"
+    assert ds.classes == ["bird", "cat", "dog"]
+    assert list(ds.splits) == ["train", "test"]
+    a, b = ds.splits["train"]
+    assert (a.id, a.path, a.labels, a.offset, a.duration) == ("a.wav", tmp_path / "a.wav", [1, 2], 0.0, 2.0)
+    assert (b.id, b.labels, b.split) == ("sub/b.wav", [1], "train")
+    assert ds.splits["test"][0].labels == [0]
+
+
+def test_jsonl_multiclass_with_ids_and_spans(tmp_path):
+    wav(tmp_path / "long.wav", 30)
+    rows = [
+        {"path": "long.wav", "label": "speech", "split": "train", "id": "clip1", "start": 5, "end": 12},
+        {"path": "long.wav", "label": "music", "split": "valid", "start": "12.5"},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(map(json.dumps, rows)) + "\n\n")
+    ds = audio(manifest, window=None)
+    assert ds.task == "multiclass" and ds.classes == ["music", "speech"]
+    (train,) = ds.splits["train"]
+    (valid,) = ds.splits["valid"]
+    assert (train.id, train.offset, train.duration, train.labels) == ("clip1", 5.0, 7.0, [1])
+    assert (valid.id, valid.offset, valid.duration, valid.labels) == ("long.wav@12.5", 12.5, 17.5, [0])
+
+
+def test_jsonl_labels_may_be_a_list(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "a.wav", "labels": ["x", "y"], "split": "test"}))
+    assert audio(tmp_path / "m.jsonl").splits["test"][0].labels == [0, 1]
+
+
+def test_class_folders(tmp_path):
+    wav(tmp_path / "train/dog/1.wav", 1)
+    wav(tmp_path / "train/dog/deeper/2.wav", 1)
+    wav(tmp_path / "train/cat/3.wav", 1)
+    wav(tmp_path / "test/cat/4.wav", 1)
+    (tmp_path / "train/dog/.DS_Store").write_text("hidden")
+    (tmp_path / "README.md").write_text("a file at the root is not data")
+    ds = audio(tmp_path)
+    assert ds.task == "multiclass" and ds.classes == ["cat", "dog"]
+    assert [(it.id, it.labels) for it in ds.splits["train"]] == [
+        ("train/cat/3.wav", [0]),
+        ("train/dog/1.wav", [1]),
+        ("train/dog/deeper/2.wav", [1]),
+    ]
+    assert [it.id for it in ds.splits["test"]] == ["test/cat/4.wav"]
+
+
+def test_class_folder_problems(tmp_path):
+    wav(tmp_path / "train/dog/1.wav", 1)
+    wav(tmp_path / "tset/dog/2.wav", 1)
+    wav(tmp_path / "train/loose.wav", 1)
+    with pytest.raises(ManifestError) as e:
+        audio(tmp_path)
+    assert e.value.problems == [
+        "train/loose.wav: file outside a class folder",
+        "tset/: not a split folder (use train, valid or test)",
+    ]
+
+
+def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path):
+    data = tmp_path / "data"
+    for name in ("ok.wav", "a.wav", "b.wav", "c.wav", "d.wav"):
+        wav(data / name, 1)
+    wav(tmp_path / "outside.wav", 1)
+    (data / "link.wav").symlink_to(tmp_path / "outside.wav")
+    manifest = csv_file(
+        data / "m.csv",
+        f"""
+path,labels,split,id,start,end
+ok.wav,dog,train,x,,
+a.wav,dog,tain,,,
+b.wav,,train,,,
+c.wav,dog;wolf,train,,,
+d.wav,dog,train,x,,
+../outside.wav,dog,train,,,
+{tmp_path / "outside.wav"},dog,train,,,
+link.wav,dog,train,,,
+"a.wav",dog,valid,,3,2
+"a.wav",dog,valid,,-1,
+gone.wav,dog,test,,,
+""",
+    )
+    with pytest.raises(ManifestError) as e:
+        audio(manifest, classes=["cat", "dog"])
+    outside = f"leads outside the dataset folder {data}"
+    assert e.value.problems == [
+        "line 3: unknown split 'tain' (use train, valid or test)",
+        "line 4: empty label",
+        "line 5: label(s) not among the store's classes: wolf",
+        "line 7: path '../outside.wav' " + outside,
+        f"line 8: path '{tmp_path / 'outside.wav'}' " + outside,
+        "line 9: path 'link.wav' " + outside,
+        "line 10: start 3 is not before end 2",
+        "line 11: start -1 is not a finite, non-negative number of seconds",
+        "line 12: file not found: gone.wav",
+        "line 6: duplicate id 'x' (also line 2)",
+    ]
+    assert "line 12: file not found: gone.wav" in str(e.value)
+
+
+def test_duplicate_paths_are_duplicate_ids(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,x,train\na.wav,y,test\n")
+    with pytest.raises(ManifestError, match="line 3: duplicate id 'a.wav' \\(also line 2\\)"):
+        audio(manifest)
+
+
+def test_absolute_path_inside_the_root_is_fine(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    manifest = csv_file(tmp_path / "m.csv", f"path,label,split\n{tmp_path / 'a.wav'},x,train\n")
+    assert audio(manifest).splits["train"][0].id == "a.wav"
+
+
+def test_quoted_newline_keeps_line_numbers_true(tmp_path):
+    manifest = csv_file(tmp_path / "m.csv", 'path,label,split\n"a\nb.wav",x,train\nc.wav,x,train\n')
+    with pytest.raises(ManifestError) as e:
+        audio(manifest)
+    assert e.value.problems == ["line 2: file not found: a\nb.wav", "line 4: file not found: c.wav"]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("path,labels,split\n", "no rows: the dataset is empty"),
+        ("", "no rows: the dataset is empty"),
+        ("path,kind\na.wav,x\n", "missing required column(s): 'split', 'labels' (multi-label) or 'label' (multi-class)"),
+        ("path,label,labels,split\na.wav,x,x,train\n", "both 'labels' and 'label' columns"),
+        ("path,label,split\na.wav,x,train,extra\n", "line 2: 4 fields but the header has 3"),
+    ],
+)
+def test_file_level_problems(tmp_path, text, problem):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(ManifestError, match=problem.replace("(", "\\(").replace(")", "\\)")):
+        audio(manifest)
+
+
+def test_bad_jsonl_lines(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "a.wav", "label": "x", "split": "train"}\n{oops\n[1, 2]\n')
+    with pytest.raises(ManifestError) as e:
+        audio(manifest)
+    assert [p.split(":")[0] for p in e.value.problems] == ["line 2", "line 3"]
+
+
+def test_long_recording_is_cut_into_windows(tmp_path):
+    wav(tmp_path / "long.wav", 25)
+    wav(tmp_path / "tail.wav", 20.5)  # a 0.5 s tail is under 10 % of a window: dropped
+    wav(tmp_path / "short.wav", 3)  # shorter than a window: kept whole
+    manifest = csv_file(
+        tmp_path / "m.csv",
+        "path,label,split,id,start,end\nlong.wav,x,train,,,\ntail.wav,x,train,,,\nshort.wav,x,train,,,\n"
+        "long.wav,x,test,seg,5,24\n",
+    )
+    ds = audio(manifest)
+    assert [(it.id, it.offset, it.duration) for it in ds.splits["train"]] == [
+        ("long.wav", 0.0, 10.0),
+        ("long.wav@10", 10.0, 10.0),
+        ("long.wav@20", 20.0, 5.0),
+        ("tail.wav", 0.0, 10.0),
+        ("tail.wav@10", 10.0, 10.0),
+        ("short.wav", 0.0, 3.0),
+    ]
+    assert [(it.id, it.offset, it.duration) for it in ds.splits["test"]] == [
+        ("seg", 5.0, 10.0),
+        ("seg@15", 15.0, 9.0),
+    ]
+
+
+def test_end_past_the_file_is_clipped_to_the_file(tmp_path):
+    wav(tmp_path / "a.wav", 9.5)
+    manifest = csv_file(tmp_path / "m.csv", "path,label,split,start,end\na.wav,x,train,0,10.5\n")
+    assert [(it.offset, it.duration) for it in audio(manifest).splits["train"]] == [(0.0, 9.5)]
+
+
+def test_undecodable_audio_stays_an_item(tmp_path):
+    (tmp_path / "text.wav").write_text("not audio")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    manifest = csv_file(tmp_path / "m.csv", "path,label,split,end\ntext.wav,x,train,\nempty.wav,x,train,30\n")
+    items = audio(manifest).splits["train"]
+    assert [(it.id, it.offset, it.duration) for it in items] == [("text.wav", 0.0, None), ("empty.wav", 0.0, 30.0)]
+
+
+def test_classes_given_keep_their_order(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    manifest = csv_file(tmp_path / "m.csv", "path,labels,split\na.wav,b;a,train\n")
+    ds = audio(manifest, classes=["z", "b", "a"])
+    assert ds.classes == ["z", "b", "a"] and ds.splits["train"][0].labels == [1, 2]
+
+
+def test_fingerprint_is_stable_and_sees_what_matters(tmp_path):
+    wav(tmp_path / "a.wav", 25)
+    manifest = csv_file(tmp_path / "m.csv", "path,labels,split\na.wav,x,train\n")
+    first = audio(manifest).fingerprint()
+    assert len(first) == 64 and first == audio(manifest).fingerprint()
+    assert audio(manifest, window=5.0).fingerprint() != first
+    assert audio(manifest, classes=["x", "y"]).fingerprint() != first
+    csv_file(manifest, "path,labels,split\na.wav,x,test\n")
+    assert audio(manifest).fingerprint() != first
+
+
+def test_fingerprint_does_not_depend_on_where_the_dataset_lives(tmp_path):
+    prints = []
+    for folder in ("one", "two"):
+        wav(tmp_path / folder / "a.wav", 3)
+        prints.append(audio(csv_file(tmp_path / folder / "m.csv", "path,label,split\na.wav,x,train\n")).fingerprint())
+    assert prints[0] == prints[1]
+
+
+def test_images_are_one_item_per_row(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.png,red,train\n")
+    ds = read_dataset(manifest, window_seconds=None, sample_rate=None, modality="image")
+    ((item,),) = ds.splits.values()
+    assert (item.id, item.offset, item.duration, ds.sample_rate) == ("a.png", 0.0, None, None)
+    assert load_image(item.path).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_load_image_converts_to_rgb(tmp_path):
+    Image.new("L", (4, 4), 128).save(tmp_path / "grey.png")
+    image = load_image(tmp_path / "grey.png")
+    assert image.mode == "RGB" and image.getpixel((1, 1)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "missing"])
+def test_corrupt_images_raise_bad_image(tmp_path, damage):
+    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "ok.jpg", quality=90)
+    data = (tmp_path / "ok.jpg").read_bytes()
+    bad = tmp_path / "bad.jpg"
+    if damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(data[:200] + b"\x00" * 500)
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    with pytest.raises(BadImage) as e:
+        load_image(bad)
+    assert e.value.reason.startswith("cannot decode image: ")
