@@ -1,0 +1,161 @@
+"""load_window: only the window is read, mono and resampling match an independent computation,
+and every kind of bad input fails with a reason instead of stopping the run."""
+
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from tokens.extract.audio import BadAudio, load_window
+
+SR = 16000
+
+
+def noise(frames, channels, seed=0):
+    return (np.random.default_rng(seed).standard_normal((frames, channels)) * 0.1).astype("float32")
+
+
+def reference(path, offset, duration, sample_rate):
+    """Decode the whole file, average channels with numpy, cut the window, resample it."""
+    audio, native = sf.read(path, dtype="float64", always_2d=True)
+    window = audio.mean(axis=1)[round(offset * native) : round((offset + duration) * native)]
+    return torchaudio.functional.resample(torch.from_numpy(window), native, sample_rate).numpy()
+
+
+def dominant_hz(x, sample_rate):
+    return np.argmax(np.abs(np.fft.rfft(x))) * sample_rate / len(x)
+
+
+@pytest.fixture(scope="module")
+def hour_long(tmp_path_factory):
+    """One hour at 8 kHz, written a minute at a time; minute k holds noise seeded with k."""
+    path = tmp_path_factory.mktemp("long") / "hour.wav"
+    with sf.SoundFile(path, "w", samplerate=8000, channels=1, subtype="PCM_16") as f:
+        for minute in range(60):
+            f.write(np.random.default_rng(minute).integers(-20000, 20000, 60 * 8000, dtype=np.int16))
+    return path
+
+
+def test_reads_only_the_window_of_an_hour_long_file(hour_long):
+    tracemalloc.start()
+    began = time.perf_counter()
+    x = load_window(hour_long, 30 * 60 + 5, 10, 8000)
+    seconds = time.perf_counter() - began
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Decoding the whole hour as float32 would take 115 MB; the window is 0.3 MB.
+    assert peak < 2_000_000, peak
+    assert seconds < 1.0
+    minute_30 = np.random.default_rng(30).integers(-20000, 20000, 60 * 8000, dtype=np.int16)
+    np.testing.assert_array_equal(x, minute_30[5 * 8000 : 15 * 8000] / np.float32(32768))
+
+
+def test_window_at_the_end_of_an_hour_comes_back_short(hour_long):
+    assert load_window(hour_long, 3595, 10, SR).shape == (5 * SR,)
+
+
+@pytest.mark.parametrize("native", [8000, 22050, 44100, 48000])
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_matches_an_independent_decode(tmp_path, native, channels):
+    path = tmp_path / "clip.wav"
+    sf.write(path, noise(3 * native, channels), native, subtype="FLOAT")
+    x = load_window(path, 0.5, 2.0, SR)
+    assert x.dtype == np.float32 and x.shape == (2 * SR,)
+    np.testing.assert_allclose(x, reference(path, 0.5, 2.0, SR), atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [8000, 22050, 44100, 48000])
+def test_resampling_keeps_the_pitch(tmp_path, native):
+    t = np.arange(2 * native) / native
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    sf.write(tmp_path / "tone.wav", np.stack([tone, tone], axis=1), native, subtype="FLOAT")
+    x = load_window(tmp_path / "tone.wav", 0.0, 2.0, SR)
+    assert dominant_hz(x, SR) == pytest.approx(1000, abs=1)
+    assert np.sqrt(np.mean(x[SR // 4 : -SR // 4] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.01)
+
+
+def test_silence_is_valid(tmp_path):
+    sf.write(tmp_path / "quiet.wav", np.zeros((SR, 2), "float32"), SR)
+    np.testing.assert_array_equal(load_window(tmp_path / "quiet.wav", 0.0, 1.0, SR), np.zeros(SR, "float32"))
+
+
+def test_short_clip_returns_what_there_is(tmp_path):
+    sf.write(tmp_path / "blip.wav", noise(2205, 1), 44100)  # 50 ms
+    assert load_window(tmp_path / "blip.wav", 0.0, 10.0, SR).shape == (800,)
+
+
+def test_duration_none_reads_to_the_end(tmp_path):
+    sf.write(tmp_path / "a.wav", noise(3 * SR, 1), SR)
+    assert load_window(tmp_path / "a.wav", 1.0, None, SR).shape == (2 * SR,)
+
+
+def bad_file(tmp_path, kind):
+    path = tmp_path / "bad.wav"
+    sf.write(tmp_path / "good.wav", noise(3 * SR, 2), SR, subtype="PCM_16")
+    data = (tmp_path / "good.wav").read_bytes()
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "header cut":
+        path.write_bytes(data[:30])
+    elif kind == "text":
+        path.write_text("this is a README, not a recording\n" * 20)
+    elif kind in ("nan", "inf"):
+        x = noise(3 * SR, 2)
+        x[SR + 100, 1] = np.nan if kind == "nan" else np.inf
+        sf.write(path, x, SR, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("missing", "file not found"),
+        ("zero-byte", "cannot decode: .*Format not recognised"),
+        ("header cut", "cannot decode: .*No 'data' chunk"),
+        ("text", "cannot decode: .*Format not recognised"),
+        ("nan", "NaN or infinite samples"),
+        ("inf", "NaN or infinite samples"),
+    ],
+)
+def test_bad_audio_says_why(tmp_path, kind, reason):
+    with pytest.raises(BadAudio, match=reason) as e:
+        load_window(bad_file(tmp_path, kind), 0.5, 1.0, SR)
+    assert e.value.reason == str(e.value)
+
+
+def test_a_wav_cut_in_its_data_gives_what_survives(tmp_path):
+    sf.write(tmp_path / "good.wav", noise(3 * SR, 2), SR, subtype="PCM_16")
+    data = (tmp_path / "good.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: 44 + SR * 4])  # header + the first second
+    assert load_window(tmp_path / "cut.wav", 0.5, 1.0, SR).shape == (SR // 2,)
+    with pytest.raises(BadAudio, match="not before the end of the file"):
+        load_window(tmp_path / "cut.wav", 2.0, 1.0, SR)
+
+
+def test_window_past_the_end_says_so(tmp_path):
+    sf.write(tmp_path / "a.wav", noise(SR, 1), SR)
+    with pytest.raises(BadAudio, match=r"offset 5 s is not before the end of the file \(1 s\)"):
+        load_window(tmp_path / "a.wav", 5.0, 1.0, SR)
+
+
+@pytest.mark.parametrize(
+    "suffix, format, subtype",
+    [("flac", "FLAC", "PCM_16"), ("ogg", "OGG", "VORBIS"), ("mp3", "MP3", "MPEG_LAYER_III")],
+)
+def test_compressed_formats_round_trip(tmp_path, suffix, format, subtype):
+    if format not in sf.available_formats() or subtype not in sf.available_subtypes(format):
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot write {format}/{subtype}")
+    t = np.arange(3 * 44100) / 44100
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    path = tmp_path / f"tone.{suffix}"
+    sf.write(path, np.stack([tone, tone], axis=1), 44100, format=format, subtype=subtype)
+    x = load_window(path, 1.0, 1.0, SR)
+    assert x.shape == (SR,)
+    assert dominant_hz(x, SR) == pytest.approx(440, abs=1)
+    assert np.sqrt(np.mean(x**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+    if suffix == "flac":
+        np.testing.assert_allclose(x, reference(path, 1.0, 1.0, SR), atol=1e-5)
