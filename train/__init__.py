@@ -1,0 +1,1 @@
+"""Training stage: probe heads, losses and metrics over cached token maps."""
