@@ -234,7 +234,7 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
         bad.append(f"unknown split {split!r} (use train, valid or test)")
 
     labels = _labels(record.get("labels" if task == "multilabel" else "label"), task)
-    if not labels:
+    if not labels and task == "multiclass":  # a multi-label clip may hold none of the classes
         bad.append("empty label")
     elif known is not None and (unknown := [name for name in labels if name not in known]):
         bad.append(f"label(s) not among the store's classes: {', '.join(unknown)}")

@@ -115,7 +115,7 @@ def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path):
 path,labels,split,id,start,end
 ok.wav,dog,train,x,,
 a.wav,dog,tain,,,
-b.wav,,train,,,
+b.wav,dog,train,,,
 c.wav,dog;wolf,train,,,
 d.wav,dog,train,x,,
 ../outside.wav,dog,train,,,
@@ -131,7 +131,6 @@ gone.wav,dog,test,,,
     outside = f"leads outside the dataset folder {data}"
     assert e.value.problems == [
         "line 3: unknown split 'tain' (use train, valid or test)",
-        "line 4: empty label",
         "line 5: label(s) not among the store's classes: wolf",
         "line 7: path '../outside.wav' " + outside,
         f"line 8: path '{tmp_path / 'outside.wav'}' " + outside,
@@ -283,3 +282,14 @@ def test_corrupt_images_raise_bad_image(tmp_path, damage):
     with pytest.raises(BadImage) as e:
         load_image(bad)
     assert e.value.reason.startswith("cannot decode image: ")
+
+
+def test_multilabel_row_without_labels_is_a_negative_clip_but_multiclass_needs_one(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,labels,split\na.wav,,train\na.wav,dog,test\n")
+    dataset = audio(manifest)
+    assert [it.labels for it in dataset.splits["train"]] == [[]]
+    manifest.write_text("path,label,split\na.wav,,train\n")
+    with pytest.raises(ManifestError, match="line 2: empty label"):
+        audio(manifest)
