@@ -287,7 +287,7 @@ def test_corrupt_images_raise_bad_image(tmp_path, damage):
 def test_multilabel_row_without_labels_is_a_negative_clip_but_multiclass_needs_one(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,labels,split\na.wav,,train\na.wav,dog,test\n")
+    manifest.write_text("path,labels,split,id\na.wav,,train,neg\na.wav,dog,test,pos\n")
     dataset = audio(manifest)
     assert [it.labels for it in dataset.splits["train"]] == [[]]
     manifest.write_text("path,label,split\na.wav,,train\n")
