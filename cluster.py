@@ -1,0 +1,75 @@
+"""Running on the schedulers users have: which part of the work this process does, and sbatch scripts.
+
+A job is split into N parts numbered 1..N. The part comes from `--shard I/N` / `--part I/N`, or
+from the environment: a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or torchrun
+(RANK, WORLD_SIZE). No coordinator of our own: each part owns whole shards or configurations.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+
+def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
+    """`"2/4"` -> (2, 4); None -> the scheduler's task, or (1, 1) when run by hand."""
+    if option:
+        try:
+            index, count = (int(x) for x in option.split("/"))
+        except ValueError:
+            raise ValueError(f"{option!r} is not of the form I/N, e.g. 1/4") from None
+        if not 1 <= index <= count:
+            raise ValueError(f"{option!r}: I must be between 1 and N")
+        return index, count
+    if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(environ["SLURM_ARRAY_TASK_ID"]) - first + 1, int(environ["SLURM_ARRAY_TASK_COUNT"])
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return int(environ["RANK"]) + 1, int(environ["WORLD_SIZE"])
+    return 1, 1
+
+
+def local_device_index(environ=os.environ) -> int | None:
+    """The GPU this process should use under torchrun (one GPU per rank)."""
+    return int(environ["LOCAL_RANK"]) if "LOCAL_RANK" in environ else None
+
+
+def sbatch_script(
+    verb: str,
+    args: list[str],
+    *,
+    array: int,
+    job_name: str,
+    gpus: int = 0,
+    cpus: int = 4,
+    mem: str | None = None,
+    time: str | None = None,
+    partition: str | None = None,
+    logs: Path = Path("slurm-logs"),
+    python: str | None = None,
+) -> str:
+    """An sbatch script that runs `tokens VERB ARGS` as an N-task job array, one part per task."""
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --array=1-{array}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --output={logs}/%x-%A_%a.out",
+    ]
+    if gpus:
+        lines.append(f"#SBATCH --gres=gpu:{gpus}")
+    if mem:
+        lines.append(f"#SBATCH --mem={mem}")
+    if time:
+        lines.append(f"#SBATCH --time={time}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    command = [python, "-m", "tokens"] if python else ["tokens"]
+    lines += [
+        "set -euo pipefail",
+        "# Each task takes part $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT; finished work is skipped on resubmission.",
+        shlex.join(command + [verb] + list(args)),
+        "",
+    ]
+    return "\n".join(lines)
