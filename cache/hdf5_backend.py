@@ -119,10 +119,10 @@ class HDF5Handle:
         if data.chunks is not None or offset is None:  # compressed, or nothing written yet
             return None
         item_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
-        file = str(self.path)
+        paths = [str(self.path)]
 
         def locate(indices: np.ndarray):
-            return [file] * len(indices), offset + indices.astype(np.int64) * item_bytes
+            return paths, np.zeros(len(indices), dtype=np.int64), offset + indices.astype(np.int64) * item_bytes
 
         return RawItems(locate, item_bytes)
 

@@ -347,9 +347,10 @@ class Split:
 class RawItems:
     """Positioned reads of fixed-size uncompressed items: the cost is the bytes, not the library.
 
-    `locate(indices)` gives, per item, the file and byte offset where its bytes start (an
-    uncompressed zarr shard with one-item inner chunks, or a contiguous HDF5 dataset); offset -1
-    means the item was never stored and reads as zeros, zarr's fill value.
+    `locate(indices)` gives the files, and per item the index of its file in that list and the
+    byte offset where its bytes start (an uncompressed zarr shard with one-item inner chunks, or a
+    contiguous HDF5 dataset); offset -1 means the item was never stored and reads as zeros,
+    zarr's fill value.
     """
 
     def __init__(self, locate, item_bytes: int, threads: int = 4):
@@ -364,21 +365,25 @@ class RawItems:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
+    def __del__(self):
+        for fd in self._fds.values():
+            os.close(fd)
+
     def read_into(self, indices: np.ndarray, out: np.ndarray):
         flat = out.reshape(len(indices), -1).view(np.uint8)
-        files, offsets = self.locate(indices)
+        paths, which, offsets = self.locate(indices)
+        fds = {int(f): self._fd(paths[f]) for f in np.unique(which)}
 
         def read(rows):
             for row in rows:
                 if offsets[row] < 0:
                     flat[row] = 0
                     continue
-                view = memoryview(flat[row])
-                got = os.preadv(self._fd(files[row]), [view], int(offsets[row]))
+                got = os.preadv(fds[int(which[row])], [flat[row]], int(offsets[row]))
                 if got != self.item_bytes:
-                    raise StoreError(f"{files[row]}: short read at byte {offsets[row]} (file damaged?)")
+                    raise StoreError(f"{paths[which[row]]}: short read at byte {offsets[row]} (file damaged?)")
 
-        rows = np.argsort(offsets, kind="stable")  # sequential-ish order helps readahead
+        rows = np.lexsort((offsets, which))  # file by file, in offset order: helps readahead
         if len(rows) < 32 or self._pool is None:
             read(rows)
         else:

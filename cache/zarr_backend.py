@@ -147,11 +147,15 @@ class ZarrHandle:
                 shard_offsets[shard] = np.where(present, used[:, 0], -1).astype(np.int64)
             return shard_offsets[shard]
 
+        paths = [str(self.chunk_file(split, name, shard)) for shard in range(-(-num_items // shard_size))]
+
         def locate(indices: np.ndarray):
             shards, within = np.divmod(indices, shard_size)
-            files = [str(self.chunk_file(split, name, int(s))) for s in shards]
-            offsets = np.array([offsets_of(int(s))[w] for s, w in zip(shards, within)], dtype=np.int64).reshape(-1)
-            return files, offsets
+            offsets = np.empty(len(indices), dtype=np.int64)
+            for shard in np.unique(shards):
+                chosen = shards == shard
+                offsets[chosen] = offsets_of(int(shard))[within[chosen]]
+            return paths, shards, offsets
 
         return RawItems(locate, item_bytes)
 
