@@ -107,7 +107,8 @@ def test_ep_matches_the_public_formulation_in_float64(num_queries, d_out):
         head.queries.copy_(queries)
         head.value.weight.copy_(value_weight)
     x = torch.randn(5, 20, D, dtype=torch.float64)
-    torch.testing.assert_close(head.features(x), _public_ep(x, queries, value_weight), rtol=1e-12, atol=1e-12)
+    expected = _public_ep(x, queries, value_weight)
+    torch.testing.assert_close(head.features(x), expected, rtol=1e-12, atol=1e-12)
 
     # The public code has no mask: with one, each item must equal EP over its valid tokens.
     mask = torch.ones(5, 20, dtype=torch.bool)
@@ -160,7 +161,10 @@ def _grads(head, x, logits, target):
 @pytest.mark.parametrize("chunk_elements", [7, 100, 2**24])
 def test_prototype_heads_match_the_naive_map_with_gradients(name, use_cls, chunk_elements):
     torch.manual_seed(0)
-    options = {"num_prototypes": 13, "num_layers": 3} if name == "cgp" else {"prototypes_per_class": 3}
+    if name == "cgp":
+        options = {"num_prototypes": 13, "num_layers": 3}
+    else:
+        options = {"prototypes_per_class": 3}
     head = build_head(name, dim=16, num_classes=4, **options).double()
     head.chunk_elements = chunk_elements
     shape = (5, 3, 11, 16) if name == "cgp" else (5, 11, 16)
@@ -192,7 +196,8 @@ def test_sign_is_plus_one_at_zero_and_passes_gradients_straight_through():
 def test_prototype_bank_size_follows_the_spec():
     assert build_head("protobin", dim=8, num_classes=10).prototypes.shape == (200, 8)
     assert build_head("protobin", dim=8, num_classes=301).prototypes.shape == (3010, 8)
-    assert build_head("protobin", dim=8, num_classes=10, num_prototypes=7).prototypes.shape == (7, 8)
+    fixed = build_head("protobin", dim=8, num_classes=10, num_prototypes=7)
+    assert fixed.prototypes.shape == (7, 8)
     with pytest.raises(ValueError):
         build_head("protobin", dim=8, num_classes=10, num_prototypes=7, prototypes_per_class=2)
 
@@ -228,8 +233,7 @@ def test_parameter_counts_follow_the_spec_formulas():
 def _task(n, seed, hard, D=32, N=64, C=4):
     """Tokens = noise + a per-item offset that swamps the token mean. Hard: the class code sits
     in 2 of the 64 tokens (strongly); easy: every token carries it."""
-    codes = torch.where(torch.randn(C, D, generator=torch.Generator().manual_seed(0)) >= 0, 1.0, -1.0)
-    codes /= D**0.5
+    codes = torch.randn(C, D, generator=torch.Generator().manual_seed(0)).sign() / D**0.5
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(C, (n,), generator=g)
     x = torch.randn(n, N, D, generator=g) + torch.randn(n, 1, D, generator=g)
@@ -243,10 +247,10 @@ def _task(n, seed, hard, D=32, N=64, C=4):
 
 def _accuracy(name, hard, steps=150, **options):
     (xtr, ytr), (xte, yte) = _task(512, 1, hard), _task(512, 2, hard)
-    multi = HEADS[name].multi_layer
-    if multi:  # two "layers": the map and a noisier copy of it
-        xtr = torch.stack([xtr, xtr + torch.randn(xtr.shape, generator=torch.Generator().manual_seed(3))], 1)
-        xte = torch.stack([xte, xte + torch.randn(xte.shape, generator=torch.Generator().manual_seed(4))], 1)
+    if HEADS[name].multi_layer:  # two "layers": the map and a noisier copy of it
+        noisy = torch.Generator().manual_seed(3)
+        xtr = torch.stack([xtr, xtr + torch.randn(xtr.shape, generator=noisy)], 1)
+        xte = torch.stack([xte, xte + torch.randn(xte.shape, generator=noisy)], 1)
     torch.manual_seed(0)
     head = build_head(name, dim=32, num_classes=4, **options)
     lr = 2e-2 if name.startswith("proto") or name == "cgp" else 3e-3

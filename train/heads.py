@@ -373,7 +373,9 @@ class CGPHead(Head):
         super().__init__()
         self.layer_logits = nn.Parameter(torch.ones(num_layers))
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * num_prototypes, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(3 * num_prototypes, num_classes)
+        )
 
     def features(self, tokens, mask=None, cls=None):
         x, mask = _prepare(tokens, mask)
