@@ -1,0 +1,88 @@
+"""Checkpoint files: safe loading, SHA-256 for provenance, and errors that name the file and the key.
+
+Checkpoints come from strangers on the internet. `torch.load` with `weights_only=True` only rebuilds
+tensors and plain containers; anything else (fairseq's argparse Namespace or omegaconf config, a
+pickled class) could run code while unpickling, so it is refused unless the user says they trust
+the file (`--allow-pickle`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as given; the message names the file and what to do."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file; for a directory (a Hugging Face model folder), of its files' names and hashes."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+        return digest.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False):
+    """Load a checkpoint onto the CPU: safetensors, or torch.load with weights_only unless allow_pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not allow_pickle:
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} contains pickled Python objects{what} besides tensors; unpickling them can run "
+                "arbitrary code. If you trust this file, pass --allow-pickle (allow_pickle=True)."
+            ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as err:
+        raise CheckpointError(
+            f"{path}: unpickling it needs the Python package that defines '{err.name}'; install it and retry"
+        ) from None
+
+
+def expect(path: str | Path, key: str, what: str, expected, found) -> None:
+    """Raise a CheckpointError when a checkpoint disagrees with the configuration."""
+    if expected != found:
+        raise CheckpointError(f"{path}: {key} gives {what} {found}, the configuration expects {expected}")
+
+
+def count_indexed(state: dict, prefix: str) -> int:
+    """How many numbered children `prefix.N.` the state dict has (e.g. transformer blocks)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for key in state if (m := pattern.match(key))})
+
+
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """Load every weight the module needs, checking shapes; keys it does not need (decoders, EMA
+    teachers, classifier heads: parts of training we do not run) are ignored."""
+    own = module.state_dict()
+    missing = [key for key in own if key not in state]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(f"{path}: missing weights {shown}; is this a checkpoint of the right model?")
+    for key, tensor in own.items():
+        expect(path, f"key {key!r}", "shape", tuple(tensor.shape), tuple(state[key].shape))
+    module.load_state_dict({key: state[key] for key in own})
