@@ -1,0 +1,201 @@
+"""A sweep: heads x head options x learning rates x weight decays x layers x seeds.
+
+From the command line::
+
+    tokens probe S.zarr --heads linear,ep,protobin --lr 1e-3,3e-3 --wd 1e-4 --layers -1 \\
+        --seeds 0,1 --option ep.num_queries=16,32 --option protobin.lr=2e-2,4e-2
+
+`--option HEAD.NAME=V1,V2` sweeps one constructor option of one head (see `tokens.train.heads`);
+`HEAD.lr` and `HEAD.wd` give that head its own learning rates or weight decays.
+
+Or from a TOML file (`--sweep sweep.toml`); lists are swept, scalars are fixed::
+
+    lr = [1e-3, 3e-3]             # learning rates of heads that do not set their own
+    wd = [1e-4]
+    layers = [-1]                 # cached layers: a stored layer number, or -1 = the last one
+    seeds = [0, 1, 2]
+
+    [heads.linear]                # a head with its default options
+
+    [heads.ep]
+    num_queries = [16, 32]
+
+    [heads.protobin]
+    prototypes_per_class = [10, 20]
+    lr = [2e-2, 4e-2]             # this head's own learning rates
+
+Without any lr, each head gets its default (`DEFAULT_LR`: prototype heads learn with larger
+rates, as in the protobin paper). Multi-layer heads (`cgp`) read every cached layer, so the
+layer axis does not multiply them. Expansion order is fixed, so `--part I/N` (every N-th
+configuration starting at the I-th) splits a sweep the same way in every job of an array.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+DEFAULT_HEADS = ["linear", "ep", "protobin"]
+# probes.md: lr searched in 1e-4..7e-3, and 2e-3..8e-2 for prototype heads.
+DEFAULT_LR = {"protobin": 2e-2, "protofloat": 2e-2, "cgp": 2e-2}
+FALLBACK_LR = 1e-3
+DEFAULT_WD = [1e-4]
+DEFAULT_LAYERS = [-1]
+DEFAULT_SEEDS = [0]
+ALL_LAYERS = "all"
+
+
+class SweepError(ValueError):
+    """A sweep cannot be built as asked; `option` names the command-line option at fault."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
+@dataclass(frozen=True)
+class Config:
+    """One head to train: what to build, how to optimise it, from which layer, with which seed."""
+
+    head: str
+    options: dict = field(default_factory=dict, hash=False)
+    lr: float = FALLBACK_LR
+    wd: float = 0.0
+    layer: int | str = -1  # a stored layer number, or ALL_LAYERS for multi-layer heads
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        """Short and readable: `ep[num_queries=32]/lr=0.003/wd=0.0001/layer=12/seed=0`."""
+        return f"{self.group}/seed={self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The id without the seed: configurations that a report averages over seeds."""
+        options = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.options.items()))
+        head = f"{self.head}[{options}]" if options else self.head
+        return f"{head}/lr={_fmt(self.lr)}/wd={_fmt(self.wd)}/layer={self.layer}"
+
+    @property
+    def filename(self) -> str:
+        return sanitise(self.id)
+
+    def record(self) -> dict:
+        return {"id": self.id, "head": self.head, "options": self.options, "lr": self.lr,
+                "wd": self.wd, "layer": self.layer, "seed": self.seed}
+
+
+def sanitise(text: str) -> str:
+    """A config id as a file name: `/` becomes `__`, anything unusual `_`."""
+    return re.sub(r"[^A-Za-z0-9._=,-]", "_", text.replace("/", "__"))
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_value(text: str):
+    """`16` -> 16, `2e-2` -> 0.02, `true` -> True, anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_list(text: str | None, option: str, kind=None) -> list | None:
+    """A comma-separated command-line list, each value checked with `kind`."""
+    if text is None:
+        return None
+    values = [parse_value(v.strip()) for v in str(text).split(",") if v.strip()]
+    if not values:
+        raise SweepError(f"{option} is empty", option)
+    if kind is not None:
+        for v in values:
+            if not isinstance(v, kind) or isinstance(v, bool):
+                raise SweepError(f"{option}: {v!r} is not a number", option)
+    return values
+
+
+def parse_options(items: list[str] | None) -> dict[str, dict[str, list]]:
+    """`["ep.num_queries=16,32"]` -> {"ep": {"num_queries": [16, 32]}}."""
+    options: dict[str, dict[str, list]] = {}
+    for item in items or []:
+        match = re.fullmatch(r"\s*([\w-]+)\.(\w+)\s*=\s*(.+)", item)
+        if not match:
+            raise SweepError(f"--option {item!r}: write HEAD.NAME=VALUE[,VALUE...], e.g. ep.num_queries=16,32", "--option")
+        head, name, values = match.groups()
+        options.setdefault(head, {})[name] = parse_list(values, "--option")
+    return options
+
+
+def read_sweep_file(path) -> dict:
+    """The TOML sweep file as {"heads": {head: {name: [values]}}, "lr": [...], ...} (see module doc)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise SweepError(f"cannot read sweep file {path}: {error}", "--sweep") from error
+    unknown = set(data) - {"heads", "lr", "wd", "layers", "seeds"}
+    if unknown:
+        raise SweepError(f"{path}: unknown keys {', '.join(sorted(unknown))}; use heads, lr, wd, layers, seeds", "--sweep")
+    if not isinstance(data.get("heads"), dict) or not data["heads"]:
+        raise SweepError(f"{path}: no [heads.NAME] tables", "--sweep")
+    listed = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    sweep = {key: listed(data[key]) for key in ("lr", "wd", "layers", "seeds") if key in data}
+    sweep["heads"] = {head: {k: listed(v) for k, v in (opts or {}).items()} for head, opts in data["heads"].items()}
+    return sweep
+
+
+def expand(
+    heads: dict[str, dict[str, list]],
+    lr: list[float] | None,
+    wd: list[float],
+    layers: list,
+    seeds: list[int],
+    multi_layer: set[str] = frozenset(),
+) -> list[Config]:
+    """Every configuration, in a fixed order (head, options, lr, wd, layer, seed), without duplicates.
+
+    `heads` maps a head to its swept options; its `lr` / `wd` entries override the sweep's.
+    """
+    configs, seen = [], set()
+    for head, swept in heads.items():
+        swept = dict(swept)
+        head_lr = swept.pop("lr", None) or lr or [DEFAULT_LR.get(head, FALLBACK_LR)]
+        head_wd = swept.pop("wd", None) or wd
+        head_layers = [ALL_LAYERS] if head in multi_layer else layers
+        names = sorted(swept)
+        for values in itertools.product(*(swept[n] for n in names)):
+            options = dict(zip(names, values))
+            for rate, decay, layer, seed in itertools.product(head_lr, head_wd, head_layers, seeds):
+                config = Config(head, options, float(rate), float(decay), layer, int(seed))
+                if config.id not in seen:
+                    seen.add(config.id)
+                    configs.append(config)
+    return configs
+
+
+def parse_part(text: str | None) -> tuple[int, int]:
+    """`I/N` (1-based) from --part, else from a SLURM job array or torchrun, else 1/1."""
+    if text is None:
+        env = os.environ
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            return int(env["SLURM_ARRAY_TASK_ID"]) - first + 1, int(env["SLURM_ARRAY_TASK_COUNT"])
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return int(env["RANK"]) + 1, int(env["WORLD_SIZE"])
+        return 1, 1
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise SweepError(f"--part {text!r}: write I/N with 1 <= I <= N, e.g. 2/8", "--part")
+    return int(match[1]), int(match[2])
+
+
+def take_part(configs: list[Config], index: int, count: int) -> list[Config]:
+    """The index-th of `count` interleaved parts: each part gets a mix of heads, so parts take similar time."""
+    return configs[index - 1 :: count]
