@@ -1,0 +1,201 @@
+"""Feeding batches of cached tokens to the heads: read once per batch, every needed layer.
+
+A `Source` gives the rows of one split: streamed from the store (`stream`), from arrays loaded
+into RAM (`ram`) or onto the GPU (`gpu`). All three return the same numbers for the same item
+indices, and the batch order depends only on the data seed and the epoch, so the mode never
+changes a result. Streaming reads the next batch in a background thread while the current one
+trains; its order is block-shuffled (shards shuffled, then items within blocks of a few shards)
+so that reads stay within a few files at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokens.cache.store import STORAGE_DTYPE, Split
+
+BLOCK_ITEMS = 2048  # items shuffled together: whole shards, at least this many items
+MODES = ("auto", "stream", "ram", "gpu")
+
+
+@dataclass
+class Batch:
+    """One batch on the compute device, float32: tokens and class tokens per layer."""
+
+    tokens: dict[int, torch.Tensor]  # layer -> (B, N, D)
+    cls: dict[int, torch.Tensor]  # layer -> (B, D); empty when the store has no class token or none is needed
+    mask: torch.Tensor | None  # (B, N) bool, True = valid
+    labels: torch.Tensor  # (B, C) float multilabel, (B,) int64 multiclass
+    index: np.ndarray  # item indices in the split
+    _stacked: tuple | None = None
+
+    def all_layers(self) -> tuple:
+        """(tokens (B, L, N, D), class tokens (B, L, D) or None) for multi-layer heads, stacked once."""
+        if self._stacked is None:
+            cls = torch.stack(list(self.cls.values()), 1) if self.cls else None
+            self._stacked = torch.stack(list(self.tokens.values()), 1), cls
+        return self._stacked
+
+
+def usable_items(split: Split) -> np.ndarray:
+    """Items in complete shards whose extraction did not fail, sorted: the only items ever used."""
+    complete = np.repeat(split.complete_mask(), split.shard_size)[: split.num_items]
+    if not complete.any():
+        return np.zeros(0, dtype=np.int64)
+    failed = np.fromiter((bool(e) for e in split.column("errors")), bool, split.num_items)
+    return np.flatnonzero(complete & ~failed).astype(np.int64)
+
+
+def split_bytes(split: Split, layers, with_cls: bool) -> int:
+    """Uncompressed bytes of the given layers (and class tokens and mask) of a whole split."""
+    itemsize = np.dtype(STORAGE_DTYPE[split.dtype]).itemsize
+    per_layer = split.num_tokens * split.dim + (split.dim if with_cls and split.num_prefix else 0)
+    return split.num_items * (len(layers) * per_layer * itemsize + (split.num_tokens if split.masked else 0))
+
+
+def available_ram() -> int:
+    """Memory that can be taken without swapping: MemAvailable where Linux reports it."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_mode(mode: str, needed: int, device: torch.device) -> tuple[str, str]:
+    """The data mode for `needed` bytes of splits, and why: GPU if it fits in half the free
+    device memory, else RAM if it fits in half the available memory, else stream."""
+    gib = needed / 2**30
+    if mode != "auto":
+        return mode, f"data: {mode} ({gib:.2f} GiB of tokens), as asked"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed < free / 2:
+            return "gpu", f"data: gpu ({gib:.2f} GiB of tokens, {free / 2**30:.1f} GiB free on {device})"
+    free = available_ram()
+    if needed < free / 2:
+        return "ram", f"data: ram ({gib:.2f} GiB of tokens, {free / 2**30:.1f} GiB memory available)"
+    return "stream", f"data: stream from disk ({gib:.2f} GiB of tokens, {free / 2**30:.1f} GiB memory available)"
+
+
+def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def _read_cls(split: Split, layer: int, index) -> np.ndarray:
+    """The class token: the first prefix token."""
+    return split.read_prefix(layer, index)[:, 0]
+
+
+class Source:
+    """The rows of one split for a fixed set of layers, from disk, RAM or the GPU."""
+
+    def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device):
+        self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
+        self.with_cls = with_cls and split.num_prefix > 0
+        labels = split.column("labels")
+        self.labels = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
+        self.arrays = None
+        if mode in ("ram", "gpu"):
+            self.arrays = self._load_all()
+
+    def _load_all(self) -> dict:
+        """Every needed array of the split, read shard by shard; on the GPU in storage dtype.
+
+        Unwritten shards stay zero: their items are never used (see `usable_items`).
+        """
+        split = self.split
+        readers = {("tokens", layer): functools.partial(split.read_tokens, layer) for layer in self.layers}
+        if self.with_cls:
+            readers.update({("cls", layer): functools.partial(_read_cls, split, layer) for layer in self.layers})
+        if split.masked:
+            readers["mask"] = split.read_mask
+        arrays = {}
+        for shard in np.flatnonzero(split.complete_mask()):
+            index = np.arange(*split.shard_range(shard))
+            for key, read in readers.items():
+                rows = read(index)
+                if key not in arrays:
+                    arrays[key] = np.zeros((split.num_items, *rows.shape[1:]), rows.dtype)
+                arrays[key][index] = rows
+        tensors = {key: _tensor(a, split.dtype) if key != "mask" else torch.from_numpy(a) for key, a in arrays.items()}
+        if self.mode == "gpu":
+            tensors = {key: t.to(self.device) for key, t in tensors.items()}
+            self.labels = self.labels.to(self.device)
+        return tensors
+
+    def read(self, index: np.ndarray) -> dict:
+        """Storage-dtype tensors of items `index` (pinned when they will go to a GPU)."""
+        if self.arrays is not None:
+            rows = torch.from_numpy(index).to(self.device if self.mode == "gpu" else "cpu")
+            raw = {key: t[rows] for key, t in self.arrays.items()}
+        else:
+            split = self.split
+            raw = {("tokens", layer): _tensor(split.read_tokens(layer, index), split.dtype) for layer in self.layers}
+            if self.with_cls:
+                raw.update({("cls", layer): _tensor(_read_cls(split, layer, index), split.dtype) for layer in self.layers})
+            if split.masked:
+                raw["mask"] = torch.from_numpy(split.read_mask(index))
+        raw["labels"] = self.labels[torch.from_numpy(index).to(self.labels.device)]
+        if self.device.type == "cuda" and self.mode != "gpu":
+            raw = {key: t.pin_memory() for key, t in raw.items()}
+        return raw
+
+    def to_batch(self, raw: dict, index: np.ndarray) -> Batch:
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return Batch(
+            tokens={layer: move(raw["tokens", layer]).float() for layer in self.layers},
+            cls={layer: move(raw["cls", layer]).float() for layer in self.layers} if self.with_cls else {},
+            mask=move(raw["mask"]) if "mask" in raw else None,
+            labels=move(raw["labels"]),
+            index=index,
+        )
+
+    def batches(self, order: np.ndarray, batch_size: int, drop_last: bool = False):
+        """Batches of items in `order`, the next one read in a background thread while this one is used."""
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if drop_last and len(chunks) > 1 and len(chunks[-1]) < batch_size:
+            chunks.pop()  # a tiny last batch makes a noisy step (and breaks BatchNorm at size 1)
+        if not chunks:
+            return
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(self.read, chunks[0])
+            for i, index in enumerate(chunks):
+                raw = pending.result()
+                if i + 1 < len(chunks):
+                    pending = reader.submit(self.read, chunks[i + 1])
+                yield self.to_batch(raw, index)
+
+
+def epoch_order(items: np.ndarray, shard_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of `items` in an epoch: a function of (seed, epoch) only.
+
+    Shards are shuffled, grouped into blocks of at least BLOCK_ITEMS items, and items are
+    shuffled within each block, so a streamed epoch reads a few shard files at a time.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if not len(items):
+        return items
+    by_shard = np.split(items, np.flatnonzero(np.diff(items // shard_size)) + 1)
+    by_shard = [by_shard[i] for i in rng.permutation(len(by_shard))]
+    per_block = max(1, -(-BLOCK_ITEMS // shard_size))
+    blocks = [np.concatenate(by_shard[i : i + per_block]) for i in range(0, len(by_shard), per_block)]
+    return np.concatenate([rng.permutation(block) for block in blocks])
+
+
+def hold_out(items: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a fixed, seeded `fraction` of `items` set aside for validation."""
+    chosen = np.random.default_rng(seed).permutation(len(items))[: max(1, round(fraction * len(items)))]
+    held = np.zeros(len(items), bool)
+    held[chosen] = True
+    return items[~held], items[held]
