@@ -1,0 +1,295 @@
+"""The probe stage on small synthetic stores: sweeps, predict, resume, parts, data modes, refusals."""
+
+import csv
+import functools
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import typer
+from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score
+from typer.testing import CliRunner
+
+from tokens.cache import StoreSpec, create_or_open, open_store
+from tokens.train import commands
+from tokens.train import probe as recipe
+from tokens.train import sweep as sweeps
+from tokens.train.data import epoch_order, usable_items
+
+T, F, D = 4, 4, 96
+CLASSES = ["bird", "car", "rain"]
+SIZES = {"train": 150, "valid": 48, "test": 48}
+FAST = ["--epochs", "4", "--batch-size", "16", "--warmup-epochs", "1", "--device", "cpu"]
+SWEEP = ["--heads", "linear,ep,protobin", "--option", "ep.num_queries=4", "--option", "protobin.prototypes_per_class=4", "--seeds", "0,1"]
+
+app = typer.Typer()
+app.command()(commands.probe)
+app.command()(commands.report)
+app.command()(commands.predict)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def said(result) -> str:
+    """The output with rich's error box and line wrapping taken out."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None):
+    """Tokens with each item's classes written into a few of its tokens; the tail tokens of some
+    items are padding (masked, filled with garbage); one train item failed extraction."""
+    spec = StoreSpec(
+        backbone="synthetic", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[3, 6],
+        final_norm=False, dtype=dtype, grid=(T, F), dim=D, num_prefix=1, task=task, classes=CLASSES,
+        splits=dict(splits), dataset_fingerprint=path.name, masked=True, shard_size=32,
+    )
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(len(CLASSES), D)) * 1.5
+    with create_or_open(path, spec) as store:
+        for name, n in splits.items():
+            if task == "multilabel":
+                labels = (rng.random((n, len(CLASSES))) < 0.35).astype(np.uint8)
+                present = labels.astype(bool)
+            else:
+                labels = rng.integers(0, len(CLASSES), n)
+                present = np.eye(len(CLASSES), dtype=bool)[labels]
+            tokens = {}
+            for layer, strength in ((3, 0.5), (6, 1.0)):
+                x = rng.normal(size=(n, T * F, D))
+                for i in range(n):
+                    for c in np.flatnonzero(present[i]):
+                        x[i, rng.choice(T * F - 4, 2, replace=False)] += strength * directions[c]
+                tokens[layer] = x
+            prefix = {layer: x[:, None].mean(2) for layer, x in tokens.items()}
+            mask = np.ones((n, T * F), bool)
+            mask[::3, -4:] = False
+            for x in tokens.values():
+                x[~mask] = 50.0
+            errors = ["" for _ in range(n)]
+            if name == "train":
+                errors[5] = "unreadable: test"
+            split = store.split(name)
+            for shard in range(split.num_shards) if written is None else written:
+                a, b = split.shard_range(shard)
+                split.write_shard(
+                    shard, tokens={k: _cast(v[a:b], dtype) for k, v in tokens.items()},
+                    prefix={k: _cast(v[a:b], dtype) for k, v in prefix.items()}, mask=mask[a:b],
+                    labels=labels[a:b], ids=[f"{name}-{i}" for i in range(a, b)], sources=["x.wav"] * (b - a),
+                    offsets=np.zeros(b - a), durations=np.ones(b - a), errors=errors[a:b],
+                )
+    return path
+
+
+def _cast(x, dtype):
+    if dtype == "bfloat16":
+        return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return x.astype(dtype)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def leaderboard(run):
+    return {row["config"]: row for row in read_csv(run / "leaderboard.csv")}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "ml.zarr")
+
+
+@pytest.fixture(scope="module")
+def run(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    return out
+
+
+def test_sweep_writes_every_result_and_predict_agrees_with_sklearn(store, run, tmp_path):
+    rows = read_csv(run / "leaderboard.csv")
+    assert len(rows) == 6
+    for column in ("head", "config", "params", "best_epoch", "layer", "lr", "wd", "seed",
+                   "val_map", "val_roc_auc", "test_map", "test_roc_auc"):
+        assert column in rows[0]
+    assert [float(r["val_map"]) for r in rows] == sorted((float(r["val_map"]) for r in rows), reverse=True)
+    ids = {r["config"] for r in rows}
+    assert "ep[num_queries=4]/lr=0.001/wd=0.0001/layer=6/seed=1" in ids
+    assert "protobin[prototypes_per_class=4]/lr=0.02/wd=0.0001/layer=6/seed=0" in ids
+    best_ep = max((r for r in rows if r["head"] == "ep"), key=lambda r: float(r["val_map"]))
+    assert float(best_ep["test_map"]) > 0.6  # the evidence is learnable
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_mode"] == "stream" and config["validation"].startswith("valid split")
+    assert len(config["configs"]) == 6 and config["store_key"] == open_store(store).meta["cache_key"]
+    for row in rows:
+        record = json.loads((run / "heads" / f"{sweeps.sanitise(row['config'])}.json").read_text())
+        assert set(record["per_class_ap"]) == set(CLASSES) and len(record["val_curve"]) == 4
+    assert (run / "params_vs_metric.png").stat().st_size and (run / "val_curves.png").stat().st_size
+    saved = torch.load(run / "best" / "ep.pt", weights_only=True)
+    assert saved["config"] == best_ep["config"]
+
+    scores_path = tmp_path / "scores.csv"
+    ok("predict", store, "--head", run / "best" / "ep.pt", "--split", "test", "--out", scores_path,
+       "--batch-size", "16", "--device", "cpu")
+    scores = read_csv(scores_path)
+    assert list(scores[0]) == ["id", *CLASSES]
+    split = open_store(store).split("test")
+    labels = split.column("labels")[usable_items(split)]
+    assert [s["id"] for s in scores] == [f"test-{i}" for i in usable_items(split)]
+    s = np.array([[float(row[c]) for c in CLASSES] for row in scores])
+    expected_map = np.mean([average_precision_score(labels[:, c], s[:, c]) for c in range(3)])
+    expected_auc = np.mean([roc_auc_score(labels[:, c], s[:, c]) for c in range(3)])
+    assert float(best_ep["test_map"]) == pytest.approx(expected_map, abs=1e-9)
+    assert float(best_ep["test_roc_auc"]) == pytest.approx(expected_auc, abs=1e-9)
+
+
+def _final_states(run):
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    return dict(zip(state["plan"]["configs"], state["probes"]))
+
+
+def test_a_head_in_a_sweep_ends_as_it_would_alone(store, run, tmp_path):
+    alone = tmp_path / "alone"
+    ok("probe", store, "--heads", "ep", "--option", "ep.num_queries=4", "--seeds", "1", *FAST, "--data", "stream", "--out", alone)
+    (config,) = _final_states(alone)
+    mine, theirs = _final_states(alone)[config], _final_states(run)[config]
+    for key in ("head", "best_state"):
+        for name, tensor in mine[key].items():
+            torch.testing.assert_close(tensor, theirs[key][name], rtol=0, atol=1e-6)
+    assert leaderboard(alone)[config] == leaderboard(run)[config]
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "run", functools.partial(recipe.run, stop_after=2))
+        ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not (out / "leaderboard.csv").exists()
+    result = ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert "resuming" in result.output
+    assert leaderboard(out) == leaderboard(run)
+    other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
+    assert other.exit_code == 2 and "--out" in said(other) and "batch_size" in said(other)
+
+
+def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
+    parts = tmp_path / "parts"
+    for part in ("1/2", "2/2"):
+        ok("probe", store, *SWEEP, *FAST, "--part", part, "--out", parts)
+    assert len(read_csv(parts / "part-1-of-2" / "leaderboard.csv")) == 3
+    ok("report", parts, "--out", tmp_path / "from_parts")
+    result = ok("report", run, "--out", tmp_path / "from_run")
+    assert read_csv(tmp_path / "from_parts" / "leaderboard.csv") == read_csv(run / "leaderboard.csv")
+    assert read_csv(tmp_path / "from_parts" / "report.csv") == read_csv(tmp_path / "from_run" / "report.csv")
+    summary = read_csv(tmp_path / "from_run" / "report.csv")
+    assert len(summary) == 3 and all(row["seeds"] == "2" for row in summary)
+    assert "ep[num_queries=4]/lr=0.001/wd=0.0001/layer=6" in {row["config"] for row in summary}
+    assert "±" in (tmp_path / "from_run" / "report.md").read_text() and "±" in result.output
+    assert (tmp_path / "from_run" / "report.png").stat().st_size
+
+
+def test_ram_gives_the_results_of_stream(store, run, tmp_path):
+    out = tmp_path / "ram"
+    result = ok("probe", store, *SWEEP, *FAST, "--data", "ram", "--out", out)
+    assert "data: ram" in result.output
+    assert leaderboard(out) == leaderboard(run)
+
+
+def test_multiclass_store_without_valid_split(tmp_path):
+    store = make_store(tmp_path / "mc.h5", task="multiclass", dtype="bfloat16", splits={"train": 150, "test": 48})
+    out = tmp_path / "run"
+    ok("probe", store, "--heads", "mean,mhca,cgp", "--option", "cgp.num_prototypes=16", *FAST, "--out", out)
+    rows = read_csv(out / "leaderboard.csv")
+    assert {"val_acc", "val_balanced_acc", "test_acc", "test_balanced_acc"} <= set(rows[0])
+    assert {r["layer"] for r in rows} == {"6", "all"}
+    assert "held out" in json.loads((out / "config.json").read_text())["validation"]
+    mhca = next(r for r in rows if r["head"] == "mhca")
+    assert float(mhca["test_acc"]) > 0.6
+    record = json.loads((out / "heads" / f"{sweeps.sanitise(mhca['config'])}.json").read_text())
+    assert set(record["per_class_acc"]) == set(CLASSES)
+
+    ok("predict", store, "--head", out / "best" / "mhca.pt", "--out", tmp_path / "s.csv", "--batch-size", "16", "--device", "cpu")
+    scores = read_csv(tmp_path / "s.csv")
+    predicted = np.array([[float(row[c]) for c in CLASSES] for row in scores]).argmax(1)
+    split = open_store(store).split("test")
+    labels = split.column("labels")[usable_items(split)]
+    assert float(mhca["test_acc"]) == pytest.approx(accuracy_score(labels, predicted))
+    assert float(mhca["test_balanced_acc"]) == pytest.approx(balanced_accuracy_score(labels, predicted))
+
+
+def test_a_sweep_file_expands_like_the_command_line(store, tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(
+        "lr = [1e-3, 3e-3]\nseeds = [0, 1]\n\n[heads.linear]\n\n[heads.ep]\nnum_queries = [16, 32]\n\n"
+        "[heads.protobin]\nprototypes_per_class = 10\nlr = [2e-2]\n"
+    )
+    with open_store(store) as opened:
+        configs, spec = commands.build_sweep(opened, None, None, None, None, None, None, path)
+        same, _ = commands.build_sweep(
+            opened, "linear,ep,protobin", ["ep.num_queries=16,32", "protobin.prototypes_per_class=10", "protobin.lr=2e-2"],
+            "1e-3,3e-3", None, None, "0,1", None,
+        )
+    assert [c.id for c in configs] == [c.id for c in same]
+    assert len(configs) == 2 * 2 + 2 * 2 * 2 + 2
+    assert configs[0].id == "linear/lr=0.001/wd=0.0001/layer=6/seed=0"
+    assert configs[-1].id == "protobin[prototypes_per_class=10]/lr=0.02/wd=0.0001/layer=6/seed=1"
+    assert [c.id for c in sweeps.take_part(configs, 1, 3)] == [c.id for c in configs[0::3]]
+
+
+def test_part_comes_from_the_job_array(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    assert sweeps.parse_part(None) == (4, 4)
+    assert sweeps.parse_part("2/5") == (2, 5)
+
+
+def test_block_shuffle_depends_only_on_seed_and_epoch():
+    items = np.delete(np.arange(300), [5, 77])
+    a, b = epoch_order(items, 32, seed=0, epoch=1), epoch_order(items, 32, seed=0, epoch=1)
+    assert (a == b).all() and sorted(a) == list(items)
+    assert not (a == epoch_order(items, 32, seed=0, epoch=2)).all()
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--heads", "linear,nope"], "--heads"),
+    (["--heads", "ep", "--option", "ep.queries=4"], "--option"),
+    (["--heads", "ep", "--option", "linear.dropout=0.1"], "--option"),
+    (["--part", "3/2"], "--part"),
+    (["--layers", "7"], "--layers"),
+    (["--lr", "fast"], "--lr"),
+    (["--loss", "ce"], "--loss"),
+    (["--data", "disk"], "--data"),
+])
+def test_mistakes_name_the_option_at_fault(store, tmp_path, args, option):
+    result = invoke("probe", store, *args, "--device", "cpu", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and option in said(result), result.output
+
+
+def test_missing_and_incomplete_splits_are_refused(tmp_path):
+    no_test = make_store(tmp_path / "a.zarr", splits={"train": 40})
+    result = invoke("probe", no_test, "--device", "cpu", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "no split 'test'" in said(result)
+    partial = make_store(tmp_path / "b.zarr", splits={"train": 96, "test": 40}, written=[0, 1])
+    result = invoke("probe", partial, "--device", "cpu", "--out", tmp_path / "y")
+    assert result.exit_code == 2 and "--allow-incomplete" in said(result)
+    ok("probe", partial, "--heads", "mean", "--allow-incomplete", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / "y")
+    with open_store(partial) as opened:
+        config = json.loads((tmp_path / "y" / "config.json").read_text())
+    assert "train items" in config["validation"] and opened.split("train").num_items == 96

@@ -1,0 +1,239 @@
+"""`tokens probe`, `tokens report` and `tokens predict`: check the request, then hand it to the recipe.
+
+Every check that can fail before training does so here, naming the option at fault, so that a
+job never dies an hour in because of a typo.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import os
+from pathlib import Path
+
+import torch
+import typer
+
+from tokens.cache.store import StoreError, TokenStore, open_store
+from tokens.train import probe as recipe
+from tokens.train import sweep as sweeps
+from tokens.train.data import MODES, Source, usable_items
+from tokens.train.heads import HEADS, build_head
+from tokens.train.losses import LOSSES
+from tokens.train.report import write_report
+from tokens.train.sweep import SweepError
+
+
+def _bad(error: SweepError | StoreError, hint: str | None = None) -> typer.BadParameter:
+    return typer.BadParameter(str(error), param_hint=hint or getattr(error, "option", "STORE"))
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: the GPU when there is one (torchrun's LOCAL_RANK picks which), else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"{name!r}: use auto, cpu or cuda", param_hint="--device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("no CUDA device is visible here; use --device cpu", param_hint="--device")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def open_checked(path: Path, splits: list[str], allow_incomplete: bool, optional: tuple = ()) -> TokenStore:
+    """The store, refused if a needed split is missing or (unless allowed) not fully written.
+
+    `optional` splits are checked for completeness only when the store has them.
+    """
+    try:
+        store = open_store(path)
+    except StoreError as error:
+        raise _bad(error, "STORE") from error
+    try:
+        for name in list(splits) + [n for n in optional if n in store.splits]:
+            split = store.split(name)
+            if not split.is_complete and not allow_incomplete:
+                missing = len(split.missing_shards())
+                raise StoreError(
+                    f"{path}: split {name!r} is incomplete ({missing} of {split.num_shards} shards "
+                    "missing); finish `tokens extract`, or pass --allow-incomplete to use the written shards"
+                )
+    except StoreError as error:
+        store.close()
+        raise _bad(error, "STORE") from error
+    return store
+
+
+def check_options(head: str, options: dict, where: str):
+    """Refuse an option the head's constructor does not take, listing those it does."""
+    accepted = set(inspect.signature(HEADS[head].__init__).parameters) - {"self", "dim", "num_classes"}
+    unknown = set(options) - accepted - {"lr", "wd"}
+    if unknown:
+        raise SweepError(
+            f"head {head!r} has no option {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(accepted)) or 'none'} (and lr, wd)",
+            where,
+        )
+
+
+def resolve_layer(value, store: TokenStore) -> int:
+    """A stored layer number as is; a negative number counts cached layers from the end (-1 = last)."""
+    layers = store.layers
+    if value in layers:
+        return value
+    if isinstance(value, int) and -len(layers) <= value < 0:
+        return layers[value]
+    raise SweepError(f"layer {value!r} is not cached in this store; it has layers {layers} (or -1 for the last)", "--layers")
+
+
+def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[list, dict]:
+    """The configurations asked for, checked against the registry and the store, and the sweep as a record."""
+    if sweep_file is not None:
+        if heads is not None or option:
+            raise SweepError("give heads and their options in the --sweep file or on the command line, not both", "--heads")
+        spec = sweeps.read_sweep_file(sweep_file)
+        where = "--sweep"
+    else:
+        spec = {"heads": {h: {} for h in sweeps.parse_list(heads, "--heads") or sweeps.DEFAULT_HEADS}}
+        for head, opts in sweeps.parse_options(option).items():
+            if head not in spec["heads"]:
+                raise SweepError(f"--option names head {head!r}, which is not in --heads", "--option")
+            spec["heads"][head].update(opts)
+        where = "--option"
+    for key, text in (("lr", lr), ("wd", wd), ("layers", layers), ("seeds", seeds)):
+        values = sweeps.parse_list(text, f"--{key}", int if key in ("layers", "seeds") else (int, float))
+        if values is not None:
+            spec[key] = values
+    for head, opts in spec["heads"].items():
+        if head not in HEADS:
+            raise SweepError(f"unknown head {head!r}; choose from {', '.join(HEADS)}", "--heads" if where == "--option" else where)
+        check_options(head, opts, where)
+    for key in ("lr", "wd"):
+        if any(v <= 0 if key == "lr" else v < 0 for v in spec.get(key, [])):
+            raise SweepError(f"--{key} must be {'positive' if key == 'lr' else 'zero or more'}", f"--{key}")
+    resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
+    configs = sweeps.expand(
+        spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
+        spec.get("seeds", sweeps.DEFAULT_SEEDS), {h for h in HEADS if HEADS[h].multi_layer},
+    )
+    return configs, spec | {"layers_resolved": resolved}
+
+
+def probe(
+    store: Path = typer.Argument(..., help="A token store made by `tokens extract` (.zarr directory or .h5 file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: leaderboard, per-head results, best heads, plots, checkpoint."),
+    heads: str = typer.Option(None, "--heads", help=f"Comma-separated heads ({', '.join(HEADS)}). Default: {','.join(sweeps.DEFAULT_HEADS)}."),
+    option: list[str] = typer.Option(None, "--option", help="Sweep a head option: HEAD.NAME=V1,V2 (repeatable), e.g. ep.num_queries=16,32 or protobin.lr=2e-2,4e-2."),
+    lr: str = typer.Option(None, "--lr", help="Learning rates, e.g. 1e-3,3e-3. Default per head: 2e-2 for prototype heads, 1e-3 otherwise."),
+    wd: str = typer.Option(None, "--wd", help="Weight decays, e.g. 1e-4,5e-4. Default: 1e-4."),
+    layers: str = typer.Option(None, "--layers", help="Cached layers: stored layer numbers, or -1 for the last one. Default: -1."),
+    seeds: str = typer.Option(None, "--seeds", help="Head seeds (init and dropout), e.g. 0,1,2. Default: 0."),
+    sweep: Path = typer.Option(None, "--sweep", help="A TOML sweep file instead of --heads/--option (format: tokens.train.sweep)."),
+    part: str = typer.Option(None, "--part", help="Train part I of N of the configurations (I/N); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun RANK/WORLD_SIZE. Parts write to RUN/part-I-of-N/."),
+    epochs: int = typer.Option(30, "--epochs", min=1),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", min=0.0, help="Linear warm-up, then cosine decay to zero."),
+    loss: str = typer.Option(None, "--loss", help="bce or asl (multi-label; default bce), ce (multi-class)."),
+    data: str = typer.Option("auto", "--data", help="stream (from disk), ram, gpu, or auto (by size against free memory)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    num_threads: int = typer.Option(None, "--num-threads", min=1, help="CPU threads for torch."),
+    data_seed: int = typer.Option(0, "--data-seed", help="Seed of the batch order (and of the held-out validation items)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on the written shards of an unfinished store."),
+):
+    """Train many probe heads on a token store at once: every batch is read once and fed to all heads.
+
+    Example: tokens probe S.zarr --heads linear,ep,protobin --lr 1e-3,3e-3 --seeds 0,1,2
+    --option ep.num_queries=16,32 --out runs/s1
+
+    An interrupted run resumes from RUN/checkpoint.pt when started again with the same arguments.
+    """
+    if data not in MODES:
+        raise typer.BadParameter(f"{data!r}: use {', '.join(MODES)}", param_hint="--data")
+    compute = pick_device(device)
+    if data == "gpu" and compute.type != "cuda":
+        raise typer.BadParameter("gpu mode needs a CUDA device; use ram or stream", param_hint="--data")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    opened = open_checked(store, ["train", "test"], allow_incomplete, optional=("valid",))
+    try:
+        if loss is not None and loss not in LOSSES[opened.task]:
+            raise SweepError(f"{loss!r} does not fit this {opened.task} store; use {', '.join(LOSSES[opened.task])}", "--loss")
+        configs, spec = build_sweep(opened, heads, option, lr, wd, layers, seeds, sweep)
+        index, count = sweeps.parse_part(part)
+        mine = sweeps.take_part(configs, index, count)
+        if not mine:
+            raise SweepError(f"part {index}/{count} has no configurations: the sweep has {len(configs)}", "--part")
+        if count > 1:
+            out = out / f"part-{index}-of-{count}"
+            typer.echo(f"part {index}/{count}: {len(mine)} of {len(configs)} configurations, results in {out}")
+        typer.echo(f"{len(mine)} configurations on {compute}")
+        recipe.run(
+            opened, mine, out, sweep=spec, part=(index, count), epochs=epochs, batch_size=batch_size,
+            warmup_epochs=warmup_epochs, loss=loss, data=data, device=compute, data_seed=data_seed,
+        )
+    except SweepError as error:
+        raise _bad(error) from error
+    finally:
+        opened.close()
+
+
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories (parts inside them are found), or leaderboard.csv files."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Where report.csv, report.md, report.png and the merged leaderboard.csv go."),
+):
+    """Merge runs and parts of runs; average configurations that differ only by seed (mean ± sd).
+
+    Example: tokens report runs/s1 runs/s2 --out reports/s
+    """
+    try:
+        text = write_report(runs, out)
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="RUNS") from error
+    typer.echo(text)
+    typer.echo(f"\nreport in {out}/ (report.csv, report.md, report.png, leaderboard.csv)")
+
+
+def predict(
+    store: Path = typer.Argument(..., help="A token store with the same encoder, layers and classes as the head's."),
+    head: Path = typer.Option(..., "--head", help="A saved head, e.g. RUN/best/ep.pt."),
+    split: str = typer.Option("test", "--split", help="The split to score."),
+    out: Path = typer.Option(Path("scores.csv"), "--out", "-o", help="CSV: id, then one score column per class."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Score the written shards of an unfinished split."),
+):
+    """Write a saved head's per-item scores (sigmoid multi-label, softmax multi-class) for a split.
+
+    Example: tokens predict S.zarr --head runs/s1/best/ep.pt --split test --out scores.csv
+    """
+    compute = pick_device(device)
+    try:
+        saved = torch.load(head, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from error
+    opened = open_checked(store, [split], allow_incomplete)
+    with opened:
+        build, layer = saved["build"], saved["layer"]
+        if opened.meta["dim"] != build["dim"] or opened.classes != saved["classes"]:
+            raise typer.BadParameter(f"{head} was trained on tokens of another dim or class list than {store}'s", param_hint="--head")
+        multi = HEADS[build["name"]].multi_layer
+        if (multi and build["num_layers"] != len(opened.layers)) or (not multi and layer not in opened.layers):
+            raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
+        if saved["store_key"] != opened.meta["cache_key"][:16]:
+            typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}); scoring anyway")
+        module = build_head(**build)
+        module.load_state_dict(saved["state_dict"])
+        module.to(compute)
+        the_split = opened.split(split)
+        items = usable_items(the_split)
+        layers = opened.layers if multi else [layer]
+        source = Source(the_split, layers, module.uses_cls, "stream", compute)
+        (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])
+        ids = the_split.column("ids")[items]
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", *saved["classes"]])
+        for item_id, row in zip(ids, scores):
+            writer.writerow([item_id, *(f"{v:.9g}" for v in row)])
+    skipped = the_split.num_items - len(items)
+    typer.echo(f"{out}: scores of {len(items)} items of {split}" + (f" ({skipped} failed or unwritten items left out)" if skipped else ""))

@@ -1,0 +1,310 @@
+"""The probe recipe: train every configuration of a sweep together, in one pass over the data.
+
+Each batch is read once from the store (every layer any head needs) and fed to every head in
+turn. Heads share nothing else: each has its own AdamW, its own warm-up + cosine schedule, its
+own random state (seeded by its config's seed before it is built, and swapped in around its own
+steps, so dropout draws do not depend on the other heads), and its own best epoch on the
+validation split. The batch order depends only on the data seed and the epoch. So a head ends
+with the same weights whether it trains alone or in a sweep, and whichever data mode feeds it.
+
+After every epoch the whole state is written to RUN/checkpoint.pt (atomically), and a run
+started again with the same sweep resumes from it and ends with the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tokens import __version__
+from tokens.cache.store import TokenStore
+from tokens.train import report
+from tokens.train.data import Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
+from tokens.train.heads import HEADS, build_head, count_parameters
+from tokens.train.losses import DEFAULT_LOSS, make_loss
+from tokens.train.metrics import compute_metrics, primary_metric
+from tokens.train.sweep import Config, SweepError
+
+HOLD_OUT = 0.1  # share of train used for validation when the store has no valid split
+
+
+@dataclass
+class Probe:
+    """One configuration being trained: its head, optimizer, random state and best epoch so far."""
+
+    config: Config
+    head: nn.Module
+    build: dict  # build_head arguments, to rebuild the head from a saved state dict
+    optimizer: torch.optim.Optimizer
+    rng: torch.Tensor
+    best_state: dict | None = None
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    curve: list = field(default_factory=list)  # validation metric per epoch
+
+
+def build_probe(config: Config, dim: int, num_classes: int, num_layers: int, device: torch.device) -> Probe:
+    """The head and its optimizer, initialised from the config's own seed only."""
+    build = dict(name=config.head, dim=dim, num_classes=num_classes, **config.options)
+    if HEADS[config.head].multi_layer:
+        build.setdefault("num_layers", num_layers)
+    torch.manual_seed(config.seed)
+    head = build_head(**build).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.wd)
+    return Probe(config, head, build, optimizer, rng=get_rng(device))
+
+
+def get_rng(device: torch.device) -> torch.Tensor:
+    """The state of the generator that dropout on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng(state: torch.Tensor, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def head_inputs(head: nn.Module, layer, batch):
+    """(tokens, mask, class token) as this head reads them from the shared batch."""
+    if head.multi_layer:
+        tokens, cls = batch.all_layers()
+        return tokens, batch.mask, cls if head.uses_cls else None
+    return batch.tokens[layer], batch.mask, batch.cls.get(layer) if head.uses_cls else None
+
+
+@torch.no_grad()
+def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarray, batch_size: int, task: str) -> list[np.ndarray]:
+    """Scores (sigmoid multi-label, softmax multi-class) of every (head, layer) on `items`, in order."""
+    for head, _ in heads:
+        head.eval()
+    outputs = [[] for _ in heads]
+    for batch in source.batches(items, batch_size):
+        for out, (head, layer) in zip(outputs, heads):
+            logits = head(*head_inputs(head, layer, batch)).float()
+            out.append((logits.sigmoid() if task == "multilabel" else logits.softmax(-1)).cpu().numpy())
+    return [np.concatenate(out) for out in outputs]
+
+
+def _state(module: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _metric(value) -> float:
+    """A metric for comparisons: an undefined one (NaN) never wins."""
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
+    """Everything needed to continue after `epoch`, written aside then renamed into place."""
+    state = {
+        "plan": plan,
+        "epoch": epoch,
+        "probes": [
+            {
+                "head": p.head.state_dict(),
+                "optimizer": p.optimizer.state_dict(),
+                "rng": p.rng,
+                "best_state": p.best_state,
+                "best_metric": p.best_metric,
+                "best_epoch": p.best_epoch,
+                "curve": p.curve,
+            }
+            for p in probes
+        ],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, plan: dict, probes: list[Probe]) -> int:
+    """Restore every probe from `path`; the number of epochs already done (0 without a checkpoint)."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["plan"] != plan:
+        differs = [k for k in plan if state["plan"].get(k) != plan[k]]
+        raise SweepError(
+            f"{path} belongs to another sweep ({', '.join(differs)} differ); "
+            "use another --out, or delete the checkpoint to start over",
+            "--out",
+        )
+    for probe, saved in zip(probes, state["probes"]):
+        probe.head.load_state_dict(saved["head"])
+        probe.optimizer.load_state_dict(saved["optimizer"])
+        probe.rng = saved["rng"]
+        probe.best_state, probe.best_metric = saved["best_state"], saved["best_metric"]
+        probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
+    return state["epoch"]
+
+
+def versions() -> dict:
+    return {"tokens": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def run(
+    store: TokenStore,
+    configs: list[Config],
+    out: Path,
+    *,
+    sweep: dict,
+    part: tuple[int, int] = (1, 1),
+    epochs: int = 30,
+    batch_size: int = 128,
+    warmup_epochs: float = 1.0,
+    loss: str | None = None,
+    data: str = "auto",
+    device: torch.device = torch.device("cpu"),
+    data_seed: int = 0,
+    stop_after: int | None = None,
+) -> list[dict]:
+    """Train `configs` on `store`, write the results to `out`, return the leaderboard rows.
+
+    `stop_after` ends the run after that epoch, leaving the checkpoint to resume from (for
+    time-limited jobs and for tests).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task, classes = store.task, store.classes
+    metric = primary_metric(task)
+
+    # Plan: which items train and validate, and which layers every batch must carry.
+    train_split = store.split("train")
+    train_items = usable_items(train_split)
+    if "valid" in store.splits:
+        valid_split, valid_items = store.split("valid"), usable_items(store.split("valid"))
+        validation = f"valid split ({len(valid_items)} items)"
+    else:
+        valid_split = train_split
+        train_items, valid_items = hold_out(train_items, HOLD_OUT, data_seed)
+        validation = f"no valid split: {len(valid_items)} train items ({HOLD_OUT:.0%}, data seed {data_seed}) held out"
+    test_split = store.split("test")
+    test_items = usable_items(test_split)
+    for name, items in (("train", train_items), ("validation", valid_items), ("test", test_items)):
+        if not len(items):
+            raise SweepError(f"{store.path}: no usable {name} items (all failed or in unwritten shards)", "STORE")
+    multi = any(HEADS[c.head].multi_layer for c in configs)
+    layers = list(store.layers) if multi else [l for l in store.layers if any(c.layer == l for c in configs)]
+    with_cls = any(HEADS[c.head].uses_cls for c in configs)
+    needed = sum(split_bytes(s, layers, with_cls) for s in {train_split.name: train_split, valid_split.name: valid_split, test_split.name: test_split}.values())
+    mode, why = choose_mode(data, needed, device)
+    tqdm.write(why)
+    tqdm.write(f"validation: {validation}")
+
+    plan = {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
+            "warmup_epochs": warmup_epochs, "loss": loss or "", "data_seed": data_seed,
+            "store_key": store.meta["cache_key"]}
+    record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
+              "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
+              "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],
+              "training": plan | {"optimizer": "AdamW", "schedule": "linear warm-up, cosine to 0",
+                                  "loss": loss or DEFAULT_LOSS[task]},
+              "versions": versions()}
+    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    # Sources and heads.
+    train_source = Source(train_split, layers, with_cls, mode, device)
+    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device)
+    probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device) for c in configs]
+    loss_fn = make_loss(task, loss)
+    valid_labels = valid_source.labels[torch.from_numpy(valid_items).to(valid_source.labels.device)].cpu().numpy()
+    steps = max(1, len(train_items) // batch_size)
+    total, warmup = epochs * steps, round(warmup_epochs * steps)
+
+    checkpoint = out / "checkpoint.pt"
+    start = load_checkpoint(checkpoint, plan, probes)
+    if start:
+        tqdm.write(f"resuming from {checkpoint} after epoch {start}")
+
+    for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs):
+        for p in probes:
+            p.head.train()
+        order = epoch_order(train_items, train_split.shard_size, data_seed, epoch)
+        batches = train_source.batches(order, batch_size, drop_last=True)
+        for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", total=steps, leave=False)):
+            factor = schedule(epoch * steps + step, total, warmup)
+            for p in probes:
+                for group in p.optimizer.param_groups:
+                    group["lr"] = p.config.lr * factor
+                set_rng(p.rng, device)
+                logits = p.head(*head_inputs(p.head, p.config.layer, batch))
+                p.optimizer.zero_grad(set_to_none=True)
+                loss_fn(logits, batch.labels).backward()
+                p.optimizer.step()
+                p.rng = get_rng(device)
+
+        # Validate every head; keep each one's best epoch.
+        val_scores = score([(p.head, p.config.layer) for p in probes], valid_source, valid_items, batch_size, task)
+        for p, scores in zip(probes, val_scores):
+            value = compute_metrics(task, scores, valid_labels)[metric]
+            p.curve.append(value)
+            if _metric(value) > p.best_metric:
+                p.best_metric, p.best_epoch, p.best_state = _metric(value), epoch + 1, _state(p.head)
+        save_checkpoint(checkpoint, plan, epoch + 1, probes)
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
+            tqdm.write(f"stopped after epoch {epoch + 1}; run again to resume")
+            return []
+
+    # Test once, with each head's best weights.
+    for p in probes:
+        if p.best_state is not None:
+            p.head.load_state_dict(p.best_state)
+    test_source = Source(test_split, layers, with_cls, mode, device)
+    test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
+    heads = [(p.head, p.config.layer) for p in probes]
+    val_scores = score(heads, valid_source, valid_items, batch_size, task)
+    test_scores = score(heads, test_source, test_items, batch_size, task)
+
+    rows, records = [], []
+    for p, val, test in zip(probes, val_scores, test_scores):
+        val_metrics = compute_metrics(task, val, valid_labels)
+        test_metrics = compute_metrics(task, test, test_labels)
+        per_class = next(k for k in test_metrics if k.startswith("per_class"))
+        c = p.config
+        row = {"head": c.head, "config": c.id, "params": count_parameters(p.head), "best_epoch": p.best_epoch,
+               "layer": c.layer, "lr": c.lr, "wd": c.wd, "seed": c.seed, "options": json.dumps(c.options, sort_keys=True),
+               "store_key": store.meta["cache_key"][:16]}
+        row.update({f"val_{k}": v for k, v in val_metrics.items() if k != per_class})
+        row.update({f"test_{k}": v for k, v in test_metrics.items() if k != per_class})
+        rows.append(row)
+        records.append(row | {
+            "options": c.options, "val_curve": p.curve, "validation": validation,
+            per_class: dict(zip(classes, test_metrics[per_class])),
+            "fell_back_to_mean": getattr(p.head, "fell_back_to_mean", None),
+        })
+
+    # The best configuration of each head type, by validation metric (the first on ties).
+    for head in dict.fromkeys(c.head for c in configs):
+        i = max((i for i, r in enumerate(rows) if r["head"] == head), key=lambda i: _metric(rows[i][f"val_{metric}"]))
+        save_best(out / "best" / f"{head}.pt", probes[i], rows[i], task, classes)
+
+    report.write_run(out, rows, records, metric)
+    return rows
+
+
+def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str]):
+    """A head's weights with what `tokens predict` needs to rebuild and feed it (weights_only-loadable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "task": task,
+                "classes": list(classes), "store_key": row["store_key"], "state_dict": _state(probe.head),
+                "metrics": {k: v for k, v in row.items() if k.startswith(("val_", "test_"))}}, path)

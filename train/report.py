@@ -1,0 +1,233 @@
+"""Results of sweeps: a run's leaderboard, per-head records and plots; reports that merge runs.
+
+A run writes RUN/leaderboard.csv (one row per configuration, full-precision numbers),
+RUN/heads/<config>.json (per-class metric and validation curve), RUN/params_vs_metric.png and
+RUN/val_curves.png. `tokens report` reads any number of runs and parts of runs, keeps one row
+per (store, configuration), averages configurations that differ only by seed (mean ± sd) and
+writes DIR/leaderboard.csv (merged), DIR/report.csv, DIR/report.md and DIR/report.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # renders with Agg, touching no global backend state
+
+from tokens.train.sweep import sanitise
+
+FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
+LAST_COLUMNS = ["layer", "lr", "wd", "seed", "options", "store_key"]
+INTEGERS = {"params", "best_epoch", "seed"}
+
+
+def _nan_to_none(value):
+    """JSON has no NaN: an undefined metric is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _key(value) -> float:
+    """Sort key of a metric: higher first, undefined last."""
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """val_* then test_* columns, the primary metric of each first (as the run wrote them)."""
+    names = [k for k in rows[0] if k.startswith(("val_", "test_"))]
+    return [k for k in names if k.startswith("val_")] + [k for k in names if k.startswith("test_")]
+
+
+def primary_of(rows: list[dict]) -> str:
+    return metric_columns(rows)[0].removeprefix("val_")
+
+
+def ranked(rows: list[dict], metric: str) -> list[dict]:
+    """Best validation metric first; ties in a fixed order."""
+    return sorted(rows, key=lambda r: (-_key(r[f"val_{metric}"]), r.get("store_key", ""), r["config"]))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+
+
+def leaderboard_columns(rows: list[dict]) -> list[str]:
+    return FIRST_COLUMNS + metric_columns(rows) + LAST_COLUMNS
+
+
+def write_run(out: Path, rows: list[dict], records: list[dict], metric: str):
+    """Everything a finished run leaves behind, then its leaderboard printed."""
+    rows = ranked(rows, metric)
+    write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
+    (out / "heads").mkdir(exist_ok=True)
+    for record in records:
+        text = json.dumps(_nan_to_none(record), indent=2)
+        (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
+    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png")
+    plot_val_curves(records, metric, out / "val_curves.png")
+    print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
+    print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png)")
+
+
+def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None):
+    """The metric against trainable parameters (log x), one marker per head type."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    markers = "osD^v<>pPX*h"
+    for i, head in enumerate(dict.fromkeys(r["head"] for r in rows)):
+        mine = [r for r in rows if r["head"] == head]
+        x = [r["params"] for r in mine]
+        y = [r[column] for r in mine]
+        err = [r[sd_column] or 0 for r in mine] if sd_column else None
+        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], label=head, capsize=3, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(column)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_val_curves(records: list[dict], metric: str, path: Path):
+    """Validation metric per epoch of every configuration, one colour per head type."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    heads = list(dict.fromkeys(r["head"] for r in records))
+    colours = [f"C{i % 10}" for i in range(len(heads))]
+    for record in records:
+        curve = [np.nan if v is None else v for v in record["val_curve"]]
+        colour = colours[heads.index(record["head"])]
+        ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.6, linewidth=1)
+    for head, colour in zip(heads, colours):
+        ax.plot([], [], color=colour, label=head)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:g}"
+    return str(value)
+
+
+def table(rows: list[dict], columns: list[str], markdown: bool = False) -> str:
+    """Rows as an aligned text table, or a Markdown table."""
+    cells = [columns] + [[_cell(r[c]) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
+        return "\n".join(lines)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+# ---------------------------------------------------------------- merging runs
+
+
+def find_leaderboards(path: Path) -> list[Path]:
+    """A leaderboard.csv itself, a run's, or those of the parts (RUN/part-*/) inside it."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    found = [path / "leaderboard.csv"] if (path / "leaderboard.csv").exists() else []
+    return found + sorted(path.glob("*/leaderboard.csv"))
+
+
+def read_leaderboard(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for k, v in row.items():
+            if k in INTEGERS:
+                row[k] = int(v)
+            elif k in ("lr", "wd") or k.startswith(("val_", "test_")):
+                row[k] = float(v) if v else math.nan
+            elif k == "layer" and re.fullmatch(r"-?\d+", v):
+                row[k] = int(v)
+    return rows
+
+
+def merge(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """All rows of all leaderboards, one per (store, configuration); notes on what was dropped."""
+    rows, notes, seen, columns = [], [], {}, None
+    for path in paths:
+        for row in read_leaderboard(path):
+            key = (row["store_key"], row["config"])
+            if key in seen:
+                notes.append(f"{row['config']} appears in {seen[key]} and {path}: kept the first")
+                continue
+            if columns is None:
+                columns = metric_columns([row])
+            elif metric_columns([row]) != columns:
+                raise ValueError(f"{path} has metrics {metric_columns([row])}, other runs {columns}: "
+                                 "a report cannot mix multi-label and multi-class runs")
+            seen[key] = path
+            rows.append(row)
+    return rows, notes
+
+
+def group_id(config: str) -> str:
+    return re.sub(r"/seed=[^/]*$", "", config)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per configuration up to the seed: mean and sd (ddof 1; none for one seed) of every metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["store_key"], group_id(row["config"])), []).append(row)
+    summary = []
+    for (store_key, config), members in groups.items():
+        out = {"head": members[0]["head"], "config": config, "params": members[0]["params"],
+               "seeds": len(members), "store_key": store_key}
+        for column in metric_columns(members):
+            values = np.array([m[column] for m in members], dtype=float)
+            out[f"{column}_mean"] = float(values.mean())
+            out[f"{column}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
+        summary.append(out)
+    metric = primary_of(rows)
+    return sorted(summary, key=lambda r: (-_key(r[f"val_{metric}_mean"]), r["store_key"], r["config"]))
+
+
+def _with_sd(row: dict, column: str) -> str:
+    mean, sd = row[f"{column}_mean"], row[f"{column}_sd"]
+    return _cell(mean) if sd is None else f"{_cell(mean)} ± {_cell(sd)}"
+
+
+def write_report(runs: list[Path], out: Path) -> str:
+    """Merge `runs` into `out`; return the summary table as text."""
+    paths = [p for run in runs for p in find_leaderboards(run)]
+    if not paths:
+        raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
+    rows, notes = merge(paths)
+    metric = primary_of(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
+    summary = summarize(rows)
+    metrics = metric_columns(rows)
+    columns = ["head", "config", "params", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key"]
+    write_csv(out / "report.csv", summary, columns)
+    shown = [{"head": r["head"], "config": r["config"], "params": r["params"], "seeds": r["seeds"]}
+             | {m: _with_sd(r, m) for m in metrics} for r in summary]
+    shown_columns = ["head", "config", "params", "seeds"] + metrics
+    (out / "report.md").write_text(table(shown, shown_columns, markdown=True) + "\n")
+    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd")
+    lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configurations from {len(paths)} leaderboards"]
+    return "\n".join(lines + [table(shown, shown_columns)])
