@@ -1,8 +1,14 @@
 """The `tokens` command: a thin layer that hands each verb to its stage."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import typer
 
 from tokens.cache import commands as cache_commands
+from tokens.cluster import sbatch_script
+from tokens.extract import commands as extract_commands
 
 app = typer.Typer(
     help=(
@@ -17,3 +23,44 @@ app = typer.Typer(
 )
 app.command()(cache_commands.info)
 app.command()(cache_commands.verify)
+app.command()(extract_commands.extract)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def slurm(
+    ctx: typer.Context,
+    verb: str = typer.Argument(..., help="extract or probe"),
+    array: int = typer.Option(..., "--array", help="Number of array tasks: the work is split into this many parts."),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs per task (0 for CPU-only tasks)."),
+    cpus: int = typer.Option(8, "--cpus", help="CPU cores per task (DataLoader workers for extraction)."),
+    mem: str = typer.Option(None, "--mem", help="Memory per task, e.g. 64G."),
+    time: str = typer.Option(None, "--time", help="Wall-time limit per task, e.g. 04:00:00."),
+    partition: str = typer.Option(None, "--partition", help="SLURM partition."),
+    script: Path = typer.Option(None, "--script", help="Where to write the sbatch script (default: tokens-VERB.sbatch)."),
+    submit: bool = typer.Option(False, "--submit", help="Submit the script with sbatch after writing it."),
+):
+    """Write an sbatch script that runs `tokens VERB ARGS...` as a job array, one part per task.
+
+    Everything after VERB that is not an option of this command is passed to `tokens VERB`.
+    Each task takes its part from SLURM_ARRAY_TASK_ID; resubmitting finishes only what is missing.
+
+    Example: tokens slurm extract data/manifest.csv --store /scratch/as2m.zarr -b eat -c eat.pt --array 64 --time 04:00:00 --submit
+    """
+    if verb not in ("extract", "probe"):
+        raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")
+    if any(arg in ("--shard", "--part") or arg.startswith(("--shard=", "--part=")) for arg in ctx.args):
+        raise typer.BadParameter("each array task picks its own part; leave out --shard/--part", param_hint="ARGS")
+    text = sbatch_script(
+        verb, ctx.args, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
+        partition=partition, python=sys.executable,
+    )
+    path = script or Path(f"tokens-{verb}.sbatch")
+    path.write_text(text)
+    Path("slurm-logs").mkdir(exist_ok=True)
+    typer.echo(f"wrote {path}")
+    if submit:
+        result = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            typer.echo(f"error: sbatch failed: {result.stderr.strip()}", err=True)
+            raise typer.Exit(1)
+        typer.echo(result.stdout.strip())

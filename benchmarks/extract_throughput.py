@@ -1,0 +1,133 @@
+"""End-to-end extraction throughput of a ViT-B audio encoder against its bound, measured in one run.
+
+    python benchmarks/extract_throughput.py --clips 16384 --clips-all-layers 2048 --dir /tmp/bench-extract
+
+AudioMAE architecture (ViT-B/16, 512 patch tokens + class token, 768 dims), random weights saved
+in AudioMAE's checkpoint format, 10 s 16 kHz wav clips, bf16 autocast, float16 tokens. The bound
+is the lower of
+  (a) the encoder alone: forward passes on inputs already on the GPU, and
+  (b) the disk: bytes each item stores / the write bandwidth of the store's disk (fsync'd),
+and the figure is `tokens extract`'s end-to-end items/s (decode, fbank, forward, write) divided
+by that bound, for one cached layer and for all 12.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from tokens.extract.backbones.audiomae import AudioMAE
+from tokens.extract.run import extract
+
+
+def write_clips(directory: Path, distinct: int, clips: int) -> Path:
+    """`distinct` 10 s noise files listed `clips` times under distinct ids (decode cost stays real)."""
+    audio = directory / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(distinct):
+        sf.write(audio / f"{i}.wav", (0.1 * rng.standard_normal(160_000)).astype(np.float32), 16000)
+    manifest = directory / f"manifest-{clips}.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels", "split", "id"])
+        for i in range(clips):
+            writer.writerow([f"audio/{i % distinct}.wav", "noise", "train", f"clip{i}"])
+    return manifest
+
+
+def encoder_bound(checkpoint_model: AudioMAE, batch: int, layers: list[int], steps: int = 20) -> float:
+    """Clips/s of the forward pass alone, inputs already on the GPU, bf16 autocast, tokens cast to float16."""
+    model = checkpoint_model.cuda().eval()
+    inputs = torch.randn(batch, 1, 1024, 128, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(inputs, layers)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = model(inputs, layers)
+            for patch, prefix in out.values():
+                patch.to(torch.float16), prefix.to(torch.float16)
+        torch.cuda.synchronize()
+    model.cpu()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def disk_bound(directory: Path, gigabytes: float = 4.0, block_mib: int = 192) -> float:
+    """Write bandwidth in bytes/s of the store's disk: large blocks, one file per block, fsync'd."""
+    block = np.random.default_rng(1).integers(0, 255, block_mib * 2**20, dtype=np.uint8)
+    count = max(1, int(gigabytes * 2**30 / block.nbytes))
+    target = directory / "disk-probe"
+    target.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    for i in range(count):
+        fd = os.open(target / f"{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, block)
+        os.fsync(fd)
+        os.close(fd)
+    rate = count * block.nbytes / (time.perf_counter() - started)
+    shutil.rmtree(target)
+    return rate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=16384, help="clips for the one-layer run")
+    parser.add_argument("--clips-all-layers", type=int, default=2048, help="clips for the 12-layer run")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/tokens-bench-extract"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark measures the GPU path"
+
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = AudioMAE()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    checkpoint = args.dir / "audiomae-random.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+
+    disk = disk_bound(args.dir)
+    tokens_per_item = model.num_tokens + model.num_prefix
+    figures = {"gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(), "disk_write_gb_per_s": round(disk / 1e9, 3)}
+    for name, layers, clips in (("1 layer", [-1], args.clips), ("12 layers", "all", args.clips_all_layers)):
+        count = 1 if layers != "all" else model.depth
+        item_bytes = count * tokens_per_item * model.dim * 2 + model.num_tokens  # float16 tokens + mask
+        encoder = encoder_bound(model, args.batch_size, list(range(model.depth)) if layers == "all" else layers)
+        disk_items = disk / item_bytes
+        manifest = write_clips(args.dir, 256, clips)
+        store = args.dir / f"store-{count}.zarr"
+        summary = extract(manifest, store, backbone="audiomae", checkpoint=str(checkpoint), layers=layers,
+                          batch_size=args.batch_size, num_workers=args.num_workers, progress=False, log=lambda *_: None)
+        end_to_end = clips / summary.seconds
+        bound = min(encoder, disk_items)
+        figures[name] = {
+            "clips": clips, "item_mib": round(item_bytes / 2**20, 3),
+            "encoder_only_clips_per_s": round(encoder, 1), "disk_clips_per_s": round(disk_items, 1),
+            "bound_clips_per_s": round(bound, 1), "end_to_end_clips_per_s": round(end_to_end, 1),
+            "ratio_to_bound": round(end_to_end / bound, 3), "failed": len(summary.failed),
+        }
+        print(f"{name}: end-to-end {end_to_end:.0f} clips/s; encoder alone {encoder:.0f}, disk {disk_items:.0f} "
+              f"({disk / 1e9:.2f} GB/s at {item_bytes / 2**20:.2f} MiB/item) -> ratio {end_to_end / bound:.2f}", flush=True)
+        shutil.rmtree(store)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
