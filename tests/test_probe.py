@@ -186,13 +186,15 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     assert leaderboard(out) == leaderboard(run)
     other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
     assert other.exit_code == 2 and "--out" in said(other) and "batch_size" in said(other)
+    assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
 
 
 def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     parts = tmp_path / "parts"
-    for part in ("1/2", "2/2"):
-        ok("probe", store, *SWEEP, *FAST, "--part", part, "--out", parts)
+    ok("probe", store, *SWEEP, *FAST, "--part", "1/2", "--out", parts)
     assert len(read_csv(parts / "part-1-of-2" / "leaderboard.csv")) == 3
+    assert "part 2 of 2 not finished" in said(ok("report", parts, "--out", tmp_path / "half"))
+    ok("probe", store, *SWEEP, *FAST, "--part", "2/2", "--out", parts)
     ok("report", parts, "--out", tmp_path / "from_parts")
     result = ok("report", run, "--out", tmp_path / "from_run")
     assert read_csv(tmp_path / "from_parts" / "leaderboard.csv") == read_csv(run / "leaderboard.csv")

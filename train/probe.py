@@ -136,10 +136,10 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, plan: dict, probes: list[Probe]) -> int:
-    """Restore every probe from `path`; the number of epochs already done (0 without a checkpoint)."""
+def read_checkpoint(path: Path, plan: dict) -> dict | None:
+    """The saved state of this sweep, None if there is none; refuse one left by another sweep."""
     if not path.exists():
-        return 0
+        return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["plan"] != plan:
         differs = [k for k in plan if state["plan"].get(k) != plan[k]]
@@ -148,6 +148,11 @@ def load_checkpoint(path: Path, plan: dict, probes: list[Probe]) -> int:
             "use another --out, or delete the checkpoint to start over",
             "--out",
         )
+    return state
+
+
+def restore(state: dict, probes: list[Probe]) -> int:
+    """Put every probe back as it was saved; the number of epochs already done."""
     for probe, saved in zip(probes, state["probes"]):
         probe.head.load_state_dict(saved["head"])
         probe.optimizer.load_state_dict(saved["optimizer"])
@@ -206,14 +211,17 @@ def run(
     multi = any(HEADS[c.head].multi_layer for c in configs)
     layers = list(store.layers) if multi else [l for l in store.layers if any(c.layer == l for c in configs)]
     with_cls = any(HEADS[c.head].uses_cls for c in configs)
-    needed = sum(split_bytes(s, layers, with_cls) for s in {train_split.name: train_split, valid_split.name: valid_split, test_split.name: test_split}.values())
-    mode, why = choose_mode(data, needed, device)
+    splits = {s.name: s for s in (train_split, valid_split, test_split)}
+    mode, why = choose_mode(data, sum(split_bytes(s, layers, with_cls) for s in splits.values()), device)
     tqdm.write(why)
     tqdm.write(f"validation: {validation}")
 
+    # What a checkpoint must agree on to be resumed (the data mode and device may change).
     plan = {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
             "warmup_epochs": warmup_epochs, "loss": loss or "", "data_seed": data_seed,
             "store_key": store.meta["cache_key"]}
+    checkpoint = out / "checkpoint.pt"
+    saved = read_checkpoint(checkpoint, plan)
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
               "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],
@@ -231,10 +239,9 @@ def run(
     steps = max(1, len(train_items) // batch_size)
     total, warmup = epochs * steps, round(warmup_epochs * steps)
 
-    checkpoint = out / "checkpoint.pt"
-    start = load_checkpoint(checkpoint, plan, probes)
+    start = restore(saved, probes) if saved else 0
     if start:
-        tqdm.write(f"resuming from {checkpoint} after epoch {start}")
+        tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}")
 
     for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs):
         for p in probes:

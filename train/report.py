@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # renders with Agg, touching no global backend state
+from matplotlib.ticker import MaxNLocator
 
 from tokens.train.sweep import sanitise
 
@@ -83,7 +84,8 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str):
 
 
 def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None):
-    """The metric against trainable parameters (log x), one marker per head type."""
+    """The metric against trainable parameters (log x), one marker per head type; error bars
+    of one sd where `sd_column` is given."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     markers = "osD^v<>pPX*h"
@@ -95,7 +97,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
         ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], label=head, capsize=3, alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(column)
+    ax.set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -115,6 +117,7 @@ def plot_val_curves(records: list[dict], metric: str, path: Path):
     for head, colour in zip(heads, colours):
         ax.plot([], [], color=colour, label=head)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"validation {metric}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
@@ -149,6 +152,16 @@ def find_leaderboards(path: Path) -> list[Path]:
         return [path]
     found = [path / "leaderboard.csv"] if (path / "leaderboard.csv").exists() else []
     return found + sorted(path.glob("*/leaderboard.csv"))
+
+
+def missing_parts(run: Path) -> list[str]:
+    """Notes on parts of a split sweep (RUN/part-I-of-N/) that have no leaderboard yet."""
+    notes = []
+    for count in {int(m[2]) for p in Path(run).glob("part-*-of-*") if (m := re.fullmatch(r"part-(\d+)-of-(\d+)", p.name))}:
+        missing = [i for i in range(1, count + 1) if not (Path(run) / f"part-{i}-of-{count}" / "leaderboard.csv").exists()]
+        if missing:
+            notes.append(f"{run}: part {', '.join(map(str, missing))} of {count} not finished; the report lacks its configurations")
+    return notes
 
 
 def read_leaderboard(path: Path) -> list[dict]:
@@ -217,6 +230,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     if not paths:
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
     rows, notes = merge(paths)
+    notes += [note for run in runs for note in missing_parts(run)]
     metric = primary_of(rows)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
