@@ -52,7 +52,8 @@ def test_a_full_10_s_clip_leaves_the_last_audiomae_time_patch_empty():
 def test_beats_fbank_scales_pads_audio_and_crops_to_patches(clip):
     features, valid = BEATS_FBANK(clip, WINDOW)
     padded = torch.nn.functional.pad(clip, (0, WINDOW - len(clip)))
-    reference = kaldi.fbank(padded[None] * 2**15, num_mel_bins=128, sample_frequency=RATE, frame_length=25, frame_shift=10)
+    reference = kaldi.fbank(padded[None] * 2**15, num_mel_bins=128, sample_frequency=RATE,
+                            frame_length=25, frame_shift=10)
     reference = (reference - 15.41663) / (2 * 6.55582)
     assert reference.shape == (998, 128) and features.shape == (992, 128)
     torch.testing.assert_close(features, reference[:992], rtol=1e-5, atol=1e-4)
@@ -62,7 +63,8 @@ def test_beats_fbank_scales_pads_audio_and_crops_to_patches(clip):
 
 def test_ast_feature_extractor_is_the_documented_kaldi_fbank(clip):
     transformers = pytest.importorskip("transformers")
-    features = transformers.ASTFeatureExtractor()(clip.numpy(), sampling_rate=RATE, return_tensors="pt")["input_values"][0]
+    extractor = transformers.ASTFeatureExtractor()
+    features = extractor(clip.numpy(), sampling_rate=RATE, return_tensors="pt")["input_values"][0]
     reference = kaldi.fbank(clip[None], sample_frequency=RATE, window_type="hanning", num_mel_bins=128)
     reference = torch.nn.functional.pad(reference, (0, 0, 0, 1024 - len(reference)))
     torch.testing.assert_close(features, (reference + 4.2677393) / (2 * 4.5689974), rtol=1e-5, atol=1e-5)
