@@ -1,0 +1,33 @@
+"""Backbone registry: `build_backbone(name, checkpoint=...)` is the one door in.
+
+Each family module enters its builders in BACKBONES with the configuration they document (front-end,
+dim, grid, depth, checkpoint format) next to the model code, as timm's registry does. Heavy optional
+libraries (transformers, timm) are imported only when their backbone is built.
+"""
+
+from __future__ import annotations
+
+from . import crepe, audiomae, eat, beats, ast, timm_vit  # noqa: F401  (they register themselves; default first)
+from .base import BACKBONES, Backbone, Entry
+
+DEFAULT_BACKBONE = "crepe-tiny"
+
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "Entry", "build_backbone"]
+
+
+def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bool = False, **options) -> Backbone:
+    """Build a registered backbone in eval mode with frozen weights.
+
+    name: a BACKBONES key, or "timm:<model_name>" for a timm ViT. checkpoint: a local file (a folder
+    for ast); only crepe-* run without one. allow_pickle: accept checkpoints that need full unpickling
+    (trusted files only). options: the builder's keyword options, e.g. final_norm=True,
+    window_seconds=2.0 (crepe), dim/depth/num_heads for other sizes of a family.
+    """
+    family, _, model_name = name.partition(":")
+    entry = BACKBONES.get(family)
+    if entry is None:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
+    if model_name:
+        options["model_name"] = model_name
+    model = entry.build(name, checkpoint, allow_pickle=allow_pickle, **options)
+    return model.eval().requires_grad_(False)
