@@ -1,0 +1,68 @@
+"""Image ViTs from timm (`timm:<model_name>`: MAE, DINOv2, CLIP, DeiT, ...), weights from a local file only.
+
+Preprocessing is timm's evaluation transform for the model's pretrained configuration (resize,
+centre crop, mean/std); prefix tokens (class, distillation, registers) are kept apart from patches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights, sha256_file
+from .base import Backbone, need_checkpoint, register
+
+
+class TimmViT(Backbone):
+    modality = "image"
+
+    def __init__(self, model, transform, *, final_norm: bool = False, name: str):
+        super().__init__()
+        self.name, self.model, self.transform, self.final_norm = name, model, transform, final_norm
+        self.dim, self.depth, self.num_prefix = model.embed_dim, len(model.blocks), model.num_prefix_tokens
+        self.grid = tuple(model.patch_embed.grid_size)  # (rows, columns) of patches
+        self.norm = model.norm
+
+    def preprocess(self, item):
+        return self.transform(item.convert("RGB")), torch.ones(self.num_tokens, dtype=torch.bool)
+
+    def block_outputs(self, inputs, mask):
+        vit = self.model
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(inputs))))
+        for block in vit.blocks:
+            x = block(x)
+            yield x
+
+
+@register(
+    "timm",
+    help="timm:<model_name>, any timm VisionTransformer (e.g. timm:vit_base_patch16_224.mae); "
+         "checkpoint: a local timm/hub state dict (.pth/.bin/.safetensors)",
+    modality="image",
+)
+def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=False):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not model_name:
+        raise ValueError("name the timm model: timm:<model_name>, e.g. timm:vit_base_patch16_224.mae")
+    path = need_checkpoint(name, checkpoint)
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
+    state = load_checkpoint(path, allow_pickle=allow_pickle)
+    for wrapper in ("model", "state_dict"):  # MAE and DeiT release {'model': ...}, others {'state_dict': ...}
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if "pos_embed" in state:  # timm would resample it silently; a different grid means a different model
+        expect(path, "'pos_embed'", "shape", tuple(model.pos_embed.shape), tuple(state["pos_embed"].shape))
+    state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
+    expect(path, "'blocks.N.*'", "depth", len(model.blocks), count_indexed(state, "blocks."))
+    load_weights(model, state, path)
+    data = resolve_data_config(model=model)
+    backbone = TimmViT(model, create_transform(**data), final_norm=final_norm, name=name)
+    backbone._finish(
+        sha256_file(path), model_name=model_name,
+        data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
+    )
+    return backbone
