@@ -70,6 +70,12 @@ def create(path: Path, spec: StoreSpec):
             raise
 
 
+def _write_all(fd: int, data: memoryview):
+    """os.write may write less than asked (a signal, a full disk): go on until all is written."""
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def open(path: Path, mode: str) -> "ZarrHandle":  # noqa: A001 - the backend's verb
     return ZarrHandle(path, mode)
 
@@ -137,8 +143,8 @@ class ZarrHandle:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, memoryview(payload).cast("B")) if payload.size else None
-            os.write(fd, index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little"))
+            _write_all(fd, memoryview(payload).cast("B"))
+            _write_all(fd, memoryview(index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -174,7 +180,7 @@ class ZarrHandle:
                 file_size = path.stat().st_size
                 if (used[present, 1] != item_bytes).any() or (used[present].sum(axis=1) > file_size).any():
                     raise StoreError(f"{path}: shard index does not match the file (truncated or damaged); run `tokens verify`")
-                shard_offsets[shard] = np.where(present, used[:, 0], -1).astype(np.int64)
+                shard_offsets[shard] = np.where(present, used[:, 0].astype(np.int64), -1)
             return shard_offsets[shard]
 
         paths = [str(self.chunk_file(split, name, shard)) for shard in range(-(-num_items // shard_size))]

@@ -178,15 +178,24 @@ class ShardBuffer:
         self.filled = 0
         self.root = root
 
-    def put(self, row: int, tokens: dict, prefix: dict | None, mask, error: str):
-        for layer, values in tokens.items():
-            self.tokens[layer][row] = values
+    def put_rows(self, first: int, batch: "Forwarded", rows: np.ndarray, host: tuple[dict, dict | None]):
+        """Copy consecutive batch rows into this shard from row `first` on; failed items stay zero."""
+        tokens, prefix = host
+        target = slice(first, first + len(rows))
+        source = slice(rows[0], rows[-1] + 1)
+        failed = [first + i for i, row in enumerate(rows) if batch.errors[row]]
+        for layer in self.tokens:
+            self.tokens[layer][target] = tokens[layer][source]
+            self.tokens[layer][failed] = 0
             if self.prefix is not None:
-                self.prefix[layer][row] = prefix[layer]
+                self.prefix[layer][target] = prefix[layer][source]
+                self.prefix[layer][failed] = 0
         if self.mask is not None:
-            self.mask[row] = mask
-        self.errors[row] = error
-        self.filled += 1
+            self.mask[target] = batch.masks[source] if batch.masks is not None else False
+            self.mask[failed] = False
+        for i, row in enumerate(rows):
+            self.errors[first + i] = batch.errors[row]
+        self.filled += len(rows)
 
     @property
     def full(self) -> bool:
@@ -323,45 +332,44 @@ def extract(
     )
     buffers: dict[tuple[str, int], ShardBuffer] = {}  # made on first use: only shards in flight take memory
     writer = ShardWriter(store)
-    out_dtype = TORCH_DTYPE[dtype]
+    host = HostBuffers(spec, batch_size, pinned=target.type == "cuda")
+
+    def land(batch: "Forwarded"):
+        """Wait for a batch's tokens to reach host memory, then file its rows into shard buffers."""
+        if batch.event is not None:
+            batch.event.synchronize()
+        rows = np.arange(len(batch.positions))
+        for (split, shard), run in _runs(rows, [items[p][:2] for p in batch.positions], spec.shard_size):
+            if (split, shard) not in buffers:
+                buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], work.dataset.root)
+            buffer = buffers[(split, shard)]
+            buffer.put_rows(items[batch.positions[run[0]]][1] - buffer.start, batch, run, host.slot(batch.slot))
+            if buffer.full:
+                writer.put(buffers.pop((split, shard)))
+                summary.shards_written += 1
+                summary.items_written += len(buffer.items)
+        bar.update(len(batch.positions))
+
     bar = tqdm(total=len(items), unit="item", desc=f"extract {spec.backbone}", disable=not progress, smoothing=0.05)
+    pending = None
     try:
-        for positions, inputs, masks, errors in loader:
+        for number, (positions, inputs, masks, errors) in enumerate(loader):
             for position, error in zip(positions.tolist(), errors):
                 if error:
-                    split, index, item = items[position]
+                    item = items[position][2]
                     if strict:
                         raise ExtractionError(f"item {item.id} ({item.path}): {error} (--strict stops at the first bad item)")
                     summary.failed.append((item.id, error))
-            outputs = {}
-            if inputs is not None:
+            batch = Forwarded(positions.tolist(), errors, None if masks is None else masks.numpy(), number % 2)
+            if inputs is not None:  # the forward pass and its copy to the host run while the last batch lands
                 with torch.inference_mode(), autocast:
                     outputs = model(inputs.to(target, non_blocking=True), spec.layers, masks.to(target, non_blocking=True))
-            tokens = {layer: _host(patch, out_dtype) for layer, (patch, _) in outputs.items()}
-            prefix = {layer: _host(pre, out_dtype) for layer, (_, pre) in outputs.items()} if spec.num_prefix else None
-            masks = masks.numpy() if masks is not None else None
-            for row, (position, error) in enumerate(zip(positions.tolist(), errors)):
-                split, index, _ = items[position]
-                shard = index // spec.shard_size
-                if (split, shard) not in buffers:
-                    buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], work.dataset.root)
-                buffer = buffers[(split, shard)]
-                if error or inputs is None:  # a failed item keeps zero tokens and an all-false mask
-                    zeros = {layer: 0 for layer in spec.layers}
-                    buffer.put(index - buffer.start, zeros, zeros if spec.num_prefix else None, False, error)
-                else:
-                    buffer.put(
-                        index - buffer.start,
-                        {layer: t[row] for layer, t in tokens.items()},
-                        {layer: p[row] for layer, p in prefix.items()} if prefix else None,
-                        masks[row] if masks is not None else None,
-                        "",
-                    )
-                if buffer.full:
-                    writer.put(buffers.pop((split, shard)))
-                    summary.shards_written += 1
-                    summary.items_written += len(buffer.items)
-            bar.update(len(positions))
+                batch.event = host.fill(batch.slot, outputs, len(positions))
+            if pending is not None:
+                land(pending)
+            pending = batch
+        if pending is not None:
+            land(pending)
     finally:
         bar.close()
         writer.close()
@@ -370,13 +378,65 @@ def extract(
     return summary
 
 
-def _host(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """Device tensor -> numpy in storage dtype (bfloat16 as its uint16 bits)."""
-    tensor = tensor.to(dtype)
-    if dtype == torch.bfloat16:
-        tensor = tensor.view(torch.uint16) if hasattr(torch, "uint16") else tensor.view(torch.int16)
-    array = tensor.cpu().numpy()
-    return array.view(np.uint16) if dtype == torch.bfloat16 else array
+@dataclass
+class Forwarded:
+    """A batch whose forward pass was launched: where its rows go and which host slot holds its tokens."""
+
+    positions: list[int]
+    errors: list[str]
+    masks: np.ndarray | None
+    slot: int
+    event: torch.cuda.Event | None = None
+
+
+class HostBuffers:
+    """Two sets of (pinned, on GPU runs) host tensors per layer: one fills while the other is read."""
+
+    def __init__(self, spec: StoreSpec, batch_size: int, pinned: bool):
+        dtype = TORCH_DTYPE[spec.dtype]
+
+        def tensor(count):
+            return torch.empty((batch_size, count, spec.dim), dtype=dtype, pin_memory=pinned)
+
+        self.tokens = [{layer: tensor(spec.num_tokens) for layer in spec.layers} for _ in range(2)]
+        self.prefix = [{layer: tensor(spec.num_prefix) for layer in spec.layers} if spec.num_prefix else None for _ in range(2)]
+        self.storage = STORAGE_DTYPE[spec.dtype]
+
+    def fill(self, slot: int, outputs: dict, n: int) -> torch.cuda.Event | None:
+        """Start copying a batch's outputs (cast to the storage dtype on the device) into `slot`."""
+        for layer, (patch, prefix) in outputs.items():
+            dtype = self.tokens[slot][layer].dtype
+            self.tokens[slot][layer][:n].copy_(patch.to(dtype, memory_format=torch.contiguous_format), non_blocking=True)
+            if self.prefix[slot] is not None:
+                self.prefix[slot][layer][:n].copy_(prefix.to(dtype, memory_format=torch.contiguous_format), non_blocking=True)
+        if not torch.cuda.is_available() or next(iter(outputs.values()))[0].device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def slot(self, slot: int) -> tuple[dict, dict | None]:
+        """numpy views of a slot in storage dtype (bfloat16 as its uint16 bits)."""
+        def view(t):
+            return t.view(torch.int16).numpy().view(self.storage) if t.dtype == torch.bfloat16 else t.numpy()
+
+        tokens = {layer: view(t) for layer, t in self.tokens[slot].items()}
+        prefix = {layer: view(t) for layer, t in self.prefix[slot].items()} if self.prefix[slot] is not None else None
+        return tokens, prefix
+
+
+def _runs(rows: np.ndarray, keys: list[tuple[str, int]], shard_size: int):
+    """Consecutive batch rows that land in the same shard: ((split, shard), rows)."""
+    start = 0
+    for row in range(1, len(rows) + 1):
+        if row == len(rows) or _unit(keys[row], shard_size) != _unit(keys[start], shard_size):
+            yield _unit(keys[start], shard_size), rows[start:row]
+            start = row
+
+
+def _unit(key: tuple[str, int], shard_size: int) -> tuple[str, int]:
+    split, index = key
+    return split, index // shard_size
 
 
 def provenance() -> dict:

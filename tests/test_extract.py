@@ -1,0 +1,154 @@
+"""`tokens extract` end to end with the real CREPE weights: stored tokens equal a direct forward pass,
+bad items are recorded, interrupted runs resume to the same store, other configurations are refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from tokens.cache import StoreError, open_store
+from tokens.cli import app
+from tokens.extract.audio import load_window
+from tokens.extract.backbones import build_backbone
+from tokens.extract.run import ExtractionError, extract
+
+SR = 16000
+
+
+def tone(path, seconds, freq=440.0, channels=1, rate=SR):
+    t = np.arange(round(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t)
+    sf.write(path, np.stack([wave] * channels, axis=1) if channels > 1 else wave, rate)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Six short clips over three splits, one recording long enough to be cut into windows."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["path,labels,split"]
+    for i, (freq, labels, split) in enumerate([(220, "low", "train"), (880, "high", "train"), (330, "low;mid", "train"),
+                                               (660, "high;mid", "valid"), (250, "low", "test")]):
+        tone(data / f"c{i}.wav", 1.0, freq, channels=2 if i == 1 else 1, rate=44100 if i == 2 else SR)
+        rows.append(f"c{i}.wav,{labels},{split}")
+    tone(data / "long.wav", 2.5, 500)  # -> windows at 0, 1, 2 s; the last one half padding
+    rows.append("long.wav,mid,train")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return data / "manifest.csv"
+
+
+def run(manifest, store, **kw):
+    kw = {"layers": "all", "batch_size": 3, "num_workers": 0, "progress": False, "shard_size": 2, **kw}
+    return extract(manifest, store, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_stored_tokens_equal_a_direct_forward_pass(dataset, tmp_path, suffix):
+    store_path = tmp_path / f"s{suffix}"
+    summary = run(dataset, store_path, fmt="zarr" if suffix == ".zarr" else "hdf5")
+    assert summary.items_written == 8 and not summary.failed
+    model = build_backbone("crepe-tiny")
+    with open_store(store_path) as store:
+        assert store.task == "multilabel" and store.classes == ["high", "low", "mid"]
+        assert store.layers == [0, 1, 2] and store.meta["grid"] == list(model.grid)
+        train = store.split("train")
+        ids = list(train.column("ids"))
+        assert ids == ["c0.wav", "c1.wav", "c2.wav", "long.wav", "long.wav@1", "long.wav@2"]
+        np.testing.assert_array_equal(train.column("offsets"), [0, 0, 0, 0, 1, 2])
+        np.testing.assert_array_equal(train.column("labels")[2], [0, 1, 1])
+        for index, (name, offset) in enumerate([("c0.wav", 0), ("c1.wav", 0), ("c2.wav", 0), ("long.wav", 0), ("long.wav", 1), ("long.wav", 2)]):
+            wave = load_window(dataset.parent / name, offset, 1.0, SR)
+            inputs, mask = model.preprocess(wave)
+            with torch.inference_mode():
+                expected = model(inputs[None], [0, 1, 2], mask[None])
+            for layer in (0, 1, 2):
+                stored = train.read_tokens(layer, [index])[0]
+                np.testing.assert_array_equal(stored, expected[layer][0][0].to(torch.float16).numpy())
+            np.testing.assert_array_equal(train.read_mask([index])[0], mask.numpy())
+        assert train.read_mask([5])[0].mean() == pytest.approx(0.5, abs=0.05)  # half of the last window is padding
+
+
+def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
+    data = dataset.parent
+    (data / "empty.wav").write_bytes(b"")
+    (data / "text.wav").write_text("this is not audio")
+    sf.write(data / "nan.wav", np.full(SR, np.nan, dtype=np.float32), SR, subtype="FLOAT")
+    with dataset.open("a") as f:
+        f.write("empty.wav,low,train\ntext.wav,low,train\nnan.wav,low,test\n")
+    summary = run(dataset, tmp_path / "s.zarr")
+    assert sorted(item for item, _ in summary.failed) == ["empty.wav", "nan.wav", "text.wav"]
+    with open_store(tmp_path / "s.zarr") as store:
+        train = store.split("train")
+        errors = dict(zip(train.column("ids"), train.column("errors")))
+        assert errors["c0.wav"] == "" and "decode" in errors["text.wav"]
+        bad = list(train.column("ids")).index("text.wav")
+        assert not train.read_tokens(2, [bad]).any() and not train.read_mask([bad]).any()
+        assert "NaN" in store.split("test").column("errors")[1]
+    with pytest.raises(ExtractionError, match="--strict"):
+        run(dataset, tmp_path / "strict.zarr", strict=True)
+
+
+def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_path):
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path)
+    with pytest.raises(StoreError, match="layers"):
+        run(dataset, store_path, layers=[-1])
+    with pytest.raises(StoreError, match="backbone"):
+        run(dataset, store_path, backbone="crepe-full")
+    again = run(dataset, store_path)
+    assert again.items_written == 0 and again.shards_skipped == 5
+
+
+KILLED_RUN = """
+import sys, time
+import tokens.cache.store as store
+original = store.Split.write_shard
+def slow(self, shard, **kw):  # give the test time to kill us between shards
+    original(self, shard, **kw)
+    print("wrote", self.name, shard, flush=True)
+    time.sleep(0.5)
+store.Split.write_shard = slow
+from tokens.extract.run import extract
+extract(sys.argv[1], sys.argv[2], layers="all", batch_size=1, num_workers=0, progress=False, shard_size=2)
+"""
+
+
+def test_a_killed_extraction_resumes_to_the_same_store(dataset, tmp_path):
+    reference = tmp_path / "reference.zarr"
+    run(dataset, reference)
+    store_path = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(dataset), str(store_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("wrote")  # one shard done, more to come
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_store(store_path) as store:
+        assert not all(split.is_complete for split in store.splits.values())
+    resumed = run(dataset, store_path)
+    assert resumed.shards_skipped >= 1
+    with open_store(reference) as a, open_store(store_path) as b:
+        for name, split in a.splits.items():
+            every = np.arange(split.num_items)
+            for layer in split.layers:
+                np.testing.assert_array_equal(split.read_tokens(layer, every), b.split(name).read_tokens(layer, every))
+            for column in ("ids", "labels", "offsets", "errors"):
+                np.testing.assert_array_equal(split.column(column), b.split(name).column(column))
+
+
+def test_cli_dry_run_and_info(dataset, tmp_path):
+    store_path = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "all", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "8 items" in result.output and "101x4" in result.output and not store_path.exists()
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "-q", "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(app, ["info", str(store_path)])
+    assert "crepe-tiny" in info.output and "complete" in info.output
+    bad = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "x"])
+    assert bad.exit_code != 0 and "--layers" in bad.output
