@@ -273,6 +273,7 @@ def test_block_shuffle_depends_only_on_seed_and_epoch():
     (["--heads", "linear,nope"], "--heads"),
     (["--heads", "ep", "--option", "ep.queries=4"], "--option"),
     (["--heads", "ep", "--option", "linear.dropout=0.1"], "--option"),
+    (["--heads", "ep", "--option", "ep.num_queries=5"], "--option"),
     (["--part", "3/2"], "--part"),
     (["--layers", "7"], "--layers"),
     (["--lr", "fast"], "--lr"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import json
 import os
 from pathlib import Path
 
@@ -116,6 +117,15 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tupl
         spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
         spec.get("seeds", sweeps.DEFAULT_SEEDS), {h for h in HEADS if HEADS[h].multi_layer},
     )
+    built = set()
+    for config in configs:  # build each head shape once now, so a bad value fails before training
+        args = recipe.build_args(config, store.meta["dim"], len(store.classes), len(store.layers))
+        if (key := json.dumps(args, sort_keys=True)) not in built:
+            built.add(key)
+            try:
+                build_head(**args)
+            except (TypeError, ValueError) as error:
+                raise SweepError(f"{config.group}: {error}", where) from error
     return configs, spec | {"layers_resolved": resolved}
 
 
@@ -128,7 +138,7 @@ def probe(
     wd: str = typer.Option(None, "--wd", help="Weight decays, e.g. 1e-4,5e-4. Default: 1e-4."),
     layers: str = typer.Option(None, "--layers", help="Cached layers: stored layer numbers, or -1 for the last one. Default: -1."),
     seeds: str = typer.Option(None, "--seeds", help="Head seeds (init and dropout), e.g. 0,1,2. Default: 0."),
-    sweep: Path = typer.Option(None, "--sweep", help="A TOML sweep file instead of --heads/--option (format: tokens.train.sweep)."),
+    sweep: Path = typer.Option(None, "--sweep", help="A TOML sweep file instead of --heads/--option (format below)."),
     part: str = typer.Option(None, "--part", help="Train part I of N of the configurations (I/N); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun RANK/WORLD_SIZE. Parts write to RUN/part-I-of-N/."),
     epochs: int = typer.Option(30, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
@@ -145,7 +155,14 @@ def probe(
     Example: tokens probe S.zarr --heads linear,ep,protobin --lr 1e-3,3e-3 --seeds 0,1,2
     --option ep.num_queries=16,32 --out runs/s1
 
-    An interrupted run resumes from RUN/checkpoint.pt when started again with the same arguments.
+    Sweep file (--sweep sweep.toml): top-level lists lr, wd, layers, seeds, and one [heads.NAME]
+    table per head whose keys are its options (a list is swept, a scalar fixed) and, optionally,
+    its own lr and wd; e.g. `lr = [1e-3, 3e-3]`, `[heads.linear]`, `[heads.ep]`,
+    `num_queries = [16, 32]`, `[heads.protobin]`, `lr = [2e-2]`.
+
+    Results: RUN/leaderboard.csv, RUN/heads/*.json, RUN/best/HEAD.pt, RUN/*.png. An interrupted
+    run resumes from RUN/checkpoint.pt when started again with the same arguments. Parts of a
+    sweep (--part) are merged with `tokens report RUN`.
     """
     if data not in MODES:
         raise typer.BadParameter(f"{data!r}: use {', '.join(MODES)}", param_hint="--data")

@@ -53,11 +53,17 @@ class Probe:
     curve: list = field(default_factory=list)  # validation metric per epoch
 
 
-def build_probe(config: Config, dim: int, num_classes: int, num_layers: int, device: torch.device) -> Probe:
-    """The head and its optimizer, initialised from the config's own seed only."""
+def build_args(config: Config, dim: int, num_classes: int, num_layers: int) -> dict:
+    """`build_head` arguments of a configuration; multi-layer heads read every cached layer."""
     build = dict(name=config.head, dim=dim, num_classes=num_classes, **config.options)
     if HEADS[config.head].multi_layer:
         build.setdefault("num_layers", num_layers)
+    return build
+
+
+def build_probe(config: Config, dim: int, num_classes: int, num_layers: int, device: torch.device) -> Probe:
+    """The head and its optimizer, initialised from the config's own seed only."""
+    build = build_args(config, dim, num_classes, num_layers)
     torch.manual_seed(config.seed)
     head = build_head(**build).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.wd)
