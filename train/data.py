@@ -32,7 +32,6 @@ class Batch:
     cls: dict[int, torch.Tensor]  # layer -> (B, D); empty when the store has no class token or none is needed
     mask: torch.Tensor | None  # (B, N) bool, True = valid
     labels: torch.Tensor  # (B, C) float multilabel, (B,) int64 multiclass
-    index: np.ndarray  # item indices in the split
     _stacked: tuple | None = None
 
     def all_layers(self) -> tuple:
@@ -87,14 +86,19 @@ def choose_mode(mode: str, needed: int, device: torch.device) -> tuple[str, str]
     return "stream", f"data: stream from disk ({gib:.2f} GiB of tokens, {free / 2**30:.1f} GiB memory available)"
 
 
-def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+def _tokens(split: Split, layer: int, index) -> torch.Tensor:
+    """Tokens (B, N, D) as a storage-dtype tensor (bfloat16 from its stored bit pattern)."""
+    return _as_tensor(split.read_tokens(layer, index), split.dtype)
+
+
+def _cls(split: Split, layer: int, index) -> torch.Tensor:
+    """The class token (B, D): the first prefix token."""
+    return _as_tensor(split.read_prefix(layer, index)[:, 0], split.dtype)
+
+
+def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def _read_cls(split: Split, layer: int, index) -> np.ndarray:
-    """The class token: the first prefix token."""
-    return split.read_prefix(layer, index)[:, 0]
 
 
 class Source:
@@ -110,55 +114,53 @@ class Source:
             self.arrays = self._load_all()
 
     def _load_all(self) -> dict:
-        """Every needed array of the split, read shard by shard; on the GPU in storage dtype.
+        """Every needed array of the split in storage dtype, in RAM or on the GPU, filled shard by
+        shard (so loading onto the GPU never holds the whole split in RAM).
 
         Unwritten shards stay zero: their items are never used (see `usable_items`).
         """
-        split = self.split
-        readers = {("tokens", layer): functools.partial(split.read_tokens, layer) for layer in self.layers}
-        if self.with_cls:
-            readers.update({("cls", layer): functools.partial(_read_cls, split, layer) for layer in self.layers})
-        if split.masked:
-            readers["mask"] = split.read_mask
+        readers = self._readers()
+        target = self.device if self.mode == "gpu" else torch.device("cpu")
         arrays = {}
-        for shard in np.flatnonzero(split.complete_mask()):
-            index = np.arange(*split.shard_range(shard))
+        for shard in np.flatnonzero(self.split.complete_mask()):
+            start, stop = self.split.shard_range(shard)
             for key, read in readers.items():
-                rows = read(index)
+                rows = read(np.arange(start, stop))
                 if key not in arrays:
-                    arrays[key] = np.zeros((split.num_items, *rows.shape[1:]), rows.dtype)
-                arrays[key][index] = rows
-        tensors = {key: _tensor(a, split.dtype) if key != "mask" else torch.from_numpy(a) for key, a in arrays.items()}
-        if self.mode == "gpu":
-            tensors = {key: t.to(self.device) for key, t in tensors.items()}
-            self.labels = self.labels.to(self.device)
-        return tensors
+                    arrays[key] = torch.zeros((self.split.num_items, *rows.shape[1:]), dtype=rows.dtype, device=target)
+                arrays[key][start:stop] = rows
+        self.labels = self.labels.to(target)
+        return arrays
+
+    def _readers(self) -> dict:
+        """key -> function of item indices giving a storage-dtype tensor."""
+        split = self.split
+        readers = {("tokens", layer): functools.partial(_tokens, split, layer) for layer in self.layers}
+        if self.with_cls:
+            readers.update({("cls", layer): functools.partial(_cls, split, layer) for layer in self.layers})
+        if split.masked:
+            readers["mask"] = lambda index: torch.from_numpy(split.read_mask(index))
+        return readers
 
     def read(self, index: np.ndarray) -> dict:
         """Storage-dtype tensors of items `index` (pinned when they will go to a GPU)."""
+        rows = torch.from_numpy(index).to(self.labels.device)
         if self.arrays is not None:
-            rows = torch.from_numpy(index).to(self.device if self.mode == "gpu" else "cpu")
             raw = {key: t[rows] for key, t in self.arrays.items()}
         else:
-            split = self.split
-            raw = {("tokens", layer): _tensor(split.read_tokens(layer, index), split.dtype) for layer in self.layers}
-            if self.with_cls:
-                raw.update({("cls", layer): _tensor(_read_cls(split, layer, index), split.dtype) for layer in self.layers})
-            if split.masked:
-                raw["mask"] = torch.from_numpy(split.read_mask(index))
-        raw["labels"] = self.labels[torch.from_numpy(index).to(self.labels.device)]
+            raw = {key: read(index) for key, read in self._readers().items()}
+        raw["labels"] = self.labels[rows]
         if self.device.type == "cuda" and self.mode != "gpu":
             raw = {key: t.pin_memory() for key, t in raw.items()}
         return raw
 
-    def to_batch(self, raw: dict, index: np.ndarray) -> Batch:
+    def to_batch(self, raw: dict) -> Batch:
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         return Batch(
             tokens={layer: move(raw["tokens", layer]).float() for layer in self.layers},
             cls={layer: move(raw["cls", layer]).float() for layer in self.layers} if self.with_cls else {},
             mask=move(raw["mask"]) if "mask" in raw else None,
             labels=move(raw["labels"]),
-            index=index,
         )
 
     def batches(self, order: np.ndarray, batch_size: int, drop_last: bool = False):
@@ -170,11 +172,11 @@ class Source:
             return
         with ThreadPoolExecutor(1) as reader:
             pending = reader.submit(self.read, chunks[0])
-            for i, index in enumerate(chunks):
+            for i in range(len(chunks)):
                 raw = pending.result()
                 if i + 1 < len(chunks):
                     pending = reader.submit(self.read, chunks[i + 1])
-                yield self.to_batch(raw, index)
+                yield self.to_batch(raw)
 
 
 def epoch_order(items: np.ndarray, shard_size: int, seed: int, epoch: int) -> np.ndarray:

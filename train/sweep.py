@@ -79,10 +79,6 @@ class Config:
         head = f"{self.head}[{options}]" if options else self.head
         return f"{head}/lr={_fmt(self.lr)}/wd={_fmt(self.wd)}/layer={self.layer}"
 
-    @property
-    def filename(self) -> str:
-        return sanitise(self.id)
-
     def record(self) -> dict:
         return {"id": self.id, "head": self.head, "options": self.options, "lr": self.lr,
                 "wd": self.wd, "layer": self.layer, "seed": self.seed}
