@@ -254,12 +254,12 @@ def test_a_sweep_file_expands_like_the_command_line(store, tmp_path):
     assert [c.id for c in sweeps.take_part(configs, 1, 3)] == [c.id for c in configs[0::3]]
 
 
-def test_part_comes_from_the_job_array(monkeypatch):
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+def test_part_comes_from_the_job_array(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
-    assert sweeps.parse_part(None) == (4, 4)
-    assert sweeps.parse_part("2/5") == (2, 5)
+    ok("probe", store, "--heads", "mean", "--seeds", "0,1", "--epochs", "1", "--device", "cpu", "--out", tmp_path)
+    assert [r["seed"] for r in read_csv(tmp_path / "part-2-of-2" / "leaderboard.csv")] == ["1"]
 
 
 def test_block_shuffle_depends_only_on_seed_and_epoch():

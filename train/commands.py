@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import inspect
 import json
-import os
 from pathlib import Path
 
 import torch
 import typer
 
 from tokens.cache.store import StoreError, TokenStore, open_store
+from tokens.cluster import local_device_index, resolve_part
 from tokens.train import probe as recipe
 from tokens.train import sweep as sweeps
 from tokens.train.data import MODES, Source, usable_items
@@ -38,7 +38,7 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise typer.BadParameter("no CUDA device is visible here; use --device cpu", param_hint="--device")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_device_index() or 0)
     return torch.device("cpu")
 
 
@@ -176,7 +176,10 @@ def probe(
         if loss is not None and loss not in LOSSES[opened.task]:
             raise SweepError(f"{loss!r} does not fit this {opened.task} store; use {', '.join(LOSSES[opened.task])}", "--loss")
         configs, spec = build_sweep(opened, heads, option, lr, wd, layers, seeds, sweep)
-        index, count = sweeps.parse_part(part)
+        try:
+            index, count = resolve_part(part)
+        except ValueError as error:
+            raise SweepError(str(error), "--part") from error
         mine = sweeps.take_part(configs, index, count)
         if not mine:
             raise SweepError(f"part {index}/{count} has no configurations: the sweep has {len(configs)}", "--part")

@@ -27,13 +27,13 @@ Or from a TOML file (`--sweep sweep.toml`); lists are swept, scalars are fixed::
 Without any lr, each head gets its default (`DEFAULT_LR`: prototype heads learn with larger
 rates, as in the protobin paper). Multi-layer heads (`cgp`) read every cached layer, so the
 layer axis does not multiply them. Expansion order is fixed, so `--part I/N` (every N-th
-configuration starting at the I-th) splits a sweep the same way in every job of an array.
+configuration starting at the I-th; see `tokens.cluster`) splits a sweep the same way in every
+job of an array.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -174,22 +174,6 @@ def expand(
                     seen.add(config.id)
                     configs.append(config)
     return configs
-
-
-def parse_part(text: str | None) -> tuple[int, int]:
-    """`I/N` (1-based) from --part, else from a SLURM job array or torchrun, else 1/1."""
-    if text is None:
-        env = os.environ
-        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            return int(env["SLURM_ARRAY_TASK_ID"]) - first + 1, int(env["SLURM_ARRAY_TASK_COUNT"])
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return int(env["RANK"]) + 1, int(env["WORLD_SIZE"])
-        return 1, 1
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise SweepError(f"--part {text!r}: write I/N with 1 <= I <= N, e.g. 2/8", "--part")
-    return int(match[1]), int(match[2])
 
 
 def take_part(configs: list[Config], index: int, count: int) -> list[Config]:
