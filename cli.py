@@ -9,6 +9,7 @@ import typer
 from tokens.cache import commands as cache_commands
 from tokens.cluster import sbatch_script
 from tokens.extract import commands as extract_commands
+from tokens.train import commands as train_commands
 
 app = typer.Typer(
     help=(
@@ -24,6 +25,9 @@ app = typer.Typer(
 app.command()(cache_commands.info)
 app.command()(cache_commands.verify)
 app.command()(extract_commands.extract)
+app.command()(train_commands.probe)
+app.command()(train_commands.report)
+app.command()(train_commands.predict)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
