@@ -16,7 +16,7 @@ from torch import nn
 from tokens.extract.backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
 from tokens.extract.backbones.ast import ast_grid
 from tokens.extract.backbones.audiomae import AudioMAE
-from tokens.extract.backbones.beats import BEATs, relative_position_bucket
+from tokens.extract.backbones.beats import BEATs, conv1d_fft, relative_position_bucket
 from tokens.extract.backbones.eat import EAT
 from tokens.extract.checkpoints import CheckpointError
 
@@ -430,6 +430,14 @@ def test_beats_with_its_padding_mask_sees_only_the_clip(tmp_path):
         unmasked = backbone(inputs, [1])[1][0]
     torch.testing.assert_close(masked[:, :valid], alone, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(unmasked[:, :valid], alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("taps", [16, 15])
+def test_the_fft_positional_conv_used_on_gpus_is_the_grouped_conv(taps):
+    conv = nn.Conv1d(64, 64, taps, padding=taps // 2, groups=4)
+    x = torch.randn(3, 64, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(conv1d_fft(x, conv), conv(x), rtol=1e-4, atol=1e-5)
 
 
 # --- AST through transformers ------------------------------------------------------------------------

@@ -43,6 +43,26 @@ def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_dista
     return buckets + torch.where(distance < exact, distance, log_bucket)
 
 
+def positional_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """The grouped positional conv: on a GPU through the FFT, where cuDNN's grouped kernels take ~10x
+    longer for BEATs' 128 taps (26 vs 2.4 ms for 64 clips on an H200; 60% of the forward pass).
+    On a CPU the direct conv is the faster one."""
+    return conv1d_fft(x, conv) if x.is_cuda else conv(x)
+
+
+def conv1d_fft(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """conv(x) for a grouped nn.Conv1d with padding taps // 2, as a float32 FFT convolution."""
+    batch, _, length = x.shape
+    out_channels, per_group, taps = conv.weight.shape
+    pad, groups = taps // 2, conv.groups
+    size = length + 2 * pad + taps - 1  # the full linear convolution: no wrap-around
+    signal = torch.fft.rfft(F.pad(x.float(), (pad, pad)).view(batch, groups, per_group, -1), n=size)
+    kernel = conv.weight.float().flip(-1).view(groups, out_channels // groups, per_group, taps)
+    y = torch.fft.irfft(torch.einsum("bgif,goif->bgof", signal, torch.fft.rfft(kernel, n=size)), n=size)
+    y = y[..., taps - 1 : length + 2 * pad]  # where the kernel lies inside the padded input, as in conv(x)
+    return (y.reshape(batch, out_channels, -1) + conv.bias.float()[:, None]).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention plus the relative position bias, gated per query when gru_rel_pos."""
 
@@ -59,12 +79,14 @@ class SelfAttention(nn.Module):
         batch, length, dim = x.shape
         q, k, v = (proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if bias is not None:
+            bias = bias.to(q.dtype)  # the (batch, heads, L, L) tensors below are the memory traffic
         if bias is not None and self.gated:  # the gate reads each head's query (before scaling)
             gates = self.grep_linear(q).view(batch, self.num_heads, length, 2, 4).sum(-1)
             gate_a, gate_b = torch.sigmoid(gates).chunk(2, dim=-1)
             bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias
         if key_padding is not None:
-            hide = x.new_zeros(batch, 1, 1, length).masked_fill(key_padding[:, None, None, :], float("-inf"))
+            hide = q.new_zeros(batch, 1, 1, length).masked_fill(key_padding[:, None, None, :], float("-inf"))
             bias = hide if bias is None else bias + hide
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out_proj(x.transpose(1, 2).reshape(batch, length, dim))
@@ -115,7 +137,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None):
         if key_padding is not None:
             x = x.masked_fill(key_padding[..., None], 0.0)
-        conv = self.pos_conv(x.transpose(1, 2))
+        conv = positional_conv(x.transpose(1, 2), self.pos_conv)
         if self.cfg["conv_pos"] % 2 == 0:
             conv = conv[..., :-1]  # "same" length for an even kernel
         x = self.layer_norm(x + F.gelu(conv).transpose(1, 2))
