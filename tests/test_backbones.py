@@ -71,6 +71,10 @@ def test_registry_lists_every_family_and_the_default_is_offline():
         build_backbone("nope")
     with pytest.raises(ValueError, match="audiomae needs a checkpoint"):
         build_backbone("audiomae")
+    with pytest.raises(ValueError, match="crepe-tiny takes the options window_seconds, final_norm; not window"):
+        build_backbone("crepe-tiny", window=2.0)
+    with pytest.raises(ValueError, match="audiomae takes the options .*; not model_name"):
+        build_backbone("audiomae:vit_base", "audiomae.pth")
 
 
 @pytest.mark.parametrize("name, make, grid", [

@@ -7,6 +7,8 @@ libraries (transformers, timm) are imported only when their backbone is built.
 
 from __future__ import annotations
 
+import inspect
+
 from . import crepe, audiomae, eat, beats, ast, timm_vit  # noqa: F401  (they register themselves; default first)
 from .base import BACKBONES, Backbone, Entry
 
@@ -29,5 +31,10 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
     if model_name:
         options["model_name"] = model_name
+    accepted = [p.name for p in inspect.signature(entry.build).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.name != "allow_pickle"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{family} takes the options {', '.join(accepted)}; not {', '.join(unknown)}")
     model = entry.build(name, checkpoint, allow_pickle=allow_pickle, **options)
     return model.eval().requires_grad_(False)

@@ -31,14 +31,15 @@ class EAT(Backbone):
     modality = "audio"
     sample_rate = 16000
     window_seconds = 10.0
+    num_prefix = 1  # the class token, fairseq's one "extra token"
     frontend = EAT_FBANK
 
-    def __init__(self, dim: int = 768, depth: int = 12, num_heads: int = 12, *, num_prefix: int = 1, name: str = "eat"):
+    def __init__(self, dim: int = 768, depth: int = 12, num_heads: int = 12, *, name: str = "eat"):
         super().__init__()
-        self.name, self.dim, self.depth, self.num_prefix = name, dim, depth, num_prefix
+        self.name, self.dim, self.depth = name, dim, depth
         self.grid = (self.frontend.target_frames // PATCH, self.frontend.num_mel_bins // PATCH)
         self.local_encoder = PatchEmbed(dim, PATCH)
-        self.extra_tokens = nn.Parameter(torch.zeros(1, num_prefix, dim))
+        self.extra_tokens = nn.Parameter(torch.zeros(1, self.num_prefix, dim))
         self.positions = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         self.input_norm = nn.LayerNorm(dim, eps=1e-6)
         self.blocks = nn.ModuleList(Block(dim, num_heads, post_norm=True) for _ in range(depth))
@@ -83,7 +84,7 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=
         expect(path, f"'{ENCODER}local_encoder.proj.weight'", "embedding size", dim,
                state["local_encoder.proj.weight"].shape[0])
     if "extra_tokens" in state:
-        expect(path, f"'{ENCODER}extra_tokens'", "class tokens", 1, state["extra_tokens"].shape[1])
+        expect(path, f"'{ENCODER}extra_tokens'", "class tokens", EAT.num_prefix, state["extra_tokens"].shape[1])
     load_weights(model, state, path)
     model.final_norm = final_norm
     model._finish(sha256_file(path), num_heads=num_heads, patch=PATCH, frontend=model.frontend.as_dict())
