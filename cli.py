@@ -8,6 +8,7 @@ import typer
 
 from tokens.cache import commands as cache_commands
 from tokens.cluster import sbatch_script
+from tokens.demo import demo
 from tokens.extract import commands as extract_commands
 from tokens.train import commands as train_commands
 
@@ -28,6 +29,8 @@ app.command()(extract_commands.extract)
 app.command()(train_commands.probe)
 app.command()(train_commands.report)
 app.command()(train_commands.predict)
+app.command()(extract_commands.backbones)
+app.command()(demo)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

