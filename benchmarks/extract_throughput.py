@@ -100,29 +100,38 @@ def main():
     checkpoint = args.dir / "audiomae-random.pth"
     torch.save({"model": model.state_dict()}, checkpoint)
 
-    disk = disk_bound(args.dir)
+    disk = disk_bound(args.dir)  # measured again at the end: the bound takes the faster of the two
     tokens_per_item = model.num_tokens + model.num_prefix
-    figures = {"gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(), "disk_write_gb_per_s": round(disk / 1e9, 3)}
+    figures = {"gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count()}
+    runs = []
     for name, layers, clips in (("1 layer", [-1], args.clips), ("12 layers", "all", args.clips_all_layers)):
         count = 1 if layers != "all" else model.depth
         item_bytes = count * tokens_per_item * model.dim * 2 + model.num_tokens  # float16 tokens + mask
         encoder = encoder_bound(model, args.batch_size, list(range(model.depth)) if layers == "all" else layers)
-        disk_items = disk / item_bytes
         manifest = write_clips(args.dir, 256, clips)
         store = args.dir / f"store-{count}.zarr"
         summary = extract(manifest, store, backbone="audiomae", checkpoint=str(checkpoint), layers=layers,
                           batch_size=args.batch_size, num_workers=args.num_workers, progress=False, log=lambda *_: None)
+        shutil.rmtree(store)
+        runs.append((name, clips, item_bytes, encoder, summary))
+    disk = max(disk, disk_bound(args.dir))
+    figures["disk_write_gb_per_s"] = round(disk / 1e9, 3)
+    for name, clips, item_bytes, encoder, summary in runs:
+        disk_items = disk / item_bytes
         end_to_end = clips / summary.seconds
+        streaming = clips / summary.streaming_seconds
         bound = min(encoder, disk_items)
         figures[name] = {
             "clips": clips, "item_mib": round(item_bytes / 2**20, 3),
             "encoder_only_clips_per_s": round(encoder, 1), "disk_clips_per_s": round(disk_items, 1),
             "bound_clips_per_s": round(bound, 1), "end_to_end_clips_per_s": round(end_to_end, 1),
             "ratio_to_bound": round(end_to_end / bound, 3), "failed": len(summary.failed),
+            "streaming_clips_per_s": round(streaming, 1), "streaming_ratio_to_bound": round(streaming / bound, 3),
+            "startup_seconds": round(summary.seconds - summary.streaming_seconds, 2),
         }
         print(f"{name}: end-to-end {end_to_end:.0f} clips/s; encoder alone {encoder:.0f}, disk {disk_items:.0f} "
-              f"({disk / 1e9:.2f} GB/s at {item_bytes / 2**20:.2f} MiB/item) -> ratio {end_to_end / bound:.2f}", flush=True)
-        shutil.rmtree(store)
+              f"({disk / 1e9:.2f} GB/s at {item_bytes / 2**20:.2f} MiB/item) -> ratio {end_to_end / bound:.2f} "
+              f"(streaming {streaming:.0f} clips/s, ratio {streaming / bound:.2f}; start-up {summary.seconds - summary.streaming_seconds:.1f} s)", flush=True)
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -43,7 +43,8 @@ class Summary:
     shards_written: int = 0
     shards_skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (item id, reason)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, planning and start-up included
+    streaming_seconds: float = 0.0  # from the first batch out of the loader to the last shard written
 
 
 @dataclass
@@ -354,6 +355,8 @@ def extract(
     pending = None
     try:
         for number, (positions, inputs, masks, errors) in enumerate(loader):
+            if number == 0:
+                first_batch = time.time()
             for position, error in zip(positions.tolist(), errors):
                 if error:
                     item = items[position][2]
@@ -375,6 +378,7 @@ def extract(
         writer.close()
         store.close()
     summary.seconds = time.time() - started
+    summary.streaming_seconds = time.time() - first_batch
     return summary
 
 
