@@ -66,10 +66,13 @@ def sbatch_script(
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     command = [python, "-m", "tokens"] if python else ["tokens"]
+    # The part count is written out rather than read from SLURM_ARRAY_TASK_COUNT: resubmitting one
+    # task (`sbatch --array=2 SCRIPT`) gives it a count of 1, and it would then do the whole job.
+    part = {"extract": "--shard", "probe": "--part"}[verb]
     lines += [
         "set -euo pipefail",
-        "# Each task takes part $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT; finished work is skipped on resubmission.",
-        shlex.join(command + [verb] + list(args)),
+        f"# Task I does part I of {array}. Resubmit all tasks, or some (sbatch --array=2,5 SCRIPT): finished work is skipped.",
+        shlex.join(command + [verb] + list(args)) + f' {part} "$SLURM_ARRAY_TASK_ID/{array}"',
         "",
     ]
     return "\n".join(lines)
