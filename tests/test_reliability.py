@@ -1,0 +1,328 @@
+"""Fault injection: what a long extraction or sweep meets in real life, and what it must do then.
+
+Protected here, one parametrized case per fault so the counts mean something:
+- interruption: an extraction or a probe sweep SIGKILLed anywhere resumes to exactly the result of
+  an uninterrupted run (no missing or duplicated items, `tokens verify` passes);
+- bad input: every bad audio file or image is either extracted correctly or recorded as failed
+  with its reason, and the run finishes;
+- bad manifests: refused with the rows named, before any work, without creating or touching a store;
+- damaged or mismatched stores: damage is named by `tokens verify`, sound shards stay readable, a
+  store of another configuration is refused naming the field, a full disk or a read-only store
+  gives a clear error and keeps what was complete;
+- untrusted files: a checkpoint that would run code when unpickled is refused, and the code never runs.
+
+Everything runs on the CPU with the real crepe-tiny weights (and a tiny random-weight timm ViT for
+images). Interrupted runs are separate processes killed with SIGKILL at a chosen call of a hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from tokens.cache import StoreError, open_store
+from tokens.cache.verify import verify
+from tokens.cli import app
+from tokens.extract.audio import load_window
+from tokens.extract.backbones import build_backbone
+from tokens.extract.run import extract
+
+SR = 16000
+LAYERS = [0, 1, 2]  # crepe-tiny's three cached blocks
+COLUMNS = ("labels", "ids", "sources", "offsets", "durations", "errors")
+WINDOW = 0.25  # seconds per crepe window in the interruption tests: 26 frames an item keeps them quick
+FAST = dict(layers="all", batch_size=3, num_workers=0, progress=False, shard_size=2, log=lambda *a: None)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def tone(path: Path, seconds: float, freq: float = 440.0, rate: int = SR, channels: int = 1, **write) -> Path:
+    """A sine tone (the same one on every channel)."""
+    t = np.arange(round(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.stack([wave] * channels, axis=1) if channels > 1 else wave, rate, **write)
+    return path
+
+
+def manifest(root: Path, rows: list[str], header: str = "path,labels,split", name: str = "manifest.csv") -> Path:
+    path = root / name
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def run_extract(dataset, store, **options):
+    """extract() with small shards and batches that straddle them, no workers, no output."""
+    return extract(dataset, store, **{**FAST, **options})
+
+
+def cli(*args):
+    """`tokens ARGS` in this process; output holds stdout and stderr."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def spawn(script: str, *args, **popen) -> subprocess.Popen:
+    """A fresh Python process running `script` with `args` (what we can SIGKILL)."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], **popen)
+
+
+def snapshot(path: Path) -> dict:
+    """Every file under `path` (or the file itself) with its bytes' hash: to prove nothing changed."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def assert_same_store(reference: Path, path: Path):
+    """Item for item the same: tokens of every layer, mask, labels, ids, sources, errors; all complete,
+    no id missing or twice."""
+    with open_store(reference) as a, open_store(path) as b:
+        assert a.meta["cache_key"] == b.meta["cache_key"]
+        assert set(a.splits) == set(b.splits)
+        for name, expected in a.splits.items():
+            got = b.split(name)
+            assert got.num_items == expected.num_items and got.is_complete and expected.is_complete
+            ids = list(got.column("ids"))
+            assert len(set(ids)) == len(ids) == expected.num_items
+            every = np.arange(expected.num_items)
+            for layer in expected.layers:
+                np.testing.assert_array_equal(got.read_tokens(layer, every), expected.read_tokens(layer, every))
+            np.testing.assert_array_equal(got.read_mask(every), expected.read_mask(every))
+            for column in COLUMNS:
+                np.testing.assert_array_equal(got.column(column), expected.column(column))
+
+
+def assert_verify_passes(path: Path):
+    result = cli("verify", path)
+    assert result.exit_code == 0 and "sound" in result.output, result.output
+
+
+def direct_tokens(model, wave) -> tuple[dict, np.ndarray]:
+    """What the store must hold for one item: a forward pass of this item alone, in float16."""
+    inputs, mask = model.preprocess(wave)
+    with torch.inference_mode():
+        out = model(inputs[None], LAYERS if model.modality == "audio" else [-1], mask[None])
+    return {layer: patch[0].to(torch.float16).numpy() for layer, (patch, _) in out.items()}, mask.numpy()
+
+
+def item_row(store, item_id: str) -> tuple[str, int]:
+    """(split, index) of an item id."""
+    for name, split in store.splits.items():
+        ids = list(split.column("ids"))
+        if item_id in ids:
+            return name, ids.index(item_id)
+    raise AssertionError(f"{item_id} is not in the store")
+
+
+# --- interruption: extraction ------------------------------------------------------------------------
+
+
+def make_clips(root: Path) -> Path:
+    """Fifteen items over three splits (eight shards of two), a recording cut into four windows, and
+    one item that fails to decode, so that resume has errors to carry too."""
+    rows = []
+    for i in range(10):
+        split = "train" if i < 6 else ("valid" if i < 8 else "test")
+        tone(root / f"c{i}.wav", WINDOW, 200 + 60 * i, rate=(SR, 22050, 44100)[i % 3], channels=1 + i % 2)
+        rows.append(f"c{i}.wav,{('low', 'mid', 'high;mid')[i % 3]},{split}")
+    tone(root / "long.wav", 3.5 * WINDOW, 500)
+    rows.append("long.wav,mid,train")
+    (root / "text.wav").write_text("this is not audio")
+    rows.append("text.wav,low,train")
+    return manifest(root, rows)
+
+
+# Kill points: the hook, and the call of it at which the process SIGKILLs itself.
+#   decode:  before decoding an item (DataLoader side)
+#   forward: before a batch's forward pass
+#   write:   half way through writing a shard file's bytes (a torn temporary file is left)
+#   commit:  after all of a shard's arrays are written, before it is marked complete
+KILLED_EXTRACTION = """
+    import os, signal, sys
+    dataset, store, hook, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    import tokens.extract.run as run
+    import tokens.cache.zarr_backend as zarr_backend
+    from tokens.extract.backbones.base import Backbone
+    calls = 0
+
+    def die_at_n():
+        global calls
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if hook == "decode":
+        load_window = run.load_window
+        def decode(*a, **kw):
+            die_at_n()
+            return load_window(*a, **kw)
+        run.load_window = decode
+    elif hook == "forward":
+        forward = Backbone.forward
+        def forward_hook(self, *a, **kw):
+            die_at_n()
+            return forward(self, *a, **kw)
+        Backbone.forward = forward_hook
+    elif hook == "write":
+        write_all = zarr_backend._write_all
+        def torn(fd, data):
+            global calls
+            calls += 1
+            if calls == n:
+                write_all(fd, data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            write_all(fd, data)
+        zarr_backend._write_all = torn
+    elif hook == "commit":
+        write_shard = zarr_backend.ZarrHandle.write_shard
+        def commit(self, split, shard, start, arrays):
+            global calls
+            calls += 1
+            if calls == n:
+                array = self.array
+                self.array = lambda s, name: os.kill(os.getpid(), signal.SIGKILL) if name == "complete" else array(s, name)
+            write_shard(self, split, shard, start, arrays)
+        zarr_backend.ZarrHandle.write_shard = commit
+    run.extract(dataset, store, layers="all", batch_size=3, num_workers=0, progress=False, shard_size=2,
+                backbone_options={"window_seconds": float(sys.argv[5])}, log=lambda *a: None)
+    print("finished without being killed", flush=True)
+"""
+HOOK_COUNTS = {"decode": 15, "forward": 5, "write": 2 * 3 * 8, "commit": 8}  # calls in a whole run of make_clips
+
+
+def kill_points(seed: int = 20240611) -> list[tuple[str, int]]:
+    """Ten distinct seeded random kill points spread over decode, forward and write."""
+    rng = random.Random(seed)
+    share = {"decode": 3, "forward": 3, "write": 2, "commit": 2}
+    return [(hook, n) for hook, k in share.items() for n in sorted(rng.sample(range(1, HOOK_COUNTS[hook] + 1), k))]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """The make_clips dataset and its uninterrupted store; checks HOOK_COUNTS against that run."""
+    root = tmp_path_factory.mktemp("clips")
+    dataset = make_clips(root)
+    reference = root / "reference.zarr"
+    seen = {"decode": 0, "forward": 0}
+    import tokens.extract.run as run_module
+    from tokens.extract.backbones.base import Backbone
+
+    original_load, original_forward = run_module.load_window, Backbone.forward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "load_window", lambda *a: seen.update(decode=seen["decode"] + 1) or original_load(*a))
+        patch.setattr(Backbone, "forward", lambda self, *a: seen.update(forward=seen["forward"] + 1) or original_forward(self, *a))
+        summary = run_extract(dataset, reference, backbone_options={"window_seconds": WINDOW})
+    assert summary.items_written == 15 and summary.shards_written == 8 and [i for i, _ in summary.failed] == ["text.wav"]
+    assert seen == {"decode": HOOK_COUNTS["decode"], "forward": HOOK_COUNTS["forward"]}
+    return dataset, reference
+
+
+@pytest.mark.parametrize("hook,n", kill_points(), ids=[f"{h}-{n}" for h, n in kill_points()])
+def test_killed_extraction_resumes_to_the_uninterrupted_store(clips, tmp_path, hook, n):
+    """SIGKILL at any point (decoding, forward pass, half-written shard file, before the complete
+    flag) loses at most the shards in flight; rerunning finishes a store equal to an uninterrupted one."""
+    dataset, reference = clips
+    store = tmp_path / "killed.zarr"
+    proc = spawn(KILLED_EXTRACTION, dataset, store, hook, n, WINDOW, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out
+    with open_store(store) as opened:
+        assert not all(split.is_complete for split in opened.splits.values())
+    resumed = run_extract(dataset, store, backbone_options={"window_seconds": WINDOW})
+    assert resumed.shards_written + resumed.shards_skipped == 8 and resumed.shards_written >= 1  # nothing done twice
+    assert_same_store(reference, store)
+    assert_verify_passes(store)
+
+
+# --- interruption: probe sweep -----------------------------------------------------------------------
+
+SWEEP = ["--heads", "linear,ep", "--option", "ep.num_queries=4", "--seeds", "0,1", "--epochs", "4",
+         "--batch-size", "16", "--warmup-epochs", "1", "--device", "cpu", "--data", "stream", "--num-threads", "1"]
+METRICS = ("best_epoch", "val_map", "val_roc_auc", "test_map", "test_roc_auc")
+
+# `tokens probe ARGS` that prints "saved N" after each epoch's checkpoint, and is killed:
+#   after-epoch-1: while training epoch 2 (the test kills it once epoch 1's checkpoint exists)
+#   torn-save-2:   by itself, half way through writing epoch 2's checkpoint
+KILLED_PROBE = """
+    import os, signal, sys, time
+    import torch
+    from tokens.train import probe as recipe
+    how = sys.argv[1]
+    save, schedule, torch_save = recipe.save_checkpoint, recipe.schedule, torch.save
+
+    def torn_save(obj, path, *a, **kw):
+        torch_save(obj, path, *a, **kw)
+        os.truncate(path, os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hooked(path, plan, epoch, probes):
+        if how == "torn-save-2" and epoch == 2:
+            torch.save = torn_save
+        save(path, plan, epoch, probes)
+        print("saved", epoch, flush=True)
+        if how == "after-epoch-1" and epoch == 1:  # park in epoch 2's first step until killed
+            recipe.schedule = lambda *a: time.sleep(600)
+
+    recipe.save_checkpoint = hooked
+    from tokens.cli import app
+    app(sys.argv[2:], prog_name="tokens")
+"""
+
+
+def leaderboard_metrics(run: Path) -> dict:
+    import csv
+
+    with open(run / "leaderboard.csv", newline="") as f:
+        return {row["config"]: {k: row[k] for k in METRICS} for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def probe_store(tmp_path_factory):
+    """A small synthetic store (test_probe's) and the leaderboard of an uninterrupted sweep on it."""
+    from test_probe import make_store
+
+    root = tmp_path_factory.mktemp("probe")
+    store = make_store(root / "ml.zarr")
+    result = cli("probe", store, *SWEEP, "--out", root / "reference")
+    assert result.exit_code == 0, result.output
+    return store, leaderboard_metrics(root / "reference")
+
+
+@pytest.mark.parametrize("how", ["after-epoch-1", "torn-save-2"])
+def test_killed_probe_sweep_resumes_to_the_same_leaderboard(probe_store, tmp_path, how):
+    """A sweep SIGKILLed mid-run (or while writing a checkpoint) resumes from the last whole
+    checkpoint and ends with the leaderboard of an uninterrupted run with the same seeds."""
+    store, expected = probe_store
+    out = tmp_path / "run"
+    proc = spawn(KILLED_PROBE, how, "probe", store, *SWEEP, "--out", out, stdout=subprocess.PIPE,
+                 stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = next((line.strip() for line in proc.stdout if line.startswith("saved")), "no checkpoint")
+        assert first == "saved 1"
+        if how == "after-epoch-1":
+            proc.kill()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "leaderboard.csv").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    result = cli("probe", store, *SWEEP, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "after epoch 1" in result.output
+    assert leaderboard_metrics(out) == expected
