@@ -1,0 +1,210 @@
+"""A real SLURM run: a 3-task extraction array and a 2-part probe sweep go through sbatch, and the
+store and the merged leaderboard equal those of a single process.
+
+Needs a SLURM that answers on this machine (CI starts a one-node one with .ci/slurm.sh). When
+there is none and it cannot be started, the test is skipped with the reason, never passed.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tokens.cache import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # seconds, for any one command or job
+SR = 16000
+TOKENS = [sys.executable, "-m", "tokens"]  # what the generated sbatch scripts run too
+# Variables that would make a process pick a part by itself: the single-process references and the
+# submissions must not inherit them from a pytest that itself runs under SLURM or torchrun.
+PART_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT",
+             "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+ENV = {k: v for k, v in os.environ.items() if k not in PART_VARS}
+
+
+def _node_state() -> tuple[bool, str]:
+    """Whether SLURM answers with a usable node, and what it said."""
+    missing = [tool for tool in ("sinfo", "sbatch", "squeue", "scontrol", "scancel") if not shutil.which(tool)]
+    if missing:
+        return False, f"not installed: {', '.join(missing)}"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return False, "sinfo did not answer within 15 s"
+    said = (result.stdout + result.stderr).strip()
+    states = said.split()
+    up = result.returncode == 0 and any(s.rstrip("*~#!%$@^-") in ("idle", "mix", "alloc") for s in states)
+    return up, f"sinfo -h -o %t: {said or '(nothing)'} (exit {result.returncode})"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Skip (with the reason) unless a SLURM node answers; as root, try .ci/slurm.sh once to start one."""
+    up, said = _node_state()
+    if up:
+        return
+    if os.geteuid() != 0:
+        pytest.skip(f"no SLURM here ({said}); starting one with .ci/slurm.sh needs root")
+    try:
+        started = subprocess.run(["bash", str(REPO / ".ci" / "slurm.sh")], capture_output=True, text=True, timeout=240)
+        script = (started.stdout + started.stderr).strip()[-2000:]
+    except subprocess.TimeoutExpired:
+        script = ".ci/slurm.sh did not finish in 240 s"
+    except OSError as error:
+        script = f"cannot run .ci/slurm.sh: {error}"
+    up, said = _node_state()
+    if not up:
+        pytest.skip(f"SLURM cannot start on this machine: {said}; .ci/slurm.sh said: {script}")
+
+
+def tone(path, seconds, freq):
+    t = np.arange(round(seconds * SR)) / SR
+    sf.write(path, 0.5 * np.sin(2 * np.pi * freq * t), SR)
+
+
+def make_dataset(root: Path) -> Path:
+    """Pitch classes low/mid/high (some clips two of them), three splits, one clip cut into 3 windows."""
+    data = root / "data"
+    data.mkdir()
+    rows = ["path,labels,split"]
+    clips = [("train", f) for f in (200, 260, 320, 450, 520, 600, 800, 950, 1100)] + \
+            [("valid", f) for f in (230, 500, 900, 380)] + [("test", f) for f in (280, 560, 1000, 420)]
+    for i, (split, freq) in enumerate(clips):
+        labels = "low" if freq < 400 else "mid" if freq < 700 else "high"
+        if freq in (450, 380, 420):
+            labels += ";low"
+        tone(data / f"c{i}.wav", 1.0, freq)
+        rows.append(f"c{i}.wav,{labels},{split}")
+    tone(data / "long.wav", 2.5, 700)  # windows at 0, 1, 2 s
+    rows.append("long.wav,high;mid,train")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return data / "manifest.csv"
+
+
+def logs(cwd: Path, job: str = "") -> str:
+    found = sorted((cwd / "slurm-logs").glob(f"*{job}*.out"))
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in found) or "(no slurm-logs)"
+
+
+def sh(args, cwd: Path, timeout=TIMEOUT) -> str:
+    """Run a command; a failure or time-out fails the test with its output and the job logs."""
+    try:
+        result = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        out = error.stdout.decode(errors="replace") if isinstance(error.stdout, bytes) else (error.stdout or "")
+        for job in re.findall(r"Submitted batch job (\d+)", out):
+            subprocess.run(["scancel", job], timeout=30)
+        pytest.fail(f"{' '.join(map(str, args))} took over {timeout} s\n{out}\n{logs(cwd)}")
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{logs(cwd)}")
+    return result.stdout
+
+
+def submitted(out: str) -> str:
+    match = re.search(r"Submitted batch job (\d+)", out)
+    assert match, out
+    return match[1]
+
+
+def wait_for(job: str, cwd: Path, timeout=TIMEOUT):
+    """Poll until the array job leaves the queue, then check that every task completed with exit 0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        queue = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=30)
+        if queue.returncode != 0 or not queue.stdout.strip():
+            break
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job], timeout=30)
+            pytest.fail(f"job {job} still queued or running after {timeout} s:\n{queue.stdout}\n{logs(cwd, job)}")
+        time.sleep(0.5)
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    if shown.returncode == 0:  # scontrol forgets a job MinJobAge (300 s by default) after it ends
+        states = re.findall(r"JobState=(\S+).*?ExitCode=(\S+)", shown.stdout)
+        assert states and all(s == ("COMPLETED", "0:0") for s in states), f"job {job}: {states}\n{logs(cwd, job)}"
+
+
+def compare_stores(a: Path, b: Path):
+    with open_store(a) as one, open_store(b) as two:
+        assert one.meta["cache_key"] == two.meta["cache_key"]
+        assert (one.classes, one.layers, one.task) == (two.classes, two.layers, two.task)
+        assert set(one.splits) == set(two.splits) == {"train", "valid", "test"}
+        for name in one.splits:
+            x, y = one.split(name), two.split(name)
+            assert x.num_items == y.num_items and x.complete_mask().all() and y.complete_mask().all()
+            for column in ("ids", "sources", "offsets", "durations", "labels", "errors"):
+                np.testing.assert_array_equal(x.column(column), y.column(column), err_msg=f"{name}/{column}")
+            everything = list(range(x.num_items))
+            np.testing.assert_array_equal(x.read_mask(everything), y.read_mask(everything), err_msg=f"{name}/mask")
+            for layer in one.layers:
+                np.testing.assert_array_equal(x.read_tokens(layer, everything), y.read_tokens(layer, everything),
+                                              err_msg=f"{name}/tokens/{layer}")
+
+
+def leaderboard(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["config"]: row for row in csv.DictReader(f)}
+
+
+def test_job_arrays_equal_a_single_process(slurm, tmp_path):
+    manifest = make_dataset(tmp_path)
+    extract_args = [manifest.relative_to(tmp_path), "--layers", "all", "--shard-size", "2", "--num-workers", "0", "--device", "cpu", "-q"]
+    jobs = []
+    try:
+        # Extraction: 3 array tasks over 10 shards (train 5, valid 2, test 2 + the long clip's windows).
+        sh([*TOKENS, "slurm", "extract", *extract_args, "--store", "slurm.zarr", "--array", "3", "--gpus", "0",
+            "--cpus", "1", "--script", "extract.sbatch"], tmp_path)
+        script = (tmp_path / "extract.sbatch").read_text()
+        assert "#SBATCH --array=1-3" in script and f"{sys.executable} -m tokens extract" in script, script
+        jobs.append(sh(["sbatch", "--parsable", "extract.sbatch"], tmp_path).strip().split(";")[0])
+        wait_for(jobs[-1], tmp_path)  # polls every 0.5 s; `sbatch --wait` polls at 2, 10, 42 s, ...
+
+        info = json.loads(sh([*TOKENS, "info", "slurm.zarr", "--json"], tmp_path))
+        assert {name: (s["complete"], s["shards_complete"], s["failed_items"]) for name, s in info["splits"].items()} == \
+               {"train": (True, 6, 0), "valid": (True, 2, 0), "test": (True, 2, 0)}, info["splits"]
+        # Each task did its own third of the shards and no more: 10 shards as 4 + 3 + 3, 20 items in all.
+        task_logs = [tmp_path / "slurm-logs" / f"tokens-extract-{jobs[0]}_{i}.out" for i in (1, 2, 3)]
+        written = [re.search(r"wrote (\d+) items in (\d+) shards \((\d+) already", p.read_text()) for p in task_logs]
+        assert all(written), logs(tmp_path, jobs[0])
+        assert sorted(int(m[2]) + int(m[3]) for m in written) == [3, 3, 4] and sum(int(m[1]) for m in written) == 20, \
+            logs(tmp_path, jobs[0])
+
+        # Resubmitting one task redoes only that task's part (complete by now), not the whole job.
+        jobs.append(submitted(sh(["sbatch", "--wait", "--array=2", "extract.sbatch"], tmp_path)))
+        again = (tmp_path / "slurm-logs" / f"tokens-extract-{jobs[1]}_2.out").read_text()
+        assert "wrote 0 items in 0 shards (3 already complete)" in again, again
+
+        sh([*TOKENS, "extract", *extract_args, "--store", "single.zarr"], tmp_path)
+        compare_stores(tmp_path / "slurm.zarr", tmp_path / "single.zarr")
+
+        # Probe sweep: 6 configurations (3 heads x 2 seeds) in 2 parts, submitted by `tokens slurm --submit`.
+        probe_args = ["slurm.zarr", "--heads", "linear,ep,protobin", "--seeds", "0,1", "--epochs", "2",
+                      "--batch-size", "8", "--device", "cpu"]
+        out = sh([*TOKENS, "slurm", "probe", *probe_args, "--out", "run", "--array", "2", "--gpus", "0", "--cpus", "1",
+                  "--script", "probe.sbatch", "--submit"], tmp_path)
+        jobs.append(submitted(out))
+        wait_for(jobs[-1], tmp_path)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["part-1-of-2", "part-2-of-2"]
+        report = sh([*TOKENS, "report", "run", "--out", "rep"], tmp_path)
+        assert "not finished" not in report, report
+
+        sh([*TOKENS, "probe", *probe_args, "--out", "single"], tmp_path)
+        merged, single = leaderboard(tmp_path / "rep" / "leaderboard.csv"), leaderboard(tmp_path / "single" / "leaderboard.csv")
+        assert len(single) == 6 and sorted(merged) == sorted(single)
+        metrics = [c for c in next(iter(single.values())) if c.startswith(("val_", "test_"))]
+        assert {"val_map", "test_map"} <= set(metrics)
+        for config, row in single.items():
+            assert {c: merged[config][c] for c in metrics + ["params", "best_epoch"]} == \
+                   {c: row[c] for c in metrics + ["params", "best_epoch"]}, config
+    finally:
+        for job in jobs:  # nothing of this test keeps running after it
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
