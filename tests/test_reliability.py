@@ -326,3 +326,219 @@ def test_killed_probe_sweep_resumes_to_the_same_leaderboard(probe_store, tmp_pat
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output and "after epoch 1" in result.output
     assert leaderboard_metrics(out) == expected
+
+
+# --- bad audio ----------------------------------------------------------------------------------------
+
+
+def write_hour(path: Path, rate: int = 8000):
+    """One hour of quiet noise at 8 kHz (58 MB of int16), with a 440 Hz tone from 1800 s to 1803 s."""
+    noise = (0.01 * np.random.default_rng(0).standard_normal(rate * 60)).astype(np.float32)
+    with sf.SoundFile(path, "w", rate, 1, subtype="PCM_16") as f:
+        for minute in range(60):
+            if minute == 30:
+                t = np.arange(3 * rate) / rate
+                f.write(np.concatenate([(0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), noise[3 * rate:]]))
+            else:
+                f.write(noise)
+
+
+def make_bad_audio(root: Path) -> tuple[Path, dict]:
+    """One file per way audio goes wrong, and what each must give: 'ok' (extracted) or the reason's text."""
+    good = tone(root / "good.wav", 1.0)
+    cases = {}
+
+    def case(name, expect, row=None):
+        cases[name] = (expect, row or f"{name}.wav,low,train")
+
+    (root / "zero_byte.wav").write_bytes(b"")
+    case("zero_byte", "cannot decode")
+    (root / "header_cut.wav").write_bytes(good.read_bytes()[:30])
+    case("header_cut", "cannot decode")
+    (root / "data_cut.wav").write_bytes(good.read_bytes()[: 44 + SR])  # half of the samples
+    case("data_cut", "ok")
+    (root / "text_as_wav.wav").write_text("RIFF? no, just a text file with a .wav name\n")
+    case("text_as_wav", "cannot decode")
+    nan = 0.1 * np.ones(SR, np.float32)
+    nan[4000] = np.nan
+    sf.write(root / "nan_samples.wav", nan, SR, subtype="FLOAT")
+    case("nan_samples", "NaN or infinite")
+    inf = 0.1 * np.ones(SR, np.float32)
+    inf[100:200] = np.inf
+    sf.write(root / "inf_samples.wav", inf, SR, subtype="FLOAT")
+    case("inf_samples", "NaN or infinite")
+    sf.write(root / "silence.wav", np.zeros(SR, np.float32), SR)
+    case("silence", "ok")
+    tone(root / "clip_50ms.wav", 0.05)
+    case("clip_50ms", "ok")
+    write_hour(root / "hour_long.wav")
+    case("hour_long", "ok", "hour_long.wav,low,train,1800,1802.5")  # three windows from the middle
+    t = np.arange(SR) / SR
+    channels = np.stack([(k + 1) / 6 * np.sin(2 * np.pi * 330 * t) for k in range(6)], axis=1)
+    sf.write(root / "stereo.wav", channels[:, :2], SR)
+    case("stereo", "ok")
+    sf.write(root / "six_channel.wav", channels, SR)
+    case("six_channel", "ok")
+    for rate in (8000, 22050, 44100, 48000):
+        tone(root / f"rate_{rate}.wav", 1.0, rate=rate)
+        case(f"rate_{rate}", "ok")
+    rows = [row if row.count(",") == 4 else row + ",," for _, row in cases.values()]
+    return manifest(root, rows, header="path,labels,split,start,end"), {name: expect for name, (expect, _) in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def bad_audio(tmp_path_factory):
+    """Every bad audio file in one run (it must finish), the store, and the model to check it with."""
+    root = tmp_path_factory.mktemp("bad_audio")
+    dataset, expected = make_bad_audio(root)
+    summary = run_extract(dataset, root / "s.zarr", batch_size=4)
+    return root, summary, expected, build_backbone("crepe-tiny")
+
+
+def item_ids(name: str) -> list[str]:
+    return [f"hour_long.wav@{s}" for s in (1800, 1801, 1802)] if name == "hour_long" else [f"{name}.wav"]
+
+
+BAD_AUDIO = ["zero_byte", "header_cut", "data_cut", "text_as_wav", "nan_samples", "inf_samples", "silence",
+             "clip_50ms", "hour_long", "stereo", "six_channel", "rate_8000", "rate_22050", "rate_44100", "rate_48000"]
+
+
+@pytest.mark.parametrize("name", BAD_AUDIO)
+def test_bad_audio_is_extracted_or_recorded_with_its_reason(bad_audio, name):
+    """Each odd file either yields the tokens of a direct forward pass of its decoded window, or is
+    recorded as failed with the reason in the store's `errors` column (zero tokens, empty mask);
+    either way the run finishes and the store verifies."""
+    root, summary, expected, model = bad_audio
+    failed = dict(summary.failed)
+    with open_store(root / "s.zarr") as store:
+        assert all(split.is_complete for split in store.splits.values())
+        for item_id in item_ids(name):
+            split_name, index = item_row(store, item_id)
+            split = store.split(split_name)
+            error = split.column("errors")[index]
+            tokens = {layer: split.read_tokens(layer, [index])[0] for layer in LAYERS}
+            mask = split.read_mask([index])[0]
+            if expected[name] != "ok":
+                assert expected[name] in error and failed[item_id] == error
+                assert not mask.any() and not any(t.any() for t in tokens.values())
+                continue
+            assert error == "" and item_id not in failed
+            offset, duration = split.column("offsets")[index], split.column("durations")[index]
+            wave = load_window(root / f"{name}.wav", offset, duration, SR)
+            want, want_mask = direct_tokens(model, wave)
+            np.testing.assert_array_equal(mask, want_mask)
+            assert mask.any()
+            for layer in LAYERS:
+                np.testing.assert_array_equal(tokens[layer], want[layer])
+                assert np.isfinite(tokens[layer].astype(np.float32)).all()
+    with open_store(root / "s.zarr") as store:
+        assert verify(store, progress=False).ok
+
+
+@pytest.mark.parametrize("name,channels", [("stereo", 2), ("six_channel", 6)])
+def test_multichannel_audio_is_the_mean_of_its_channels(bad_audio, name, channels):
+    """Channels are averaged into mono, whatever their number."""
+    root = bad_audio[0]
+    data, _ = sf.read(root / f"{name}.wav", dtype="float32", always_2d=True)
+    assert data.shape[1] == channels
+    np.testing.assert_allclose(load_window(root / f"{name}.wav", 0, 1.0, SR), data.mean(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_other_sample_rates_are_resampled_to_the_encoders(bad_audio, rate):
+    """A tone recorded at any rate decodes as the same tone at 16 kHz (not sped up, not slowed down)."""
+    wave = load_window(bad_audio[0] / f"rate_{rate}.wav", 0, 1.0, SR)
+    assert len(wave) == SR
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(SR) / SR)
+    inner = slice(200, SR - 200)  # the resampler's edges see past the ends of the recording
+    np.testing.assert_allclose(wave[inner], expected[inner], atol=0.02 if rate == 8000 else 0.01)
+
+
+def test_an_hour_long_file_decodes_only_its_windows(bad_audio):
+    """An hour-long recording is planned from its header (3600 windows, nothing decoded) and a window
+    is read without loading the file: the peak allocation is that of one window, not of the hour."""
+    from tokens.extract.manifest import read_dataset
+
+    root = bad_audio[0]
+    hour = manifest(root, ["hour_long.wav,low,train"], name="hour.csv")
+    tracemalloc.start()
+    planned = read_dataset(hour, window_seconds=1.0, sample_rate=SR, modality="audio")
+    wave = load_window(root / "hour_long.wav", 1800.0, 1.0, SR)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(planned.splits["train"]) == 3600
+    assert len(wave) == SR and np.abs(wave).max() > 0.4  # the tone at 30 minutes, not the noise
+    whole_file_as_float32 = 3600 * 8000 * 4
+    assert peak < 2 * 2**20 < whole_file_as_float32 / 50, f"peak {peak} bytes"
+
+
+# --- bad images ---------------------------------------------------------------------------------------
+
+VIT = "vit_tiny_patch16_224"
+
+
+def make_bad_images(root: Path) -> tuple[Path, dict]:
+    """One image per way an image file goes wrong: 'ok', 'either' (decodes or fails, both fine), or
+    the reason's text."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "good.jpg", quality=90)
+    Image.fromarray(pixels).save(root / "good.png")
+    Image.fromarray(pixels[..., 0]).save(root / "grayscale.png")
+    Image.fromarray(np.dstack([pixels, pixels[..., :1]])).save(root / "rgba.png")
+    Image.fromarray(pixels).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(pixels[:1, :1]).save(root / "one_pixel.png")
+    jpeg = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "garbage_header.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    (root / "zero_byte.jpg").write_bytes(b"")
+    (root / "text_as_jpg.jpg").write_text("not an image\n")
+    flipped = bytearray(jpeg)
+    flipped[len(jpeg) // 2: len(jpeg) // 2 + 64] = b"\x00" * 64
+    (root / "scrambled.jpg").write_bytes(bytes(flipped))
+    expected = {"good.jpg": "ok", "good.png": "ok", "grayscale.png": "ok", "rgba.png": "ok", "cmyk.jpg": "ok",
+                "one_pixel.png": "ok", "truncated.jpg": "cannot decode image", "garbage_header.jpg": "cannot decode image",
+                "zero_byte.jpg": "cannot decode image", "text_as_jpg.jpg": "cannot decode image", "scrambled.jpg": "either"}
+    rows = [f"{name},{'a' if i % 2 else 'b'},{'train' if i < 8 else 'test'}" for i, name in enumerate(expected)]
+    return manifest(root, rows, header="path,label,split"), expected
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory):
+    """A tiny random-weight timm ViT checkpoint, and one run over every bad image (it must finish)."""
+    timm = pytest.importorskip("timm")
+    root = tmp_path_factory.mktemp("bad_images")
+    torch.manual_seed(0)
+    torch.save(timm.create_model(VIT, pretrained=False, num_classes=0).state_dict(), root / "vit.pth")
+    dataset, expected = make_bad_images(root)
+    options = dict(backbone=f"timm:{VIT}", checkpoint=str(root / "vit.pth"), layers=None, batch_size=4, shard_size=4)
+    summary = run_extract(dataset, root / "s.zarr", **options)
+    return root, summary, expected, build_backbone(f"timm:{VIT}", str(root / "vit.pth"))
+
+
+BAD_IMAGES = ["good.jpg", "good.png", "grayscale.png", "rgba.png", "cmyk.jpg", "one_pixel.png", "truncated.jpg",
+              "garbage_header.jpg", "zero_byte.jpg", "text_as_jpg.jpg", "scrambled.jpg"]
+
+
+@pytest.mark.parametrize("name", BAD_IMAGES)
+def test_bad_images_are_extracted_or_recorded_with_their_reason(bad_images, name):
+    """A corrupt image is recorded as failed with the reason (zero tokens); any image that decodes,
+    whatever its mode or size, holds the tokens of a direct forward pass."""
+    from tokens.extract.images import load_image
+
+    root, summary, expected, model = bad_images
+    with open_store(root / "s.zarr") as store:
+        assert all(split.is_complete for split in store.splits.values())
+        split_name, index = item_row(store, name)
+        split = store.split(split_name)
+        error = split.column("errors")[index]
+        tokens = split.read_tokens(model.depth - 1, [index])[0]
+        if expected[name] == "ok" or (expected[name] == "either" and not error):
+            assert error == "" and name not in dict(summary.failed)
+            want, _ = direct_tokens(model, load_image(root / name))
+            np.testing.assert_allclose(tokens.astype(np.float32), want[-1].astype(np.float32), rtol=0, atol=2e-3)
+        else:
+            assert expected[name] in error or (expected[name] == "either" and error), error
+            assert dict(summary.failed)[name] == error and not tokens.any()
+            assert not split.read_prefix(model.depth - 1, [index]).any()
