@@ -542,3 +542,56 @@ def test_bad_images_are_extracted_or_recorded_with_their_reason(bad_images, name
             assert expected[name] in error or (expected[name] == "either" and error), error
             assert dict(summary.failed)[name] == error and not tokens.any()
             assert not split.read_prefix(model.depth - 1, [index]).any()
+
+
+# --- bad manifests -------------------------------------------------------------------------------------
+
+BAD_MANIFESTS = {
+    # id: (header, rows, fragments the error must contain)
+    "missing_split_column": ("path,labels", ["a.wav,low"], ["missing required column(s): 'split'"]),
+    "missing_label_column": ("path,split", ["a.wav,train"], ["'labels' (multi-label) or 'label'"]),
+    "unknown_split": ("path,labels,split", ["a.wav,low,train", "b.wav,low,training"], ["line 3: unknown split 'training'"]),
+    "label_not_in_existing_store": ("path,labels,split", ["a.wav,low,train", "b.wav,bird,test"],
+                                    ["line 3: label(s) not among the store's classes: bird"]),
+    "duplicate_ids": ("path,labels,split,id", ["a.wav,low,train,x", "b.wav,low,test,x"],
+                      ["line 3: duplicate id 'x' (also line 2)"]),
+    "dotdot_path": ("path,labels,split", ["../outside.wav,low,train"], ["line 2: path '../outside.wav' leads outside"]),
+    "absolute_path": ("path,labels,split", ["{outside},low,train"], ["line 2: path", "leads outside"]),
+    "symlink_out": ("path,labels,split", ["a.wav,low,train", "link.wav,low,train"], ["line 3: path 'link.wav' leads outside"]),
+    "missing_file": ("path,labels,split", ["a.wav,low,train", "gone.wav,low,test"], ["line 3: file not found: gone.wav"]),
+    "header_only": ("path,labels,split", [], ["no rows: the dataset is empty"]),
+    "zero_byte": (None, [], ["no rows: the dataset is empty"]),
+    "every_problem_at_once": ("path,label,split", ["gone.wav,low,train", "a.wav,low,train", "b.wav,,nope"],
+                              ["3 problem(s)", "line 2: file not found", "line 4: unknown split 'nope'", "line 4: empty label"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS))
+def test_bad_manifest_is_refused_naming_the_rows_before_any_work(tmp_path, monkeypatch, case):
+    """`tokens extract` on a bad manifest exits 2 with every problem and its line, before decoding
+    anything: no store is created, an existing one is left byte for byte as it was."""
+    import tokens.extract.run as run_module
+
+    header, rows, fragments = BAD_MANIFESTS[case]
+    root = tmp_path / "data"
+    for name in ("a.wav", "b.wav"):
+        tone(root / name, 0.25)
+    outside = tone(tmp_path / "outside.wav", 0.25)
+    (root / "link.wav").symlink_to(outside)
+    store = tmp_path / "s.zarr"
+    if case == "label_not_in_existing_store":  # a store of the classes {low}, to resume into
+        first = cli("extract", manifest(root, ["a.wav,low,train", "b.wav,low,test"], name="first.csv"),
+                    "--store", store, "-q", "--num-workers", "0", "-o", f"window_seconds={WINDOW}")
+        assert first.exit_code == 0, first.output
+    before = snapshot(store) if store.exists() else None
+    path = root / "bad.csv"
+    path.write_text("" if header is None else "\n".join([header, *rows]).format(outside=outside) + "\n")
+    decoded = []
+    monkeypatch.setattr(run_module, "load_window", lambda *a: decoded.append(a))
+    result = cli("extract", path, "--store", store, "-q", "--num-workers", "0", "-o", f"window_seconds={WINDOW}")
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and str(path) in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert not decoded
+    assert (snapshot(store) if store.exists() else None) == before
