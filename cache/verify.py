@@ -58,8 +58,42 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
                     bad = int((~np.isfinite(data)).any(axis=(1, 2)).sum())
                 if bad:
                     report.problems.append(f"{where}: {bad} items hold NaN or Inf")
+            report.problems += _check_columns(store, split, shard)
             report.shards_checked += 1
     return report
+
+
+def _check_columns(store: TokenStore, split, shard: int) -> list[str]:
+    """The per-item columns of a complete shard: readable, and not silently the fill value.
+
+    zarr reads a missing chunk file as its fill value (empty ids, zero durations, an all-False
+    mask), so a deleted file shows as values no writer stores: an empty id or source, a zero
+    duration or an empty mask on an item that did not fail. Labels, offsets and errors may
+    legitimately be all fill value; for them only damage that makes a file unreadable shows.
+    """
+    start, stop = split.shard_range(shard)
+    rows = np.arange(start, stop)
+    names = ["ids", "sources", "durations", "offsets", "errors", "labels"] + (["mask"] if split.masked else [])
+    values, problems = {}, []
+    for name in names:
+        try:
+            values[name] = split._h.read_rows(split.name, name, rows)
+        except Exception as error:  # codecs raise many types on a damaged chunk
+            problems.append(f"{_shard_name(store, split, name, shard)}: unreadable ({type(error).__name__}: {error})")
+    where = {name: _shard_name(store, split, name, shard) for name in names}
+    for name in ("ids", "sources"):
+        if name in values and (count := sum(len(v) == 0 for v in values[name])):
+            problems.append(f"{where[name]}: {count} items read as an empty string: file missing or damaged")
+    ok_items = np.array([len(e) == 0 for e in values["errors"]]) if "errors" in values else np.ones(len(rows), bool)
+    if "durations" in values and (count := int((ok_items & (values["durations"] == 0)).sum())):
+        problems.append(f"{where['durations']}: {count} items that did not fail read as zero seconds long: file missing or damaged")
+    if "mask" in values and "errors" in values:
+        if count := int((ok_items & ~values["mask"].any(axis=1)).sum()):
+            problems.append(
+                f"{where['mask']}: {count} items that did not fail have no valid token: this file or "
+                f"{where['errors']} is missing or damaged"
+            )
+    return problems
 
 
 def _shard_name(store: TokenStore, split, name: str, shard: int) -> str:

@@ -595,3 +595,51 @@ def test_bad_manifest_is_refused_naming_the_rows_before_any_work(tmp_path, monke
         assert fragment in result.output, result.output
     assert not decoded
     assert (snapshot(store) if store.exists() else None) == before
+
+
+# --- damaged and mismatched stores ------------------------------------------------------------------------
+
+DAMAGE = {
+    # id: (array, shard of train, how)
+    "tokens_truncated": ("tokens/1", 1, "truncate"),
+    "tokens_missing": ("tokens/2", 1, "delete"),
+    "mask_missing": ("mask", 1, "delete"),
+    "ids_missing": ("ids", 1, "delete"),
+    "ids_truncated": ("ids", 1, "truncate"),
+    "labels_truncated": ("labels", 1, "truncate"),
+    "sources_truncated": ("sources", 1, "truncate"),
+    "durations_missing": ("durations", 1, "delete"),
+    "errors_missing": ("errors", 5, "delete"),  # shard 5 holds the failed text.wav
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_verify_names_a_damaged_chunk_and_other_shards_stay_readable(clips, tmp_path, case):
+    """A truncated or deleted chunk file of a complete shard is named by `tokens verify` (exit 1); the
+    other shards still read back exactly. (A deleted labels, offsets or errors chunk of a shard whose
+    values are all zero or empty is the same store as an intact one: zarr does not write such chunks.)"""
+    _, reference = clips
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    array, shard, how = DAMAGE[case]
+    with open_store(store) as opened:
+        chunk = opened.split("train")._h.chunk_file("train", array, shard)
+    assert chunk.is_file()
+    if how == "truncate":
+        os.truncate(chunk, chunk.stat().st_size // 2)
+    else:
+        chunk.unlink()
+    result = cli("verify", store)
+    assert result.exit_code == 1, result.output
+    assert str(chunk) in result.output, result.output
+    with open_store(reference) as a, open_store(store) as b:
+        sound = np.array([0, 1, 4, 5])  # shards 0 and 2 of train
+        for layer in LAYERS:
+            np.testing.assert_array_equal(b.split("train").read_tokens(layer, sound), a.split("train").read_tokens(layer, sound))
+        np.testing.assert_array_equal(b.split("train").read_mask(sound), a.split("train").read_mask(sound))
+        assert_same_columns = [np.testing.assert_array_equal(b.split(s).column(c), a.split(s).column(c))
+                               for s in ("valid", "test") for c in COLUMNS]
+        assert len(assert_same_columns) == 2 * len(COLUMNS)
+        if array.startswith("tokens"):  # never silently zeros
+            with pytest.raises(StoreError, match="run `tokens verify`"):
+                b.split("train").read_tokens(int(array.split("/")[1]), [2])
