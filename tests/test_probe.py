@@ -189,6 +189,17 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
 
 
+def test_a_checkpoint_from_an_older_version_is_refused(store, run, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    for saved in state["probes"]:
+        del saved["val_metrics"]
+    torch.save(state, out / "checkpoint.pt")
+    result = invoke("probe", store, *SWEEP, *FAST, "--out", out)
+    assert result.exit_code == 2 and "older version" in said(result) and "--out" in said(result)
+
+
 def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     parts = tmp_path / "parts"
     ok("probe", store, *SWEEP, *FAST, "--part", "1/2", "--out", parts)

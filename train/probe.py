@@ -50,6 +50,7 @@ class Probe:
     best_state: dict | None = None
     best_metric: float = -math.inf
     best_epoch: int = 0
+    val_metrics: dict | None = None  # validation metrics of the weights tested at the end
     curve: list = field(default_factory=list)  # validation metric per epoch
 
 
@@ -132,6 +133,7 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
                 "best_state": p.best_state,
                 "best_metric": p.best_metric,
                 "best_epoch": p.best_epoch,
+                "val_metrics": p.val_metrics,
                 "curve": p.curve,
             }
             for p in probes
@@ -154,6 +156,8 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
             "use another --out, or delete the checkpoint to start over",
             "--out",
         )
+    if any("val_metrics" not in saved for saved in state["probes"]):
+        raise SweepError(f"{path} was written by an older version of tokens; delete it to start over", "--out")
     return state
 
 
@@ -165,6 +169,7 @@ def restore(state: dict, probes: list[Probe]) -> int:
         probe.rng = saved["rng"]
         probe.best_state, probe.best_metric = saved["best_state"], saved["best_metric"]
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
+        probe.val_metrics = saved["val_metrics"]
     return state["epoch"]
 
 
@@ -270,13 +275,17 @@ def run(
                 p.optimizer.step()
                 p.rng = get_rng(device)
 
-        # Validate every head; keep each one's best epoch.
+        # Validate every head; keep each one's best epoch, and the validation metrics of the
+        # weights it will be tested with (the best epoch's; the last epoch's while none is best),
+        # so that validation is never scored again after training.
         val_scores = score([(p.head, p.config.layer) for p in probes], valid_source, valid_items, batch_size, task)
         for p, scores in zip(probes, val_scores):
-            value = compute_metrics(task, scores, valid_labels)[metric]
-            p.curve.append(value)
-            if _metric(value) > p.best_metric:
-                p.best_metric, p.best_epoch, p.best_state = _metric(value), epoch + 1, _state(p.head)
+            metrics = compute_metrics(task, scores, valid_labels)
+            p.curve.append(metrics[metric])
+            if _metric(metrics[metric]) > p.best_metric:
+                p.best_metric, p.best_epoch, p.best_state = _metric(metrics[metric]), epoch + 1, _state(p.head)
+            if p.best_epoch in (0, epoch + 1):
+                p.val_metrics = metrics
         save_checkpoint(checkpoint, plan, epoch + 1, probes)
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
             tqdm.write(f"stopped after epoch {epoch + 1}; run again to resume")
@@ -288,14 +297,11 @@ def run(
             p.head.load_state_dict(p.best_state)
     test_source = Source(test_split, layers, with_cls, mode, device)
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
-    heads = [(p.head, p.config.layer) for p in probes]
-    val_scores = score(heads, valid_source, valid_items, batch_size, task)
-    test_scores = score(heads, test_source, test_items, batch_size, task)
+    test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 
     rows, records = [], []
-    for p, val, test in zip(probes, val_scores, test_scores):
-        val_metrics = compute_metrics(task, val, valid_labels)
-        test_metrics = compute_metrics(task, test, test_labels)
+    for p, test in zip(probes, test_scores):
+        val_metrics, test_metrics = p.val_metrics, compute_metrics(task, test, test_labels)
         per_class = next(k for k in test_metrics if k.startswith("per_class"))
         c = p.config
         row = {"head": c.head, "config": c.id, "params": count_parameters(p.head), "best_epoch": p.best_epoch,
