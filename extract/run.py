@@ -159,16 +159,19 @@ def collate(rows):
 
 
 class ShardBuffer:
-    """One shard's items, filled batch by batch in any order and written when full."""
+    """One shard's items, filled batch by batch in any order and written when full.
 
-    def __init__(self, spec: StoreSpec, split: str, shard: int, items: list[Item], root: Path):
+    Its token arrays come from the pool (pinned on GPU runs), so a batch's tokens are copied from
+    the device straight into their rows: the host never copies them again.
+    """
+
+    def __init__(self, spec: StoreSpec, split: str, shard: int, items: list[Item], root: Path, pool: "ArrayPool"):
         start = shard * spec.shard_size
         self.split, self.shard, self.start = split, shard, start
         self.items = items[start:start + spec.shard_size]
-        n, storage = len(self.items), STORAGE_DTYPE[spec.dtype]
-        self.tokens = {layer: np.zeros((n, spec.num_tokens, spec.dim), storage) for layer in spec.layers}
-        self.prefix = {layer: np.zeros((n, spec.num_prefix, spec.dim), storage) for layer in spec.layers} if spec.num_prefix else None
-        self.mask = np.zeros((n, spec.num_tokens), bool) if spec.masked else None
+        n = len(self.items)
+        self.arrays = pool.take(n)  # every row is overwritten before the shard is written
+        self.targets, self.tokens, self.prefix, self.mask = self.arrays
         if spec.task == "multilabel":
             self.labels = np.zeros((n, len(spec.classes)), np.uint8)
             for row, item in enumerate(self.items):
@@ -179,20 +182,25 @@ class ShardBuffer:
         self.filled = 0
         self.root = root
 
-    def put_rows(self, first: int, batch: "Forwarded", rows: np.ndarray, host: tuple[dict, dict | None]):
-        """Copy consecutive batch rows into this shard from row `first` on; failed items stay zero."""
-        tokens, prefix = host
+    def receive(self, first: int, outputs: dict, rows: np.ndarray):
+        """Start copying consecutive batch rows of the forward outputs into rows `first`... of this shard."""
+        target, source = slice(first, first + len(rows)), slice(rows[0], rows[-1] + 1)
+        for layer, (patch, prefix) in outputs.items():
+            tokens, prefixes = self.targets[layer]
+            tokens[target].copy_(patch[source], non_blocking=True)
+            if prefixes is not None:
+                prefixes[target].copy_(prefix[source], non_blocking=True)
+
+    def finish_rows(self, first: int, batch: "Forwarded", rows: np.ndarray):
+        """Once a batch's copies have landed: its masks and errors; failed items' rows become zero."""
         target = slice(first, first + len(rows))
-        source = slice(rows[0], rows[-1] + 1)
         failed = [first + i for i, row in enumerate(rows) if batch.errors[row]]
         for layer in self.tokens:
-            self.tokens[layer][target] = tokens[layer][source]
             self.tokens[layer][failed] = 0
             if self.prefix is not None:
-                self.prefix[layer][target] = prefix[layer][source]
                 self.prefix[layer][failed] = 0
         if self.mask is not None:
-            self.mask[target] = batch.masks[source] if batch.masks is not None else False
+            self.mask[target] = batch.masks[rows[0]:rows[-1] + 1] if batch.masks is not None else False
             self.mask[failed] = False
         for i, row in enumerate(rows):
             self.errors[first + i] = batch.errors[row]
@@ -219,6 +227,48 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+class ArrayPool:
+    """Shard-sized host arrays, handed back after each write and reused.
+
+    Reuse matters twice: fresh arrays cost a page fault per 4 KiB on first write (for one ViT-B
+    layer, more than half the main thread's time per batch), and pinned memory, which lets the
+    device copy tokens into a shard asynchronously, is slow to allocate.
+    """
+
+    def __init__(self, spec: StoreSpec, pinned: bool):
+        self.spec, self.pinned = spec, pinned
+        self.free: dict[int, list] = {}
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> tuple:
+        """(torch targets per layer, numpy tokens per layer, numpy prefix per layer, mask) for n items."""
+        with self.lock:
+            if self.free.get(n):
+                return self.free[n].pop()
+        s = self.spec
+
+        def array(count):
+            return torch.empty((n, count, s.dim), dtype=TORCH_DTYPE[s.dtype], pin_memory=self.pinned)
+
+        targets = {layer: (array(s.num_tokens), array(s.num_prefix) if s.num_prefix else None) for layer in s.layers}
+        tokens = {layer: _numpy(t) for layer, (t, _) in targets.items()}
+        prefix = {layer: _numpy(p) for layer, (_, p) in targets.items()} if s.num_prefix else None
+        mask = np.empty((n, s.num_tokens), bool) if s.masked else None
+        return targets, tokens, prefix, mask
+
+    def give(self, arrays: tuple):
+        n = len(next(iter(arrays[1].values())))
+        with self.lock:
+            self.free.setdefault(n, []).append(arrays)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view in the store's storage dtype (bfloat16 as its uint16 bits)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
 class ShardWriter:
     """Background threads that write finished shards, so the device never waits on the disk.
 
@@ -226,8 +276,9 @@ class ShardWriter:
     the forward pass from running ahead of the disk by more than a few shards of memory.
     """
 
-    def __init__(self, store, threads: int = 2, depth: int = 2):
+    def __init__(self, store, pool: ArrayPool, threads: int = 2, depth: int = 2):
         self.store = store
+        self.pool = pool
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._run, daemon=True, name=f"shard-writer-{i}") for i in range(threads)]
@@ -239,6 +290,7 @@ class ShardWriter:
             try:
                 if self.error is None:
                     buffer.write_to(self.store)
+                    self.pool.give(buffer.arrays)
             except BaseException as error:  # re-raised in the main thread by put()/close()
                 self.error = error
 
@@ -322,7 +374,8 @@ def extract(
 
     target = pick_device(device)
     model = model.to(target).eval()
-    workers = min(8, max(1, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
+    # The front-end (decode + fbank, a few ms per clip) needs every core to keep up with the GPU.
+    workers = max(1, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
         pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -332,21 +385,27 @@ def extract(
         else nullcontext()
     )
     buffers: dict[tuple[str, int], ShardBuffer] = {}  # made on first use: only shards in flight take memory
-    writer = ShardWriter(store)
-    host = HostBuffers(spec, batch_size, pinned=target.type == "cuda")
+    pool = ArrayPool(spec, pinned=target.type == "cuda")
+    writer = ShardWriter(store, pool)
+
+    def destinations(positions: list[int]) -> list[tuple[ShardBuffer, int, np.ndarray]]:
+        """(shard buffer, first row in it, batch rows) for each run of a batch that lands in one shard."""
+        found = []
+        for (split, shard), run in _runs(np.arange(len(positions)), [items[p][:2] for p in positions], spec.shard_size):
+            if (split, shard) not in buffers:
+                buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], work.dataset.root, pool)
+            buffer = buffers[(split, shard)]
+            found.append((buffer, items[positions[run[0]]][1] - buffer.start, run))
+        return found
 
     def land(batch: "Forwarded"):
-        """Wait for a batch's tokens to reach host memory, then file its rows into shard buffers."""
+        """Wait for a batch's tokens to reach their shards; hand every shard now full to the writer."""
         if batch.event is not None:
             batch.event.synchronize()
-        rows = np.arange(len(batch.positions))
-        for (split, shard), run in _runs(rows, [items[p][:2] for p in batch.positions], spec.shard_size):
-            if (split, shard) not in buffers:
-                buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], work.dataset.root)
-            buffer = buffers[(split, shard)]
-            buffer.put_rows(items[batch.positions[run[0]]][1] - buffer.start, batch, run, host.slot(batch.slot))
+        for buffer, first, rows in batch.destinations:
+            buffer.finish_rows(first, batch, rows)
             if buffer.full:
-                writer.put(buffers.pop((split, shard)))
+                writer.put(buffers.pop((buffer.split, buffer.shard)))
                 summary.shards_written += 1
                 summary.items_written += len(buffer.items)
         bar.update(len(batch.positions))
@@ -363,11 +422,18 @@ def extract(
                     if strict:
                         raise ExtractionError(f"item {item.id} ({item.path}): {error} (--strict stops at the first bad item)")
                     summary.failed.append((item.id, error))
-            batch = Forwarded(positions.tolist(), errors, None if masks is None else masks.numpy(), number % 2)
+            positions = positions.tolist()
+            batch = Forwarded(positions, errors, None if masks is None else masks.numpy(), destinations(positions))
             if inputs is not None:  # the forward pass and its copy to the host run while the last batch lands
                 with torch.inference_mode(), autocast:
                     outputs = model(inputs.to(target, non_blocking=True), spec.layers, masks.to(target, non_blocking=True))
-                batch.event = host.fill(batch.slot, outputs, len(positions))
+                    outputs = {layer: (patch.to(TORCH_DTYPE[spec.dtype]), None if prefix is None else prefix.to(TORCH_DTYPE[spec.dtype]))
+                               for layer, (patch, prefix) in outputs.items()}
+                for buffer, first, rows in batch.destinations:
+                    buffer.receive(first, outputs, rows)
+                if target.type == "cuda":
+                    batch.event = torch.cuda.Event()
+                    batch.event.record()
             if pending is not None:
                 land(pending)
             pending = batch
@@ -384,49 +450,13 @@ def extract(
 
 @dataclass
 class Forwarded:
-    """A batch whose forward pass was launched: where its rows go and which host slot holds its tokens."""
+    """A batch whose forward pass was launched: where its rows go, and when its copies have landed."""
 
     positions: list[int]
     errors: list[str]
     masks: np.ndarray | None
-    slot: int
+    destinations: list[tuple[ShardBuffer, int, np.ndarray]]
     event: torch.cuda.Event | None = None
-
-
-class HostBuffers:
-    """Two sets of (pinned, on GPU runs) host tensors per layer: one fills while the other is read."""
-
-    def __init__(self, spec: StoreSpec, batch_size: int, pinned: bool):
-        dtype = TORCH_DTYPE[spec.dtype]
-
-        def tensor(count):
-            return torch.empty((batch_size, count, spec.dim), dtype=dtype, pin_memory=pinned)
-
-        self.tokens = [{layer: tensor(spec.num_tokens) for layer in spec.layers} for _ in range(2)]
-        self.prefix = [{layer: tensor(spec.num_prefix) for layer in spec.layers} if spec.num_prefix else None for _ in range(2)]
-        self.storage = STORAGE_DTYPE[spec.dtype]
-
-    def fill(self, slot: int, outputs: dict, n: int) -> torch.cuda.Event | None:
-        """Start copying a batch's outputs (cast to the storage dtype on the device) into `slot`."""
-        for layer, (patch, prefix) in outputs.items():
-            dtype = self.tokens[slot][layer].dtype
-            self.tokens[slot][layer][:n].copy_(patch.to(dtype, memory_format=torch.contiguous_format), non_blocking=True)
-            if self.prefix[slot] is not None:
-                self.prefix[slot][layer][:n].copy_(prefix.to(dtype, memory_format=torch.contiguous_format), non_blocking=True)
-        if not torch.cuda.is_available() or next(iter(outputs.values()))[0].device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
-
-    def slot(self, slot: int) -> tuple[dict, dict | None]:
-        """numpy views of a slot in storage dtype (bfloat16 as its uint16 bits)."""
-        def view(t):
-            return t.view(torch.int16).numpy().view(self.storage) if t.dtype == torch.bfloat16 else t.numpy()
-
-        tokens = {layer: view(t) for layer, t in self.tokens[slot].items()}
-        prefix = {layer: view(t) for layer, t in self.prefix[slot].items()} if self.prefix[slot] is not None else None
-        return tokens, prefix
 
 
 def _runs(rows: np.ndarray, keys: list[tuple[str, int]], shard_size: int):
