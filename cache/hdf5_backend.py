@@ -3,19 +3,31 @@
 A contiguous dataset is fixed-size items back to back, so reads go straight to byte offsets.
 HDF5 takes one writer at a time (two writers on one file corrupt it silently without locking):
 use zarr stores for job arrays.
+
+A full disk: HDF5 drops the error of a buffered write when the dataset handle that made it closes
+(shards were marked complete whose data never reached the disk), and once a write has failed it
+cannot close the file cleanly (the process may crash). So a shard is written only if the disk has
+room for it (and `ulimit -f` allows it); else a StoreError names the file before HDF5 writes a
+byte. Should the disk fill in between (another process), datasets are allocated at creation (no
+metadata changes while shards are written), handles stay open and each shard's writes and flush
+happen under one lock, so the error reaches the shard that caused it, which is not marked complete.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
+import threading
 import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec
+from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec, write_error
 
 CODECS = {"gzip": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}}
 STRING = h5py.string_dtype()
@@ -29,35 +41,60 @@ def create(path: Path, spec: StoreSpec):
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     storage = STORAGE_DTYPE[spec.dtype]
     S = spec.shard_size
-    with h5py.File(tmp, "w") as f:
-        f.attrs["meta"] = json.dumps(spec.to_meta())
-        for split, n in spec.splits.items():
-            group = f.create_group(split)
-            item_arrays = [(f"tokens/{layer}", spec.num_tokens) for layer in spec.layers]
-            if spec.num_prefix:
-                item_arrays += [(f"prefix/{layer}", spec.num_prefix) for layer in spec.layers]
-            for name, count in item_arrays:
-                if spec.codec:
-                    group.create_dataset(name, shape=(n, count, spec.dim), dtype=storage, chunks=(1, count, spec.dim), **CODECS[spec.codec])
-                else:
-                    group.create_dataset(name, shape=(n, count, spec.dim), dtype=storage)
-            if spec.task == "multilabel":
-                group.create_dataset("labels", shape=(n, len(spec.classes)), dtype=np.uint8)
-            else:
-                group.create_dataset("labels", shape=(n,), dtype=np.int64)
-            if spec.masked:
-                group.create_dataset("mask", shape=(n, spec.num_tokens), dtype=np.bool_)
-            for name in ("offsets", "durations"):
-                group.create_dataset(name, shape=(n,), dtype=np.float64)
-            for name in ("ids", "sources", "errors"):
-                group.create_dataset(name, shape=(n,), dtype=STRING)
-            group.create_dataset("complete", shape=(-(-n // S),), dtype=np.uint8)
     try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["meta"] = json.dumps(spec.to_meta())
+            for split, n in spec.splits.items():
+                _create_split(f.create_group(split), n, spec, storage, S)
         os.link(tmp, path)
     except FileExistsError:
         pass
+    except RuntimeError as error:  # h5py's word for a failed write (a full disk)
+        raise _os_error(error) from error
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _create_split(group: h5py.Group, n: int, spec: StoreSpec, storage, S: int):
+    item_arrays = [(f"tokens/{layer}", spec.num_tokens) for layer in spec.layers]
+    if spec.num_prefix:
+        item_arrays += [(f"prefix/{layer}", spec.num_prefix) for layer in spec.layers]
+    for name, count in item_arrays:
+        if spec.codec:
+            group.create_dataset(name, shape=(n, count, spec.dim), dtype=storage, chunks=(1, count, spec.dim), **CODECS[spec.codec])
+        else:  # allocated now, never filled: the file is sparse until written
+            group.create_dataset(name, shape=(n, count, spec.dim), dtype=storage, dcpl=_early(), fill_time="never")
+    columns = {"labels": ((n, len(spec.classes)), np.uint8) if spec.task == "multilabel" else ((n,), np.int64),
+               "offsets": ((n,), np.float64), "durations": ((n,), np.float64)}
+    if spec.masked:
+        columns["mask"] = ((n, spec.num_tokens), np.bool_)
+    for name in ("ids", "sources", "errors"):
+        columns[name] = ((n,), STRING)
+    columns["complete"] = ((-(-n // S),), np.uint8)
+    for name, (shape, dtype) in columns.items():
+        group.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early())
+
+
+ROOM_MARGIN = 4 * 2**20  # for HDF5's own growth (string heaps, metadata) beside a shard's bytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _early() -> h5py.h5p.PropDCID:
+    """Allocate a dataset's space when it is created, not at its first write."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def _os_error(error: Exception) -> OSError:
+    """h5py reports a failed write as a RuntimeError whose text holds the errno: make it an OSError."""
+    if isinstance(error, OSError) and error.errno:
+        return error
+    found = re.search(r"errno = (\d+)", str(error))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else OSError(None, str(error))
 
 
 def open(path: Path, mode: str) -> "HDF5Handle":  # noqa: A001 - the backend's verb
@@ -77,26 +114,53 @@ class HDF5Handle:
             ) from error
         except OSError as error:
             raise StoreError(f"{path}: cannot open as HDF5 ({error}); the file may be truncated or not a store") from error
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._lock = threading.Lock()
+        self._failed = False
 
     def meta(self) -> dict:
         return json.loads(self.file.attrs["meta"])
 
     def dataset(self, split: str, name: str) -> h5py.Dataset:
-        try:
-            return self.file[f"{split}/{name}"]
-        except KeyError as error:
-            raise StoreError(f"{self.path}: dataset {split}/{name} is missing") from error
+        key = f"{split}/{name}"
+        if key not in self._datasets:
+            try:
+                self._datasets[key] = self.file[key]
+            except KeyError as error:
+                raise StoreError(f"{self.path}: dataset {key} is missing") from error
+        return self._datasets[key]
 
     def complete(self, split: str, num_shards: int) -> np.ndarray:
         return self.dataset(split, "complete")[:].astype(bool)
 
     def write_shard(self, split: str, shard: int, start: int, arrays: dict):
-        for name, data in arrays.items():
-            self.dataset(split, name)[start:start + len(data)] = data
-        self.file.flush()
-        os.fsync(self.file.id.get_vfd_handle())
-        self.dataset(split, "complete")[shard] = 1
-        self.file.flush()
+        """The shard's data, flushed and fsync'd, then its complete flag (see the module docstring)."""
+        where = f"{self.path}:{split} items {start}-{start + len(next(iter(arrays.values()))) - 1} (shard {shard})"
+        try:
+            with self._lock:
+                self._check_room(arrays)
+                for name, data in arrays.items():
+                    self.dataset(split, name)[start:start + len(data)] = data
+                self.file.flush()
+            os.fsync(self.file.id.get_vfd_handle())
+            with self._lock:
+                self.dataset(split, "complete")[shard] = 1
+                self.file.flush()
+        except (OSError, RuntimeError) as error:
+            self._failed = True
+            raise write_error(where, _os_error(error)) from error
+
+    def _check_room(self, arrays: dict):
+        """Raise ENOSPC or EFBIG before writing a shard that the disk or `ulimit -f` has no room for."""
+        needed = ROOM_MARGIN + sum(
+            sum(len(str(v)) + 16 for v in data) if data.dtype == object else data.nbytes for data in arrays.values()
+        )
+        disk = os.statvfs(self.path)
+        if disk.f_bavail * disk.f_frsize < needed:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {_mib(disk.f_bavail * disk.f_frsize)} free, a shard needs {_mib(needed)}")
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit < os.path.getsize(self.path) + needed:
+            raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}: the file size limit (ulimit -f) is {_mib(limit)}")
 
     def read_rows(self, split: str, name: str, indices: np.ndarray) -> np.ndarray:
         order = np.argsort(indices, kind="stable")
@@ -127,4 +191,10 @@ class HDF5Handle:
         return RawItems(locate, item_bytes)
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except (OSError, RuntimeError) as error:
+            if not self._failed:  # after a failed write, that failure is the one reported
+                raise write_error(self.path, _os_error(error)) from error
+        finally:
+            self._datasets.clear()

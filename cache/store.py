@@ -12,6 +12,7 @@ shard in flight and a restarted one skips what is done.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +41,49 @@ TARGET_SHARD_BYTES = 128 * 2**20
 
 class StoreError(Exception):
     """A store cannot be created, opened or written as asked; the message says why."""
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit (ulimit -f)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(where, error: OSError) -> StoreError:
+    """The StoreError for a write that failed on `where` (a file, or a dataset of an HDF5 file), saying
+    what to do: a full disk loses only the shards in flight, so freeing space and rerunning resumes."""
+    reason = error.strerror or str(error)
+    if error.errno in FULL_DISK:
+        advice = ("the disk is full (or a quota or file-size limit is reached). Shards already complete are kept: "
+                  "free space and rerun the same command to resume")
+    elif error.errno in NOT_WRITABLE:
+        advice = "the store is not writable here. Make it writable, or extract into another --store"
+    else:
+        advice = "shards already complete are kept; rerun the same command to resume once this is fixed"
+    return StoreError(f"{where}: cannot write ({reason}): {advice}")
+
+
+def check_writable(path: str | Path):
+    """Refuse, naming the path, a store that cannot be written: before any work, not at the first shard.
+
+    Looks at the store file, or at the directories of a zarr store except those under chunk
+    directories `c` (one per shard: too many to visit); a deeper read-only directory still gives a
+    clear error at its first write. Root passes permission bits, so only a read-only mount stops it.
+    """
+    path = Path(path)
+    for place in [path] if path.is_file() else _store_dirs(path):
+        if not os.access(place, os.W_OK | (0 if place.is_file() else os.X_OK)):
+            read_only_fs = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+            reason = "read-only file system" if read_only_fs else "permission denied"
+            raise StoreError(
+                f"{place} is not writable ({reason}): `tokens extract` writes its shards into the store {path}. "
+                "Reading it (tokens info, verify, probe) works as it is; to extract, make it writable or use another --store."
+            )
+
+
+def _store_dirs(path: Path):
+    for directory, subdirs, _ in os.walk(path):
+        yield Path(directory)
+        if os.path.basename(directory) == "c":
+            subdirs.clear()
 
 
 @dataclass
@@ -130,7 +174,12 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None) ->
     fmt = fmt or detect_format(path)
     backend = _backend(fmt)
     if not path.exists():
-        backend.create(path, spec)
+        try:
+            backend.create(path, spec)
+        except OSError as error:  # a full disk or a read-only parent directory
+            raise write_error(path, error) from error
+    else:
+        check_writable(path)
     store = TokenStore(path, fmt=fmt, mode="a")
     store.check_compatible(spec)
     return store

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec
+from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec, write_error
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -35,6 +35,20 @@ def create(path: Path, spec: StoreSpec):
         raise StoreError(f"codec {spec.codec!r} is not available for zarr stores: use one of {', '.join(CODECS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        _build(tmp, spec)
+    except BaseException:  # a full disk: leave nothing half-made behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another task created it first (or a file is in the way: open() will say)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists():
+            raise
+
+
+def _build(tmp: Path, spec: StoreSpec):
     compressors = CODECS[spec.codec]() if spec.codec else None
     root = zarr.open_group(tmp, mode="w")
     root.attrs.update(spec.to_meta())
@@ -62,12 +76,6 @@ def create(path: Path, spec: StoreSpec):
         for name in ("ids", "sources", "errors"):
             group.create_array(name, shape=(n,), chunks=(S,), dtype=str, fill_value="", config=FAST_WRITES)
         group.create_array("complete", shape=(-(-n // S),), chunks=(1,), dtype=np.uint8, fill_value=0)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another task created it first (or a file is in the way: open() will say)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not path.exists():
-            raise
 
 
 def _write_all(fd: int, data: memoryview):
@@ -109,20 +117,31 @@ class ZarrHandle:
         return self.array(split, "complete")[:].astype(bool)
 
     def write_shard(self, split: str, shard: int, start: int, arrays: dict):
-        for name, data in arrays.items():
-            array = self.array(split, name)
-            if array.shards is not None and not array.compressors:
-                self._write_raw_shard(split, name, shard, data)
-                continue
-            array[start:start + len(data)] = data
-            chunk = self.chunk_file(split, name, shard)
-            if chunk.exists():  # data reaches the disk before the shard is called complete
-                fd = os.open(chunk, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        self.array(split, "complete")[shard] = 1
+        """Every array's file of the shard, then its complete flag. A failed write (full disk,
+        read-only directory) raises a StoreError naming the file; the shard stays incomplete and
+        no temporary file is left behind (every file is written aside and renamed into place)."""
+        for name, data in [*arrays.items(), ("complete", None)]:
+            try:
+                if name == "complete":
+                    self.array(split, "complete")[shard] = 1
+                else:
+                    self._write_array(split, name, shard, start, data)
+            except OSError as error:
+                raise write_error(self.chunk_file(split, name, shard), error) from error
+
+    def _write_array(self, split: str, name: str, shard: int, start: int, data: np.ndarray):
+        array = self.array(split, name)
+        if array.shards is not None and not array.compressors:
+            self._write_raw_shard(split, name, shard, data)
+            return
+        array[start:start + len(data)] = data
+        chunk = self.chunk_file(split, name, shard)
+        if chunk.exists():  # data reaches the disk before the shard is called complete
+            fd = os.open(chunk, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _write_raw_shard(self, split: str, name: str, shard: int, data: np.ndarray):
         """Write an uncompressed shard file exactly as zarr's sharding codec lays it out, in one go.
@@ -143,12 +162,16 @@ class ZarrHandle:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, memoryview(payload).cast("B"))
-            _write_all(fd, memoryview(index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                _write_all(fd, memoryview(payload).cast("B"))
+                _write_all(fd, memoryview(index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:  # a torn temporary file would hold space a full disk needs back
+            tmp.unlink(missing_ok=True)
+            raise
 
     def read_rows(self, split: str, name: str, indices: np.ndarray) -> np.ndarray:
         return self.array(split, name).oindex[indices]

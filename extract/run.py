@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE
+from tokens.cache.store import STORAGE_DTYPE, check_writable
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
 from tokens.extract.images import BadImage, load_image
@@ -348,6 +348,8 @@ def extract(
     """Fill `store_path` with the token maps of every item of the dataset (or of this part of it)."""
     started = time.time()
     store_path = Path(store_path)
+    if store_path.exists() and not dry_run:  # a read-only store: say so before hours of work, not at the first shard
+        check_writable(store_path)
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
                 shard_size=shard_size, part=part)
@@ -439,13 +441,26 @@ def extract(
             pending = batch
         if pending is not None:
             land(pending)
-    finally:
+    except BaseException:  # the first error is the one to report; the store is closed all the same
         bar.close()
-        writer.close()
+        _close_quietly(writer, store)
+        raise
+    bar.close()
+    try:
+        writer.close()  # raises a failed write of the last shards (a full disk)
+    finally:
         store.close()
     summary.seconds = time.time() - started
     summary.streaming_seconds = time.time() - first_batch
     return summary
+
+
+def _close_quietly(*closeables):
+    for closeable in closeables:
+        try:
+            closeable.close()
+        except BaseException:  # an error is already on its way up: it stays the one reported
+            pass
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -643,3 +644,115 @@ def test_verify_names_a_damaged_chunk_and_other_shards_stay_readable(clips, tmp_
         if array.startswith("tokens"):  # never silently zeros
             with pytest.raises(StoreError, match="run `tokens verify`"):
                 b.split("train").read_tokens(int(array.split("/")[1]), [2])
+
+
+def assert_complete_shards_match(reference: Path, path: Path) -> int:
+    """Every shard that `path` marks complete holds exactly the reference's items; returns how many."""
+    count = 0
+    with open_store(reference) as a, open_store(path) as b:
+        for name, expected in a.splits.items():
+            got = b.split(name)
+            for shard in np.flatnonzero(got.complete_mask()):
+                rows = np.arange(*got.shard_range(int(shard)))
+                for layer in expected.layers:
+                    np.testing.assert_array_equal(got.read_tokens(layer, rows), expected.read_tokens(layer, rows))
+                np.testing.assert_array_equal(got.read_mask(rows), expected.read_mask(rows))
+                for column in COLUMNS:
+                    np.testing.assert_array_equal(got.column(column)[rows], expected.column(column)[rows])
+                count += 1
+    return count
+
+
+def mount(*args) -> bool:
+    """`mount ARGS`; False where this process may not mount (not root, or a container without CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", *map(str, args)], capture_output=True).returncode == 0
+
+
+# --- a full disk ------------------------------------------------------------------------------------------
+
+# `tokens ARGS` whose disk fills up once AFTER shards are complete:
+#   ulimit: no file may grow past its present size (RLIMIT_FSIZE; SIGXFSZ ignored, so writes fail with EFBIG)
+#   tmpfs:  another program takes every free byte of the small tmpfs the store is on (writes fail with ENOSPC)
+FULL_DISK_EXTRACTION = """
+    import os, resource, signal, sys, threading
+    import tokens.cache.store as store_module
+    how, after, hog = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    path = sys.argv[sys.argv.index("--store") + 1]
+    write_shard, done, lock = store_module.Split.write_shard, [0], threading.Lock()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+
+    def fill_the_disk():
+        if how == "ulimit":
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+            return
+        with open(hog, "wb", buffering=0) as f:
+            for block in (b"\\0" * 65536, b"\\0"):
+                try:
+                    while True:
+                        f.write(block)
+                except OSError:
+                    pass
+
+    def hooked(self, shard, **arrays):
+        write_shard(self, shard, **arrays)
+        with lock:
+            done[0] += 1
+            if done[0] == after:
+                fill_the_disk()
+
+    store_module.Split.write_shard = hooked
+    from tokens.cli import app
+    app(sys.argv[4:], prog_name="tokens")
+"""
+FULL_AFTER = 3  # of the 8 shards of make_clips
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """An 8 MiB tmpfs: a disk that really fills. Skipped where this process may not mount."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    if not mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", where):
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the ulimit cases fill a disk anyway")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("how", ["ulimit", "tmpfs"])
+def test_a_full_disk_stops_extraction_clearly_and_a_restart_resumes(clips, tmp_path, request, how, fmt):
+    """A disk that fills mid-run ends `tokens extract` with an error naming the store's file and the
+    full disk (no traceback); the shards complete by then hold exactly their items, `tokens verify`
+    finds nothing wrong but the unfinished shards, no temporary file is left holding space, and
+    after space is freed the same command finishes the store of an uninterrupted run.
+
+    `ulimit -f` works on any Linux machine; the tmpfs (a real ENOSPC) needs the right to mount."""
+    dataset, reference = clips
+    disk = request.getfixturevalue("tmpfs") if how == "tmpfs" else tmp_path
+    store = disk / ("s.zarr" if fmt == "zarr" else "s.h5")
+    hog = disk / "hog"
+    args = ["extract", dataset, "--store", store, "--format", fmt, "-q", "--num-workers", "0", "-l", "all",
+            "--shard-size", "2", "--batch-size", "3", "-o", f"window_seconds={WINDOW}"]
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL_DISK_EXTRACTION), how, str(FULL_AFTER), str(hog), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    reason = "No space left on device" if how == "tmpfs" else "File too large"
+    assert f"error: {store}" in proc.stderr and reason in proc.stderr and "the disk is full" in proc.stderr, proc.stderr
+    assert "free space and rerun the same command to resume" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    complete = assert_complete_shards_match(reference, store)
+    assert FULL_AFTER <= complete < 8
+    result = cli("verify", store)
+    problems = [line.strip()[2:] for line in result.output.splitlines() if line.strip().startswith("- ")]
+    assert result.exit_code == 1 and problems, result.output
+    assert all(re.fullmatch(r"\w+: \d+ of \d+ shards not complete: [\d, -]+", p) for p in problems), result.output
+    assert not [p for p in disk.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    hog.unlink(missing_ok=True)  # space is freed (the file-size limit died with the process)
+    resumed = run_extract(dataset, store, fmt=fmt, backbone_options={"window_seconds": WINDOW})
+    assert resumed.shards_skipped == complete and resumed.shards_written == 8 - complete
+    assert_same_store(reference, store)
+    assert_verify_passes(store)
