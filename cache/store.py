@@ -66,16 +66,21 @@ def check_writable(path: str | Path):
 
     Looks at the store file, or at the directories of a zarr store except those under chunk
     directories `c` (one per shard: too many to visit); a deeper read-only directory still gives a
-    clear error at its first write. Root passes permission bits, so only a read-only mount stops it.
+    clear error at its first write. For a store yet to be made, at the directory it will be made in.
+    Root passes permission bits, so only a read-only mount stops it.
     """
     path = Path(path)
-    for place in [path] if path.is_file() else _store_dirs(path):
+    if path.exists():
+        places, doing = [path] if path.is_file() else _store_dirs(path), f"writes its shards into the store {path}"
+    else:
+        places, doing = [next(p for p in path.absolute().parents if p.exists())], f"creates the store {path} there"
+    for place in places:
         if not os.access(place, os.W_OK | (0 if place.is_file() else os.X_OK)):
             read_only_fs = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
             reason = "read-only file system" if read_only_fs else "permission denied"
             raise StoreError(
-                f"{place} is not writable ({reason}): `tokens extract` writes its shards into the store {path}. "
-                "Reading it (tokens info, verify, probe) works as it is; to extract, make it writable or use another --store."
+                f"{place} is not writable ({reason}): `tokens extract` {doing}. Reading a store (tokens info, "
+                "verify, probe) works as it is; to extract, make it writable or use another --store."
             )
 
 

@@ -348,7 +348,7 @@ def extract(
     """Fill `store_path` with the token maps of every item of the dataset (or of this part of it)."""
     started = time.time()
     store_path = Path(store_path)
-    if store_path.exists() and not dry_run:  # a read-only store: say so before hours of work, not at the first shard
+    if not dry_run:  # a read-only store (or directory): say so before hours of work, not at the first shard
         check_writable(store_path)
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,

@@ -756,3 +756,109 @@ def test_a_full_disk_stops_extraction_clearly_and_a_restart_resumes(clips, tmp_p
     assert resumed.shards_skipped == complete and resumed.shards_written == 8 - complete
     assert_same_store(reference, store)
     assert_verify_passes(store)
+
+
+# --- read-only stores ---------------------------------------------------------------------------------------
+
+
+def unfinish(path: Path, split: str = "train", shard: int = 5):
+    """Clear one shard's complete flag: the store of an extraction that stopped before its end."""
+    with open_store(path, mode="a") as store:
+        handle = store.split(split)._h
+        flags = handle.array(split, "complete") if store.format == "zarr" else handle.dataset(split, "complete")
+        flags[shard] = 0
+
+
+@pytest.fixture(scope="module")
+def read_only_stores(clips, tmp_path_factory):
+    """A directory of stores (unfinished clips.zarr and clips.h5 to resume into; complete probe.zarr and
+    probe.h5 to read) made read-only as a user meets it, and how: `chmod -R a-w`, or for root, whom
+    permission bits do not stop, a read-only bind mount of the directory onto itself. None where root
+    may not mount: nothing can make a directory read-only for this process then."""
+    from test_probe import make_store
+
+    dataset, reference = clips
+    stores = tmp_path_factory.mktemp("read_only") / "stores"
+    stores.mkdir()
+    shutil.copytree(reference, stores / "clips.zarr")
+    run_extract(dataset, stores / "clips.h5", fmt="hdf5", backbone_options={"window_seconds": WINDOW})
+    for name in ("clips.zarr", "clips.h5"):
+        unfinish(stores / name)
+    for name in ("probe.zarr", "probe.h5"):
+        make_store(stores / name)
+    if os.geteuid() != 0:
+        subprocess.run(["chmod", "-R", "a-w", str(stores)], check=True)
+        yield stores, "chmod -R a-w"
+        subprocess.run(["chmod", "-R", "u+w", str(stores)], check=True)
+    elif mount("--bind", stores, stores):
+        try:
+            if not mount("-o", "remount,bind,ro", stores):
+                raise RuntimeError(f"could bind-mount {stores} but not remount it read-only")
+            yield stores, "read-only bind mount"
+        finally:  # lazily: a reader's file descriptors close when it is collected
+            subprocess.run(["umount", "-l", str(stores)], check=True)
+    else:
+        yield stores, None
+
+
+@pytest.mark.parametrize("case", ["zarr", "hdf5", "new_store"])
+def test_extract_into_a_read_only_store_is_refused_naming_it_before_any_work(read_only_stores, clips, monkeypatch, case):
+    """Resuming into a read-only store (or creating one in a read-only directory) exits 2 naming the
+    path and why, before the backbone is built or anything decoded; nothing changes on disk.
+
+    Tests run as root in CI, where chmod does not stop writes: there the stores sit on a read-only
+    bind mount. Where root may not mount, os.access is made to answer as on a read-only mount (the
+    check under test is the one that asks it), and the new-store case is skipped."""
+    import tokens.extract.run as run_module
+
+    stores, how = read_only_stores
+    dataset, _ = clips
+    store = stores / {"zarr": "clips.zarr", "hdf5": "clips.h5", "new_store": "new.zarr"}[case]
+    if how is None:
+        if case == "new_store":
+            pytest.skip("root may not mount here: no read-only directory to create a store in")
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK and Path(p).is_relative_to(stores)
+                            else access(p, mode, **kw))
+    before = snapshot(stores)
+    built, decoded = [], []
+    monkeypatch.setattr(run_module, "build_backbone", lambda *a, **kw: built.append(a) or build_backbone(*a, **kw))
+    monkeypatch.setattr(run_module, "load_window", lambda *a: decoded.append(a))
+    result = cli("extract", dataset, "--store", store, "--format", "hdf5" if case == "hdf5" else "zarr", "-q",
+                 "--num-workers", "0", "-l", "all", "--shard-size", "2", "-o", f"window_seconds={WINDOW}")
+    assert result.exit_code == 2, result.output
+    place = stores if case == "new_store" else store
+    reason = "read-only file system" if how == "read-only bind mount" else "permission denied"
+    assert f"error: {place} is not writable ({reason})" in result.output, result.output
+    assert str(store) in result.output and "use another --store" in result.output
+    assert not built and not decoded
+    assert snapshot(stores) == before and not (stores / "new.zarr").exists()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("command", ["info", "verify", "probe", "extract_dry_run"])
+def test_a_read_only_store_can_still_be_read(read_only_stores, clips, tmp_path, command, fmt):
+    """`tokens info`, `tokens verify`, a probe sweep and an extraction's --dry-run read a read-only
+    store as they read any other, and change nothing in it."""
+    stores, how = read_only_stores
+    if how is None:
+        pytest.skip("root may not mount here, and permission bits do not stop root: no read-only store to read")
+    suffix = ".zarr" if fmt == "zarr" else ".h5"
+    probe_store = stores / f"probe{suffix}"
+    before = snapshot(stores)
+    if command == "info":
+        result = cli("info", probe_store)
+        assert result.exit_code == 0 and "synthetic" in result.output and "INCOMPLETE" not in result.output, result.output
+    elif command == "verify":
+        result = cli("verify", probe_store)
+        assert result.exit_code == 0 and "sound" in result.output, result.output
+    elif command == "probe":
+        result = cli("probe", probe_store, "--heads", "linear", "--seeds", "0", "--epochs", "1", "--batch-size", "16",
+                     "--warmup-epochs", "0", "--device", "cpu", "--data", "stream", "--num-threads", "1", "--out", tmp_path / "run")
+        assert result.exit_code == 0, result.output
+        assert len(leaderboard_metrics(tmp_path / "run")) == 1
+    else:
+        result = cli("extract", clips[0], "--store", stores / f"clips{suffix}", "--format", fmt, "--dry-run",
+                     "-l", "all", "--shard-size", "2", "-o", f"window_seconds={WINDOW}")
+        assert result.exit_code == 0 and "15 items" in result.output, result.output
+    assert snapshot(stores) == before
