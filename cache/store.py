@@ -240,22 +240,43 @@ class TokenStore:
         return self.meta["classes"]
 
     def check_compatible(self, spec: StoreSpec):
-        """Refuse to write tokens of another configuration into this store, naming what differs."""
+        """Refuse to write tokens of another configuration into this store, naming what differs.
+
+        The field nearest the cause is named first, down to the differing entry (e.g. frontend.hop):
+        backbone_config repeats the checkpoint hash and the front-end, and the window it holds also
+        changes how recordings are cut, so the dataset's fingerprint comes after it.
+        """
         new = spec.to_meta()
-        for name in KEY_FIELDS + LAYOUT_FIELDS:
-            old_value = self.meta.get(name)
-            new_value = new[name]
-            if json.dumps(old_value, sort_keys=True, default=str) != json.dumps(new_value, sort_keys=True, default=str):
-                raise StoreError(
-                    f"{self.path} was made with another configuration: {name} is "
-                    f"{_short(old_value)} in the store but {_short(new_value)} now. "
-                    "Use a new store path, or rerun with the store's settings."
-                )
+        late = ("backbone_config", "dataset_fingerprint")
+        order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
+        differing = [name for name in order if _json(self.meta.get(name)) != _json(new[name])]
+        if differing:
+            entries = _differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
+            what = ", ".join(f"{where} is {_short(old)} in the store but {_short(now)} now" for where, old, now in entries[:3])
+            what += f" and {len(entries) - 3} more entries of {differing[0]}" if len(entries) > 3 else ""
+            hint = " (the dataset's items, windows or labels differ)" if differing[0] == "dataset_fingerprint" else ""
+            also = f" (also different: {', '.join(differing[1:])})" if len(differing) > 1 else ""
+            raise StoreError(
+                f"{self.path} was made with another configuration: {what}{hint}{also}. "
+                "Use a new store path, or rerun with the store's settings."
+            )
 
     def disk_bytes(self) -> int:
         if self.path.is_file():
             return self.path.stat().st_size
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _differences(where: str, old, new) -> list[tuple[str, object, object]]:
+    """The entries that differ, descending into dicts: [('frontend.hop', 160, 320)]."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [(where, old, new)]
+    keys = [k for k in sorted(set(old) | set(new)) if _json(old.get(k)) != _json(new.get(k))]
+    return [entry for k in keys for entry in _differences(f"{where}.{k}", old.get(k), new.get(k))]
 
 
 def _short(value) -> str:

