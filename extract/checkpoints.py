@@ -39,20 +39,19 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":  # a format that holds tensors only: nothing in it can run
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not allow_pickle:
-            found = re.search(r"GLOBAL (\S+)", str(err))
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path} contains pickled Python objects{what} besides tensors; unpickling them can run "
-                "arbitrary code. If you trust this file, pass --allow-pickle (allow_pickle=True)."
-            ) from None
+            raise pickle_refused(path, err) from None
     except (RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
     try:
@@ -61,6 +60,16 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False):
         raise CheckpointError(
             f"{path}: unpickling it needs the Python package that defines '{err.name}'; install it and retry"
         ) from None
+
+
+def pickle_refused(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """The refusal of a file that `weights_only` loading stopped, naming what it would have run."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path} contains pickled Python objects{what} besides tensors; unpickling them can run "
+        "arbitrary code. If you trust this file, pass --allow-pickle (allow_pickle=True)."
+    )
 
 
 def expect(path: str | Path, key: str, what: str, expected, found) -> None:

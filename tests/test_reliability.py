@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import re
 import resource
@@ -920,3 +921,84 @@ def test_a_store_of_another_configuration_is_refused_naming_the_field(clips, tmp
     assert case != "dataset" or "(the dataset's items, windows or labels differ)" in result.output
     assert "Use a new store path, or rerun with the store's settings" in result.output
     assert not decoded and snapshot(store) == before
+
+
+# --- untrusted files ----------------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickled, it runs a shell command, as a booby-trapped checkpoint would: here, one that leaves a marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def booby_trap(path: Path, marker: Path, packing: str) -> Path:
+    """A file that runs Payload when unpickled, packed as torch.save (zip or legacy) or a bare pickle."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {"model": Payload(marker)}
+    if packing == "torch_zip":
+        torch.save(obj, path)
+    elif packing == "torch_legacy":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    return path
+
+
+PICKLED = "contains pickled Python objects (posix.system) besides tensors; unpickling them can run arbitrary code"
+UNTRUSTED = {
+    # id: (file name, packing, `tokens` arguments after the file is made, what the refusal must say)
+    "torch_zip": ("evil.pt", "torch_zip", ["extract", "-c"], [PICKLED, "--allow-pickle"]),
+    "torch_legacy": ("evil.pt", "torch_legacy", ["extract", "-c"], [PICKLED, "--allow-pickle"]),
+    "bare_pickle": ("evil.pth", "pickle", ["extract", "-c"], [PICKLED, "--allow-pickle"]),
+    "pickle_named_safetensors": ("evil.safetensors", "pickle", ["extract", "-c"], ["not a readable safetensors file"]),
+    "ast_folder_weights": ("ast/pytorch_model.bin", "torch_zip", ["extract", "-b", "ast", "-c"], [PICKLED, "--allow-pickle"]),
+    "probe_head": ("evil.pt", "torch_zip", ["predict"], []),
+    "probe_resume_checkpoint": ("run/checkpoint.pt", "torch_zip", ["probe"], []),
+}
+
+
+@pytest.mark.parametrize("case", list(UNTRUSTED))
+def test_a_booby_trapped_file_is_refused_and_its_code_never_runs(clips, probe_store, tmp_path, case):
+    """A checkpoint (any packing, or an AST folder's weights) that would run code when unpickled is
+    refused by `tokens extract` naming the file and --allow-pickle, before a store exists; a planted
+    head or sweep checkpoint stops `tokens predict` / `tokens probe`. The code never runs: no marker."""
+    name, packing, command, fragments = UNTRUSTED[case]
+    marker = tmp_path / "the payload ran"
+    evil = booby_trap(tmp_path / name, marker, packing)
+    store = tmp_path / "s.zarr"
+    if command[0] == "extract":
+        if case == "ast_folder_weights":
+            transformers = pytest.importorskip("transformers")
+            transformers.ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=128).save_pretrained(evil.parent)
+            evil_arg = evil.parent
+        else:
+            evil_arg = evil
+        result = cli(*command, evil_arg, clips[0], "--store", store, "-q", "--num-workers", "0")
+        assert result.exit_code == 2, result.output
+        assert f"error: {evil}" in result.output, result.output
+        assert not store.exists()
+    elif command[0] == "predict":
+        result = cli("predict", probe_store[0], "--head", evil, "--out", tmp_path / "scores.csv")
+        assert result.exit_code != 0 and not (tmp_path / "scores.csv").exists(), result.output
+    else:
+        result = cli("probe", probe_store[0], *SWEEP, "--out", evil.parent)
+        assert result.exit_code != 0 and not (evil.parent / "leaderboard.csv").exists(), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert not marker.exists()
+
+
+def test_the_payload_does_run_when_the_user_allows_pickles(clips, tmp_path):
+    """The control that makes the refusals above mean something: with --allow-pickle the same file's
+    code runs (the marker appears), and the broken checkpoint is then reported naming the file."""
+    marker = tmp_path / "the payload ran"
+    evil = booby_trap(tmp_path / "evil.pt", marker, "torch_zip")
+    result = cli("extract", clips[0], "--store", tmp_path / "s.zarr", "-q", "--num-workers", "0", "-c", evil, "--allow-pickle")
+    assert marker.exists()
+    assert result.exit_code == 2 and f"error: {evil}" in result.output, result.output

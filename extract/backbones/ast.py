@@ -6,11 +6,12 @@ distillation tokens. transformers flattens the patches frequency-major; they are
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
-from ..checkpoints import CheckpointError, expect, sha256_file
+from ..checkpoints import CheckpointError, expect, pickle_refused, sha256_file
 from ..frontends import fbank_frames, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 
@@ -62,7 +63,11 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm
     path = Path(need_checkpoint(name, checkpoint))
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: {name} needs a local folder saved with save_pretrained (config.json + weights)")
-    model = ASTModel.from_pretrained(path, local_files_only=True)
+    try:  # transformers loads a pytorch_model.bin with torch.load(weights_only=True) unless told otherwise
+        model = ASTModel.from_pretrained(path, local_files_only=True, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        pickled = sorted(path.glob("*.bin"))
+        raise pickle_refused(pickled[0] if len(pickled) == 1 else path, err) from None
     config = model.config
     expect(path, "config.json hidden_size", "embedding size", dim, config.hidden_size)
     expect(path, "config.json num_hidden_layers", "depth", depth, config.num_hidden_layers)
