@@ -100,14 +100,20 @@ def head_inputs(head: nn.Module, layer, batch):
 
 @torch.no_grad()
 def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarray, batch_size: int, task: str) -> list[np.ndarray]:
-    """Scores (sigmoid multi-label, softmax multi-class) of every (head, layer) on `items`, in order."""
+    """Scores (sigmoid multi-label, softmax multi-class) of every (head, layer) on `items`, in order.
+
+    A batch's scores of all heads come to the CPU in one copy: one wait for the device per
+    batch, not one per head and batch."""
     for head, _ in heads:
         head.eval()
     outputs = [[] for _ in heads]
     for batch in source.batches(items, batch_size):
-        for out, (head, layer) in zip(outputs, heads):
+        scores = []
+        for head, layer in heads:
             logits = head(*head_inputs(head, layer, batch)).float()
-            out.append((logits.sigmoid() if task == "multilabel" else logits.softmax(-1)).cpu().numpy())
+            scores.append(logits.sigmoid() if task == "multilabel" else logits.softmax(-1))
+        for out, head_scores in zip(outputs, torch.stack(scores).cpu().numpy()):
+            out.append(head_scores)
     return [np.concatenate(out) for out in outputs]
 
 
