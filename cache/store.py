@@ -262,8 +262,9 @@ class TokenStore:
             )
 
     def disk_bytes(self) -> int:
-        if self.path.is_file():
-            return self.path.stat().st_size
+        if self.path.is_file():  # an HDF5 file is sparse until its shards are written: count what is allocated
+            stat = self.path.stat()
+            return min(stat.st_size, stat.st_blocks * 512)
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
