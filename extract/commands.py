@@ -50,7 +50,7 @@ def extract(
     backbone_option: list[str] = typer.Option([], "--backbone-option", "-o", help="KEY=VALUE passed to the backbone (repeatable), e.g. -o window_seconds=2."),
     layers: str = typer.Option("-1", "--layers", "-l", help="Blocks to cache, comma-separated (negative counts from the end), or 'all'."),
     final_norm: bool = typer.Option(False, "--final-norm", help="Apply the encoder's final norm to the cached tokens (default: raw block outputs, as the EP protocol uses)."),
-    fmt: str = typer.Option("zarr", "--format", help="Store format: zarr or hdf5."),
+    fmt: str = typer.Option(None, "--format", help="Store format: zarr or hdf5 (default: hdf5 for a .h5/.hdf5 store, else zarr)."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored token dtype: float16, bfloat16 or float32."),
     codec: str = typer.Option(None, "--codec", help="Lossless codec (zarr: zstd, gzip, blosc-lz4; hdf5: gzip, lzf). Off by default: float16 activations gain under 10%."),
     shard_size: int = typer.Option(0, "--shard-size", help="Items per shard, the unit of writing and resuming (0: about 128 MiB per layer)."),
@@ -73,7 +73,7 @@ def extract(
     """
     from tokens.extract.run import ExtractionError, extract as run_extract
 
-    if fmt not in ("zarr", "hdf5"):
+    if fmt not in (None, "zarr", "hdf5"):
         raise typer.BadParameter(f"{fmt!r}: use zarr or hdf5", param_hint="--format")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise typer.BadParameter(f"{dtype!r}: use float16, bfloat16 or float32", param_hint="--dtype")

@@ -331,7 +331,7 @@ def extract(
     backbone_options: dict | None = None,
     layers: list[int] | str | None = None,
     final_norm: bool = False,
-    fmt: str = "zarr",
+    fmt: str | None = None,
     dtype: str = "float16",
     codec: str | None = None,
     shard_size: int = 0,
@@ -348,6 +348,7 @@ def extract(
     """Fill `store_path` with the token maps of every item of the dataset (or of this part of it)."""
     started = time.time()
     store_path = Path(store_path)
+    fmt = fmt or ("hdf5" if store_path.suffix in (".h5", ".hdf5") and not store_path.is_dir() else "zarr")
     if not dry_run:  # a read-only store (or directory): say so before hours of work, not at the first shard
         check_writable(store_path)
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))

@@ -52,10 +52,11 @@ def run(manifest, store, **kw):
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_stored_tokens_equal_a_direct_forward_pass(dataset, tmp_path, suffix):
     store_path = tmp_path / f"s{suffix}"
-    summary = run(dataset, store_path, fmt="zarr" if suffix == ".zarr" else "hdf5")
+    summary = run(dataset, store_path)  # the format follows the suffix
     assert summary.items_written == 8 and not summary.failed
     model = build_backbone("crepe-tiny")
     with open_store(store_path) as store:
+        assert store.format == ("zarr" if suffix == ".zarr" else "hdf5") and store_path.is_file() == (suffix == ".h5")
         assert store.task == "multilabel" and store.classes == ["high", "low", "mid"]
         assert store.layers == [0, 1, 2] and store.meta["grid"] == list(model.grid)
         train = store.split("train")
