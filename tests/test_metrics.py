@@ -136,3 +136,12 @@ def test_make_loss_defaults_and_rejections():
         make_loss("multiclass", "asl")
     with pytest.raises(ValueError, match="unknown task"):
         make_loss("regression")
+
+
+@pytest.mark.parametrize("task, labels", [("multilabel", [[1, 0], [0, 1], [1, 1]]), ("multiclass", [0, 1, 1])])
+def test_a_diverged_head_gets_undefined_metrics_instead_of_an_error(task, labels):
+    scores = np.array([[0.2, np.nan], [0.5, 0.1], [np.inf, 0.3]])
+    metrics = compute_metrics(task, scores, np.array(labels))
+    primary = primary_metric(task)
+    (per_class,) = [v for k, v in metrics.items() if k.startswith("per_class")]
+    assert np.isnan(metrics[primary]) and per_class == [None, None]

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, balanced_ac
 from typer.testing import CliRunner
 
 from tokens.cache import StoreSpec, create_or_open, open_store
-from tokens.train import commands
+from tokens.train import commands, heads
 from tokens.train import probe as recipe
 from tokens.train import sweep as sweeps
 from tokens.train.data import epoch_order, usable_items
@@ -307,3 +307,22 @@ def test_missing_and_incomplete_splits_are_refused(tmp_path):
     with open_store(partial) as opened:
         config = json.loads((tmp_path / "y" / "config.json").read_text())
     assert "train items" in config["validation"] and opened.split("train").num_items == 96
+
+
+def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
+    """A head whose scores turn NaN (say, a learning rate far too high) gets NaN metrics and the
+    lowest rank; the other heads of the sweep finish as usual."""
+    def build_head(name, **kw):
+        head = heads.build_head(name, **kw)
+        if name == "linear":
+            forward = head.forward
+            head.forward = lambda *a, **k: forward(*a, **k) * float("nan")
+        return head
+
+    monkeypatch.setattr(recipe, "build_head", build_head)
+    out = tmp_path / "diverged"
+    ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", *FAST, "--out", out)
+    rows = read_csv(out / "leaderboard.csv")
+    assert [r["head"] for r in rows] == ["ep", "linear"]
+    assert float(rows[0]["test_map"]) > 0.6 and rows[1]["val_map"] == rows[1]["test_map"] == "nan"
+    assert (out / "best" / "ep.pt").exists() and (out / "val_curves.png").stat().st_size

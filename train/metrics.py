@@ -28,8 +28,12 @@ def compute_metrics(task: str, scores, labels) -> dict:
         roc_auc (macro over classes with both positives and negatives), per_class_ap.
     multiclass: labels (N,) class indices -> acc (top-1), balanced_acc (mean recall over the
         classes present), per_class_acc (recall per class).
+    Scores with NaN or Inf (a head that diverged) give NaN metrics, which never win model selection.
     """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if task in PRIMARY and not np.isfinite(scores).all():  # a diverged head: undefined, not a dead sweep
+        names = ("map", "roc_auc", "per_class_ap") if task == "multilabel" else ("acc", "balanced_acc", "per_class_acc")
+        return {names[0]: float("nan"), names[1]: float("nan"), names[2]: [None] * scores.shape[1]}
     if task == "multilabel":
         return _multilabel(scores, labels)
     if task == "multiclass":
