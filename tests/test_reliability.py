@@ -957,8 +957,8 @@ UNTRUSTED = {
     "bare_pickle": ("evil.pth", "pickle", ["extract", "-c"], [PICKLED, "--allow-pickle"]),
     "pickle_named_safetensors": ("evil.safetensors", "pickle", ["extract", "-c"], ["not a readable safetensors file"]),
     "ast_folder_weights": ("ast/pytorch_model.bin", "torch_zip", ["extract", "-b", "ast", "-c"], [PICKLED, "--allow-pickle"]),
-    "probe_head": ("evil.pt", "torch_zip", ["predict"], []),
-    "probe_resume_checkpoint": ("run/checkpoint.pt", "torch_zip", ["probe"], []),
+    "probe_head": ("evil.pt", "torch_zip", ["predict"], ["holds pickled Python objects", "--head"]),
+    "probe_resume_checkpoint": ("run/checkpoint.pt", "torch_zip", ["probe"], ["holds pickled Python objects", "--out"]),
 }
 
 
@@ -985,10 +985,10 @@ def test_a_booby_trapped_file_is_refused_and_its_code_never_runs(clips, probe_st
         assert not store.exists()
     elif command[0] == "predict":
         result = cli("predict", probe_store[0], "--head", evil, "--out", tmp_path / "scores.csv")
-        assert result.exit_code != 0 and not (tmp_path / "scores.csv").exists(), result.output
+        assert result.exit_code == 2 and not (tmp_path / "scores.csv").exists(), result.output
     else:
         result = cli("probe", probe_store[0], *SWEEP, "--out", evil.parent)
-        assert result.exit_code != 0 and not (evil.parent / "leaderboard.csv").exists(), result.output
+        assert result.exit_code == 2 and not (evil.parent / "leaderboard.csv").exists(), result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
     assert not marker.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -229,6 +230,10 @@ def predict(
     compute = pick_device(device)
     try:
         saved = torch.load(head, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise typer.BadParameter(
+            f"{head} holds pickled Python objects besides tensors, which are not loaded because unpickling can "
+            "run code; a head saved by `tokens probe` holds only tensors and plain values", param_hint="--head") from None
     except (OSError, RuntimeError) as error:
         raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from error
     opened = open_checked(store, [split], allow_incomplete)

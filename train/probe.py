@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,12 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
     """The saved state of this sweep, None if there is none; refuse one left by another sweep."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SweepError(
+            f"{path} holds pickled Python objects besides tensors, which are not loaded because unpickling can run "
+            "code; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
     if state["plan"] != plan:
         differs = [k for k in plan if state["plan"].get(k) != plan[k]]
         raise SweepError(
