@@ -70,7 +70,7 @@ def demo(
     """Run the whole pipeline offline: synthesize localized sound events, extract them with the
     real crepe-tiny weights, train linear, mean, mhca, ep and protobin probes, print the leaderboard.
 
-    About two minutes on 2 CPU cores. Rerunning reuses the dataset and the finished store.
+    About a minute on 2 CPU cores. Rerunning reuses the dataset and the finished store.
     """
     from tokens.cli import app
 
