@@ -35,6 +35,32 @@ def local_device_index(environ=os.environ) -> int | None:
     return int(environ["LOCAL_RANK"]) if "LOCAL_RANK" in environ else None
 
 
+def pick_device(name: str):
+    """`--device`: auto (a GPU when one is visible), cpu, cuda or cuda:N; a GPU without an index
+    is this rank's under torchrun. Raises ValueError with the fix for a name that cannot be used.
+
+    The chosen GPU becomes the current one, so that events, streams and the DataLoader's pinning
+    thread belong to it: an event recorded on another GPU's stream does not wait for our copies.
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("no CUDA device is visible here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_device_index() or 0)
+        torch.cuda.set_device(device)
+    return device
+
+
 def sbatch_script(
     verb: str,
     args: list[str],

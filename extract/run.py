@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
 from tokens.cache.store import STORAGE_DTYPE, check_writable
+from tokens.cluster import pick_device
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
 from tokens.extract.images import BadImage, load_image
@@ -310,17 +311,6 @@ class ShardWriter:
             raise self.error
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        from tokens.cluster import local_device_index
-
-        if torch.cuda.is_available():
-            local = local_device_index()
-            return torch.device("cuda", local if local is not None else 0)
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def extract(
     dataset_source: str | Path,
     store_path: str | Path,
@@ -351,6 +341,10 @@ def extract(
     fmt = fmt or ("hdf5" if store_path.suffix in (".h5", ".hdf5") and not store_path.is_dir() else "zarr")
     if not dry_run:  # a read-only store (or directory): say so before hours of work, not at the first shard
         check_writable(store_path)
+    try:
+        target = pick_device(device)
+    except ValueError as error:
+        raise ExtractionError(f"--device {error}") from None
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
                 shard_size=shard_size, part=part)
@@ -375,7 +369,6 @@ def extract(
         summary.seconds = time.time() - started
         return summary
 
-    target = pick_device(device)
     model = model.to(target).eval()
     # The front-end (decode + fbank, a few ms per clip) needs every core to keep up with the GPU.
     workers = max(1, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
@@ -436,7 +429,7 @@ def extract(
                     buffer.receive(first, outputs, rows)
                 if target.type == "cuda":
                     batch.event = torch.cuda.Event()
-                    batch.event.record()
+                    batch.event.record(torch.cuda.current_stream(target))
             if pending is not None:
                 land(pending)
             pending = batch

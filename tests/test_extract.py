@@ -153,3 +153,13 @@ def test_cli_dry_run_and_info(dataset, tmp_path):
     assert "crepe-tiny" in info.output and "complete" in info.output
     bad = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "x"])
     assert bad.exit_code != 0 and "--layers" in bad.output
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "use auto, cpu, cuda or cuda:N"), ("cuda:1", "no CUDA device is visible")])
+def test_an_unusable_device_is_refused_before_any_work(dataset, tmp_path, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    store_path = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--device", device])
+    assert result.exit_code == 2 and "--device" in result.output and message in result.output, result.output
+    assert not store_path.exists()

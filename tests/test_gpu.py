@@ -75,3 +75,25 @@ def test_gpu_extraction_equals_a_direct_forward(dataset, tmp_path, precision, dt
                 error = np.abs(stored - expected[layer]).max() / np.abs(expected[layer]).max()
                 assert error < tolerance, (name, layer, error)
         assert train.read_mask([ids.index("5.wav")])[0].mean() == pytest.approx(0.3, abs=0.05)  # 3 s of 10
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_torchrun_rank_extracts_on_its_own_gpu(dataset, tmp_path, monkeypatch):
+    """Under torchrun, rank 1 runs on cuda:1; its copies to the host are waited for on that GPU's
+    stream (an event on cuda:0 returned at once and let torn rows into the store)."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    before = torch.cuda.current_device()
+    try:
+        extract(dataset / "manifest.csv", tmp_path / "s.zarr", backbone="audiomae", checkpoint=str(dataset / "audiomae.pth"),
+                backbone_options=SMALL, layers="all", precision="fp32", device="auto", batch_size=3, shard_size=4,
+                num_workers=2, progress=False)
+        assert torch.cuda.current_device() == 1
+    finally:
+        torch.cuda.set_device(before)
+    with open_store(tmp_path / "s.zarr") as store:
+        train = store.split("train")
+        for index, name in enumerate(train.column("ids")):
+            if name != "bad.wav":
+                expected, _ = expected_tokens(dataset, name, [0, 1])
+                stored = train.read_tokens(1, [index])[0].astype(np.float32)
+                assert np.abs(stored - expected[1]).max() / np.abs(expected[1]).max() < 0.01, name

@@ -16,7 +16,7 @@ import torch
 import typer
 
 from tokens.cache.store import StoreError, TokenStore, open_store
-from tokens.cluster import local_device_index, resolve_part
+from tokens.cluster import pick_device, resolve_part
 from tokens.train import probe as recipe
 from tokens.train import sweep as sweeps
 from tokens.train.data import MODES, Source, usable_items
@@ -30,17 +30,11 @@ def _bad(error: SweepError | StoreError, hint: str | None = None) -> typer.BadPa
     return typer.BadParameter(str(error), param_hint=hint or getattr(error, "option", "STORE"))
 
 
-def pick_device(name: str) -> torch.device:
-    """auto: the GPU when there is one (torchrun's LOCAL_RANK picks which), else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"{name!r}: use auto, cpu or cuda", param_hint="--device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("no CUDA device is visible here; use --device cpu", param_hint="--device")
-        return torch.device("cuda", local_device_index() or 0)
-    return torch.device("cpu")
+def device_option(name: str) -> torch.device:
+    try:
+        return pick_device(name)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
 
 
 def open_checked(path: Path, splits: list[str], allow_incomplete: bool, optional: tuple = ()) -> TokenStore:
@@ -146,7 +140,7 @@ def probe(
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", min=0.0, help="Linear warm-up, then cosine decay to zero."),
     loss: str = typer.Option(None, "--loss", help="bce or asl (multi-label; default bce), ce (multi-class)."),
     data: str = typer.Option("auto", "--data", help="stream (from disk), ram, gpu, or auto (by size against free memory)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     num_threads: int = typer.Option(None, "--num-threads", min=1, help="CPU threads for torch."),
     data_seed: int = typer.Option(0, "--data-seed", help="Seed of the batch order (and of the held-out validation items)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on the written shards of an unfinished store."),
@@ -167,7 +161,7 @@ def probe(
     """
     if data not in MODES:
         raise typer.BadParameter(f"{data!r}: use {', '.join(MODES)}", param_hint="--data")
-    compute = pick_device(device)
+    compute = device_option(device)
     if data == "gpu" and compute.type != "cuda":
         raise typer.BadParameter("gpu mode needs a CUDA device; use ram or stream", param_hint="--data")
     if num_threads:
@@ -220,14 +214,14 @@ def predict(
     split: str = typer.Option("test", "--split", help="The split to score."),
     out: Path = typer.Option(Path("scores.csv"), "--out", "-o", help="CSV: id, then one score column per class."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Items scored at once."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Score the written shards of an unfinished split."),
 ):
     """Write a saved head's per-item scores (sigmoid multi-label, softmax multi-class) for a split.
 
     Example: tokens predict S.zarr --head runs/s1/best/ep.pt --split test --out scores.csv
     """
-    compute = pick_device(device)
+    compute = device_option(device)
     try:
         saved = torch.load(head, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
