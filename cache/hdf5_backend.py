@@ -138,7 +138,7 @@ class HDF5Handle:
         where = f"{self.path}:{split} items {start}-{start + len(next(iter(arrays.values()))) - 1} (shard {shard})"
         try:
             with self._lock:
-                self._check_room(arrays)
+                self._check_room(split, arrays)
                 for name, data in arrays.items():
                     self.dataset(split, name)[start:start + len(data)] = data
                 self.file.flush()
@@ -150,17 +150,23 @@ class HDF5Handle:
             self._failed = True
             raise write_error(where, _os_error(error)) from error
 
-    def _check_room(self, arrays: dict):
-        """Raise ENOSPC or EFBIG before writing a shard that the disk or `ulimit -f` has no room for."""
-        needed = ROOM_MARGIN + sum(
-            sum(len(str(v)) + 16 for v in data) if data.dtype == object else data.nbytes for data in arrays.values()
-        )
+    def _check_room(self, split: str, arrays: dict):
+        """Raise ENOSPC or EFBIG before writing a shard that the disk or `ulimit -f` has no room for.
+
+        The disk must hold every byte (the early-allocated file is sparse until written); the file
+        only grows by what is not pre-allocated: strings (in the heap) and compressed chunks.
+        """
+        sizes = {name: sum(len(str(v)) + 16 for v in data) if data.dtype == object else data.nbytes
+                 for name, data in arrays.items()}
+        needed = ROOM_MARGIN + sum(sizes.values())
         disk = os.statvfs(self.path)
         if disk.f_bavail * disk.f_frsize < needed:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {_mib(disk.f_bavail * disk.f_frsize)} free, a shard needs {_mib(needed)}")
+        growth = ROOM_MARGIN + sum(size for name, size in sizes.items()
+                                   if arrays[name].dtype == object or self.dataset(split, name).chunks is not None)
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY and limit < os.path.getsize(self.path) + needed:
-            raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}: the file size limit (ulimit -f) is {_mib(limit)}")
+        if limit != resource.RLIM_INFINITY and limit < os.path.getsize(self.path) + growth:
+            raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}: the file size limit (ulimit -f, {_mib(limit)}) leaves no room for the next shard")
 
     def read_rows(self, split: str, name: str, indices: np.ndarray) -> np.ndarray:
         order = np.argsort(indices, kind="stable")

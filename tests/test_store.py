@@ -253,3 +253,34 @@ def test_info_json_reports_splits_and_completeness(tmp_path):
     assert info["splits"]["test"]["complete"] is False
     text = CliRunner().invoke(app, ["info", str(path)]).output
     assert "INCOMPLETE (2/5 shards)" in text
+
+
+SIZE_LIMITED_WRITER = """
+import os, resource, signal, sys
+import numpy as np
+from tokens.cache import open_store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 10 * 2**20, resource.RLIM_INFINITY))
+with open_store(path, mode="a") as store:
+    split = store.split("train")
+    for shard in range(split.num_shards):
+        a, b = split.shard_range(shard)
+        n = b - a
+        split.write_shard(shard, tokens={0: np.full((n, 512, 768), shard, np.float16)}, prefix=None, mask=None,
+                          labels=np.zeros((n, 3), np.uint8), ids=[f"i{i}" for i in range(a, b)], sources=["x.wav"] * n,
+                          offsets=np.zeros(n), durations=np.ones(n), errors=[""] * n)
+"""
+
+
+def test_a_file_size_limit_counts_only_what_an_hdf5_store_still_grows_by(tmp_path):
+    """An HDF5 store's token arrays are allocated when it is made, so its file does not grow by a
+    shard's tokens: under a `ulimit -f` 10 MiB above the new file's size, shards of 6 MiB all fit."""
+    path = tmp_path / "s.h5"
+    spec = make_spec(grid=(32, 16), dim=768, num_prefix=0, masked=False, layers=[0], splits={"train": 32}, shard_size=8)
+    create_or_open(path, spec).close()
+    proc = subprocess.run([sys.executable, "-c", SIZE_LIMITED_WRITER, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with open_store(path) as store:
+        split = store.split("train")
+        assert split.is_complete and split.read_tokens(0, [31])[0, 0, 0] == 3
