@@ -57,6 +57,8 @@ def pick_device(name: str):
             raise ValueError("no CUDA device is visible here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_device_index() or 0)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) are visible here (cuda:0..)")
         torch.cuda.set_device(device)
     return device
 

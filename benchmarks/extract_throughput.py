@@ -29,7 +29,7 @@ import torch
 
 from tokens.extract.backbones.audiomae import AudioMAE
 from tokens.extract.backbones import build_backbone
-from tokens.extract.run import ItemSource, collate, extract, plan
+from tokens.extract.run import ItemSource, collate, default_workers, extract, plan
 
 
 def write_clips(directory: Path, distinct: int, clips: int) -> Path:
@@ -72,7 +72,7 @@ def front_end_rate(manifest: Path, checkpoint: Path, batch: int, workers: int | 
     work = plan(manifest, manifest.parent / "unused.zarr", backbone, layers=None, dtype="float16", fmt="zarr",
                 codec=None, shard_size=0, part=(1, 1))
     items = [("train", i, item) for i, item in enumerate(work.dataset.splits["train"][:clips])]
-    workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(ItemSource(backbone, items), batch_size=batch, num_workers=workers,
                                          collate_fn=collate, pin_memory=True, prefetch_factor=4)
     count, started = 0, None

@@ -149,11 +149,14 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, default: str | None = None) -> str:
+    """zarr for a directory or a .zarr path, hdf5 for a .h5/.hdf5 file; else `default`, or an error."""
     if path.is_dir() or path.suffix == ".zarr":
         return "zarr"
     if path.suffix in (".h5", ".hdf5"):
         return "hdf5"
+    if default:
+        return default
     raise StoreError(f"{path}: cannot tell the store format; use a .zarr directory or a .h5 file")
 
 

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE, check_writable
+from tokens.cache.store import STORAGE_DTYPE, check_writable, detect_format
 from tokens.cluster import pick_device
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
@@ -119,6 +119,18 @@ def plan(
     units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
     index, count = part
     return Plan(spec, dataset, units[index - 1::count])
+
+
+MAX_WORKERS = 32  # beyond this the front-end outruns any disk, and each worker holds batches in memory
+
+
+def default_workers() -> int:
+    """DataLoader workers: the cores this process may use (its affinity: SLURM's --cpus-per-task),
+    shared among the torchrun ranks of the node, less one for the main process.
+
+    The front-end (decode + fbank, a few ms per clip) needs many cores to keep up with a GPU."""
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(MAX_WORKERS, cores - 1))
 
 
 class ItemSource(torch.utils.data.Dataset):
@@ -338,7 +350,7 @@ def extract(
     """Fill `store_path` with the token maps of every item of the dataset (or of this part of it)."""
     started = time.time()
     store_path = Path(store_path)
-    fmt = fmt or ("hdf5" if store_path.suffix in (".h5", ".hdf5") and not store_path.is_dir() else "zarr")
+    fmt = fmt or detect_format(store_path, default="zarr")
     if not dry_run:  # a read-only store (or directory): say so before hours of work, not at the first shard
         check_writable(store_path)
     try:
@@ -370,8 +382,7 @@ def extract(
         return summary
 
     model = model.to(target).eval()
-    # The front-end (decode + fbank, a few ms per clip) needs every core to keep up with the GPU.
-    workers = max(1, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
+    workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
         pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -416,6 +427,8 @@ def extract(
                 if error:
                     item = items[position][2]
                     if strict:
+                        if pending is not None:  # keep the shards the last batch completes
+                            land(pending)
                         raise ExtractionError(f"item {item.id} ({item.path}): {error} (--strict stops at the first bad item)")
                     summary.failed.append((item.id, error))
             positions = positions.tolist()
