@@ -48,12 +48,10 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False):
         except SafetensorError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+        return load_tensors(path)
+    except PickledObjects as refused:
         if not allow_pickle:
-            raise pickle_refused(path, err) from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+            raise CheckpointError(f"{refused}{ALLOW_PICKLE}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as err:
@@ -62,14 +60,42 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False):
         ) from None
 
 
+class PickledObjects(CheckpointError):
+    """A file that holds pickled Python objects besides tensors: loading them could run code."""
+
+
+def load_tensors(path: str | Path):
+    """torch.load(weights_only=True) onto the CPU: tensors and plain containers only. Raises
+    PickledObjects naming what the file would have run, or CheckpointError for an unreadable file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refusal(path, err) from None
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as err:  # torn, empty or foreign files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+ALLOW_PICKLE = ". If you trust this file, pass --allow-pickle (allow_pickle=True)."
+
+
+def _refusal(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """What a weights_only load that stopped means: pickled objects (named), or not a checkpoint at all."""
+    if found := re.search(r"GLOBAL (\S+)", str(err)):
+        return PickledObjects(
+            f"{path} contains pickled Python objects ({found.group(1)}) besides tensors; unpickling them can run "
+            "arbitrary code"
+        )
+    return CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(err)})")
+
+
 def pickle_refused(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
-    """The refusal of a file that `weights_only` loading stopped, naming what it would have run."""
-    found = re.search(r"GLOBAL (\S+)", str(err))
-    what = f" ({found.group(1)})" if found else ""
-    return CheckpointError(
-        f"{path} contains pickled Python objects{what} besides tensors; unpickling them can run "
-        "arbitrary code. If you trust this file, pass --allow-pickle (allow_pickle=True)."
-    )
+    """The refusal of a file that another library's weights_only loading stopped (AST's transformers)."""
+    refusal = _refusal(path, err)
+    return CheckpointError(f"{refusal}{ALLOW_PICKLE}") if isinstance(refusal, PickledObjects) else refusal
 
 
 def expect(path: str | Path, key: str, what: str, expected, found) -> None:

@@ -957,8 +957,8 @@ UNTRUSTED = {
     "bare_pickle": ("evil.pth", "pickle", ["extract", "-c"], [PICKLED, "--allow-pickle"]),
     "pickle_named_safetensors": ("evil.safetensors", "pickle", ["extract", "-c"], ["not a readable safetensors file"]),
     "ast_folder_weights": ("ast/pytorch_model.bin", "torch_zip", ["extract", "-b", "ast", "-c"], [PICKLED, "--allow-pickle"]),
-    "probe_head": ("evil.pt", "torch_zip", ["predict"], ["holds pickled Python objects", "--head"]),
-    "probe_resume_checkpoint": ("run/checkpoint.pt", "torch_zip", ["probe"], ["holds pickled Python objects", "--out"]),
+    "probe_head": ("evil.pt", "torch_zip", ["predict"], [PICKLED, "--head"]),
+    "probe_resume_checkpoint": ("run/checkpoint.pt", "torch_zip", ["probe"], [PICKLED, "--out"]),
 }
 
 
@@ -1002,3 +1002,26 @@ def test_the_payload_does_run_when_the_user_allows_pickles(clips, tmp_path):
     result = cli("extract", clips[0], "--store", tmp_path / "s.zarr", "-q", "--num-workers", "0", "-c", evil, "--allow-pickle")
     assert marker.exists()
     assert result.exit_code == 2 and f"error: {evil}" in result.output, result.output
+
+
+JUNK = {
+    "empty": b"",
+    "text": b"this is not a checkpoint\n",
+    "random_bytes": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+    "json": b'{"model": {"w": [1, 2, 3]}}',
+}
+
+
+@pytest.mark.parametrize("case", list(JUNK))
+def test_a_file_that_is_no_checkpoint_is_named_as_such(clips, probe_store, tmp_path, case):
+    """Junk given as a checkpoint or a head is called unreadable, naming the file and the option, with no
+    traceback and no advice to unpickle it (it holds no pickled objects)."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(JUNK[case])
+    extraction = cli("extract", clips[0], "--store", tmp_path / "s.zarr", "-b", "audiomae", "-c", junk, "-q", "--num-workers", "0")
+    prediction = cli("predict", probe_store[0], "--head", junk, "--out", tmp_path / "scores.csv")
+    for result, option in ((extraction, None), (prediction, "--head")):
+        assert result.exit_code == 2, result.output
+        assert f"{junk}: not a readable torch checkpoint" in result.output and "--allow-pickle" not in result.output, result.output
+        assert option is None or option in result.output
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "scores.csv").exists()

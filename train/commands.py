@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import inspect
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import typer
 
 from tokens.cache.store import StoreError, TokenStore, open_store
 from tokens.cluster import pick_device, resolve_part
+from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import probe as recipe
 from tokens.train import sweep as sweeps
 from tokens.train.data import MODES, Source, usable_items
@@ -223,13 +223,11 @@ def predict(
     """
     compute = device_option(device)
     try:
-        saved = torch.load(head, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise typer.BadParameter(
-            f"{head} holds pickled Python objects besides tensors, which are not loaded because unpickling can "
-            "run code; a head saved by `tokens probe` holds only tensors and plain values", param_hint="--head") from None
-    except (OSError, RuntimeError) as error:
-        raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from error
+        saved = load_tensors(head)
+    except CheckpointError as error:
+        raise typer.BadParameter(f"{error}; a head saved by `tokens probe` holds only tensors and plain values", param_hint="--head") from None
+    except OSError as error:
+        raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from None
     opened = open_checked(store, [split], allow_incomplete)
     with opened:
         build, layer = saved["build"], saved["layer"]

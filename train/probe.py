@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from tokens import __version__
 from tokens.cache.store import TokenStore
+from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
 from tokens.train.data import Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters
@@ -156,11 +156,9 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SweepError(
-            f"{path} holds pickled Python objects besides tensors, which are not loaded because unpickling can run "
-            "code; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
+        state = load_tensors(path)
+    except CheckpointError as error:
+        raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
     if state["plan"] != plan:
         differs = [k for k in plan if state["plan"].get(k) != plan[k]]
         raise SweepError(
