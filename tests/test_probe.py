@@ -321,8 +321,13 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(recipe, "build_head", build_head)
     out = tmp_path / "diverged"
-    ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", *FAST, "--out", out)
+    result = ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", *FAST, "--out", out)
+    assert "1 of 2 heads gave NaN or Inf scores (ranked last): linear/" in result.output
     rows = read_csv(out / "leaderboard.csv")
     assert [r["head"] for r in rows] == ["ep", "linear"]
     assert float(rows[0]["test_map"]) > 0.6 and rows[1]["val_map"] == rows[1]["test_map"] == "nan"
     assert (out / "best" / "ep.pt").exists() and (out / "val_curves.png").stat().st_size
+    # When no head gives a number, the run says so and fails (its files are still written).
+    result = invoke("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "all")
+    assert result.exit_code == 2 and "every head gave NaN or Inf scores" in said(result) and "tokens verify" in said(result)
+    assert (tmp_path / "all" / "leaderboard.csv").exists()

@@ -332,6 +332,12 @@ def run(
         save_best(out / "best" / f"{head}.pt", probes[i], rows[i], task, classes)
 
     report.write_run(out, rows, records, metric)
+    diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]
+    if diverged:
+        tqdm.write(f"warning: {len(diverged)} of {len(probes)} heads gave NaN or Inf scores (ranked last): {', '.join(diverged)}")
+    if len(diverged) == len(probes):
+        raise SweepError(f"every head gave NaN or Inf scores: run `tokens verify {store.path}` (the tokens may hold "
+                         "NaN or Inf), or lower the learning rates", "STORE")
     return rows
 
 
