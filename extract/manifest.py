@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile as sf
+from tqdm import tqdm
 
 SPLITS = ("train", "valid", "test")
 # A recording's last partial window becomes an item only if it holds at least this fraction of a
@@ -90,12 +91,14 @@ def read_dataset(
     sample_rate: int | None,
     modality: str,
     classes: list[str] | None = None,
+    progress: bool = False,
 ) -> Dataset:
     """Check a manifest or class-folder tree and expand it into items.
 
     Audio longer than `window_seconds` is cut into windows (see MIN_LAST_WINDOW for the tail);
     durations come from file headers, nothing is decoded. `classes` fixes the label space when
-    resuming into an existing store: a label outside it is a problem.
+    resuming into an existing store: a label outside it is a problem. `progress` shows a bar: the
+    files of a large dataset take minutes to check.
     """
     if modality not in ("audio", "image"):
         raise ValueError(f"modality must be 'audio' or 'image', not {modality!r}")
@@ -106,14 +109,17 @@ def read_dataset(
     source = Path(source).absolute()
     columns, records, problems = _read(source)
     root = (source if source.is_dir() else source.parent).resolve()
-    task, rows = _check(root, columns, records, classes, problems)
+    bar = tqdm(total=2 * len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False)
+    task, rows = _check(root, columns, records, classes, problems, bar)
 
     names = list(classes) if classes is not None else sorted({name for row in rows for name in row.labels})
     index = {name: i for i, name in enumerate(names)}
     splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
     first_row_of: dict[str, str] = {}
     duplicates: dict[str, str] = {}
+    bar.update(len(records) - len(rows))  # rows with problems have no header to read
     for row in rows:
+        bar.update()
         labels = sorted({index[name] for name in row.labels})
         windows = _windows(row, window_seconds) if modality == "audio" else [(0.0, None)]
         for n, (offset, duration) in enumerate(windows):
@@ -121,6 +127,7 @@ def read_dataset(
             if first_row_of.setdefault(item_id, row.where) != row.where:
                 duplicates.setdefault(row.where, f"duplicate id {item_id!r} (also {first_row_of[item_id]})")
             splits[row.split].append(Item(item_id, row.path, offset, duration, row.split, labels))
+    bar.close()
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
@@ -193,7 +200,8 @@ def _read_folders(root: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
 
 
 def _check(
-    root: Path, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str]
+    root: Path, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str],
+    bar: tqdm,
 ) -> tuple[str, list[_Row]]:
     """The task and the rows without problems; every problem found is appended to `problems`."""
     if not records and not problems:
@@ -211,6 +219,7 @@ def _check(
     known = None if classes is None else set(classes)
     rows = []
     for where, record in records:
+        bar.update()
         row, row_problems = _check_row(root, where, record, task, known)
         problems += [f"{where}: {p}" for p in row_problems]
         if not row_problems:

@@ -87,6 +87,7 @@ def plan(
     codec: str | None,
     shard_size: int,
     part: tuple[int, int],
+    progress: bool = False,
 ) -> Plan:
     existing_classes = None
     if store_path.exists():
@@ -94,7 +95,7 @@ def plan(
             existing_classes = store.classes
     dataset = read_dataset(
         dataset_source, window_seconds=backbone.window_seconds, sample_rate=backbone.sample_rate,
-        modality=backbone.modality, classes=existing_classes,
+        modality=backbone.modality, classes=existing_classes, progress=progress,
     )
     spec = StoreSpec(
         backbone=backbone.name,
@@ -359,7 +360,7 @@ def extract(
         raise ExtractionError(f"--device {error}") from None
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
-                shard_size=shard_size, part=part)
+                shard_size=shard_size, part=part, progress=progress)
     spec = work.spec
     if dry_run:
         return work
