@@ -8,6 +8,7 @@ import soundfile as sf
 from PIL import Image
 
 from tokens.extract.images import BadImage, load_image
+import tokens.extract.manifest as manifest_module
 from tokens.extract.manifest import ManifestError, read_dataset
 
 SR = 16000
@@ -103,7 +104,16 @@ def test_class_folder_problems(tmp_path):
     ]
 
 
-def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path):
+@pytest.fixture(params=["serial", "worker processes"])
+def checking(request, monkeypatch):
+    """Check rows in this process, or (as for large datasets) in worker processes, two rows a chunk."""
+    if request.param == "worker processes":
+        monkeypatch.setattr(manifest_module, "PARALLEL_ROWS", 1)
+        monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 2)
+    return request.param
+
+
+def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path, checking):
     data = tmp_path / "data"
     for name in ("ok.wav", "a.wav", "b.wav", "c.wav", "d.wav"):
         wav(data / name, 1)
@@ -189,7 +199,7 @@ def test_bad_jsonl_lines(tmp_path):
     assert [p.split(":")[0] for p in e.value.problems] == ["line 2", "line 3"]
 
 
-def test_long_recording_is_cut_into_windows(tmp_path):
+def test_long_recording_is_cut_into_windows(tmp_path, checking):
     wav(tmp_path / "long.wav", 25)
     wav(tmp_path / "tail.wav", 20.5)  # a 0.5 s tail is under 10 % of a window: dropped
     wav(tmp_path / "short.wav", 3)  # shorter than a window: kept whole
