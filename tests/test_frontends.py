@@ -84,3 +84,18 @@ def test_clips_shorter_than_one_frame_have_no_valid_tokens():
     assert valid == 0 and features.shape == (1024, 128)
     assert not time_patch_mask(valid, (64, 8), stride=16).any()
     assert BEATS_FBANK(torch.randn(300), WINDOW)[1] == 2  # its audio fills the first 2 frames
+
+
+@pytest.mark.parametrize("frontend, window_type, htk", [(AUDIOMAE_FBANK, "hanning", True), (BEATS_FBANK, "povey", False)])
+def test_our_fbank_is_torchaudios_kaldi_fbank(frontend, window_type, htk):
+    """The one-pass fbank against torchaudio's kaldi.fbank on clips of random length, loudness and DC
+    offset, from one frame to a full window: the same log-mel energies to float32 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        length = int(torch.randint(400, WINDOW, (), generator=generator))
+        scale = 10 ** float(torch.empty(()).uniform_(-4, 0, generator=generator))
+        waveform = (torch.randn(length, generator=generator) + 0.1 * torch.randn((), generator=generator)) * scale
+        waveform = waveform * frontend.waveform_scale
+        reference = kaldi.fbank(waveform[None], num_mel_bins=128, sample_frequency=RATE, frame_length=25.0,
+                                frame_shift=10.0, window_type=window_type, htk_compat=htk, use_energy=False, dither=0.0)
+        torch.testing.assert_close(frontend._fbank(waveform), reference, rtol=0, atol=1e-4)
