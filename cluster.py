@@ -30,6 +30,12 @@ def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
     return 1, 1
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity (what SLURM's --cpus-per-task gives), where
+    the platform reports one, else every core of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def local_device_index(environ=os.environ) -> int | None:
     """The GPU this process should use under torchrun (one GPU per rank)."""
     return int(environ["LOCAL_RANK"]) if "LOCAL_RANK" in environ else None

@@ -25,6 +25,8 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from tokens.cluster import usable_cores
+
 SPLITS = ("train", "valid", "test")
 # A recording's last partial window becomes an item only if it holds at least this fraction of a
 # window: a 0.3 s tail padded to 10 s is mostly padding and adds little but cost. A recording
@@ -225,7 +227,7 @@ def _check(
     known = None if classes is None else set(classes)
     check = functools.partial(_check_records, root, task, known, audio, window)
     chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
-    workers = min(len(os.sched_getaffinity(0)), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
+    workers = min(usable_cores(), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
     rows = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else nullcontext() as pool:
         for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
 from tokens.cache.store import STORAGE_DTYPE, check_writable, detect_format
-from tokens.cluster import pick_device
+from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
 from tokens.extract.images import BadImage, load_image
@@ -130,7 +130,7 @@ def default_workers() -> int:
     shared among the torchrun ranks of the node, less one for the main process.
 
     The front-end (decode + fbank, a few ms per clip) needs many cores to keep up with a GPU."""
-    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(MAX_WORKERS, cores - 1))
 
 
