@@ -22,7 +22,6 @@ import os
 import pickle
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess

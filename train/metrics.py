@@ -13,12 +13,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-PRIMARY = {"multilabel": "map", "multiclass": "acc"}
+# Per task: (the metric model selection maximises, a second summary, the per-class values).
+METRICS = {"multilabel": ("map", "roc_auc", "per_class_ap"), "multiclass": ("acc", "balanced_acc", "per_class_acc")}
 
 
 def primary_metric(task: str) -> str:
     """The metric that model selection maximises: "map" (multi-label) or "acc" (multi-class)."""
-    return PRIMARY[task]
+    return METRICS[task][0]
 
 
 def compute_metrics(task: str, scores, labels) -> dict:
@@ -31,14 +32,13 @@ def compute_metrics(task: str, scores, labels) -> dict:
     Scores with NaN or Inf (a head that diverged) give NaN metrics, which never win model selection.
     """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    if task in PRIMARY and not np.isfinite(scores).all():  # a diverged head: undefined, not a dead sweep
-        names = ("map", "roc_auc", "per_class_ap") if task == "multilabel" else ("acc", "balanced_acc", "per_class_acc")
-        return {names[0]: float("nan"), names[1]: float("nan"), names[2]: [None] * scores.shape[1]}
-    if task == "multilabel":
-        return _multilabel(scores, labels)
-    if task == "multiclass":
-        return _multiclass(scores, labels)
-    raise ValueError(f"unknown task {task!r}; use 'multilabel' or 'multiclass'")
+    if task not in METRICS:
+        raise ValueError(f"unknown task {task!r}; use 'multilabel' or 'multiclass'")
+    if not np.isfinite(scores).all():  # a diverged head: undefined, not a dead sweep
+        values = (float("nan"), float("nan"), [None] * scores.shape[1])
+    else:
+        values = (_multilabel if task == "multilabel" else _multiclass)(scores, labels)
+    return dict(zip(METRICS[task], values))
 
 
 def _multilabel(scores, labels):
@@ -50,11 +50,7 @@ def _multilabel(scores, labels):
     per_class = [float(next(aps)) if has_pos[c] else None for c in range(labels.shape[1])]
     aucs = _per_column(roc_auc_score, labels[:, both], scores[:, both])
     defined = [ap for ap in per_class if ap is not None]
-    return {
-        "map": float(np.mean(defined)) if defined else float("nan"),
-        "roc_auc": float(np.mean(aucs)) if aucs else float("nan"),
-        "per_class_ap": per_class,
-    }
+    return float(np.mean(defined)) if defined else float("nan"), float(np.mean(aucs)) if aucs else float("nan"), per_class
 
 
 def _per_column(metric, labels, scores) -> list:
@@ -72,8 +68,5 @@ def _multiclass(scores, labels):
     recall = recall_score(
         labels, predicted, labels=np.arange(num_classes), average=None, zero_division=np.nan
     )
-    return {
-        "acc": float(accuracy_score(labels, predicted)),
-        "balanced_acc": float(balanced_accuracy_score(labels, predicted)),
-        "per_class_acc": [None if np.isnan(r) else float(r) for r in recall],
-    }
+    return (float(accuracy_score(labels, predicted)), float(balanced_accuracy_score(labels, predicted)),
+            [None if np.isnan(r) else float(r) for r in recall])
