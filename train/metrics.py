@@ -5,13 +5,9 @@ Results are plain Python floats and lists (JSON-ready); a per-class value that i
 """
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    recall_score,
-    roc_auc_score,
-)
+
+# scikit-learn is imported where a metric is computed: importing it (with scipy) costs about a
+# second, which every `tokens extract` process and every array task would otherwise pay.
 
 # Per task: (the metric model selection maximises, a second summary, the per-class values).
 METRICS = {"multilabel": ("map", "roc_auc", "per_class_ap"), "multiclass": ("acc", "balanced_acc", "per_class_acc")}
@@ -42,6 +38,8 @@ def compute_metrics(task: str, scores, labels) -> dict:
 
 
 def _multilabel(scores, labels):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     labels = labels.astype(bool)
     positives = labels.sum(0)
     has_pos = positives > 0
@@ -63,6 +61,8 @@ def _per_column(metric, labels, scores) -> list:
 
 
 def _multiclass(scores, labels):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
+
     num_classes = scores.shape[1]
     predicted = scores.argmax(1)
     recall = recall_score(

@@ -13,6 +13,7 @@ started again with the same sweep resumes from it and ends with the same results
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import sklearn
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -185,7 +185,7 @@ def restore(state: dict, probes: list[Probe]) -> int:
 
 def versions() -> dict:
     return {"tokens": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+            "scikit-learn": importlib.metadata.version("scikit-learn"), "python": platform.python_version()}
 
 
 def run(

@@ -16,8 +16,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure  # renders with Agg, touching no global backend state
-from matplotlib.ticker import MaxNLocator
 
 from tokens.train.sweep import sanitise
 
@@ -86,6 +84,8 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str):
 def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None):
     """The metric against trainable parameters (log x), one marker per head type; error bars
     of one sd where `sd_column` is given."""
+    from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     markers = "osD^v<>pPX*h"
@@ -106,6 +106,9 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
 
 def plot_val_curves(records: list[dict], metric: str, path: Path):
     """Validation metric per epoch of every configuration, one colour per head type."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     heads = list(dict.fromkeys(r["head"] for r in records))
