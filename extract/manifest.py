@@ -229,7 +229,10 @@ def _check(
     chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
     workers = min(usable_cores(), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
     rows = []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else nullcontext() as pool:
+    # forkserver, not fork: the extractor warms the GPU up on another thread meanwhile, and a
+    # child forked from a threaded process can inherit a lock that no thread will ever release.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else nullcontext() as pool:
         for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):
             for row, row_problems, windows in chunk:
                 problems += [f"{row.where}: {p}" for p in row_problems]

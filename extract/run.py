@@ -286,11 +286,12 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class ShardWriter:
     """Background threads that write finished shards, so the device never waits on the disk.
 
-    Two threads let one shard's fsync overlap the next shard's write; the bounded queue stops
+    Several threads let one shard's fsync and small per-item columns overlap other shards'
+    writes (four wrote 9% faster than two on the H200 machine's disk); the bounded queue stops
     the forward pass from running ahead of the disk by more than a few shards of memory.
     """
 
-    def __init__(self, store, pool: ArrayPool, threads: int = 2, depth: int = 2):
+    def __init__(self, store, pool: ArrayPool, threads: int = 4, depth: int = 4):
         self.store = store
         self.pool = pool
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -359,8 +360,13 @@ def extract(
     except ValueError as error:
         raise ExtractionError(f"--device {error}") from None
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
-    work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
-                shard_size=shard_size, part=part, progress=progress)
+    warm_up = WarmUp(model, target, precision, batch_size) if target.type == "cuda" and not dry_run else None
+    try:
+        work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
+                    shard_size=shard_size, part=part, progress=progress)
+    finally:
+        if warm_up is not None:
+            warm_up.finish()
     spec = work.spec
     if dry_run:
         return work
@@ -382,7 +388,7 @@ def extract(
         summary.seconds = time.time() - started
         return summary
 
-    model = model.to(target).eval()
+    model = model.to(target).eval()  # done already on a GPU (WarmUp); here for the CPU
     workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
@@ -461,6 +467,47 @@ def extract(
     summary.seconds = time.time() - started
     summary.streaming_seconds = time.time() - first_batch
     return summary
+
+
+class WarmUp(threading.Thread):
+    """Moves the model to the GPU and runs one batch of blank input through it while the dataset
+    is checked.
+
+    A process's first forward pass sets up CUDA, cuBLAS and cuDNN and loads its kernels: about
+    3 s on an H200 for a ViT-B, which would otherwise come after the check instead of beside it.
+    The blank batch has the shapes of real ones, so the kernels it picks are those of the run.
+    """
+
+    def __init__(self, model: Backbone, device: torch.device, precision: str, batch_size: int):
+        super().__init__(name="warm-up", daemon=True)
+        self.model, self.device, self.precision, self.batch_size = model, device, precision, batch_size
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self):
+        try:
+            torch.cuda.set_device(self.device)  # the current device is per thread
+            if self.model.modality == "audio":
+                blank = np.zeros(self.model.window_samples or self.model.sample_rate, np.float32)
+            else:
+                from PIL import Image
+
+                blank = Image.new("RGB", (224, 224))
+            inputs, mask = self.model.preprocess(blank)
+            inputs = inputs.expand(self.batch_size, *inputs.shape).to(self.device)
+            mask = mask.expand(self.batch_size, *mask.shape).to(self.device)
+            model = self.model.to(self.device).eval()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+            with torch.inference_mode(), autocast:
+                model(inputs, [-1], mask)
+            torch.cuda.synchronize(self.device)
+        except BaseException as error:  # re-raised by finish(), in the thread that runs the extraction
+            self.error = error
+
+    def finish(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _close_quietly(*closeables):
