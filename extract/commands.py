@@ -97,9 +97,13 @@ def extract(
     if dry_run:
         _print_plan(result, part)
         return
+    pace = ""
+    if result.streaming_seconds > 0:
+        startup = result.seconds - result.streaming_seconds
+        pace = f" ({startup:.1f} s to the first batch, then {result.items_written / result.streaming_seconds:.0f} items/s)"
     typer.echo(
         f"{result.store}: wrote {result.items_written} items in {result.shards_written} shards "
-        f"({result.shards_skipped} already complete) in {result.seconds:.1f} s"
+        f"({result.shards_skipped} already complete) in {result.seconds:.1f} s{pace}"
     )
     if result.failed:
         typer.echo(f"{len(result.failed)} items failed and are recorded in the store with their reason:", err=True)

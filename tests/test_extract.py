@@ -2,6 +2,7 @@
 bad items are recorded, interrupted runs resume to the same store, other configurations are refused."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def test_cli_dry_run_and_info(dataset, tmp_path):
     assert "8 items" in result.output and "101x4" in result.output and not store_path.exists()
     result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "-q", "--num-workers", "0"])
     assert result.exit_code == 0, result.output
+    assert re.search(r"wrote 8 items in \d+ shards .* s to the first batch, then \d+ items/s\)", result.output), result.output
     info = CliRunner().invoke(app, ["info", str(store_path)])
     assert "crepe-tiny" in info.output and "complete" in info.output
     bad = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "x"])
