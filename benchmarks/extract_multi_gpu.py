@@ -7,7 +7,11 @@ GPU (LOCAL_RANK) and writes into the one shared zarr store, which all ranks crea
 AudioMAE ViT-B/16 with random weights in AudioMAE's checkpoint format, 10 s clips, fp32 forward
 by default so that the GPUs, not the disk, set the pace (bf16 at one layer is disk-bound, see
 extract_throughput.py). Batches never straddle shards (shard size a multiple of the batch size),
-so both runs compute every item in an identical batch. torchrun sets OMP_NUM_THREADS=1 for its
+so both runs compute every item in an identical batch. The stores go under --dir: on a disk that
+writes slower than the GPUs compute, the disk sets the pace of both runs (use /dev/shm to measure
+the GPUs). Besides the wall-time ratio of the two commands, the streaming ratio compares their
+items/s once the first batch is out (the start-up, checking the dataset and warming the GPU up,
+is paid by every rank at once and does not shrink with more GPUs). torchrun sets OMP_NUM_THREADS=1 for its
 ranks; the 1-GPU run gets the same, so that the CPU front-end sums in the same order and the
 stores can be compared bit for bit.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,15 +38,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from extract_throughput import write_clips  # noqa: E402
 
 
-def extract(launcher: list[str], manifest: Path, store: Path, checkpoint: Path, args) -> float:
+SUMMARY = re.compile(r"wrote (\d+) items .* in ([\d.]+) s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
+
+
+def extract(launcher: list[str], manifest: Path, store: Path, checkpoint: Path, args) -> tuple[float, list[dict]]:
+    """Wall seconds of the whole command, and each process's summary as `tokens extract` prints it."""
     command = launcher + [
         "-m", "tokens", "extract", str(manifest), "--store", str(store), "--backbone", "audiomae",
         "--checkpoint", str(checkpoint), "--precision", args.precision, "--batch-size", str(args.batch_size),
         "--shard-size", str(args.batch_size * 2), "--num-workers", str(args.num_workers), "--quiet",
     ]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return time.perf_counter() - started
+    done = subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    print(done.stdout, end="")
+    ranks = [{"items": int(m[1]), "seconds": float(m[2]), "startup_s": float(m[3]), "streaming_items_per_s": int(m[4])}
+             for m in SUMMARY.finditer(done.stdout)]
+    return wall, ranks
 
 
 def same_store(a: Path, b: Path) -> dict:
@@ -80,14 +93,19 @@ def main():
     torch.save({"model": model.state_dict()}, checkpoint)
     manifest = write_clips(args.dir, 256, args.clips)
 
-    one = extract([sys.executable], manifest, args.dir / "one.zarr", checkpoint, args)
-    many = extract([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"],
-                   manifest, args.dir / "many.zarr", checkpoint, args)
+    one, one_rank = extract([sys.executable], manifest, args.dir / "one.zarr", checkpoint, args)
+    many, ranks = extract([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"],
+                          manifest, args.dir / "many.zarr", checkpoint, args)
+    streaming_one = one_rank[0]["streaming_items_per_s"]
+    streaming_many = sum(rank["streaming_items_per_s"] for rank in ranks)
     figures = {
         "gpu": torch.cuda.get_device_name(), "gpus": args.gpus, "clips": args.clips, "precision": args.precision,
+        "store_dir": str(args.dir),
         "one_gpu_s": round(one, 1), f"{args.gpus}_gpus_s": round(many, 1),
         "one_gpu_clips_per_s": round(args.clips / one, 1), f"{args.gpus}_gpus_clips_per_s": round(args.clips / many, 1),
         "throughput_ratio": round(one / many, 2),
+        "streaming_ratio": round(streaming_many / streaming_one, 2),
+        "one_gpu_process": one_rank[0], "ranks": ranks,
         **same_store(args.dir / "one.zarr", args.dir / "many.zarr"),
     }
     print(json.dumps(figures, indent=2))
