@@ -229,9 +229,11 @@ def _check(
     chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
     workers = min(usable_cores(), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
     rows = []
-    # forkserver, not fork: the extractor warms the GPU up on another thread meanwhile, and a
-    # child forked from a threaded process can inherit a lock that no thread will ever release.
-    context = multiprocessing.get_context("forkserver")
+    # fork, not spawn or forkserver: those re-run the top level of the user's script in every child
+    # (a script that calls extract() without a __main__ guard would start its extraction again).
+    # The extractor's GPU warm-up thread may run meanwhile; the children only read file headers and
+    # never touch CUDA, so no lock that thread holds is needed in them.
+    context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else nullcontext() as pool:
         for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):
             for row, row_problems, windows in chunk:

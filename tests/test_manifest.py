@@ -1,6 +1,8 @@
 """Dataset manifests: parsing, validation reported all at once, window planning, images."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -303,3 +305,21 @@ def test_multilabel_row_without_labels_is_a_negative_clip_but_multiclass_needs_o
     manifest.write_text("path,label,split\na.wav,,train\n")
     with pytest.raises(ManifestError, match="line 2: empty label"):
         audio(manifest)
+
+
+def test_a_script_without_a_main_guard_checks_in_worker_processes_once(tmp_path):
+    """The check's worker processes must not re-run the caller's script, as spawn and forkserver
+    children do with a script that has no `if __name__ == "__main__":` guard."""
+    for i in range(4):
+        wav(tmp_path / f"{i}.wav", 1)
+    csv_file(tmp_path / "m.csv", "path,label,split\n" + "".join(f"{i}.wav,dog,train\n" for i in range(4)))
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import tokens.extract.manifest as m\n"
+        "m.PARALLEL_ROWS, m.CHUNK_ROWS = 1, 1\n"
+        f"data = m.read_dataset({str(tmp_path / 'm.csv')!r}, window_seconds=10.0, sample_rate=16000, modality='audio')\n"
+        "print('checked', len(data.splits['train']))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["checked 4"], done.stdout
