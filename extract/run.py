@@ -364,9 +364,12 @@ def extract(
     try:
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
                     shard_size=shard_size, part=part, progress=progress)
-    finally:
+    except BaseException:  # the dataset's problems are the ones to report, not the warm-up's
         if warm_up is not None:
-            warm_up.finish()
+            warm_up.join()
+        raise
+    if warm_up is not None:
+        warm_up.finish()
     spec = work.spec
     if dry_run:
         return work
@@ -486,7 +489,8 @@ class WarmUp(threading.Thread):
 
     def run(self):
         try:
-            torch.cuda.set_device(self.device)  # the current device is per thread
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # the current device is per thread
             if self.model.modality == "audio":
                 blank = np.zeros(self.model.window_samples or self.model.sample_rate, np.float32)
             else:
@@ -497,10 +501,11 @@ class WarmUp(threading.Thread):
             inputs = inputs.expand(self.batch_size, *inputs.shape).to(self.device)
             mask = mask.expand(self.batch_size, *mask.shape).to(self.device)
             model = self.model.to(self.device).eval()
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
-            with torch.inference_mode(), autocast:
+            bf16 = self.precision == "bf16" and self.device.type == "cuda"
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
                 model(inputs, [-1], mask)
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         except BaseException as error:  # re-raised by finish(), in the thread that runs the extraction
             self.error = error
 

@@ -167,3 +167,21 @@ def test_an_unusable_device_is_refused_before_any_work(dataset, tmp_path, device
     result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--device", device])
     assert result.exit_code == 2 and "--device" in result.output and message in result.output, result.output
     assert not store_path.exists()
+
+
+def test_the_warm_up_runs_a_blank_batch_and_reports_its_error_to_the_caller():
+    """WarmUp (on GPU runs, beside the dataset check) puts the model on its device and runs one
+    batch of the run's shapes; an error in its thread is raised by finish(), not lost."""
+    from tokens.extract.run import WarmUp
+
+    model = build_backbone("crepe-tiny")
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
+    WarmUp(model, torch.device("cpu"), "bf16", batch_size=3).finish()
+    inputs, _ = model.preprocess(np.zeros(model.window_samples, np.float32))
+    assert seen == [(3, *inputs.shape)]
+
+    broken = build_backbone("crepe-tiny")
+    broken.block_outputs = lambda inputs, mask: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        WarmUp(broken, torch.device("cpu"), "fp32", batch_size=2).finish()
