@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,10 +34,7 @@ from tokens.cache import open_store
 from tokens.extract.backbones.audiomae import AudioMAE
 
 sys.path.insert(0, str(Path(__file__).parent))
-from extract_throughput import write_clips  # noqa: E402
-
-
-SUMMARY = re.compile(r"wrote (\d+) items .* in ([\d.]+) s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
+from extract_throughput import summaries, write_clips  # noqa: E402
 
 
 def extract(launcher: list[str], manifest: Path, store: Path, checkpoint: Path, args) -> tuple[float, list[dict]]:
@@ -52,9 +48,7 @@ def extract(launcher: list[str], manifest: Path, store: Path, checkpoint: Path, 
     done = subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     wall = time.perf_counter() - started
     print(done.stdout, end="")
-    ranks = [{"items": int(m[1]), "seconds": float(m[2]), "startup_s": float(m[3]), "streaming_items_per_s": int(m[4])}
-             for m in SUMMARY.finditer(done.stdout)]
-    return wall, ranks
+    return wall, summaries(done.stdout)
 
 
 def same_store(a: Path, b: Path) -> dict:

@@ -70,7 +70,13 @@ def encoder_bound(checkpoint_model: AudioMAE, batch: int, layers: list[int], ste
     return batch * steps / (time.perf_counter() - started)
 
 
-SUMMARY = re.compile(r"in [\d.]+ s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
+SUMMARY = re.compile(r"wrote (\d+) items .* in ([\d.]+) s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
+
+
+def summaries(stdout: str) -> list[dict]:
+    """The summary line of each `tokens extract` process in a command's output (one per torchrun rank)."""
+    return [{"items": int(m[1]), "seconds": float(m[2]), "startup_s": float(m[3]), "streaming_items_per_s": int(m[4])}
+            for m in SUMMARY.finditer(stdout)]
 
 
 def command_run(manifest: Path, store: Path, checkpoint: Path, layers: str, args) -> tuple[float, float, float]:
@@ -83,9 +89,9 @@ def command_run(manifest: Path, store: Path, checkpoint: Path, layers: str, args
     started = time.perf_counter()
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    found = SUMMARY.search(done.stdout)
+    found = summaries(done.stdout)
     assert found, f"no summary in the output of {' '.join(command)}:\n{done.stdout}"
-    return wall, float(found[1]), float(found[2])
+    return wall, found[0]["startup_s"], found[0]["streaming_items_per_s"]
 
 
 def front_end_rate(manifest: Path, checkpoint: Path, batch: int, workers: int | None, clips: int = 4096) -> float:
