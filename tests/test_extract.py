@@ -185,3 +185,38 @@ def test_the_warm_up_runs_a_blank_batch_and_reports_its_error_to_the_caller():
     broken.block_outputs = lambda inputs, mask: (_ for _ in ()).throw(RuntimeError("out of memory"))
     with pytest.raises(RuntimeError, match="out of memory"):
         WarmUp(broken, torch.device("cpu"), "fp32", batch_size=2).finish()
+
+
+def test_on_a_gpu_run_the_datasets_problems_are_reported_even_if_the_warm_up_failed(dataset, tmp_path, monkeypatch):
+    """The warm-up runs beside the dataset check: a bad manifest is the error the user sees, and
+    with a good one the warm-up's own error is raised before any work."""
+    import tokens.extract.run as run_module
+    from tokens.extract.manifest import ManifestError
+
+    class FailingWarmUp:
+        def __init__(self, *args):
+            pass
+
+        def join(self):
+            pass
+
+        def finish(self):
+            raise RuntimeError("CUDA out of memory in the warm-up")
+
+    monkeypatch.setattr(run_module, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(run_module, "WarmUp", FailingWarmUp)
+    bad = dataset.parent / "bad.csv"
+    bad.write_text("path,labels,split\nmissing.wav,low,train\n")
+    with pytest.raises(ManifestError, match="missing.wav"):
+        run(bad, tmp_path / "bad.zarr")
+    with pytest.raises(RuntimeError, match="warm-up"):
+        run(dataset, tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_the_command_line_loads_neither_scikit_learn_nor_matplotlib():
+    """Every `tokens extract` process (array task, torchrun rank) would pay a second or more for them."""
+    code = "import sys, tokens.cli; print(sorted(m for m in ('sklearn', 'matplotlib', 'scipy') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
