@@ -54,6 +54,7 @@ class Item:
 
     id: str
     path: Path  # absolute
+    source: str  # the path relative to the dataset root, "/"-separated: what the store records
     offset: float  # seconds into the file; 0 for images
     duration: float | None  # seconds to read; None: to the end (images, audio of unknown length)
     split: str
@@ -73,7 +74,7 @@ class Dataset:
     def fingerprint(self) -> str:
         """SHA-256 of everything that decides what is stored and how it is labelled (cache key)."""
         items = [
-            [it.split, it.id, it.path.relative_to(self.root).as_posix(), it.offset, it.duration, it.labels]
+            [it.split, it.id, it.source, it.offset, it.duration, it.labels]
             for items in self.splits.values()
             for it in items
         ]
@@ -135,7 +136,7 @@ def read_dataset(
             item_id = _item_id(row, offset, first=n == 0)
             if first_row_of.setdefault(item_id, row.where) != row.where:
                 duplicates.setdefault(row.where, f"duplicate id {item_id!r} (also {first_row_of[item_id]})")
-            splits[row.split].append(Item(item_id, row.path, offset, duration, row.split, labels))
+            splits[row.split].append(Item(item_id, row.path, row.rel, offset, duration, row.split, labels))
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
@@ -248,6 +249,7 @@ def _check(
 def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, window: float | None,
                    records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list]]:
     """(row, its problems, its windows) of each record; runs in worker processes for large datasets."""
+    _real_folder.cache_clear()  # symbolic links may have changed since the last check
     checked = []
     for where, record in records:
         row, problems = _check_row(root, where, record, task, known)
@@ -259,12 +261,14 @@ def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, w
 def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] | None) -> tuple[_Row, list[str]]:
     bad = []
     raw_path = _text(record.get("path"))
-    path = Path(os.path.normpath(root / raw_path))  # removes "..": the lexical check below needs that
+    # Plain strings rather than pathlib: this runs once per row, and millions of rows are common.
+    full = os.path.normpath(os.path.join(root, raw_path))  # removes "..": the lexical check below needs that
+    inside = os.path.join(root, "")  # the root with one trailing separator
     if not raw_path:
         bad.append("empty path")
-    elif not path.is_relative_to(root) or not path.resolve().is_relative_to(root):
+    elif not full.startswith(inside) or not _real(full).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
-    elif not path.is_file():
+    elif not os.path.isfile(full):
         bad.append(f"file not found: {raw_path}")
 
     split = _text(record.get("split"))
@@ -282,8 +286,20 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     if end is not None and start >= end:
         bad.append(f"start {start:g} is not before end {end:g}")
 
-    rel = "" if bad else path.relative_to(root).as_posix()
-    return _Row(where, rel, path, split, labels, _text(record.get("id")) or None, start, end), bad
+    rel = "" if bad else full[len(inside):].replace(os.sep, "/")
+    return _Row(where, rel, Path(full), split, labels, _text(record.get("id")) or None, start, end), bad
+
+
+def _real(path: str) -> str:
+    """The path with symbolic links resolved; folders are resolved once each (rows share few)."""
+    folder, name = os.path.split(path)
+    real = os.path.join(_real_folder(folder), name)
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _text(value) -> str:
@@ -319,7 +335,8 @@ def _windows(row: _Row, window: float | None) -> list[tuple[float, float | None]
     A file soundfile cannot open becomes one item, so that its failure is recorded once, later.
     """
     try:
-        file_seconds = sf.info(str(row.path)).duration
+        with sf.SoundFile(str(row.path)) as audio:  # the header only; sf.info also formats names we do not use
+            file_seconds = audio.frames / audio.samplerate
     except sf.SoundFileError:
         return [(row.start, None if row.end is None else row.end - row.start)]
     length = max(min(file_seconds, math.inf if row.end is None else row.end) - row.start, 0.0)
