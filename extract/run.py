@@ -179,7 +179,7 @@ class ShardBuffer:
     the device straight into their rows: the host never copies them again.
     """
 
-    def __init__(self, spec: StoreSpec, split: str, shard: int, items: list[Item], root: Path, pool: "ArrayPool"):
+    def __init__(self, spec: StoreSpec, split: str, shard: int, items: list[Item], pool: "ArrayPool"):
         start = shard * spec.shard_size
         self.split, self.shard, self.start = split, shard, start
         self.items = items[start:start + spec.shard_size]
@@ -194,7 +194,6 @@ class ShardBuffer:
             self.labels = np.array([item.labels[0] for item in self.items], np.int64)
         self.errors = [""] * n
         self.filled = 0
-        self.root = root
 
     def receive(self, first: int, outputs: dict, rows: np.ndarray):
         """Start copying consecutive batch rows of the forward outputs into rows `first`... of this shard."""
@@ -227,18 +226,11 @@ class ShardBuffer:
     def write_to(self, store):
         store.split(self.split).write_shard(
             self.shard, tokens=self.tokens, prefix=self.prefix, mask=self.mask, labels=self.labels,
-            ids=[it.id for it in self.items], sources=[_relative(it.path, self.root) for it in self.items],
+            ids=[it.id for it in self.items], sources=[it.source for it in self.items],
             offsets=np.array([it.offset for it in self.items]),
             durations=np.array([np.nan if it.duration is None else it.duration for it in self.items]),
             errors=self.errors,
         )
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 class ArrayPool:
@@ -259,6 +251,18 @@ class ArrayPool:
         with self.lock:
             if self.free.get(n):
                 return self.free[n].pop()
+        return self._allocate(n)
+
+    def reserve(self, count: int):
+        """Allocate the first shards' arrays ahead, on a thread while the run starts, rather than on
+        the main thread between the first batches. A failure is left for take() to raise."""
+        try:
+            for _ in range(count):
+                self.give(self._allocate(self.spec.shard_size))
+        except (RuntimeError, MemoryError):  # out of (pinned) memory
+            pass
+
+    def _allocate(self, n: int) -> tuple:
         s = self.spec
 
         def array(count):
@@ -374,10 +378,12 @@ def extract(
     if dry_run:
         return work
 
-    store = create_or_open(store_path, spec, fmt)
     summary = Summary(store_path)
-    done = {name: store.split(name).complete_mask() for name in spec.splits}
-    todo = [(split, shard) for split, shard in work.units if not done[split][shard]]
+    # An existing store is opened first: its complete shards are what a resumed run skips. A new
+    # one is created below, while the DataLoader workers start and decode the first batches.
+    store = create_or_open(store_path, spec, fmt) if store_path.exists() else None
+    done = {name: store.split(name).complete_mask() for name in spec.splits} if store else None
+    todo = [(split, shard) for split, shard in work.units if done is None or not done[split][shard]]
     summary.shards_skipped = len(work.units) - len(todo)
     items = [
         (split, index, work.dataset.splits[split][index])
@@ -387,22 +393,30 @@ def extract(
     if summary.shards_skipped:
         log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
     if not items:
-        store.close()
+        (store or create_or_open(store_path, spec, fmt)).close()
         summary.seconds = time.time() - started
         return summary
 
     model = model.to(target).eval()  # done already on a GPU (WarmUp); here for the CPU
+    pool = ArrayPool(spec, pinned=target.type == "cuda")
     workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
         pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
     )
+    batches = iter(loader)  # starts the workers
+    threading.Thread(target=pool.reserve, args=(min(len(todo), 4),), daemon=True, name="reserve").start()
+    if store is None:
+        try:
+            store = create_or_open(store_path, spec, fmt)
+        except BaseException:
+            del batches  # stops the workers now, not when the traceback is freed
+            raise
     autocast = (
         torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16" and target.type == "cuda"
         else nullcontext()
     )
     buffers: dict[tuple[str, int], ShardBuffer] = {}  # made on first use: only shards in flight take memory
-    pool = ArrayPool(spec, pinned=target.type == "cuda")
     writer = ShardWriter(store, pool)
 
     def destinations(positions: list[int]) -> list[tuple[ShardBuffer, int, np.ndarray]]:
@@ -410,7 +424,7 @@ def extract(
         found = []
         for (split, shard), run in _runs(np.arange(len(positions)), [items[p][:2] for p in positions], spec.shard_size):
             if (split, shard) not in buffers:
-                buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], work.dataset.root, pool)
+                buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], pool)
             buffer = buffers[(split, shard)]
             found.append((buffer, items[positions[run[0]]][1] - buffer.start, run))
         return found
@@ -430,7 +444,7 @@ def extract(
     bar = tqdm(total=len(items), unit="item", desc=f"extract {spec.backbone}", disable=not progress, smoothing=0.05)
     pending = None
     try:
-        for number, (positions, inputs, masks, errors) in enumerate(loader):
+        for number, (positions, inputs, masks, errors) in enumerate(batches):
             if number == 0:
                 first_batch = time.time()
             for position, error in zip(positions.tolist(), errors):
@@ -459,6 +473,7 @@ def extract(
         if pending is not None:
             land(pending)
     except BaseException:  # the first error is the one to report; the store is closed all the same
+        del batches  # stops the workers
         bar.close()
         _close_quietly(writer, store)
         raise
