@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,11 +35,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path, *, allow_pickle: bool = False):
-    """Load a checkpoint onto the CPU: safetensors, or torch.load with weights_only unless allow_pickle."""
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict, str]:
+    """A checkpoint loaded onto the CPU (safetensors, or torch.load with weights_only unless
+    allow_pickle) and its SHA-256, computed on a second thread while it loads."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with ThreadPoolExecutor(1) as hashing:
+        digest = hashing.submit(sha256_file, path)
+        return _load(path, allow_pickle), digest.result()
+
+
+def _load(path: Path, allow_pickle: bool):
     if path.suffix == ".safetensors":  # a format that holds tensors only: nothing in it can run
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -112,7 +120,10 @@ def count_indexed(state: dict, prefix: str) -> int:
 
 def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
     """Load every weight the module needs, checking shapes; keys it does not need (decoders, EMA
-    teachers, classifier heads: parts of training we do not run) are ignored."""
+    teachers, classifier heads: parts of training we do not run) are ignored.
+
+    The checkpoint's tensors become the module's (in its dtype), so a module built on the meta
+    device, without paying for a random initialisation, comes out whole."""
     own = module.state_dict()
     missing = [key for key in own if key not in state]
     if missing:
@@ -120,4 +131,4 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None
         raise CheckpointError(f"{path}: missing weights {shown}; is this a checkpoint of the right model?")
     for key, tensor in own.items():
         expect(path, f"key {key!r}", "shape", tuple(tensor.shape), tuple(state[key].shape))
-    module.load_state_dict({key: state[key] for key in own})
+    module.load_state_dict({key: state[key].to(tensor.dtype) for key, tensor in own.items()}, assign=True)

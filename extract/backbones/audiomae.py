@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights, sha256_file
+from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights
 from ..frontends import AUDIOMAE_FBANK, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
@@ -54,14 +54,15 @@ class AudioMAE(Backbone):
 )
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=12, final_norm=False):
     path = need_checkpoint(name, checkpoint)
-    state = load_checkpoint(path, allow_pickle=allow_pickle)
+    state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
     state = state.get("model", state)
     expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."))
     if "patch_embed.proj.weight" in state:
         expect(path, "'patch_embed.proj.weight'", "embedding size", dim, state["patch_embed.proj.weight"].shape[0])
-    model = AudioMAE(dim, depth, num_heads, has_norm="norm.weight" in state, final_norm=final_norm, name=name)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+        model = AudioMAE(dim, depth, num_heads, has_norm="norm.weight" in state, final_norm=final_norm, name=name)
     if "pos_embed" in state:
         expect(path, "'pos_embed'", "tokens (class + T*F)", 1 + model.num_tokens, state["pos_embed"].shape[1])
     load_weights(model, state, path)
-    model._finish(sha256_file(path), num_heads=num_heads, patch=PATCH, frontend=model.frontend.as_dict())
+    model._finish(sha256, num_heads=num_heads, patch=PATCH, frontend=model.frontend.as_dict())
     return model

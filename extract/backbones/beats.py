@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights, sha256_file
+from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
 from ..frontends import BEATS_FBANK, fbank_frames, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 
@@ -203,7 +203,7 @@ def our_keys(state: dict) -> dict:
 )
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm=False):
     path = need_checkpoint(name, checkpoint)
-    saved = load_checkpoint(path, allow_pickle=allow_pickle)
+    saved, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
     if not isinstance(saved, dict) or "cfg" not in saved or "model" not in saved:
         raise CheckpointError(f"{path}: a BEATs checkpoint is a dict with 'cfg' and 'model'")
     cfg = {**DEFAULTS, **{k: v for k, v in saved["cfg"].items() if k in DEFAULTS}}
@@ -215,8 +215,9 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm
     expect(path, "cfg['input_patch_size']", "patch size", 16, cfg["input_patch_size"])
     state = our_keys(saved["model"])
     expect(path, "'encoder.layers.N.*'", "depth", depth, count_indexed(state, "encoder.layers."))
-    model = BEATs(cfg, name=name)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+        model = BEATs(cfg, name=name)
     load_weights(model, state, path)
     model.final_norm = final_norm
-    model._finish(sha256_file(path), beats_cfg={k: cfg[k] for k in ARCHITECTURE}, frontend=model.frontend.as_dict())
+    model._finish(sha256, beats_cfg={k: cfg[k] for k in ARCHITECTURE}, frontend=model.frontend.as_dict())
     return model

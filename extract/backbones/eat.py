@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights, sha256_file
+from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
 from ..frontends import EAT_FBANK, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
@@ -75,9 +75,10 @@ def our_keys(state: dict, path, num_tokens: int) -> dict:
 
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=12, final_norm=False):
     path = need_checkpoint(name, checkpoint)
-    state = load_checkpoint(path, allow_pickle=allow_pickle)
+    state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
     state = state.get("model", state)
-    model = EAT(dim, depth, num_heads, name=name)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+        model = EAT(dim, depth, num_heads, name=name)
     state = our_keys(state, path, model.num_tokens)
     expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."))
     if "local_encoder.proj.weight" in state:
@@ -87,7 +88,7 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=
         expect(path, f"'{ENCODER}extra_tokens'", "class tokens", EAT.num_prefix, state["extra_tokens"].shape[1])
     load_weights(model, state, path)
     model.final_norm = final_norm
-    model._finish(sha256_file(path), num_heads=num_heads, patch=PATCH, frontend=model.frontend.as_dict())
+    model._finish(sha256, num_heads=num_heads, patch=PATCH, frontend=model.frontend.as_dict())
     return model
 
 

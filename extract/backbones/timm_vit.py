@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights, sha256_file
+from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights
 from .base import Backbone, need_checkpoint, register
 
 
@@ -50,7 +50,7 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
-    state = load_checkpoint(path, allow_pickle=allow_pickle)
+    state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
     for wrapper in ("model", "state_dict"):  # MAE and DeiT release {'model': ...}, others {'state_dict': ...}
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -62,7 +62,7 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     data = resolve_data_config(model=model)
     backbone = TimmViT(model, create_transform(**data), final_norm=final_norm, name=name)
     backbone._finish(
-        sha256_file(path), model_name=model_name,
+        sha256, model_name=model_name,
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
     )
     return backbone
