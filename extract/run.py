@@ -368,20 +368,17 @@ def extract(
     try:
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
                     shard_size=shard_size, part=part, progress=progress)
-    except BaseException:  # the dataset's problems are the ones to report, not the warm-up's
+        spec = work.spec
+        if dry_run:
+            return work
+        summary = Summary(store_path)
+        # An existing store is opened first: its complete shards are what a resumed run skips. A new
+        # one is created once the DataLoader workers have started.
+        store = create_or_open(store_path, spec, fmt) if store_path.exists() else None
+    except BaseException:  # the dataset's or the store's problems are the ones to report, not the warm-up's
         if warm_up is not None:
             warm_up.join()
         raise
-    if warm_up is not None:
-        warm_up.finish()
-    spec = work.spec
-    if dry_run:
-        return work
-
-    summary = Summary(store_path)
-    # An existing store is opened first: its complete shards are what a resumed run skips. A new
-    # one is created below, while the DataLoader workers start and decode the first batches.
-    store = create_or_open(store_path, spec, fmt) if store_path.exists() else None
     done = {name: store.split(name).complete_mask() for name in spec.splits} if store else None
     todo = [(split, shard) for split, shard in work.units if done is None or not done[split][shard]]
     summary.shards_skipped = len(work.units) - len(todo)
@@ -393,25 +390,32 @@ def extract(
     if summary.shards_skipped:
         log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
     if not items:
+        if warm_up is not None:
+            warm_up.join()
         (store or create_or_open(store_path, spec, fmt)).close()
         summary.seconds = time.time() - started
         return summary
 
-    model = model.to(target).eval()  # done already on a GPU (WarmUp); here for the CPU
+    if warm_up is None:
+        model = model.to(target).eval()  # on a GPU, WarmUp does it
     pool = ArrayPool(spec, pinned=target.type == "cuda")
     workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
         pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    batches = iter(loader)  # starts the workers
+    # The workers start decoding the first batches while the GPU warms up and a new store is created
+    # (they never touch CUDA, so forking them beside the warm-up thread is safe, as for the dataset check).
+    batches = iter(loader)
     threading.Thread(target=pool.reserve, args=(min(len(todo), 4),), daemon=True, name="reserve").start()
-    if store is None:
-        try:
+    try:
+        if warm_up is not None:
+            warm_up.finish()
+        if store is None:
             store = create_or_open(store_path, spec, fmt)
-        except BaseException:
-            del batches  # stops the workers now, not when the traceback is freed
-            raise
+    except BaseException:
+        del batches  # stops the workers now, not when the traceback is freed
+        raise
     autocast = (
         torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16" and target.type == "cuda"
         else nullcontext()
@@ -489,7 +493,7 @@ def extract(
 
 class WarmUp(threading.Thread):
     """Moves the model to the GPU and runs one batch of blank input through it while the dataset
-    is checked.
+    is checked and the DataLoader workers start.
 
     A process's first forward pass sets up CUDA, cuBLAS and cuDNN and loads its kernels: about
     3 s on an H200 for a ViT-B, which would otherwise come after the check instead of beside it.

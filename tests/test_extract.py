@@ -187,6 +187,7 @@ def test_the_warm_up_runs_a_blank_batch_and_reports_its_error_to_the_caller():
         WarmUp(broken, torch.device("cpu"), "fp32", batch_size=2).finish()
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # CUDA is pretended here
 def test_on_a_gpu_run_the_datasets_problems_are_reported_even_if_the_warm_up_failed(dataset, tmp_path, monkeypatch):
     """The warm-up runs beside the dataset check: a bad manifest is the error the user sees, and
     with a good one the warm-up's own error is raised before any work."""
