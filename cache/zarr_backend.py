@@ -50,8 +50,7 @@ def create(path: Path, spec: StoreSpec):
 
 def _build(tmp: Path, spec: StoreSpec):
     compressors = CODECS[spec.codec]() if spec.codec else None
-    root = zarr.open_group(tmp, mode="w")
-    root.attrs.update(spec.to_meta())
+    root = zarr.create_group(tmp, attributes=spec.to_meta())  # one write (attrs.update rewrites per key)
     storage = STORAGE_DTYPE[spec.dtype]
     S = spec.shard_size
     for split, n in spec.splits.items():
