@@ -1,6 +1,7 @@
 """`tokens extract` end to end with the real CREPE weights: stored tokens equal a direct forward pass,
 bad items are recorded, interrupted runs resume to the same store, other configurations are refused."""
 
+import multiprocessing
 import os
 import re
 import signal
@@ -92,8 +93,9 @@ def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
         bad = list(train.column("ids")).index("text.wav")
         assert not train.read_tokens(2, [bad]).any() and not train.read_mask([bad]).any()
         assert "NaN" in store.split("test").column("errors")[1]
-    with pytest.raises(ExtractionError, match="--strict"):
-        run(dataset, tmp_path / "strict.zarr", strict=True)
+    with pytest.raises(ExtractionError, match="--strict") as raised:
+        run(dataset, tmp_path / "strict.zarr", strict=True, num_workers=2)
+    assert multiprocessing.active_children() == [], raised.traceback  # the workers stopped with the run
     with open_store(tmp_path / "strict.zarr") as store:  # the batches before the bad item are kept
         assert store.split("train").complete_mask().tolist() == [True, True, True, False]
 
@@ -213,6 +215,47 @@ def test_on_a_gpu_run_the_datasets_problems_are_reported_even_if_the_warm_up_fai
     with pytest.raises(RuntimeError, match="warm-up"):
         run(dataset, tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_new_store_that_cannot_be_created_stops_the_started_workers(dataset, tmp_path, monkeypatch):
+    """A new store is created after the DataLoader workers start (they decode meanwhile): when
+    that fails, its error is the one raised and no worker outlives the call."""
+    import tokens.extract.run as run_module
+
+    def refuse(path, spec, fmt=None):
+        raise StoreError(f"{path}: No space left on device")
+
+    monkeypatch.setattr(run_module, "create_or_open", refuse)
+    with pytest.raises(StoreError, match="No space left") as raised:
+        run(dataset, tmp_path / "s.zarr", num_workers=2)
+    assert multiprocessing.active_children() == [], raised.traceback  # the traceback (and its frames) still held
+
+
+def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
+    """ArrayPool.reserve fills the free list that take() draws from; a failed reservation (out of
+    pinned memory) leaves take() to allocate, and raise, on its own."""
+    from tokens.cache import StoreSpec
+    from tokens.extract.run import ArrayPool
+
+    spec = StoreSpec(backbone="b", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[0, 2], final_norm=False,
+                     dtype="float16", grid=(2, 3), dim=4, num_prefix=1, task="multiclass", classes=["a"],
+                     splits={"train": 10}, dataset_fingerprint="f", shard_size=4)
+    pool = ArrayPool(spec, pinned=False)
+    pool.reserve(2)
+    reserved = [id(arrays) for arrays in pool.free[4]]
+    assert len(reserved) == 2
+    targets, tokens, prefix, mask = taken = pool.take(4)
+    assert id(taken) in reserved and len(pool.free[4]) == 1
+    assert tokens[2].shape == (4, 6, 4) and prefix[0].shape == (4, 1, 4) and mask.shape == (4, 6)
+    assert pool.take(3)[1][0].shape == (3, 6, 4)  # a last, shorter shard: allocated on demand
+
+    def out_of_memory(n):
+        raise RuntimeError("CUDA error: out of memory")
+
+    empty = ArrayPool(spec, pinned=False)
+    empty._allocate = out_of_memory
+    empty.reserve(2)
+    assert not empty.free.get(4)
 
 
 def test_the_command_line_loads_neither_scikit_learn_nor_matplotlib():

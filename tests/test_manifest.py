@@ -155,6 +155,26 @@ gone.wav,dog,test,,,
     assert "line 12: file not found: gone.wav" in str(e.value)
 
 
+def test_a_linked_folder_is_followed_to_where_it_leads(tmp_path, checking):
+    """Folders are resolved once each: one that links outside the dataset makes its rows problems,
+    one that links to another folder inside it is fine, and the stored path is the row's own."""
+    data = tmp_path / "data"
+    wav(data / "real" / "a.wav", 1)
+    wav(tmp_path / "elsewhere" / "b.wav", 1)
+    (data / "inside").symlink_to(data / "real")
+    (data / "out").symlink_to(tmp_path / "elsewhere")
+    manifest = csv_file(data / "m.csv", "path,label,split\ninside/a.wav,x,train\nout/b.wav,x,train\nreal/a.wav,x,valid\n")
+    with pytest.raises(ManifestError) as e:
+        audio(manifest)
+    assert e.value.problems == [f"line 3: path 'out/b.wav' leads outside the dataset folder {data}"]
+    (data / "out").unlink()
+    (data / "out").symlink_to(data / "real")
+    manifest.write_text("path,label,split\ninside/a.wav,x,train\nout/a.wav,x,train\n")
+    items = audio(manifest).splits["train"]
+    assert [(item.source, item.path) for item in items] == [
+        ("inside/a.wav", data / "inside" / "a.wav"), ("out/a.wav", data / "out" / "a.wav")]
+
+
 def test_duplicate_paths_are_duplicate_ids(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,x,train\na.wav,y,test\n")
