@@ -120,6 +120,53 @@ def test_round_trip_is_bit_exact(tmp_path, fmt, suffix, dtype):
                 assert group[f"{split_name}/prefix/1"][:].tobytes() == expected["prefix"][1].tobytes()
 
 
+def test_shard_files_are_byte_for_byte_what_zarr_writes(tmp_path):
+    """The writer lays out uncompressed shard and chunk files itself (no trip through zarr's event
+    loop): every file must be exactly what zarr's own encoders write for the same values, the
+    last, partial shard padded, non-ASCII strings included."""
+    spec = make_spec()
+    items = make_items(spec, "train")
+    items["ids"][-1] = "ünïcode-ид"
+    ours, zarrs = tmp_path / "ours.zarr", tmp_path / "zarr.zarr"
+    with create_or_open(ours, spec) as store:
+        write_shards(store, "train", items, range(store.split("train").num_shards))
+    create_or_open(zarrs, spec).close()
+    group = zarr.open_group(zarrs / "train", mode="r+")
+    for layer in spec.layers:
+        group[f"tokens/{layer}"][:] = items["tokens"][layer]
+        group[f"prefix/{layer}"][:] = items["prefix"][layer]
+    for name in ("mask", "labels", "offsets", "durations"):
+        group[name][:] = items[name]
+    for name in ("ids", "sources", "errors"):
+        group[name][:] = np.array(items[name], dtype=object)
+    group["complete"][:] = 1
+    files = sorted(p.relative_to(ours) for p in (ours / "train").rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert len(files) == (2 * 2 + 7 + 1) * 5  # tokens and prefix of 2 layers, 7 columns, complete: 5 shards each
+    for file in files:
+        assert (ours / file).read_bytes() == (zarrs / file).read_bytes(), file
+
+
+def test_creating_a_store_leaves_the_interpreters_switch_interval_as_it_was(tmp_path, monkeypatch):
+    """Creation shortens the GIL switch interval while zarr makes the arrays; failed or not, the
+    process gets its own interval back."""
+    import tokens.cache.zarr_backend as zarr_backend
+
+    before = sys.getswitchinterval()
+    seen = []
+    build = zarr_backend._build_arrays
+    monkeypatch.setattr(zarr_backend, "_build_arrays", lambda *args: (seen.append(sys.getswitchinterval()), build(*args)))
+    create_or_open(tmp_path / "a.zarr", make_spec()).close()
+    assert seen[0] < before and sys.getswitchinterval() == before
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zarr_backend, "_build_arrays", full_disk)
+    with pytest.raises(StoreError, match="No space left"):
+        create_or_open(tmp_path / "b.zarr", make_spec())
+    assert sys.getswitchinterval() == before and not (tmp_path / "b.zarr").exists()
+
+
 def test_multiclass_labels_and_compressed_store_round_trip(tmp_path):
     for fmt, suffix, codec in [("zarr", ".zarr", "zstd"), ("hdf5", ".h5", "gzip")]:
         spec = make_spec(task="multiclass", codec=codec, num_prefix=0, masked=False)
