@@ -253,12 +253,13 @@ class ArrayPool:
                 return self.free[n].pop()
         return self._allocate(n)
 
-    def reserve(self, count: int):
-        """Allocate the first shards' arrays ahead, on a thread while the run starts, rather than on
-        the main thread between the first batches. A failure is left for take() to raise."""
+    def reserve(self, sizes: list[int]):
+        """Allocate the arrays of the first shards (of these numbers of items) ahead, on a thread while
+        the run starts, rather than on the main thread between the first batches. A failure is left
+        for take() to raise."""
         try:
-            for _ in range(count):
-                self.give(self._allocate(self.spec.shard_size))
+            for n in sizes:
+                self.give(self._allocate(n))
         except (RuntimeError, MemoryError):  # out of (pinned) memory
             pass
 
@@ -365,7 +366,8 @@ def extract(
         raise ExtractionError(f"--device {error}") from None
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     warm_up = WarmUp(model, target, precision, batch_size) if target.type == "cuda" and not dry_run else None
-    try:
+    store = batches = None
+    try:  # until the first batch: a failure stops the warm-up and the workers, and closes the store
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
                     shard_size=shard_size, part=part, progress=progress)
         spec = work.spec
@@ -375,46 +377,47 @@ def extract(
         # An existing store is opened first: its complete shards are what a resumed run skips. A new
         # one is created once the DataLoader workers have started.
         store = create_or_open(store_path, spec, fmt) if store_path.exists() else None
-    except BaseException:  # the dataset's or the store's problems are the ones to report, not the warm-up's
-        if warm_up is not None:
-            warm_up.join()
-        raise
-    done = {name: store.split(name).complete_mask() for name in spec.splits} if store else None
-    todo = [(split, shard) for split, shard in work.units if done is None or not done[split][shard]]
-    summary.shards_skipped = len(work.units) - len(todo)
-    items = [
-        (split, index, work.dataset.splits[split][index])
-        for split, shard in todo
-        for index in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.splits[split]))
-    ]
-    if summary.shards_skipped:
-        log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
-    if not items:
-        if warm_up is not None:
-            warm_up.join()
-        (store or create_or_open(store_path, spec, fmt)).close()
-        summary.seconds = time.time() - started
-        return summary
+        done = {name: store.split(name).complete_mask() for name in spec.splits} if store else None
+        todo = [(split, shard) for split, shard in work.units if done is None or not done[split][shard]]
+        summary.shards_skipped = len(work.units) - len(todo)
+        items = [
+            (split, index, work.dataset.splits[split][index])
+            for split, shard in todo
+            for index in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.splits[split]))
+        ]
+        if summary.shards_skipped:
+            log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
+        if not items:
+            if warm_up is not None:
+                warm_up.join()
+            (store or create_or_open(store_path, spec, fmt)).close()
+            summary.seconds = time.time() - started
+            return summary
 
-    if warm_up is None:
-        model = model.to(target).eval()  # on a GPU, WarmUp does it
-    pool = ArrayPool(spec, pinned=target.type == "cuda")
-    workers = default_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
-        pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
-    )
-    # The workers start decoding the first batches while the GPU warms up and a new store is created
-    # (they never touch CUDA, so forking them beside the warm-up thread is safe, as for the dataset check).
-    batches = iter(loader)
-    threading.Thread(target=pool.reserve, args=(min(len(todo), 4),), daemon=True, name="reserve").start()
-    try:
+        if warm_up is None:
+            model = model.to(target).eval()  # on a GPU, WarmUp does it
+        pool = ArrayPool(spec, pinned=target.type == "cuda")
+        workers = default_workers() if num_workers is None else num_workers
+        loader = torch.utils.data.DataLoader(
+            ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
+            pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
+            # fork, whatever the platform's default: forkserver and spawn would pickle the model for each worker
+            multiprocessing_context="fork" if workers else None,
+        )
+        # The workers start decoding the first batches while the GPU warms up and a new store is created
+        # (they never touch CUDA, so forking them beside the warm-up thread is safe, as for the dataset check).
+        batches = iter(loader)
+        first_shards = [min(spec.shard_size, spec.splits[split] - shard * spec.shard_size) for split, shard in todo[:4]]
+        threading.Thread(target=pool.reserve, args=(first_shards,), daemon=True, name="reserve").start()
         if warm_up is not None:
             warm_up.finish()
         if store is None:
             store = create_or_open(store_path, spec, fmt)
-    except BaseException:
-        del batches  # stops the workers now, not when the traceback is freed
+    except BaseException:  # the dataset's, the store's or the warm-up's error: the first one is reported
+        if warm_up is not None:
+            warm_up.join()
+        _stop_workers(batches)
+        _close_quietly(store)
         raise
     autocast = (
         torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16" and target.type == "cuda"
@@ -477,7 +480,7 @@ def extract(
         if pending is not None:
             land(pending)
     except BaseException:  # the first error is the one to report; the store is closed all the same
-        del batches  # stops the workers
+        _stop_workers(batches)
         bar.close()
         _close_quietly(writer, store)
         raise
@@ -537,9 +540,18 @@ class WarmUp(threading.Thread):
 def _close_quietly(*closeables):
     for closeable in closeables:
         try:
-            closeable.close()
+            if closeable is not None:
+                closeable.close()
         except BaseException:  # an error is already on its way up: it stays the one reported
             pass
+
+
+def _stop_workers(batches):
+    """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough on an
+    error path: the traceback keeps it alive (in a notebook, for as long as the error is kept),
+    and so does an error raised by the iterator itself, through its frame."""
+    if batches is not None and hasattr(batches, "_shutdown_workers"):  # only the multi-process iterator has workers
+        batches._shutdown_workers()
 
 
 @dataclass

@@ -231,6 +231,52 @@ def test_a_new_store_that_cannot_be_created_stops_the_started_workers(dataset, t
     assert multiprocessing.active_children() == [], raised.traceback  # the traceback (and its frames) still held
 
 
+def test_an_error_raised_by_the_data_loader_stops_its_workers(dataset, tmp_path, monkeypatch):
+    """A worker's own failure comes back through the loader's iterator, whose frame the error's
+    traceback keeps: the workers are stopped explicitly, not when the error is let go."""
+    import tokens.extract.run as run_module
+
+    def broken(rows):
+        raise RuntimeError("collate broke")
+
+    monkeypatch.setattr(run_module, "collate", broken)
+    with pytest.raises(RuntimeError, match="collate broke") as raised:
+        run(dataset, tmp_path / "s.zarr", num_workers=2)
+    assert multiprocessing.active_children() == [], raised.traceback
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # CUDA is pretended here
+def test_a_failed_warm_up_closes_the_store_it_resumes(dataset, tmp_path, monkeypatch):
+    """A store being resumed is opened before the GPU's warm-up is done: if the warm-up fails,
+    the store is closed again (an HDF5 store would otherwise stay locked)."""
+    import tokens.cache.store as store_module
+    import tokens.extract.run as run_module
+
+    run(dataset, tmp_path / "s.h5", layers=[0], strict=False)
+    with open_store(tmp_path / "s.h5", mode="a") as store:  # make the run resume a shard
+        store._handle.file["train/complete"][0] = 0
+    opened, closed = [], []
+    init, close = store_module.TokenStore.__init__, store_module.TokenStore.close
+    monkeypatch.setattr(store_module.TokenStore, "__init__", lambda self, *a, **k: (opened.append(a[0]), init(self, *a, **k))[1])
+    monkeypatch.setattr(store_module.TokenStore, "close", lambda self: (closed.append(self.path), close(self)))
+
+    class FailingWarmUp:
+        def __init__(self, *args):
+            pass
+
+        def join(self):
+            pass
+
+        def finish(self):
+            raise RuntimeError("CUDA out of memory in the warm-up")
+
+    monkeypatch.setattr(run_module, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(run_module, "WarmUp", FailingWarmUp)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        run(dataset, tmp_path / "s.h5", layers=[0])
+    assert len(opened) >= 2 and closed == opened  # the dataset check's look at the classes, then the resumed store
+
+
 def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
     """ArrayPool.reserve fills the free list that take() draws from; a failed reservation (out of
     pinned memory) leaves take() to allocate, and raise, on its own."""
@@ -241,20 +287,20 @@ def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
                      dtype="float16", grid=(2, 3), dim=4, num_prefix=1, task="multiclass", classes=["a"],
                      splits={"train": 10}, dataset_fingerprint="f", shard_size=4)
     pool = ArrayPool(spec, pinned=False)
-    pool.reserve(2)
+    pool.reserve([4, 4, 2])  # the last shard of a split can be shorter
     reserved = [id(arrays) for arrays in pool.free[4]]
-    assert len(reserved) == 2
+    assert len(reserved) == 2 and len(pool.free[2]) == 1
     targets, tokens, prefix, mask = taken = pool.take(4)
     assert id(taken) in reserved and len(pool.free[4]) == 1
     assert tokens[2].shape == (4, 6, 4) and prefix[0].shape == (4, 1, 4) and mask.shape == (4, 6)
-    assert pool.take(3)[1][0].shape == (3, 6, 4)  # a last, shorter shard: allocated on demand
+    assert pool.take(3)[1][0].shape == (3, 6, 4)  # a size not reserved: allocated on demand
 
     def out_of_memory(n):
         raise RuntimeError("CUDA error: out of memory")
 
     empty = ArrayPool(spec, pinned=False)
     empty._allocate = out_of_memory
-    empty.reserve(2)
+    empty.reserve([4, 4])
     assert not empty.free.get(4)
 
 
