@@ -121,8 +121,8 @@ def _chunk_file(data, array: zarr.Array) -> list:
     numbers little-endian, strings as vlen-utf8 (a uint32 count, then each one's uint32 length and
     UTF-8 bytes)."""
     rows = array.chunks[0]
-    if array.dtype.kind == "T":  # numpy's variable-width strings
-        encoded = [str(value).encode() for value in data] + [array.fill_value.encode()] * (rows - len(data))
+    if isinstance(array.serializer, zarr.codecs.VLenUTF8Codec):  # (numpy 2 gives them StringDType, numpy 1 object)
+        encoded = [str(value).encode() for value in data] + [str(array.fill_value).encode()] * (rows - len(data))
         return [len(encoded).to_bytes(4, "little") + b"".join(len(e).to_bytes(4, "little") + e for e in encoded)]
     padded = np.full((rows, *array.chunks[1:]), array.fill_value, dtype=array.dtype.newbyteorder("<"))
     padded[: len(data)] = data
@@ -206,7 +206,7 @@ class ZarrHandle:
         """
         array = self.array(split, name)
         path = self.chunk_file(split, name, shard)
-        if not array.compressors:
+        if not array.compressors and not array.filters:
             _write_file(path, _shard_file(data, array.shards[0]) if array.shards else _chunk_file(data, array))
             return
         array[start:start + len(data)] = data

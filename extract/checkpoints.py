@@ -41,9 +41,17 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    with ThreadPoolExecutor(1) as hashing:
-        digest = hashing.submit(sha256_file, path)
-        return _load(path, allow_pickle), digest.result()
+    hashing = ThreadPoolExecutor(1)
+    digest = hashing.submit(sha256_file, path)
+    try:
+        state = _load(path, allow_pickle)
+    except BaseException:  # report a refused or broken file now, not once the whole file is hashed
+        hashing.shutdown(wait=False, cancel_futures=True)
+        raise
+    try:
+        return state, digest.result()
+    finally:
+        hashing.shutdown()
 
 
 def _load(path: Path, allow_pickle: bool):

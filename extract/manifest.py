@@ -266,7 +266,9 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     inside = os.path.join(root, "")  # the root with one trailing separator
     if not raw_path:
         bad.append("empty path")
-    elif not full.startswith(inside) or not _real(full).startswith(inside):
+    elif "\0" in raw_path:
+        bad.append(f"path {raw_path!r} contains a NUL character")
+    elif not (full + os.sep).startswith(inside) or not (_real(full) + os.sep).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
     elif not os.path.isfile(full):
         bad.append(f"file not found: {raw_path}")

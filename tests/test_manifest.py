@@ -175,6 +175,15 @@ def test_a_linked_folder_is_followed_to_where_it_leads(tmp_path, checking):
         ("inside/a.wav", data / "inside" / "a.wav"), ("out/a.wav", data / "out" / "a.wav")]
 
 
+def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
+    """Neither stops the check: '.' is not a file, a NUL cannot be in a file name."""
+    (tmp_path / "m.jsonl").write_text(
+        '{"path": ".", "label": "x", "split": "train"}\n{"path": "a\\u0000b.wav", "label": "x", "split": "train"}\n')
+    with pytest.raises(ManifestError) as e:
+        audio(tmp_path / "m.jsonl")
+    assert e.value.problems == ["line 1: file not found: .", "line 2: path 'a\\x00b.wav' contains a NUL character"]
+
+
 def test_duplicate_paths_are_duplicate_ids(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,x,train\na.wav,y,test\n")
