@@ -189,25 +189,34 @@ def test_the_warm_up_runs_a_blank_batch_and_reports_its_error_to_the_caller():
         WarmUp(broken, torch.device("cpu"), "fp32", batch_size=2).finish()
 
 
+class FailingWarmUp:
+    """Stands in for the GPU warm-up and fails as it would when CUDA runs out of memory."""
+
+    def __init__(self, *args):
+        pass
+
+    def join(self):
+        pass
+
+    def finish(self):
+        raise RuntimeError("CUDA out of memory in the warm-up")
+
+
+@pytest.fixture
+def failing_warm_up(monkeypatch):
+    """A run that believes it is on a GPU whose warm-up fails."""
+    import tokens.extract.run as run_module
+
+    monkeypatch.setattr(run_module, "pick_device", lambda name: torch.device("cuda") if name == "auto" else torch.device(name))
+    monkeypatch.setattr(run_module, "WarmUp", FailingWarmUp)
+
+
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # CUDA is pretended here
-def test_on_a_gpu_run_the_datasets_problems_are_reported_even_if_the_warm_up_failed(dataset, tmp_path, monkeypatch):
+def test_on_a_gpu_run_the_datasets_problems_are_reported_even_if_the_warm_up_failed(dataset, tmp_path, failing_warm_up):
     """The warm-up runs beside the dataset check: a bad manifest is the error the user sees, and
     with a good one the warm-up's own error is raised before any work."""
-    import tokens.extract.run as run_module
     from tokens.extract.manifest import ManifestError
 
-    class FailingWarmUp:
-        def __init__(self, *args):
-            pass
-
-        def join(self):
-            pass
-
-        def finish(self):
-            raise RuntimeError("CUDA out of memory in the warm-up")
-
-    monkeypatch.setattr(run_module, "pick_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(run_module, "WarmUp", FailingWarmUp)
     bad = dataset.parent / "bad.csv"
     bad.write_text("path,labels,split\nmissing.wav,low,train\n")
     with pytest.raises(ManifestError, match="missing.wav"):
@@ -246,13 +255,12 @@ def test_an_error_raised_by_the_data_loader_stops_its_workers(dataset, tmp_path,
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # CUDA is pretended here
-def test_a_failed_warm_up_closes_the_store_it_resumes(dataset, tmp_path, monkeypatch):
+def test_a_failed_warm_up_closes_the_store_it_resumes(dataset, tmp_path, monkeypatch, failing_warm_up):
     """A store being resumed is opened before the GPU's warm-up is done: if the warm-up fails,
     the store is closed again (an HDF5 store would otherwise stay locked)."""
     import tokens.cache.store as store_module
-    import tokens.extract.run as run_module
 
-    run(dataset, tmp_path / "s.h5", layers=[0], strict=False)
+    run(dataset, tmp_path / "s.h5", layers=[0], device="cpu")
     with open_store(tmp_path / "s.h5", mode="a") as store:  # make the run resume a shard
         store._handle.file["train/complete"][0] = 0
     opened, closed = [], []
@@ -260,18 +268,6 @@ def test_a_failed_warm_up_closes_the_store_it_resumes(dataset, tmp_path, monkeyp
     monkeypatch.setattr(store_module.TokenStore, "__init__", lambda self, *a, **k: (opened.append(a[0]), init(self, *a, **k))[1])
     monkeypatch.setattr(store_module.TokenStore, "close", lambda self: (closed.append(self.path), close(self)))
 
-    class FailingWarmUp:
-        def __init__(self, *args):
-            pass
-
-        def join(self):
-            pass
-
-        def finish(self):
-            raise RuntimeError("CUDA out of memory in the warm-up")
-
-    monkeypatch.setattr(run_module, "pick_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(run_module, "WarmUp", FailingWarmUp)
     with pytest.raises(RuntimeError, match="warm-up"):
         run(dataset, tmp_path / "s.h5", layers=[0])
     assert len(opened) >= 2 and closed == opened  # the dataset check's look at the classes, then the resumed store
