@@ -133,6 +133,9 @@ class HDF5Handle:
     def complete(self, split: str, num_shards: int) -> np.ndarray:
         return self.dataset(split, "complete")[:].astype(bool)
 
+    def discard_partial(self, split: str, shards: set[int]):
+        """Nothing to do: shards are written in place, and an incomplete one is simply written again."""
+
     def write_shard(self, split: str, shard: int, start: int, arrays: dict):
         """The shard's data, flushed and fsync'd, then its complete flag (see the module docstring)."""
         where = f"{self.path}:{split} items {start}-{start + len(next(iter(arrays.values()))) - 1} (shard {shard})"

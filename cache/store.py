@@ -328,6 +328,10 @@ class Split:
         return bool(self.complete_mask().all())
 
     # -- writing ----------------------------------------------------------------------------
+    def discard_partial_writes(self, shards):
+        """Delete what killed writers left half-written of these shards, which are about to be written again."""
+        self._h.discard_partial(self.name, set(shards))
+
     def write_shard(
         self,
         shard: int,

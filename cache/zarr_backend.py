@@ -28,6 +28,7 @@ CODECS = {
     "blosc-lz4": lambda: [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
 }
 MISSING = np.uint64(2**64 - 1)
+PARTIAL = ".partial"  # shard files being written (see ZarrHandle._partial)
 FAST_WRITES = {"write_empty_chunks": True}  # skip the read-back check of empty chunks
 
 
@@ -129,11 +130,10 @@ def _chunk_file(data, array: zarr.Array) -> list:
     return [padded.tobytes()]
 
 
-def _write_file(path: Path, parts: list):
-    """Write a file aside, fsync it and rename it into place: it appears whole or not at all, and a
-    torn temporary file does not keep space that a full disk needs back."""
+def _write_file(path: Path, tmp: Path, parts: list):
+    """Write a file aside (at `tmp`), fsync it and rename it into place: it appears whole or not at
+    all, and a torn temporary file does not keep space that a full disk needs back."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
@@ -179,6 +179,24 @@ class ZarrHandle:
                 raise StoreError(f"{self.path}: array {key} is missing") from error
         return self._arrays[key]
 
+    def _partial(self, split: str, name: str, shard: int) -> Path:
+        """Where a shard's file is written before it is renamed into place: one folder for the whole
+        store, so that what a killed writer left there is found without listing every chunk folder."""
+        (self.path / PARTIAL).mkdir(exist_ok=True)
+        return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{uuid.uuid4().hex}.tmp"
+
+    def discard_partial(self, split: str, shards: set[int]):
+        """Delete what killed writers left half-written of these shards (a shard's writer alone
+        writes its files, so none of them is in flight while its owner starts over)."""
+        try:
+            entries = list(os.scandir(self.path / PARTIAL))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            shard, entry_split, _ = entry.name.split(".", 2)
+            if entry_split == split and shard.isdigit() and int(shard) in shards:
+                Path(entry.path).unlink(missing_ok=True)
+
     def chunk_file(self, split: str, name: str, shard: int) -> Path:
         ndim = self.array(split, name).ndim
         return self.path / split / name / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))
@@ -207,7 +225,8 @@ class ZarrHandle:
         array = self.array(split, name)
         path = self.chunk_file(split, name, shard)
         if not array.compressors and not array.filters:
-            _write_file(path, _shard_file(data, array.shards[0]) if array.shards else _chunk_file(data, array))
+            parts = _shard_file(data, array.shards[0]) if array.shards else _chunk_file(data, array)
+            _write_file(path, self._partial(split, name, shard), parts)
             return
         array[start:start + len(data)] = data
         if path.exists():

@@ -387,6 +387,9 @@ def extract(
         ]
         if summary.shards_skipped:
             log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
+        if store is not None:  # what a killed run left half-written of the shards this one writes
+            for name in spec.splits:
+                store.split(name).discard_partial_writes(shard for split, shard in todo if split == name)
         if not items:
             if warm_up is not None:
                 warm_up.join()

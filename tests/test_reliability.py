@@ -203,7 +203,8 @@ KILLED_EXTRACTION = """
                 backbone_options={"window_seconds": float(sys.argv[5])}, log=lambda *a: None)
     print("finished without being killed", flush=True)
 """
-HOOK_COUNTS = {"decode": 15, "forward": 5, "write": 2 * 3 * 8, "commit": 8}  # calls in a whole run of make_clips
+HOOK_COUNTS = {"decode": 15, "forward": 5, "write": (3 * 2 + 8) * 8, "commit": 8}  # calls in a whole run of make_clips
+# (write: per shard, 3 layers' token files in two parts, 7 per-item columns and the complete flag)
 
 
 def kill_points(seed: int = 20240611) -> list[tuple[str, int]]:
@@ -219,17 +220,19 @@ def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     dataset = make_clips(root)
     reference = root / "reference.zarr"
-    seen = {"decode": 0, "forward": 0}
+    seen = {"decode": 0, "forward": 0, "write": 0}
+    import tokens.cache.zarr_backend as zarr_backend
     import tokens.extract.run as run_module
     from tokens.extract.backbones.base import Backbone
 
-    original_load, original_forward = run_module.load_window, Backbone.forward
+    original_load, original_forward, original_write = run_module.load_window, Backbone.forward, zarr_backend._write_all
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "load_window", lambda *a: seen.update(decode=seen["decode"] + 1) or original_load(*a))
         patch.setattr(Backbone, "forward", lambda self, *a: seen.update(forward=seen["forward"] + 1) or original_forward(self, *a))
+        patch.setattr(zarr_backend, "_write_all", lambda *a: seen.update(write=seen["write"] + 1) or original_write(*a))
         summary = run_extract(dataset, reference, backbone_options={"window_seconds": WINDOW})
     assert summary.items_written == 15 and summary.shards_written == 8 and [i for i, _ in summary.failed] == ["text.wav"]
-    assert seen == {"decode": HOOK_COUNTS["decode"], "forward": HOOK_COUNTS["forward"]}
+    assert seen == {name: HOOK_COUNTS[name] for name in seen}
     return dataset, reference
 
 
@@ -246,6 +249,7 @@ def test_killed_extraction_resumes_to_the_uninterrupted_store(clips, tmp_path, h
         assert not all(split.is_complete for split in opened.splits.values())
     resumed = run_extract(dataset, store, backbone_options={"window_seconds": WINDOW})
     assert resumed.shards_written + resumed.shards_skipped == 8 and resumed.shards_written >= 1  # nothing done twice
+    assert list((store / ".partial").iterdir()) == []  # no half-written file of the killed run is left
     assert_same_store(reference, store)
     assert_verify_passes(store)
 
@@ -750,7 +754,7 @@ def test_a_full_disk_stops_extraction_clearly_and_a_restart_resumes(clips, tmp_p
     problems = [line.strip()[2:] for line in result.output.splitlines() if line.strip().startswith("- ")]
     assert result.exit_code == 1 and problems, result.output
     assert all(re.fullmatch(r"\w+: \d+ of \d+ shards not complete: [\d, -]+", p) for p in problems), result.output
-    assert not [p for p in disk.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    assert not [p for p in disk.rglob("*") if p.is_file() and p.name.endswith((".tmp", ".partial"))]
     hog.unlink(missing_ok=True)  # space is freed (the file-size limit died with the process)
     resumed = run_extract(dataset, store, fmt=fmt, backbone_options={"window_seconds": WINDOW})
     assert resumed.shards_skipped == complete and resumed.shards_written == 8 - complete

@@ -167,6 +167,20 @@ def test_creating_a_store_leaves_the_interpreters_switch_interval_as_it_was(tmp_
     assert sys.getswitchinterval() == before and not (tmp_path / "b.zarr").exists()
 
 
+def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
+    """A resumed writer clears what a killed one left of the shards it will write again, and
+    nothing of other shards or splits (other job-array tasks may be writing those)."""
+    path = tmp_path / "s.zarr"
+    with create_or_open(path, make_spec()) as store:
+        write_shards(store, "train", make_items(make_spec(), "train"), [0])
+        left = ["1.train.tokens.0.dead.tmp", "2.train.mask.live.tmp", "1.test.ids.live.tmp"]
+        for name in left:
+            (path / ".partial" / name).write_bytes(b"torn")
+        store.split("train").discard_partial_writes([1])
+        assert sorted(p.name for p in (path / ".partial").iterdir()) == sorted(left[1:])
+        assert store.split("train").complete_mask().tolist() == [True, False, False, False, False]
+
+
 def test_multiclass_labels_and_compressed_store_round_trip(tmp_path):
     for fmt, suffix, codec in [("zarr", ".zarr", "zstd"), ("hdf5", ".h5", "gzip")]:
         spec = make_spec(task="multiclass", codec=codec, num_prefix=0, masked=False)
