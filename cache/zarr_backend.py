@@ -193,7 +193,7 @@ class ZarrHandle:
         except FileNotFoundError:
             return
         for entry in entries:
-            shard, entry_split, _ = entry.name.split(".", 2)
+            shard, entry_split, *_ = entry.name.split(".", 2) + [""]  # "<shard>.<split>.<array>.<uuid>.tmp"
             if entry_split == split and shard.isdigit() and int(shard) in shards:
                 Path(entry.path).unlink(missing_ok=True)
 
