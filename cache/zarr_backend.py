@@ -39,7 +39,8 @@ def create(path: Path, spec: StoreSpec):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        _build(tmp, spec)
+        with _prompt_hand_offs():
+            _build(tmp, spec)
     except BaseException:  # a full disk: leave nothing half-made behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,11 +70,6 @@ def _prompt_hand_offs():
 
 
 def _build(tmp: Path, spec: StoreSpec):
-    with _prompt_hand_offs():
-        _build_arrays(tmp, spec)
-
-
-def _build_arrays(tmp: Path, spec: StoreSpec):
     compressors = CODECS[spec.codec]() if spec.codec else None
     root = zarr.create_group(tmp, attributes=spec.to_meta())  # one write (attrs.update rewrites per key)
     storage = STORAGE_DTYPE[spec.dtype]
@@ -165,6 +161,8 @@ class ZarrHandle:
             self.root = zarr.open_group(path, mode="r" if mode == "r" else "r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
             raise StoreError(f"{path}: not a zarr store ({error})") from error
+        if mode != "r":
+            (path / PARTIAL).mkdir(exist_ok=True)  # see _partial
         self._arrays = {}
 
     def meta(self) -> dict:
@@ -182,7 +180,6 @@ class ZarrHandle:
     def _partial(self, split: str, name: str, shard: int) -> Path:
         """Where a shard's file is written before it is renamed into place: one folder for the whole
         store, so that what a killed writer left there is found without listing every chunk folder."""
-        (self.path / PARTIAL).mkdir(exist_ok=True)
         return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{uuid.uuid4().hex}.tmp"
 
     def discard_partial(self, split: str, shards: set[int]):

@@ -380,11 +380,8 @@ def extract(
         done = {name: store.split(name).complete_mask() for name in spec.splits} if store else None
         todo = [(split, shard) for split, shard in work.units if done is None or not done[split][shard]]
         summary.shards_skipped = len(work.units) - len(todo)
-        items = [
-            (split, index, work.dataset.splits[split][index])
-            for split, shard in todo
-            for index in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.splits[split]))
-        ]
+        items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo
+                 for index in _shard_items(spec, split, shard)]
         if summary.shards_skipped:
             log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
         if store is not None:  # what a killed run left half-written of the shards this one writes
@@ -410,7 +407,7 @@ def extract(
         # The workers start decoding the first batches while the GPU warms up and a new store is created
         # (they never touch CUDA, so forking them beside the warm-up thread is safe, as for the dataset check).
         batches = iter(loader)
-        first_shards = [min(spec.shard_size, spec.splits[split] - shard * spec.shard_size) for split, shard in todo[:4]]
+        first_shards = [len(_shard_items(spec, split, shard)) for split, shard in todo[:4]]
         threading.Thread(target=pool.reserve, args=(first_shards,), daemon=True, name="reserve").start()
         if warm_up is not None:
             warm_up.finish()
@@ -538,6 +535,11 @@ class WarmUp(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def _shard_items(spec: StoreSpec, split: str, shard: int) -> range:
+    """The indices of a shard's items in its split (the last shard of a split may be short)."""
+    return range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.splits[split]))
 
 
 def _close_quietly(*closeables):

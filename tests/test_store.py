@@ -153,15 +153,15 @@ def test_creating_a_store_leaves_the_interpreters_switch_interval_as_it_was(tmp_
 
     before = sys.getswitchinterval()
     seen = []
-    build = zarr_backend._build_arrays
-    monkeypatch.setattr(zarr_backend, "_build_arrays", lambda *args: (seen.append(sys.getswitchinterval()), build(*args)))
+    build = zarr_backend._build
+    monkeypatch.setattr(zarr_backend, "_build", lambda *args: (seen.append(sys.getswitchinterval()), build(*args)))
     create_or_open(tmp_path / "a.zarr", make_spec()).close()
     assert seen[0] < before and sys.getswitchinterval() == before
 
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(zarr_backend, "_build_arrays", full_disk)
+    monkeypatch.setattr(zarr_backend, "_build", full_disk)
     with pytest.raises(StoreError, match="No space left"):
         create_or_open(tmp_path / "b.zarr", make_spec())
     assert sys.getswitchinterval() == before and not (tmp_path / "b.zarr").exists()
