@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +27,9 @@ from tokens.cache.store import STORAGE_DTYPE, check_writable, detect_format
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
+from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
 from tokens.extract.manifest import Dataset, Item, read_dataset
-
-TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 class ExtractionError(Exception):
     """The run cannot go on (bad option, --strict on a bad item); the message says what to fix."""
@@ -122,6 +120,7 @@ def plan(
     return Plan(spec, dataset, units[index - 1::count])
 
 
+IN_FLIGHT = 2  # batches launched ahead of the one landing: a late batch from the loader does not idle the GPU
 MAX_WORKERS = 32  # beyond this the front-end outruns any disk, and each worker holds batches in memory
 
 
@@ -365,7 +364,9 @@ def extract(
     except ValueError as error:
         raise ExtractionError(f"--device {error}") from None
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
-    warm_up = WarmUp(model, target, precision, batch_size) if target.type == "cuda" and not dry_run else None
+    layers = resolve_layers(layers, model.depth)
+    forward = Forward(model, target, layers, dtype, precision, batch_size)
+    warm_up = WarmUp(forward) if target.type == "cuda" and not dry_run else None
     store = batches = None
     try:  # until the first batch: a failure stops the warm-up and the workers, and closes the store
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
@@ -395,7 +396,7 @@ def extract(
             return summary
 
         if warm_up is None:
-            model = model.to(target).eval()  # on a GPU, WarmUp does it
+            forward.place()  # on a GPU, WarmUp does it
         pool = ArrayPool(spec, pinned=target.type == "cuda")
         workers = default_workers() if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
@@ -411,6 +412,8 @@ def extract(
         threading.Thread(target=pool.reserve, args=(first_shards,), daemon=True, name="reserve").start()
         if warm_up is not None:
             warm_up.finish()
+            if forward.not_graphed:
+                log(f"note: {model.name}'s forward pass runs eagerly, not as a CUDA graph ({forward.not_graphed})")
         if store is None:
             store = create_or_open(store_path, spec, fmt)
     except BaseException:  # the dataset's, the store's or the warm-up's error: the first one is reported
@@ -419,10 +422,6 @@ def extract(
         _stop_workers(batches)
         _close_quietly(store)
         raise
-    autocast = (
-        torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16" and target.type == "cuda"
-        else nullcontext()
-    )
     buffers: dict[tuple[str, int], ShardBuffer] = {}  # made on first use: only shards in flight take memory
     writer = ShardWriter(store, pool)
 
@@ -449,7 +448,7 @@ def extract(
         bar.update(len(batch.positions))
 
     bar = tqdm(total=len(items), unit="item", desc=f"extract {spec.backbone}", disable=not progress, smoothing=0.05)
-    pending = None
+    in_flight: deque[Forwarded] = deque()  # launched on the device, not yet landed
     try:
         for number, (positions, inputs, masks, errors) in enumerate(batches):
             if number == 0:
@@ -458,27 +457,24 @@ def extract(
                 if error:
                     item = items[position][2]
                     if strict:
-                        if pending is not None:  # keep the shards the last batch completes
-                            land(pending)
+                        while in_flight:  # keep the shards that the batches before this one complete
+                            land(in_flight.popleft())
                         raise ExtractionError(f"item {item.id} ({item.path}): {error} (--strict stops at the first bad item)")
                     summary.failed.append((item.id, error))
             positions = positions.tolist()
             batch = Forwarded(positions, errors, None if masks is None else masks.numpy(), destinations(positions))
-            if inputs is not None:  # the forward pass and its copy to the host run while the last batch lands
-                with torch.inference_mode(), autocast:
-                    outputs = model(inputs.to(target, non_blocking=True), spec.layers, masks.to(target, non_blocking=True))
-                    outputs = {layer: (patch.to(TORCH_DTYPE[spec.dtype]), None if prefix is None else prefix.to(TORCH_DTYPE[spec.dtype]))
-                               for layer, (patch, prefix) in outputs.items()}
+            if inputs is not None:  # the forward pass and its copy to the host run while earlier batches land
+                outputs = forward(inputs, masks)
                 for buffer, first, rows in batch.destinations:
                     buffer.receive(first, outputs, rows)
                 if target.type == "cuda":
                     batch.event = torch.cuda.Event()
                     batch.event.record(torch.cuda.current_stream(target))
-            if pending is not None:
-                land(pending)
-            pending = batch
-        if pending is not None:
-            land(pending)
+            in_flight.append(batch)
+            if len(in_flight) > IN_FLIGHT:
+                land(in_flight.popleft())
+        while in_flight:
+            land(in_flight.popleft())
     except BaseException:  # the first error is the one to report; the store is closed all the same
         _stop_workers(batches)
         bar.close()
@@ -495,40 +491,19 @@ def extract(
 
 
 class WarmUp(threading.Thread):
-    """Moves the model to the GPU and runs one batch of blank input through it while the dataset
-    is checked and the DataLoader workers start.
+    """Runs Forward.warm_up() on a GPU while the dataset is checked and the DataLoader workers
+    start, rather than after them; finish() raises its error in the thread that runs the extraction."""
 
-    A process's first forward pass sets up CUDA, cuBLAS and cuDNN and loads its kernels: about
-    3 s on an H200 for a ViT-B, which would otherwise come after the check instead of beside it.
-    The blank batch has the shapes of real ones, so the kernels it picks are those of the run.
-    """
-
-    def __init__(self, model: Backbone, device: torch.device, precision: str, batch_size: int):
+    def __init__(self, forward: Forward):
         super().__init__(name="warm-up", daemon=True)
-        self.model, self.device, self.precision, self.batch_size = model, device, precision, batch_size
+        self.forward = forward
         self.error: BaseException | None = None
         self.start()
 
     def run(self):
         try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # the current device is per thread
-            if self.model.modality == "audio":
-                blank = np.zeros(self.model.window_samples or self.model.sample_rate, np.float32)
-            else:
-                from PIL import Image
-
-                blank = Image.new("RGB", (224, 224))
-            inputs, mask = self.model.preprocess(blank)
-            inputs = inputs.expand(self.batch_size, *inputs.shape).to(self.device)
-            mask = mask.expand(self.batch_size, *mask.shape).to(self.device)
-            model = self.model.to(self.device).eval()
-            bf16 = self.precision == "bf16" and self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-                model(inputs, [-1], mask)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        except BaseException as error:  # re-raised by finish(), in the thread that runs the extraction
+            self.forward.warm_up()
+        except BaseException as error:
             self.error = error
 
     def finish(self):

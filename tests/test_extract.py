@@ -174,19 +174,20 @@ def test_an_unusable_device_is_refused_before_any_work(dataset, tmp_path, device
 def test_the_warm_up_runs_a_blank_batch_and_reports_its_error_to_the_caller():
     """WarmUp (on GPU runs, beside the dataset check) puts the model on its device and runs one
     batch of the run's shapes; an error in its thread is raised by finish(), not lost."""
+    from tokens.extract.forward import Forward
     from tokens.extract.run import WarmUp
 
     model = build_backbone("crepe-tiny")
     seen = []
     model.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
-    WarmUp(model, torch.device("cpu"), "bf16", batch_size=3).finish()
+    WarmUp(Forward(model, torch.device("cpu"), [-1], "float16", "bf16", batch_size=3)).finish()
     inputs, _ = model.preprocess(np.zeros(model.window_samples, np.float32))
     assert seen == [(3, *inputs.shape)]
 
     broken = build_backbone("crepe-tiny")
     broken.block_outputs = lambda inputs, mask: (_ for _ in ()).throw(RuntimeError("out of memory"))
     with pytest.raises(RuntimeError, match="out of memory"):
-        WarmUp(broken, torch.device("cpu"), "fp32", batch_size=2).finish()
+        WarmUp(Forward(broken, torch.device("cpu"), [-1], "float16", "fp32", batch_size=2)).finish()
 
 
 class FailingWarmUp:

