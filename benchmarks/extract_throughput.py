@@ -162,7 +162,7 @@ def disk_bound(directory: Path, nbytes: float, threads: int, block_mib: int = 19
     return rate
 
 
-DISK_PROBE_THREADS = (4, 8)  # the bound is the faster: tokens extract writes with 4 threads
+DISK_PROBE_THREADS = (4, 8)  # the bound is the faster: tokens extract writes with 8 threads
 
 
 def main():
