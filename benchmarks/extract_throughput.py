@@ -212,6 +212,7 @@ def main():
             "bound_clips_per_s": round(bound, 1), "end_to_end_clips_per_s": round(end_to_end, 1),
             "ratio_to_bound": round(end_to_end / bound, 3), "seconds": round(wall, 1),
             "streaming_clips_per_s": round(streaming, 1), "streaming_ratio_to_bound": round(streaming / bound, 3),
+            "streaming_write_gb_per_s": round(streaming * item_bytes / 1e9, 3),  # to set beside the disk probe
             "seconds_to_first_batch": startup,
             "seconds_outside_extraction": round(wall - summary["seconds"], 1),  # importing, parsing, exiting
         }

