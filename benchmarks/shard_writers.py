@@ -7,7 +7,7 @@ Each pass writes ViT-B shards (170 items of 513 x 768 float16 tokens per layer, 
 per-item columns) through `Split.write_shard` from a pool of threads, as `tokens extract`'s
 writer threads do, and the raw probe writes the same number of bytes in large fsync'd files
 (benchmarks/extract_throughput.py's disk bound). A cloud disk varies from minute to minute:
-compare passes of one run only. Needs no GPU.
+compare passes of one run only; each thread count runs twice, in both orders. Needs no GPU.
 """
 
 from __future__ import annotations
@@ -62,15 +62,19 @@ def main():
     spec = StoreSpec(**base, splits={"train": args.shards * shard_size}, shard_size=shard_size)
     nbytes = args.shards * shard_size * args.layers * (spec.num_tokens + 1) * spec.dim * 2
     print(f"{args.shards} shards of {shard_size} items, {args.layers} layer(s): {nbytes / 1e9:.1f} GB a pass", flush=True)
-    figures = {"gb_per_pass": round(nbytes / 1e9, 2)}
+    figures = {"gb_per_pass": round(nbytes / 1e9, 2), "passes": []}
+    # 4 and 8 threads in both orders, between two probes: the disk is not as fast in every minute
     for name, measure in [
         ("probe, 8 files in flight", lambda: disk_bound(args.dir, nbytes, 8)),
         ("shard writer, 4 threads", lambda: shard_rate(args.dir, spec, args.shards, 4)),
         ("shard writer, 8 threads", lambda: shard_rate(args.dir, spec, args.shards, 8)),
+        ("shard writer, 8 threads", lambda: shard_rate(args.dir, spec, args.shards, 8)),
+        ("shard writer, 4 threads", lambda: shard_rate(args.dir, spec, args.shards, 4)),
         ("probe, 4 files in flight", lambda: disk_bound(args.dir, nbytes, 4)),
     ]:
-        figures[name] = round(measure() / 1e9, 3)
-        print(f"{name}: {figures[name]:.2f} GB/s", flush=True)
+        rate = round(measure() / 1e9, 3)
+        figures["passes"].append([name, rate])
+        print(f"{name}: {rate:.2f} GB/s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     shutil.rmtree(args.dir, ignore_errors=True)

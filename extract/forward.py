@@ -18,7 +18,7 @@ class Forward:
     On a GPU, batches of the run's batch size replay a CUDA graph captured by warm_up(). A ViT-B
     forward pass is a few hundred kernel launches: Python issued them in 4 ms per batch on an idle
     H200 host, but in 18 ms beside the loader and writer threads of a running extraction, half of
-    the GPU's own 38 ms. A replay is one launch. Other batches (a split's short last one) run
+    the GPU's own 38 ms. A replay is one launch. Other batches (the run's last, short one) run
     eagerly, and so does every batch of a backbone whose forward pass cannot be captured.
     """
 
@@ -50,19 +50,44 @@ class Forward:
             side = torch.cuda.Stream(self.device)  # as torch.cuda.graph asks: warm up off the default stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._eager(inputs, masks)
+                self.not_graphed = self._sync_in_eager_pass(inputs, masks)
+                if not self.not_graphed:
+                    self._capture(inputs, masks, side)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self._capture(inputs, masks)
             torch.cuda.synchronize(self.device)
 
-    def _capture(self, inputs: torch.Tensor, masks: torch.Tensor):
+    def _sync_in_eager_pass(self, inputs: torch.Tensor, masks: torch.Tensor) -> str:
+        """Run the eager pass, failing on any operation that waits for the GPU (.item(), a host-side
+        branch on a tensor); return that failure, or "" if there was none.
+
+        Such an operation cannot be captured, and a capture that fails on one reports a later error
+        instead of it and keeps the memory it had taken (torch 2.11), so it is looked for first.
+        """
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._eager(inputs, masks)
+            return ""
+        except RuntimeError as error:
+            if "synchronizing" not in str(error):
+                raise
+            found = str(error).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        self._eager(inputs, masks)  # the warm-up, all the way through
+        return found
+
+    def _capture(self, inputs: torch.Tensor, masks: torch.Tensor, stream: torch.cuda.Stream):
         graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: other threads (the pinned-buffer reservation) may call CUDA meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # On this device's stream (torch.cuda.graph's own is made once, on the first device it
+            # meets); thread_local: other threads (the pinned-buffer reservation) may call CUDA meanwhile.
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 outputs = self._eager(inputs, masks)
-        except RuntimeError as error:  # an operation that waits for the GPU (.item(), a host-side branch on a tensor)
-            self.not_graphed = str(error).splitlines()[0]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # what the check for synchronizing operations cannot see
+            self.not_graphed = str(error.__context__ or error).splitlines()[0]
             return
         self.graph, self.static_inputs, self.static_masks, self.static_outputs = graph, inputs, masks, outputs
 

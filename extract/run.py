@@ -3,7 +3,7 @@
 Read top to bottom: `extract()` builds the backbone, checks the whole dataset, creates (or
 reopens) the store, then streams the shards this process owns through DataLoader workers
 (decoding and front-end), a batched forward pass on the device, and writer threads that
-stores complete shards while the next batches compute.
+store complete shards while the next batches compute.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tokens.extract.backbones import Backbone, build_backbone
 from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
 from tokens.extract.manifest import Dataset, Item, read_dataset
+
 
 class ExtractionError(Exception):
     """The run cannot go on (bad option, --strict on a bad item); the message says what to fix."""
@@ -292,9 +293,11 @@ class ShardWriter:
 
     Several threads let one shard's fsync and small per-item columns overlap other shards'
     writes: on the two-GPU H200 host's cloud disk, eight wrote 3% (one layer) and 13% (twelve)
-    faster than four (benchmarks/shard_writers.py). The short queue stops the forward pass from
-    running ahead of the disk by more than a few shards of memory: each shard in flight holds one
-    buffer, 128 MiB per cached layer.
+    faster than four (benchmarks/shard_writers.py, one pass each), and the disk probe with 8
+    files in flight beat 4 in every run. The short queue stops the forward pass from
+    running further ahead of the disk. Each shard being written, queued or filled holds a pinned
+    buffer of about 128 MiB per cached layer: some 12 of them, 1.5 GiB with one ViT-B layer and
+    18 GiB with all twelve.
     """
 
     def __init__(self, store, pool: ArrayPool, threads: int = 8, depth: int = 2):
@@ -365,6 +368,8 @@ def extract(
         target = pick_device(device)
     except ValueError as error:
         raise ExtractionError(f"--device {error}") from None
+    if dtype not in TORCH_DTYPE:
+        raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     layers = resolve_layers(layers, model.depth)
     forward = Forward(model, target, layers, dtype, precision, batch_size)

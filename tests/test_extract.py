@@ -160,6 +160,13 @@ def test_cli_dry_run_and_info(dataset, tmp_path):
     assert bad.exit_code != 0 and "--layers" in bad.output
 
 
+@pytest.mark.parametrize("options, message", [({"dtype": "float64"}, "dtype 'float64'"), ({"layers": [7]}, "--layers: 7")])
+def test_bad_options_of_the_python_api_are_refused_before_the_dataset_is_read(tmp_path, options, message):
+    """The same clear errors as the command line's, before minutes of checking a large dataset."""
+    with pytest.raises(ExtractionError, match=re.escape(message)):
+        extract(tmp_path / "no-such-manifest.csv", tmp_path / "s.zarr", dry_run=True, **options)
+
+
 @pytest.mark.parametrize("device, message", [
     ("tpu", "use auto, cpu, cuda or cuda:N"),
     ("cuda:99", "CUDA device(s) are visible here" if torch.cuda.is_available() else "no CUDA device is visible"),
@@ -228,15 +235,11 @@ def test_on_a_gpu_run_the_datasets_problems_are_reported_even_if_the_warm_up_fai
         assert not any(store.split(name).complete_mask().any() for name in store.splits)
 
 
-def test_a_store_that_cannot_be_created_is_the_error_raised_and_no_worker_outlives_the_call(dataset, tmp_path, monkeypatch):
-    """The store is created while the GPU warms up, just before the DataLoader workers start."""
-    import tokens.extract.run as run_module
-
-    def refuse(path, spec, fmt=None):
-        raise StoreError(f"{path}: No space left on device")
-
-    monkeypatch.setattr(run_module, "create_or_open", refuse)
-    with pytest.raises(StoreError, match="No space left") as raised:
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # CUDA is pretended here
+def test_a_failed_warm_up_stops_the_workers_started_beside_it(dataset, tmp_path, failing_warm_up):
+    """The DataLoader workers start decoding before the GPU warm-up is joined: when the warm-up
+    fails, its error is the one raised and no worker outlives the call."""
+    with pytest.raises(RuntimeError, match="warm-up") as raised:
         run(dataset, tmp_path / "s.zarr", num_workers=2)
     assert multiprocessing.active_children() == [], raised.traceback  # the traceback (and its frames) still held
 
