@@ -61,7 +61,7 @@ def batch_of_ops(x: torch.Tensor, ops: int = 400) -> float:
 def dispatch_while_writing(directory: Path, batches: int) -> dict:
     shards = batches // 2
     store = create_or_open(directory / "dispatch.zarr", spec(shards))
-    pool = ArrayPool(spec(shards), pinned=False)
+    pool = ArrayPool(spec(shards))
     x = torch.zeros(64)
     quiet = [batch_of_ops(x) for _ in range(batches)]
     writer = ShardWriter(store, pool)

@@ -2,8 +2,9 @@
 
 Read top to bottom: `extract()` builds the backbone, checks the whole dataset, creates (or
 reopens) the store, then streams the shards this process owns through DataLoader workers
-(decoding and front-end), a batched forward pass on the device, and writer threads that
-store complete shards while the next batches compute.
+(decoding and front-end), a batched forward pass on the device, a landing thread that copies
+each batch's tokens into its shards, and writer threads that store complete shards while the
+next batches compute.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,10 +175,10 @@ def collate(rows):
 
 
 class ShardBuffer:
-    """One shard's items, filled batch by batch in any order and written when full.
+    """One shard's items, filled batch by batch and written when full.
 
-    Its token arrays come from the pool (pinned on GPU runs), so a batch's tokens are copied from
-    the device straight into their rows: the host never copies them again.
+    Its arrays come from the pool, and each batch's tokens are copied into their rows as the batch
+    lands: the shard is written from them without another copy.
     """
 
     def __init__(self, spec: StoreSpec, split: str, shard: int, items: list[Item], pool: "ArrayPool"):
@@ -195,18 +197,15 @@ class ShardBuffer:
         self.errors = [""] * n
         self.filled = 0
 
-    def receive(self, first: int, outputs: dict, rows: np.ndarray):
-        """Start copying consecutive batch rows of the forward outputs into rows `first`... of this shard."""
+    def fill_rows(self, first: int, batch: "Forwarded", rows: np.ndarray):
+        """Rows `first`... of this shard from consecutive rows of a landed batch: tokens, masks and
+        errors; failed items' rows become zero."""
         target, source = slice(first, first + len(rows)), slice(rows[0], rows[-1] + 1)
-        for layer, (patch, prefix) in outputs.items():
-            tokens, prefixes = self.targets[layer]
-            tokens[target].copy_(patch[source], non_blocking=True)
-            if prefixes is not None:
-                prefixes[target].copy_(prefix[source], non_blocking=True)
-
-    def finish_rows(self, first: int, batch: "Forwarded", rows: np.ndarray):
-        """Once a batch's copies have landed: its masks and errors; failed items' rows become zero."""
-        target = slice(first, first + len(rows))
+        if batch.tokens is not None:
+            for layer, pair in batch.tokens.items():
+                for tokens, into in zip(pair, self.targets[layer]):
+                    if tokens is not None:
+                        into[target].copy_(tokens[source])
         failed = [first + i for i, row in enumerate(rows) if batch.errors[row]]
         for layer in self.tokens:
             self.tokens[layer][failed] = 0
@@ -236,38 +235,48 @@ class ShardBuffer:
 class ArrayPool:
     """Shard-sized host arrays, handed back after each write and reused.
 
-    Reuse matters twice: fresh arrays cost a page fault per 4 KiB on first write (for one ViT-B
-    layer, more than half the main thread's time per batch), and pinned memory, which lets the
-    device copy tokens into a shard asynchronously, is slow to allocate.
+    Fresh arrays cost a page fault per 4 KiB on first write: for one ViT-B layer, more than half
+    the main thread's time per batch. The pool makes them on a thread started with the run and
+    touches every page there, and the main thread reuses them.
     """
 
-    def __init__(self, spec: StoreSpec, pinned: bool):
-        self.spec, self.pinned = spec, pinned
+    def __init__(self, spec: StoreSpec):
+        self.spec = spec
         self.free: dict[int, list] = {}
-        self.lock = threading.Lock()
+        self.pending: list[int] = []  # sizes that reserve() is still to allocate, in its order
+        self.changed = threading.Condition()
 
     def take(self, n: int) -> tuple:
-        """(torch targets per layer, numpy tokens per layer, numpy prefix per layer, mask) for n items."""
-        with self.lock:
+        """(torch targets per layer, numpy tokens per layer, numpy prefix per layer, mask) for n items.
+        Waits for reserve() when it is about to make arrays of this size, rather than racing it."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.free.get(n) or n not in self.pending)
             if self.free.get(n):
                 return self.free[n].pop()
         return self._allocate(n)
 
     def reserve(self, sizes: list[int]):
-        """Allocate the arrays of the first shards (of these numbers of items) ahead, on a thread while
-        the run starts, rather than on the main thread between the first batches. A failure is left
-        for take() to raise."""
+        """Make the arrays of the shards in flight (these numbers of items) ahead, on a thread started
+        with the run, rather than on the main thread between batches. A failure is left for take()
+        to raise."""
+        with self.changed:
+            self.pending = list(sizes)
         try:
             for n in sizes:
-                self.give(self._allocate(n))
-        except (RuntimeError, MemoryError):  # out of (pinned) memory
+                self.give(self._allocate(n, touch=True), reserved=True)
+        except (RuntimeError, MemoryError):  # out of memory
             pass
+        finally:
+            with self.changed:
+                self.pending = []
+                self.changed.notify_all()
 
-    def _allocate(self, n: int) -> tuple:
+    def _allocate(self, n: int, touch: bool = False) -> tuple:
         s = self.spec
 
         def array(count):
-            return torch.empty((n, count, s.dim), dtype=TORCH_DTYPE[s.dtype], pin_memory=self.pinned)
+            made = torch.empty((n, count, s.dim), dtype=TORCH_DTYPE[s.dtype])
+            return made.zero_() if touch else made
 
         targets = {layer: (array(s.num_tokens), array(s.num_prefix) if s.num_prefix else None) for layer in s.layers}
         tokens = {layer: _numpy(t) for layer, (t, _) in targets.items()}
@@ -275,10 +284,13 @@ class ArrayPool:
         mask = np.empty((n, s.num_tokens), bool) if s.masked else None
         return targets, tokens, prefix, mask
 
-    def give(self, arrays: tuple):
+    def give(self, arrays: tuple, reserved: bool = False):
         n = len(next(iter(arrays[1].values())))
-        with self.lock:
+        with self.changed:
             self.free.setdefault(n, []).append(arrays)
+            if reserved:
+                self.pending.remove(n)
+            self.changed.notify_all()
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -288,6 +300,12 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def shards_in_flight(spec: StoreSpec, batch_size: int) -> int:
+    """Shards that hold a buffer at once: written, queued, handed over, and open to the batches in flight."""
+    open_to_batches = -(-(IN_FLIGHT + 1) * batch_size // spec.shard_size) + 1
+    return ShardWriter.THREADS + ShardWriter.DEPTH + 1 + open_to_batches
+
+
 class ShardWriter:
     """Background threads that write finished shards, so the device never waits on the disk.
 
@@ -295,17 +313,19 @@ class ShardWriter:
     writes: on the two-GPU H200 host's cloud disk, eight wrote 3% (one layer) and 13% (twelve)
     faster than four (benchmarks/shard_writers.py, one pass each), and the disk probe with 8
     files in flight beat 4 in every run. The short queue stops the forward pass from
-    running further ahead of the disk. Each shard being written, queued or filled holds a pinned
-    buffer of about 128 MiB per cached layer: some 12 of them, 1.5 GiB with one ViT-B layer and
-    18 GiB with all twelve.
+    running further ahead of the disk. Each shard being written, queued or filled holds a
+    buffer of about 128 MiB per cached layer (see shards_in_flight): 15 of them at batches of 128,
+    1.9 GiB with one ViT-B layer and 23 GiB with all twelve.
     """
 
-    def __init__(self, store, pool: ArrayPool, threads: int = 8, depth: int = 2):
+    THREADS, DEPTH = 8, 2
+
+    def __init__(self, store, pool: ArrayPool):
         self.store = store
         self.pool = pool
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue = queue.Queue(maxsize=self.DEPTH)
         self.error: BaseException | None = None
-        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"shard-writer-{i}") for i in range(threads)]
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"shard-writer-{i}") for i in range(self.THREADS)]
         for thread in self.threads:
             thread.start()
 
@@ -372,7 +392,7 @@ def extract(
         raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     layers = resolve_layers(layers, model.depth)
-    forward = Forward(model, target, layers, dtype, precision, batch_size)
+    forward = Forward(model, target, layers, dtype, precision, batch_size, slots=IN_FLIGHT + 1)
     warm_up = WarmUp(forward) if target.type == "cuda" and not dry_run else None
     store = batches = None
     try:  # until the first batch: a failure stops the warm-up and the workers, and closes the store
@@ -388,6 +408,9 @@ def extract(
         done = {name: store.split(name).complete_mask() for name in spec.splits}
         todo = [(split, shard) for split, shard in work.units if not done[split][shard]]
         summary.shards_skipped = len(work.units) - len(todo)
+        pool = ArrayPool(spec)
+        sizes = [len(_shard_items(spec, split, shard)) for split, shard in todo[:shards_in_flight(spec, batch_size)]]
+        threading.Thread(target=pool.reserve, args=(sizes,), daemon=True, name="reserve").start()
         items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo
                  for index in _shard_items(spec, split, shard)]
         if summary.shards_skipped:
@@ -403,7 +426,6 @@ def extract(
 
         if warm_up is None:
             forward.place()  # on a GPU, WarmUp does it
-        pool = ArrayPool(spec, pinned=target.type == "cuda")
         workers = default_workers() if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
             ItemSource(model, items), batch_size=batch_size, num_workers=workers, collate_fn=collate,
@@ -414,8 +436,6 @@ def extract(
         # The workers start decoding the first batches while the GPU warms up (they never touch CUDA, so
         # forking them beside the warm-up thread is safe, as for the dataset check).
         batches = iter(loader)
-        first_shards = [len(_shard_items(spec, split, shard)) for split, shard in todo[:4]]
-        threading.Thread(target=pool.reserve, args=(first_shards,), daemon=True, name="reserve").start()
         if warm_up is not None:
             warm_up.finish()
             if forward.not_graphed:
@@ -426,7 +446,7 @@ def extract(
         _stop_workers(batches)
         _close_quietly(store)
         raise
-    buffers: dict[tuple[str, int], ShardBuffer] = {}  # made on first use: only shards in flight take memory
+    buffers: dict[tuple[str, int], ShardBuffer] = {}  # shards with rows still to come: only shards in flight take memory
     writer = ShardWriter(store, pool)
 
     def destinations(positions: list[int]) -> list[tuple[ShardBuffer, int, np.ndarray]]:
@@ -436,23 +456,33 @@ def extract(
             if (split, shard) not in buffers:
                 buffers[(split, shard)] = ShardBuffer(spec, split, shard, work.dataset.splits[split], pool)
             buffer = buffers[(split, shard)]
-            found.append((buffer, items[positions[run[0]]][1] - buffer.start, run))
+            first = items[positions[run[0]]][1] - buffer.start
+            if first + len(run) == len(buffer.items):  # a shard's items come in order: its last row is placed
+                del buffers[(split, shard)]
+            found.append((buffer, first, run))
         return found
 
     def land(batch: "Forwarded"):
-        """Wait for a batch's tokens to reach their shards; hand every shard now full to the writer."""
-        if batch.event is not None:
-            batch.event.synchronize()
+        """Wait for a batch's tokens to reach the host, copy them into their shards, and hand every
+        shard now full to the writer. Runs on the landing thread, so that the main thread goes on
+        feeding the device meanwhile: inside a run on the two-GPU H200 host, the copies of a batch of
+        128 items of one ViT-B layer took 17-27 ms (1.5 ms on an idle host), against the 38 ms of
+        its forward pass."""
+        if batch.landed is not None:
+            batch.landed.synchronize()
         for buffer, first, rows in batch.destinations:
-            buffer.finish_rows(first, batch, rows)
+            buffer.fill_rows(first, batch, rows)
             if buffer.full:
-                writer.put(buffers.pop((buffer.split, buffer.shard)))
+                writer.put(buffer)
                 summary.shards_written += 1
                 summary.items_written += len(buffer.items)
         bar.update(len(batch.positions))
 
     bar = tqdm(total=len(items), unit="item", desc=f"extract {spec.backbone}", disable=not progress, smoothing=0.05)
-    in_flight: deque[Forwarded] = deque()  # launched on the device, not yet landed
+    # One landing thread lands batches in order; a batch's host buffer is reused IN_FLIGHT + 1 launches
+    # later, so the main thread waits for a batch to land before it launches the one after the next two.
+    landing = ThreadPoolExecutor(1, thread_name_prefix="land")
+    in_flight: deque[Future] = deque()  # batches launched on the device, landing or to land
     try:
         for number, (positions, inputs, masks, errors) in enumerate(batches):
             if number == 0:
@@ -462,28 +492,25 @@ def extract(
                     item = items[position][2]
                     if strict:
                         while in_flight:  # keep the shards that the batches before this one complete
-                            land(in_flight.popleft())
+                            in_flight.popleft().result()
                         raise ExtractionError(f"item {item.id} ({item.path}): {error} (--strict stops at the first bad item)")
                     summary.failed.append((item.id, error))
             positions = positions.tolist()
             batch = Forwarded(positions, errors, None if masks is None else masks.numpy(), destinations(positions))
             if inputs is not None:  # the forward pass and its copy to the host run while earlier batches land
-                outputs = forward(inputs, masks)
-                for buffer, first, rows in batch.destinations:
-                    buffer.receive(first, outputs, rows)
-                if target.type == "cuda":
-                    batch.event = torch.cuda.Event()
-                    batch.event.record(torch.cuda.current_stream(target))
-            in_flight.append(batch)
+                batch.tokens, batch.landed = forward(inputs, masks)
+            in_flight.append(landing.submit(land, batch))
             if len(in_flight) > IN_FLIGHT:
-                land(in_flight.popleft())
+                in_flight.popleft().result()  # raises the landing's error (a failed write)
         while in_flight:
-            land(in_flight.popleft())
+            in_flight.popleft().result()
     except BaseException:  # the first error is the one to report; the store is closed all the same
         _stop_workers(batches)
+        landing.shutdown(wait=True, cancel_futures=True)  # no landing hands the writer a shard once it closes
         bar.close()
         _close_quietly(writer, store)
         raise
+    landing.shutdown()
     bar.close()
     try:
         writer.close()  # raises a failed write of the last shards (a full disk)
@@ -540,13 +567,15 @@ def _stop_workers(batches):
 
 @dataclass
 class Forwarded:
-    """A batch whose forward pass was launched: where its rows go, and when its copies have landed."""
+    """A batch whose forward pass was launched: where its rows go, its tokens on the host (none if
+    all its items failed), and on a GPU the event after which they are there."""
 
     positions: list[int]
     errors: list[str]
     masks: np.ndarray | None
     destinations: list[tuple[ShardBuffer, int, np.ndarray]]
-    event: torch.cuda.Event | None = None
+    tokens: dict | None = None
+    landed: torch.cuda.Event | None = None
 
 
 def _runs(rows: np.ndarray, keys: list[tuple[str, int]], shard_size: int):

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -279,14 +280,14 @@ def test_a_failed_warm_up_closes_the_store_it_resumes(dataset, tmp_path, monkeyp
 
 def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
     """ArrayPool.reserve fills the free list that take() draws from; a failed reservation (out of
-    pinned memory) leaves take() to allocate, and raise, on its own."""
+    memory) leaves take() to allocate, and raise, on its own."""
     from tokens.cache import StoreSpec
     from tokens.extract.run import ArrayPool
 
     spec = StoreSpec(backbone="b", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[0, 2], final_norm=False,
                      dtype="float16", grid=(2, 3), dim=4, num_prefix=1, task="multiclass", classes=["a"],
                      splits={"train": 10}, dataset_fingerprint="f", shard_size=4)
-    pool = ArrayPool(spec, pinned=False)
+    pool = ArrayPool(spec)
     pool.reserve([4, 4, 2])  # the last shard of a split can be shorter
     reserved = [id(arrays) for arrays in pool.free[4]]
     assert len(reserved) == 2 and len(pool.free[2]) == 1
@@ -295,13 +296,47 @@ def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
     assert tokens[2].shape == (4, 6, 4) and prefix[0].shape == (4, 1, 4) and mask.shape == (4, 6)
     assert pool.take(3)[1][0].shape == (3, 6, 4)  # a size not reserved: allocated on demand
 
-    def out_of_memory(n):
+    def out_of_memory(n, touch=False):
         raise RuntimeError("CUDA error: out of memory")
 
-    empty = ArrayPool(spec, pinned=False)
+    empty = ArrayPool(spec)
     empty._allocate = out_of_memory
     empty.reserve([4, 4])
     assert not empty.free.get(4)
+
+
+def test_take_waits_for_a_reservation_under_way_rather_than_allocating_beside_it():
+    """Pinned memory is slow to allocate: the main thread takes what the reserving thread makes."""
+    from tokens.cache import StoreSpec
+    from tokens.extract.run import ArrayPool
+
+    spec = StoreSpec(backbone="b", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[0], final_norm=False,
+                     dtype="float16", grid=(2, 3), dim=4, num_prefix=0, task="multiclass", classes=["a"],
+                     splits={"train": 8}, dataset_fingerprint="f", shard_size=4)
+    pool = ArrayPool(spec)
+    allocate, allowed, made = pool._allocate, threading.Semaphore(0), []
+
+    def slow_allocate(n, touch=False):
+        allowed.acquire()
+        made.append(allocate(n, touch))
+        return made[-1]
+
+    pool._allocate = slow_allocate
+    reserving = threading.Thread(target=pool.reserve, args=([4, 4],))
+    reserving.start()
+    taken = []
+    taking = threading.Thread(target=lambda: taken.append(pool.take(4)))
+    taking.start()
+    taking.join(0.2)
+    assert taking.is_alive()  # nothing is free yet: take() waits instead of allocating a third buffer
+    allowed.release()
+    taking.join(5)
+    assert taken and taken[0] is made[0]
+    allowed.release()
+    reserving.join(5)
+    assert not reserving.is_alive() and len(made) == 2 and pool.free[4] == [made[1]]
+    allowed.release()
+    assert pool.take(2)[1][0].shape == (2, 6, 4) and len(made) == 3  # no reservation of this size: allocated at once
 
 
 def test_the_command_line_loads_neither_scikit_learn_nor_matplotlib():

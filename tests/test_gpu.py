@@ -1,5 +1,5 @@
-"""The CUDA path of `tokens extract` (bf16 autocast, tokens copied from the GPU straight into pinned
-shard buffers): stored tokens equal a direct forward pass. Skipped without a GPU; run on the GPU
+"""The CUDA path of `tokens extract` (bf16 autocast, a CUDA graph, tokens copied from the GPU into
+pinned host buffers used in turn): stored tokens equal a direct forward pass. Skipped without a GPU; run on the GPU
 machine with `python -m pytest tests/test_gpu.py`."""
 
 import numpy as np
@@ -148,22 +148,26 @@ def random_batch(model, batch_size, seed):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_backbone_family_replays_its_forward_as_a_cuda_graph(family):
-    """Full batches replay the graph captured at warm-up: each of two different batches gives the
-    eager forward's tokens (a graph reading stale inputs, or a capture that fails, would not)."""
+    """Full batches replay the graph captured at warm-up: two different batches launched one after
+    the other, before either lands, each give the eager forward's tokens in their own host buffer
+    (a graph reading stale inputs, a capture that fails, or a host buffer shared by two batches in
+    flight would not)."""
     from tokens.extract.forward import Forward
 
     model = build_family(family)
-    forward = Forward(model, torch.device("cuda", 0), [0, model.depth - 1], "float32", "bf16", batch_size=4)
+    forward = Forward(model, torch.device("cuda", 0), [0, model.depth - 1], "float32", "bf16", batch_size=4, slots=2)
     forward.warm_up()
     assert forward.graph is not None, forward.not_graphed
-    for seed in (1, 2):
-        inputs, masks = random_batch(model, 4, seed)
-        replayed = {layer: [t.clone() for t in tokens if t is not None] for layer, tokens in forward(inputs, masks).items()}
+    batches = [random_batch(model, 4, seed) for seed in (1, 2)]
+    launched = [forward(inputs, masks) for inputs, masks in batches]
+    for (inputs, masks), (host, landed) in zip(batches, launched):
+        landed.synchronize()
+        assert all(t.is_pinned() for pair in host.values() for t in pair if t is not None)
         with torch.inference_mode():
             eager = forward._eager(inputs.cuda(), masks.cuda())
-        for layer in replayed:
-            for got, want in zip(replayed[layer], [t for t in eager[layer] if t is not None]):
-                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        for layer in host:
+            for got, want in zip([t for t in host[layer] if t is not None], [t for t in eager[layer] if t is not None]):
+                torch.testing.assert_close(got, want.cpu(), rtol=1e-3, atol=1e-3)
 
 
 def test_a_forward_that_waits_for_the_gpu_runs_eagerly_and_says_why():
@@ -185,4 +189,6 @@ def test_a_forward_that_waits_for_the_gpu_runs_eagerly_and_says_why():
     inputs, masks = random_batch(plain, 2, seed=3)
     with torch.inference_mode():
         want = plain(inputs.cuda(), [1], masks.cuda())[1][0]
-    torch.testing.assert_close(forward(inputs, masks)[1][0], want)
+    host, landed = forward(inputs, masks)
+    landed.synchronize()
+    torch.testing.assert_close(host[1][0], want.cpu())
