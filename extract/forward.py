@@ -23,9 +23,9 @@ class Forward:
 
     On a GPU, the tokens are copied asynchronously into one of `slots` pinned host buffers, used
     in turn, so that the GPU goes on with the next batches. Those few buffers are all the pinned
-    memory of a run: pinning is slow (about 1.5 GB/s on the H200 host) and stalls every CUDA call
-    of the process while it runs, so it happens once, during the warm-up, and not for every
-    shard.
+    memory the tokens take: pinning is slow (about 1.5 GB/s on the two-GPU H200 host) and held up the
+    process's other CUDA calls there, so it happens once, during the warm-up, and not for
+    every shard.
     """
 
     def __init__(self, model: Backbone, device: torch.device, layers: list[int], dtype: str, precision: str,
@@ -91,7 +91,7 @@ class Forward:
         graph = torch.cuda.CUDAGraph()
         try:
             # On this device's stream (torch.cuda.graph's own is made once, on the first device it
-            # meets); thread_local: other threads (the pinned-buffer reservation) may call CUDA meanwhile.
+            # meets); thread_local: other threads (the DataLoader's pinning thread) may call CUDA meanwhile.
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 outputs = self._eager(inputs, masks)
         except torch.OutOfMemoryError:
