@@ -141,6 +141,6 @@ class Forward:
                 for source, target in zip(pair, host[layer]):
                     if source is not None:
                         target[:n].copy_(source, non_blocking=True)
-            landed = torch.cuda.Event()
+            landed = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spinning a core
             landed.record(torch.cuda.current_stream(self.device))
             return {layer: tuple(None if t is None else t[:n] for t in pair) for layer, pair in host.items()}, landed

@@ -288,7 +288,7 @@ def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
                      dtype="float16", grid=(2, 3), dim=4, num_prefix=1, task="multiclass", classes=["a"],
                      splits={"train": 10}, dataset_fingerprint="f", shard_size=4)
     pool = ArrayPool(spec)
-    pool.reserve([4, 4, 2])  # the last shard of a split can be shorter
+    pool.reserve([4, 4, 2]).join()  # the last shard of a split can be shorter
     reserved = [id(arrays) for arrays in pool.free[4]]
     assert len(reserved) == 2 and len(pool.free[2]) == 1
     targets, tokens, prefix, mask = taken = pool.take(4)
@@ -301,7 +301,7 @@ def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
 
     empty = ArrayPool(spec)
     empty._allocate = out_of_memory
-    empty.reserve([4, 4])
+    empty.reserve([4, 4]).join()
     assert not empty.free.get(4)
 
 
@@ -322,8 +322,7 @@ def test_take_waits_for_a_reservation_under_way_rather_than_allocating_beside_it
         return made[-1]
 
     pool._allocate = slow_allocate
-    reserving = threading.Thread(target=pool.reserve, args=([4, 4],))
-    reserving.start()
+    reserving = pool.reserve([4, 4])
     taken = []
     taking = threading.Thread(target=lambda: taken.append(pool.take(4)))
     taking.start()
