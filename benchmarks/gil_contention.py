@@ -9,7 +9,7 @@ writer thread that runs Python meanwhile makes it wait, up to the interpreter's 
 operations while the extractor's own ShardWriter writes a shard every second batch into a real
 store, and the time per batch is set against the same batches with no writes. It also times the
 creation of a store beside one thread that runs Python without pause (as the extractor creates
-a new store while its DataLoader's pinning thread works).
+a new store while its GPU warm-up thread works).
 """
 
 from __future__ import annotations

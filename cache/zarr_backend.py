@@ -57,9 +57,10 @@ def _prompt_hand_offs():
     """A short GIL switch interval while zarr creates a store.
 
     zarr creates each array through its event-loop thread. When another thread of the process is
-    busy (the extractor's DataLoader pinning thread, say), every hand-off waits up to the switch
-    interval (5 ms) for the GIL: with one busy thread, creating a store took 3.2 s instead of
-    0.06 s on the 2-core machine, and 0.29 s with a 0.2 ms interval.
+    busy (the extractor's GPU warm-up thread, say), every hand-off waits up to the switch interval
+    (5 ms) for the GIL. Beside a busy thread, creating a store took 1.05-1.15 s before this and the
+    raw per-item columns (commit 7b89ff3), and 0.11-0.16 s after, on the 2-core machine
+    (benchmarks/gil_contention.py).
     """
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 2e-4))

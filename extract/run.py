@@ -236,7 +236,7 @@ class ArrayPool:
     """Shard-sized host arrays, handed back after each write and reused.
 
     Fresh arrays cost a page fault per 4 KiB on first write: for one ViT-B layer, more than half
-    the main thread's time per batch. The pool makes them ahead on a thread of its own (see
+    the time per batch of the thread that fills them. The pool makes them ahead on a thread of its own (see
     reserve) and touches every page there, and the run reuses them.
     """
 
@@ -316,11 +316,11 @@ def shards_in_flight(spec: StoreSpec, batch_size: int) -> int:
 
 
 class ShardWriter:
-    """Background threads that write finished shards, so the device never waits on the disk.
+    """Background threads that write finished shards while the device computes the next batches.
 
     Several threads let one shard's fsync and small per-item columns overlap other shards'
     writes: on the two-GPU H200 host's cloud disk, eight wrote 3% (one layer) and 13% (twelve)
-    faster than four (benchmarks/shard_writers.py, one pass each), and the disk probe with 8
+    faster than four (an earlier form of benchmarks/shard_writers.py, one pass each), and the disk probe with 8
     files in flight beat 4 in every run. The short queue stops the forward pass from
     running further ahead of the disk. Each shard being written, queued or filled holds a
     buffer of about 128 MiB per cached layer (see shards_in_flight): 15 of them at batches of 128,
