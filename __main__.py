@@ -1,3 +1,3 @@
-from tokens.cli import app
+from tokens.cli import main
 
-app(prog_name="tokens")
+main()

@@ -71,3 +71,14 @@ def slurm(
             typer.echo(f"error: sbatch failed: {result.stderr.strip()}", err=True)
             raise typer.Exit(1)
         typer.echo(result.stdout.strip())
+
+
+def main():
+    """The console script. A file that cannot be read or written (a read-only folder, a directory
+    where a file should be) is reported with its path, not as a traceback."""
+    try:
+        app(prog_name="tokens")
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        typer.echo(f"error: {where}{error.strerror or error}", err=True)
+        sys.exit(1)

@@ -22,6 +22,7 @@ EVENT_SECONDS = 0.1
 CLASSES = {"beep_262": 261.6, "beep_392": 392.0, "beep_587": 587.3, "beep_880": 880.0, "beep_1319": 1318.5}
 SPLIT_SIZES = {"train": 300, "valid": 100, "test": 100}
 EVENT_PROBABILITY = 0.35
+DEFAULT_EPOCHS = 30
 
 
 def _tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +52,8 @@ def make_dataset(directory: Path, seed: int = 0) -> Path:
     audio_dir = directory / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     manifest = directory / "manifest.csv"
-    with manifest.open("w", newline="") as f:
+    partial = directory / "manifest.csv.partial"  # renamed when complete: an interrupted run leaves no short manifest
+    with partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "labels", "split"])
         for split, count in SPLIT_SIZES.items():
@@ -60,17 +62,19 @@ def make_dataset(directory: Path, seed: int = 0) -> Path:
                 name = f"audio/{split}-{i:04d}.wav"
                 sf.write(directory / name, clip, SAMPLE_RATE)
                 writer.writerow([name, ";".join(labels), split])
+    partial.replace(manifest)
     return manifest
 
 
 def demo(
     directory: Path = typer.Argument(Path("tokens-demo"), help="Where the dataset, the store and the probe run go."),
-    epochs: int = typer.Option(30, "--epochs", help="Probe training epochs."),
+    epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=1, help="Probe training epochs."),
 ):
     """Run the whole pipeline offline: synthesize localized sound events, extract them with the
     real crepe-tiny weights, train linear, mean, mhca, ep and protobin probes, print the leaderboard.
 
-    About a minute on 2 CPU cores. Rerunning reuses the dataset and the finished store.
+    About a minute on 2 CPU cores. Rerunning reuses the dataset and the finished store; a run with
+    other --epochs goes to its own folder (run-N-epochs) rather than resuming the first.
     """
     from tokens.cli import app
 
@@ -79,7 +83,7 @@ def demo(
         typer.echo(f"writing {sum(SPLIT_SIZES.values())} clips of {CLIP_SECONDS:g} s to {manifest.parent}")
         make_dataset(manifest.parent)
     store = directory / "crepe-tiny.zarr"
-    run = directory / "run"
+    run = directory / ("run" if epochs == DEFAULT_EPOCHS else f"run-{epochs}-epochs")
     steps = [
         ["extract", str(manifest), "--store", str(store), "--backbone", "crepe-tiny", "--layers", "all", "--final-norm", "--batch-size", "50"],
         ["info", str(store)],

@@ -399,6 +399,9 @@ def extract(
         raise ExtractionError(f"--device {error}") from None
     if dtype not in TORCH_DTYPE:
         raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
+    for option, value, least in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0), ("--shard-size", shard_size, 0)):
+        if value is not None and value < least:  # checked before the store exists: a bad value leaves nothing behind
+            raise ExtractionError(f"{option} {value}: use {least} or more")
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     layers = resolve_layers(layers, model.depth)
     forward = Forward(model, target, layers, dtype, precision, batch_size, slots=IN_FLIGHT + 1)

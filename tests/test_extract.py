@@ -168,6 +168,20 @@ def test_bad_options_of_the_python_api_are_refused_before_the_dataset_is_read(tm
         extract(tmp_path / "no-such-manifest.csv", tmp_path / "s.zarr", dry_run=True, **options)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size 0: use 1 or more"),
+    (["--num-workers", "-1"], "--num-workers -1: use 0 or more"),
+    (["--shard-size", "-1"], "--shard-size -1: use 0 or more"),
+    (["-o", "window_seconds=abc"], "crepe-tiny option window_seconds='abc' is not a number"),
+])
+def test_bad_numbers_are_refused_by_name_and_leave_no_store(dataset, tmp_path, args, message):
+    """A store left behind by a refused run would make the corrected rerun look like another configuration."""
+    store_path = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not store_path.exists()
+
+
 @pytest.mark.parametrize("device, message", [
     ("tpu", "use auto, cpu, cuda or cuda:N"),
     ("cuda:99", "CUDA device(s) are visible here" if torch.cuda.is_available() else "no CUDA device is visible"),

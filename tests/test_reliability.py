@@ -1028,3 +1028,36 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(clips, probe_store, tmp_p
         assert f"{junk}: not a readable torch checkpoint" in result.output and "--allow-pickle" not in result.output, result.output
         assert option is None or option in result.output
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "scores.csv").exists()
+
+
+# --- the command line's own files -------------------------------------------------------------------
+
+
+def test_an_interrupted_demo_dataset_leaves_no_manifest_to_reuse(tmp_path, monkeypatch):
+    """`tokens demo` reuses a dataset whose manifest exists: a short one would be trained on silently."""
+    import tokens.demo as demo
+
+    written = []
+
+    def write_then_fail(path, *args, **kw):
+        if len(written) == 7:
+            raise KeyboardInterrupt
+        written.append(path)
+        sf.write(path, *args, **kw)
+
+    monkeypatch.setattr(demo.sf, "write", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        demo.make_dataset(tmp_path)
+    assert len(written) == 7 and not (tmp_path / "manifest.csv").exists()
+    monkeypatch.undo()
+    manifest = demo.make_dataset(tmp_path)
+    assert len(manifest.read_text().splitlines()) == 1 + sum(demo.SPLIT_SIZES.values())
+
+
+def test_a_file_the_command_cannot_write_is_named_without_a_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "-m", "tokens", "demo", str(blocker / "demo")], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert f"error: {blocker / 'demo'}" in done.stderr and "Not a directory" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -31,10 +31,14 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
     if model_name:
         options["model_name"] = model_name
-    accepted = [p.name for p in inspect.signature(entry.build).parameters.values()
-                if p.kind is p.KEYWORD_ONLY and p.name != "allow_pickle"]
-    unknown = sorted(set(options) - set(accepted))
+    parameters = {p.name: p for p in inspect.signature(entry.build).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY and p.name != "allow_pickle"}
+    unknown = sorted(set(options) - set(parameters))
     if unknown:
-        raise ValueError(f"{family} takes the options {', '.join(accepted)}; not {', '.join(unknown)}")
+        raise ValueError(f"{family} takes the options {', '.join(parameters)}; not {', '.join(unknown)}")
+    for key, value in options.items():  # the CLI passes what is not a number as text
+        default = parameters[key].default
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+            raise ValueError(f"{family} option {key}={value!r} is not a number")
     model = entry.build(name, checkpoint, allow_pickle=allow_pickle, **options)
     return model.eval().requires_grad_(False)
