@@ -11,6 +11,7 @@ from tokens.cluster import sbatch_script
 from tokens.demo import demo
 from tokens.extract import commands as extract_commands
 from tokens.train import commands as train_commands
+from tokens.train.heads import HEADS
 
 app = typer.Typer(
     help=(
@@ -37,7 +38,7 @@ app.command()(demo)
 def slurm(
     ctx: typer.Context,
     verb: str = typer.Argument(..., help="extract or probe"),
-    array: int = typer.Option(..., "--array", help="Number of array tasks: the work is split into this many parts."),
+    array: int = typer.Option(..., "--array", min=1, help="Number of array tasks: the work is split into this many parts."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per task (0 for CPU-only tasks)."),
     cpus: int = typer.Option(8, "--cpus", help="CPU cores per task (DataLoader workers for extraction)."),
     mem: str = typer.Option(None, "--mem", help="Memory per task, e.g. 64G."),
@@ -57,6 +58,7 @@ def slurm(
         raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")
     if any(arg in ("--shard", "--part") or arg.startswith(("--shard=", "--part=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --shard/--part", param_hint="ARGS")
+    _check_forwarded(verb, ctx.args, submit)
     text = sbatch_script(
         verb, ctx.args, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
         partition=partition, python=sys.executable,
@@ -71,6 +73,25 @@ def slurm(
             typer.echo(f"error: sbatch failed: {result.stderr.strip()}", err=True)
             raise typer.Exit(1)
         typer.echo(result.stdout.strip())
+
+
+def _check_forwarded(verb: str, args: list[str], submit: bool):
+    """Parse ARGS as `tokens VERB` will, and check what can be checked without running it, so that a
+    mistake fails here rather than in every task of the array, hours later in the queue."""
+    command = typer.main.get_command(app).commands[verb]
+    try:
+        params = command.make_context(f"tokens {verb}", list(args)).params
+    except typer.TyperException as error:  # a usage error: unknown option, bad value, missing argument
+        raise typer.BadParameter(f"tokens {verb} would refuse them: {error.format_message()}", param_hint="ARGS") from None
+    if verb == "probe" and params["heads"]:
+        unknown = [name for name in params["heads"].split(",") if name.strip() not in HEADS]
+        if unknown:
+            raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; choose from {', '.join(HEADS)}", param_hint="--heads")
+    needed = params["store"] if verb == "probe" else params["dataset"]
+    if not needed.exists():
+        if submit:
+            raise typer.BadParameter(f"{needed} does not exist", param_hint="ARGS")
+        typer.echo(f"note: {needed} does not exist yet; the tasks need it when they start", err=True)
 
 
 def main():

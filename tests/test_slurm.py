@@ -208,3 +208,33 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
     finally:
         for job in jobs:  # nothing of this test keeps running after it
             subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["probe", "run.zarr", "--out", "r", "--array", "0"], "'--array'"),
+    (["probe", "run.zarr", "--out", "r", "--epochs", "x", "--array", "2"], "tokens probe would refuse them: Invalid value for '--epochs'"),
+    (["probe", "run.zarr", "--array", "2"], "tokens probe would refuse them: Missing option '--out'"),
+    (["probe", "run.zarr", "--out", "r", "--heads", "ep,bogus", "--array", "2"], "unknown head(s) bogus"),
+    (["extract", "data.csv", "--array", "2"], "tokens extract would refuse them: Missing option '--store'"),
+    (["probe", "missing.zarr", "--out", "r", "--array", "2", "--submit"], "missing.zarr does not exist"),
+])
+def test_arguments_every_task_would_refuse_write_no_script(tmp_path, monkeypatch, args, message):
+    """A mistake fails when the script is written, not in each task of the array once it leaves the queue."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.zarr").mkdir()
+    result = CliRunner().invoke(app, ["slurm", *args, "--script", "job.sbatch"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_a_script_may_be_written_before_its_store_exists(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--script", "job.sbatch"])
+    assert result.exit_code == 0 and "later.zarr does not exist yet" in result.output, result.output
+    assert "#SBATCH --array=1-2" in (tmp_path / "job.sbatch").read_text()
