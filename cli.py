@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from tokens.cache import commands as cache_commands
+from tokens.cache.store import StoreError
 from tokens.cluster import sbatch_script
 from tokens.demo import demo
 from tokens.extract import commands as extract_commands
@@ -96,10 +97,13 @@ def _check_forwarded(verb: str, args: list[str], submit: bool):
 
 def main():
     """The console script. A file that cannot be read or written (a read-only folder, a directory
-    where a file should be) is reported with its path, not as a traceback."""
+    where a file should be) or a damaged store is reported with its path, not as a traceback."""
     try:
         app(prog_name="tokens")
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         typer.echo(f"error: {where}{error.strerror or error}", err=True)
+        sys.exit(1)
+    except StoreError as error:  # damage found mid-run (a missing shard file); opening errors are caught earlier
+        typer.echo(f"error: {error}", err=True)
         sys.exit(1)

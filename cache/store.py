@@ -43,6 +43,15 @@ class StoreError(Exception):
     """A store cannot be created, opened or written as asked; the message says why."""
 
 
+class DamagedShard(StoreError):
+    """A file of a complete shard is missing or damaged. Kept apart from the advice to run
+    `tokens verify`, so that verify itself reports the problem without that advice."""
+
+    def __init__(self, path, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}; run `tokens verify` to list every damaged shard")
+
+
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit (ulimit -f)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from tokens.cache.store import STORAGE_DTYPE, StoreError, TokenStore
+from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore
+
+COLUMNS = ("ids", "sources", "durations", "offsets", "errors", "labels")
 
 
 @dataclass
@@ -35,19 +37,23 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
             expected = (split.num_items, split.num_tokens if name.startswith("tokens") else split.num_prefix, split.dim)
             if tuple(array.shape) != expected or np.dtype(array.dtype) != expected_dtype:
                 report.problems.append(f"{split.name}/{name}: shape {tuple(array.shape)} {array.dtype}, expected {expected} {expected_dtype}")
+        columns = [*COLUMNS, *(["mask"] if split.masked else [])]
         complete = [s for s in range(split.num_shards) if s not in set(missing)]
         for shard in tqdm(complete, desc=f"verify {split.name}", unit="shard", disable=not progress, leave=False):
             start, stop = split.shard_range(shard)
-            if store.format == "zarr":  # zarr reads a missing shard file as zeros: look for the files
-                for name in names:
-                    if not split._h.chunk_file(split.name, name, shard).exists():
-                        report.problems.append(f"{_shard_name(store, split, name, shard)}: file missing")
+            gone = _missing_files(store, split, names + columns, shard)
+            report.problems += [f"{_shard_name(store, split, name, shard)}: file missing" for name in gone]
             for name in names:
+                if name in gone:
+                    continue
                 where = _shard_name(store, split, name, shard)
                 try:
                     layer = int(name.split("/")[1])
                     read = split.read_tokens if name.startswith("tokens") else split.read_prefix
                     data = read(layer, np.arange(start, stop))
+                except DamagedShard as error:
+                    report.problems.append(f"{where}: {error.problem}")
+                    continue
                 except (StoreError, OSError, ValueError, KeyError) as error:
                     report.problems.append(f"{where}: unreadable ({error})")
                     continue
@@ -58,22 +64,26 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
                     bad = int((~np.isfinite(data)).any(axis=(1, 2)).sum())
                 if bad:
                     report.problems.append(f"{where}: {bad} items hold NaN or Inf")
-            report.problems += _check_columns(store, split, shard)
+            report.problems += _check_columns(store, split, shard, [name for name in columns if name not in gone])
             report.shards_checked += 1
     return report
 
 
-def _check_columns(store: TokenStore, split, shard: int) -> list[str]:
-    """The per-item columns of a complete shard: readable, and not silently the fill value.
+def _missing_files(store: TokenStore, split, names: list[str], shard: int) -> list[str]:
+    """The arrays whose file of this complete shard is missing: zarr would read their items as the
+    fill value (zeros, empty strings), which labels, offsets and errors may legitimately hold, so
+    only the file's absence tells. An HDF5 store is one file: a missing dataset fails to open."""
+    if store.format != "zarr":
+        return []
+    return [name for name in names if not split._h.chunk_file(split.name, name, shard).exists()]
 
-    zarr reads a missing chunk file as its fill value (empty ids, zero durations, an all-False
-    mask), so a deleted file shows as values no writer stores: an empty id or source, a zero
-    duration or an empty mask on an item that did not fail. Labels, offsets and errors may
-    legitimately be all fill value; for them only damage that makes a file unreadable shows.
-    """
+
+def _check_columns(store: TokenStore, split, shard: int, names: list[str]) -> list[str]:
+    """The per-item columns of a complete shard whose files are there: readable, and without values
+    no writer stores (an empty id or source, a zero duration or an empty mask on an item that did
+    not fail), which a damaged file or dataset can hold."""
     start, stop = split.shard_range(shard)
     rows = np.arange(start, stop)
-    names = ["ids", "sources", "durations", "offsets", "errors", "labels"] + (["mask"] if split.masked else [])
     values, problems = {}, []
     for name in names:
         try:

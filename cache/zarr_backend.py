@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec, write_error
+from tokens.cache.store import STORAGE_DTYPE, DamagedShard, RawItems, StoreError, StoreSpec, write_error
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -165,6 +165,7 @@ class ZarrHandle:
         if mode != "r":
             (path / PARTIAL).mkdir(exist_ok=True)  # see _partial
         self._arrays = {}
+        self._found: dict[str, set[int]] = {}  # array -> shards whose file was seen (see _check_files)
 
     def meta(self) -> dict:
         return dict(self.root.attrs)
@@ -235,10 +236,42 @@ class ZarrHandle:
                 os.close(fd)
 
     def read_rows(self, split: str, name: str, indices: np.ndarray) -> np.ndarray:
-        return self.array(split, name).oindex[indices]
+        array = self.array(split, name)
+        self._check_files(split, name, np.unique(indices // (array.shards or array.chunks)[0]))
+        return array.oindex[indices]
 
     def read_column(self, split: str, name: str, num_items: int) -> np.ndarray:
-        return self.array(split, name)[:]
+        array = self.array(split, name)
+        self._check_files(split, name, range(-(-num_items // (array.shards or array.chunks)[0])))
+        return array[:]
+
+    def _check_files(self, split: str, name: str, shards):
+        """Refuse to read a complete shard whose file of `name` is missing: zarr would give its
+        items the fill value (zero labels, an empty mask) without a word, and training would use them.
+
+        One stat per shard file, once per open store (files are only ever added); the complete
+        flags are read only when a file is missing, as it is for shards not yet written.
+        """
+        found = self._found.setdefault(f"{split}/{name}", set())
+        missing = []
+        for shard in map(int, shards):
+            if shard not in found:
+                if self.chunk_file(split, name, shard).exists():
+                    found.add(shard)
+                else:
+                    missing.append(shard)
+        if not missing:
+            return
+        complete = self.array(split, "complete")[:]
+        # looked at again: a shard that another process completed since has its files before its flag
+        lost = [shard for shard in missing if complete[shard] and not self.chunk_file(split, name, shard).exists()]
+        if lost:
+            more = f" (and the files of {len(lost) - 1} more complete shards)" if len(lost) > 1 else ""
+            raise DamagedShard(
+                self.chunk_file(split, name, lost[0]),
+                f"file missing, though shard {lost[0]} of {split} is complete: its items' {name} would "
+                f"read as zarr's fill value (zero, or an empty string){more}",
+            )
 
     def raw_layout(self, split: str, name: str, num_items: int, shard_size: int) -> RawItems | None:
         """Where each item's bytes sit, read from the shard index at the end of each shard file."""
@@ -256,14 +289,14 @@ class ZarrHandle:
                     with path.open("rb") as f:
                         f.seek(-index_bytes, os.SEEK_END)
                         index = np.frombuffer(f.read(index_bytes - 4), dtype="<u8").reshape(-1, 2)
-                except (FileNotFoundError, OSError) as error:
-                    raise StoreError(f"{path}: shard file missing or damaged ({error}); run `tokens verify`") from error
+                except OSError as error:
+                    raise DamagedShard(path, f"shard file missing or damaged ({error})") from error
                 start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
                 used = index[: stop - start]
                 present = used[:, 0] != MISSING  # an absent inner chunk reads as the fill value, zero
                 file_size = path.stat().st_size
                 if (used[present, 1] != item_bytes).any() or (used[present].sum(axis=1) > file_size).any():
-                    raise StoreError(f"{path}: shard index does not match the file (truncated or damaged); run `tokens verify`")
+                    raise DamagedShard(path, "shard index does not match the file (truncated or damaged)")
                 shard_offsets[shard] = np.where(present, used[:, 0].astype(np.int64), -1)
             return shard_offsets[shard]
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,9 +281,41 @@ def test_verify_names_truncated_and_deleted_chunks(tmp_path):
     os.remove(deleted)
     result = CliRunner().invoke(app, ["verify", str(path)])
     assert result.exit_code == 1
-    assert str(truncated) in result.output and str(deleted) in result.output
+    assert f"{deleted}: file missing" in result.output and f"{truncated}: shard index does not match" in result.output
+    assert result.output.count(str(deleted)) == result.output.count(str(truncated)) == 1  # each named once
+    assert "run `tokens verify`" not in result.output  # the advice it gives elsewhere, not to its own user
     with open_store(path) as store:  # undamaged shards stay readable
         assert store.split("train").read_tokens(0, np.arange(8)).shape == (8, T * F, D)
+
+
+def test_a_complete_shards_missing_column_file_is_reported_and_never_read_as_zeros(tmp_path):
+    """zarr reads a missing file as the fill value: zero labels and offsets, no errors, an empty
+    mask, all of which a writer may store. verify names every such file, and reading the column
+    (as training does) refuses instead of handing those values on."""
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec())
+    with open_store(path) as store:
+        h = store.split("train")._h
+        deleted = {(split, name): h.chunk_file(split, name, shard)
+                   for split, name, shard in [("train", "labels", 2), ("train", "errors", 2), ("test", "offsets", 0),
+                                              ("train", "mask", 1)]}
+    for file in deleted.values():
+        os.remove(file)
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1
+    assert result.output.count("file missing") == len(deleted)
+    for file in deleted.values():
+        assert f"{file}: file missing" in result.output
+    with open_store(path) as store:
+        train = store.split("train")
+        for split, name in deleted:
+            if name != "mask":
+                with pytest.raises(StoreError, match=re.escape(f"{deleted[split, name]}: file missing") + ".*run `tokens verify`"):
+                    store.split(split).column(name)
+        with pytest.raises(StoreError, match=re.escape(str(deleted["train", "mask"]))):
+            train.read_mask([3, 9])
+        assert train.read_mask([3, 17]).shape == (2, T * F)  # other shards' masks still read
+        assert list(train.column("ids")) == make_items(make_spec(), "train")["ids"]
 
 
 def test_verify_catches_nan_and_a_truncated_hdf5_file(tmp_path):
