@@ -1,6 +1,7 @@
 """Probe heads: shapes, padding, agreement with reference formulations, sizes, and learning."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -200,6 +201,25 @@ def test_prototype_bank_size_follows_the_spec():
     assert fixed.prototypes.shape == (7, 8)
     with pytest.raises(ValueError):
         build_head("protobin", dim=8, num_classes=10, num_prototypes=7, prototypes_per_class=2)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("ep", {"num_queries": 0}, "num_queries must be a positive integer, got 0"),
+    ("ep", {"num_queries": "abc"}, "num_queries must be a positive integer, got 'abc'"),
+    ("ep", {"d_out": -1}, "d_out must be a positive integer, got -1"),
+    ("mhca", {"num_heads": 0}, "num_heads must be a positive integer, got 0"),
+    ("protobin", {"prototypes_per_class": 0}, "prototypes_per_class must be a positive integer, got 0"),
+    ("protofloat", {"num_prototypes": -3}, "num_prototypes must be a positive integer, got -3"),
+    ("cgp", {"num_layers": 0}, "num_layers must be a positive integer, got 0"),
+    ("cgp", {"num_prototypes": 2.5}, "num_prototypes must be a positive integer, got 2.5"),
+    ("ep", {"num_queries": True}, "num_queries must be a positive integer, got True"),
+    ("linear", {"dropout": "abc"}, "dropout must be a number from 0 to 1, got 'abc'"),
+    ("protobin", {"dropout": 1.5}, "dropout must be a number from 0 to 1, got 1.5"),
+])
+def test_bad_option_values_are_refused_by_name(name, options, message):
+    """Not a ZeroDivisionError, a negative dimension or a TypeError from inside torch."""
+    with pytest.raises(ValueError, match=re.escape(f"{name}: {message}")):
+        build_head(name, dim=48, num_classes=5, **options)
 
 
 # ------------------------------------------------------------------ parameter counts

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from tokens.cache import StoreSpec, create_or_open, open_store
 from tokens.train import commands, heads
 from tokens.train import probe as recipe
+from tokens.train import report as report_module
 from tokens.train import sweep as sweeps
 from tokens.train.data import epoch_order, usable_items
 
@@ -48,9 +49,9 @@ def ok(*args):
     return result
 
 
-def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None):
+def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,)):
     """Tokens with each item's classes written into a few of its tokens; the tail tokens of some
-    items are padding (masked, filled with garbage); one train item failed extraction."""
+    items are padding (masked, filled with garbage); the `failed` train items failed extraction."""
     spec = StoreSpec(
         backbone="synthetic", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[3, 6],
         final_norm=False, dtype=dtype, grid=(T, F), dim=D, num_prefix=1, task=task, classes=CLASSES,
@@ -80,7 +81,8 @@ def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=N
                 x[~mask] = 50.0
             errors = ["" for _ in range(n)]
             if name == "train":
-                errors[5] = "unreadable: test"
+                for i in failed:
+                    errors[i] = "unreadable: test"
             split = store.split(name)
             for shard in range(split.num_shards) if written is None else written:
                 a, b = split.shard_range(shard)
@@ -331,3 +333,110 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     result = invoke("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "all")
     assert result.exit_code == 2 and "every head gave NaN or Inf scores" in said(result) and "tokens verify" in said(result)
     assert (tmp_path / "all" / "leaderboard.csv").exists()
+
+
+@pytest.mark.parametrize("args,option,message", [
+    (["--heads", "ep", "--option", "ep.num_queries=0"], "--option", "ep: num_queries must be a positive integer, got 0"),
+    (["--heads", "ep", "--option", "ep.num_queries=abc"], "--option", "ep: num_queries must be a positive integer, got 'abc'"),
+    (["--heads", "protobin", "--option", "protobin.prototypes_per_class=0"], "--option",
+     "protobin: prototypes_per_class must be a positive integer, got 0"),
+    (["--heads", "protofloat", "--option", "protofloat.num_prototypes=-3"], "--option",
+     "protofloat: num_prototypes must be a positive integer, got -3"),
+    (["--heads", "cgp", "--option", "cgp.num_layers=5"], "--option", "so num_layers must be 2 (or left out), got 5"),
+    (["--heads", "ep", "--option", "ep.dropout=2"], "--option", "ep: dropout must be a number from 0 to 1, got 2"),
+    (["--heads", "ep", "--option", "ep.lr=abc"], "--option", "ep.lr: 'abc' is not a number"),
+    (["--heads", "ep", "--option", "ep.lr=-1e-3"], "--option", "ep.lr must be positive, got -0.001"),
+    (["--heads", "ep", "--option", "ep.wd=-1"], "--option", "ep.wd must be zero or more, got -1"),
+    (["--batch-size", "1"], "--batch-size", "greater than or equal to 2"),  # BatchNorm cannot train on one item
+])
+def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args, option, message):
+    result = invoke("probe", store, *args, *FAST[:2], "--device", "cpu", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "Invalid value for" in said(result) and option in said(result), result.output
+    assert message in said(result), result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('lr = "abc"\n[heads.ep]\n', "lr: 'abc' is not a number"),
+    ("lr = -1\n[heads.ep]\n", "lr must be positive, got -1"),
+    ('seeds = [0, "one"]\n[heads.ep]\n', "seeds: 'one' is not an integer"),
+    ("seeds = []\n[heads.ep]\n", "seeds is an empty list"),
+    ("[heads.ep]\nnum_queries = []\n", "heads.ep.num_queries is an empty list"),
+    ('[heads.protobin]\nlr = ["fast"]\n', "heads.protobin.lr: 'fast' is not a number"),
+    ("[heads]\nep = 3\n", "heads.ep must be a table"),
+])
+def test_sweep_file_mistakes_name_the_file_and_key(store, tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    result = invoke("probe", store, "--sweep", path, "--device", "cpu", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "Invalid value for --sweep" in said(result), result.output
+    assert f"{path}: {message}" in said(result), result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("splits,failed,why", [
+    ({"train": 6, "valid": 8, "test": 8}, range(1, 6), "train has 1 usable item;"),
+    ({"train": 2, "test": 8}, (), "train has 1 usable item after 1 held out for validation;"),
+])
+def test_a_train_split_of_one_usable_item_is_refused(tmp_path, splits, failed, why):
+    store = make_store(tmp_path / "tiny.zarr", splits=splits, failed=failed)
+    result = invoke("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "Invalid value for STORE" in said(result), result.output
+    assert why in said(result) and "a probe needs at least 2" in said(result), result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_predict_refuses_what_is_not_a_saved_head(store, run, tmp_path):
+    result = invoke("predict", store, "--head", run / "checkpoint.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and "Invalid value for --head" in said(result), result.output
+    assert f"{run / 'checkpoint.pt'} is a run checkpoint, not a saved head; use {run / 'best'}/HEAD.pt" in said(result)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    result = invoke("predict", store, "--head", tmp_path / "other.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and "is not a head saved by `tokens probe`" in said(result), result.output
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_predict_checks_its_output_path_before_scoring(store, run, tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "score", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    result = invoke("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 2 and "Invalid value for --out" in said(result) and "is a folder" in said(result)
+    (tmp_path / "file").write_text("")
+    result = invoke("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "file" / "s.csv")
+    assert result.exit_code == 2 and "Invalid value for --out" in said(result) and "cannot make the folder" in said(result)
+    monkeypatch.undo()
+    ok("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "new" / "dir" / "s.csv")
+    assert len(read_csv(tmp_path / "new" / "dir" / "s.csv")) == SIZES["test"]
+
+
+def test_report_refuses_a_csv_that_is_not_a_leaderboard(tmp_path):
+    other = tmp_path / "scores.csv"
+    other.write_text("id,bird,car,rain\ntest-0,0.1,0.2,0.3\n")
+    result = invoke("report", other, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "Invalid value for RUNS" in said(result), result.output
+    assert f"{other} is not a leaderboard.csv written by `tokens probe`" in said(result)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path):
+    other = make_store(tmp_path / "other.zarr", splits={"train": 40, "valid": 16, "test": 16})
+    for name, path in (("a", store), ("b", other)):
+        ok("probe", path, "--heads", "mean", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / name)
+    result = ok("report", tmp_path / "a", "--out", tmp_path / "one")
+    assert "store" not in (tmp_path / "one" / "report.md").read_text().splitlines()[0]
+    result = ok("report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "two")
+    md = (tmp_path / "two" / "report.md").read_text().splitlines()
+    assert md[0].startswith("| head | config | store | params |")
+    rows = {line.split(" | ")[2] for line in md[2:]}
+    assert rows == {"ml.zarr", "other.zarr"}
+    assert "ml.zarr" in result.output and "other.zarr" in result.output
+
+
+def test_stores_sharing_a_name_are_told_apart_by_key(tmp_path):
+    paths = []
+    for name, key in (("a", "aaaaaaaa11111111"), ("b", "bbbbbbbb22222222"), ("c", "cccccccc33333333")):
+        (tmp_path / name).mkdir()
+        if name != "c":  # c is a merged leaderboard: no config.json beside it
+            (tmp_path / name / "config.json").write_text(json.dumps({"store": f"/{name}/s.zarr", "store_key": key + "ffff"}))
+        paths.append(tmp_path / name / "leaderboard.csv")
+    labels = report_module.store_labels(paths, ["aaaaaaaa11111111", "bbbbbbbb22222222", "cccccccc33333333"])
+    assert labels == {"aaaaaaaa11111111": "s.zarr:aaaaaaaa", "bbbbbbbb22222222": "s.zarr:bbbbbbbb", "cccccccc33333333": "cccccccc"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -72,6 +73,14 @@ def check_options(head: str, options: dict, where: str):
         )
 
 
+def check_rates(key: str, values: list, name: str, where: str):
+    """Refuse an lr that is not positive or a wd below zero now, not when AdamW is built."""
+    sweeps.check_kind(values, sweeps.KINDS[key], name, where)
+    for v in values:
+        if v <= 0 if key == "lr" else v < 0:
+            raise SweepError(f"{name} must be {'positive' if key == 'lr' else 'zero or more'}, got {v!r}", where)
+
+
 def resolve_layer(value, store: TokenStore) -> int:
     """A stored layer number as is; a negative number counts cached layers from the end (-1 = last)."""
     layers = store.layers
@@ -97,16 +106,19 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tupl
             spec["heads"][head].update(opts)
         where = "--option"
     for key, text in (("lr", lr), ("wd", wd), ("layers", layers), ("seeds", seeds)):
-        values = sweeps.parse_list(text, f"--{key}", int if key in ("layers", "seeds") else (int, float))
+        values = sweeps.parse_list(text, f"--{key}", sweeps.KINDS[key])
         if values is not None:
             spec[key] = values
+            if key in ("lr", "wd"):
+                check_rates(key, values, f"--{key}", f"--{key}")
+        elif key in ("lr", "wd") and key in spec:
+            check_rates(key, spec[key], f"{sweep_file}: {key}", where)
     for head, opts in spec["heads"].items():
         if head not in HEADS:
             raise SweepError(f"unknown head {head!r}; choose from {', '.join(HEADS)}", "--heads" if where == "--option" else where)
         check_options(head, opts, where)
-    for key in ("lr", "wd"):
-        if any(v <= 0 if key == "lr" else v < 0 for v in spec.get(key, [])):
-            raise SweepError(f"--{key} must be {'positive' if key == 'lr' else 'zero or more'}", f"--{key}")
+        for key in ("lr", "wd"):
+            check_rates(key, opts.get(key, []), f"{head}.{key}", where)
     resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
     configs = sweeps.expand(
         spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
@@ -115,6 +127,9 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tupl
     built = set()
     for config in configs:  # build each head shape once now, so a bad value fails before training
         args = recipe.build_args(config, store.meta["dim"], len(store.classes), len(store.layers))
+        if HEADS[config.head].multi_layer and args["num_layers"] != len(store.layers):
+            raise SweepError(f"{config.group}: {config.head} reads all {len(store.layers)} cached layers {store.layers}, "
+                             f"so num_layers must be {len(store.layers)} (or left out), got {args['num_layers']!r}", where)
         if (key := json.dumps(args, sort_keys=True)) not in built:
             built.add(key)
             try:
@@ -136,7 +151,7 @@ def probe(
     sweep: Path = typer.Option(None, "--sweep", help="A TOML sweep file instead of --heads/--option (format below)."),
     part: str = typer.Option(None, "--part", help="Train part I of N of the configurations (I/N); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun RANK/WORLD_SIZE. Parts write to RUN/part-I-of-N/."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs; each head is tested with its best epoch on validation."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Items per training step, shared by every head of the sweep."),
+    batch_size: int = typer.Option(128, "--batch-size", min=2, help="Items per training step, shared by every head of the sweep (BatchNorm needs 2)."),
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", min=0.0, help="Linear warm-up, then cosine decay to zero."),
     loss: str = typer.Option(None, "--loss", help="bce or asl (multi-label; default bce), ce (multi-class)."),
     data: str = typer.Option("auto", "--data", help="stream (from disk), ram, gpu, or auto (by size against free memory)."),
@@ -208,6 +223,28 @@ def report(
     typer.echo(f"\nreport in {out}/ (report.csv, report.md, report.png, leaderboard.csv)")
 
 
+SAVED_HEAD_KEYS = {"build", "layer", "task", "classes", "store_key", "state_dict"}
+
+
+def check_saved_head(path: Path, saved):
+    """Refuse a file that is not a head saved by `tokens probe`, pointing a run's checkpoint at RUN/best/."""
+    if isinstance(saved, dict) and {"plan", "probes"} <= set(saved):
+        raise typer.BadParameter(f"{path} is a run checkpoint, not a saved head; use {path.parent / 'best'}/HEAD.pt",
+                                 param_hint="--head")
+    if not isinstance(saved, dict) or not SAVED_HEAD_KEYS <= set(saved):
+        raise typer.BadParameter(f"{path} is not a head saved by `tokens probe` (RUN/best/HEAD.pt)", param_hint="--head")
+
+
+def prepare_output(out: Path):
+    """Make --out's folder now, so that a bad path fails before scoring rather than after it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot make the folder of {out}: {error}", param_hint="--out") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise typer.BadParameter(f"{out} cannot be written (permission denied)", param_hint="--out")
+
+
 def predict(
     store: Path = typer.Argument(..., help="A token store with the same encoder, layers and classes as the head's."),
     head: Path = typer.Option(..., "--head", help="A saved head, e.g. RUN/best/ep.pt."),
@@ -222,12 +259,15 @@ def predict(
     Example: tokens predict S.zarr --head runs/s1/best/ep.pt --split test --out scores.csv
     """
     compute = device_option(device)
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give a file, e.g. {out / 'scores.csv'}", param_hint="--out")
     try:
         saved = load_tensors(head)
     except CheckpointError as error:
         raise typer.BadParameter(f"{error}; a head saved by `tokens probe` holds only tensors and plain values", param_hint="--head") from None
     except OSError as error:
         raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from None
+    check_saved_head(head, saved)
     opened = open_checked(store, [split], allow_incomplete)
     with opened:
         build, layer = saved["build"], saved["layer"]
@@ -238,6 +278,7 @@ def predict(
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
         if saved["store_key"] != opened.meta["cache_key"][:16]:
             typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}); scoring anyway")
+        prepare_output(out)
         module = build_head(**build)
         module.load_state_dict(saved["state_dict"])
         module.to(compute)

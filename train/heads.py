@@ -76,11 +76,26 @@ def _masked_softmax(scores, mask):
     return scores.softmax(-1) * mask
 
 
-def _bn_linear(width, num_classes, dropout):
+def _check_counts(head: str, **options):
+    """Options that size or divide tensors, refused here by name rather than as a
+    ZeroDivisionError or a negative dimension from deep inside torch."""
+    for option, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{head}: {option} must be a positive integer, got {value!r}")
+
+
+def _dropout(head: str, p) -> nn.Dropout:
+    """nn.Dropout, refusing a rate that is not a number from 0 to 1 with the option's name."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"{head}: dropout must be a number from 0 to 1, got {p!r}")
+    return nn.Dropout(p)
+
+
+def _bn_linear(width, num_classes, dropout: nn.Dropout):
     """The MAE / EP linear-probing block: non-affine BatchNorm, then the classifier."""
     return nn.Sequential(
         nn.BatchNorm1d(width, affine=False, eps=1e-6),
-        nn.Dropout(dropout),
+        dropout,
         nn.Linear(width, num_classes),
     )
 
@@ -121,7 +136,7 @@ class LinearHead(_ClsHead):
 
     def __init__(self, dim, num_classes, dropout=0.0):
         super().__init__()
-        self.classifier = _bn_linear(dim, num_classes, dropout)
+        self.classifier = _bn_linear(dim, num_classes, _dropout(self.name, dropout))
 
 
 @register("mean")
@@ -130,7 +145,7 @@ class MeanHead(Head):
 
     def __init__(self, dim, num_classes, dropout=0.0):
         super().__init__()
-        self.classifier = _bn_linear(dim, num_classes, dropout)
+        self.classifier = _bn_linear(dim, num_classes, _dropout(self.name, dropout))
 
     def features(self, tokens, mask=None, cls=None):
         return _masked_mean(*_prepare(tokens, mask))
@@ -143,7 +158,7 @@ class MLPHead(_ClsHead):
     def __init__(self, dim, num_classes, dropout=0.0):
         super().__init__()
         self.classifier = nn.Sequential(
-            nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, num_classes)
+            nn.Linear(dim, dim), nn.GELU(), _dropout(self.name, dropout), nn.Linear(dim, num_classes)
         )
 
 
@@ -156,6 +171,7 @@ class MHCAHead(Head):
 
     def __init__(self, dim, num_classes, num_heads=12, dropout=0.0):
         super().__init__()
+        _check_counts(self.name, num_heads=num_heads)
         if dim % num_heads:
             raise ValueError(f"mhca: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -163,7 +179,7 @@ class MHCAHead(Head):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
-        self.classifier = _bn_linear(dim, num_classes, dropout)
+        self.classifier = _bn_linear(dim, num_classes, _dropout(self.name, dropout))
 
     def features(self, tokens, mask=None, cls=None):
         x, mask = _prepare(tokens, mask)
@@ -188,6 +204,7 @@ class EPHead(Head):
 
     def __init__(self, dim, num_classes, num_queries=32, d_out=1, dropout=0.0):
         super().__init__()
+        _check_counts(self.name, num_queries=num_queries, d_out=d_out)
         if dim % d_out or (dim // d_out) % num_queries:
             raise ValueError(
                 f"ep: D_o = dim / d_out = {dim}/{d_out} must be an integer divisible by "
@@ -196,7 +213,7 @@ class EPHead(Head):
         self.width = dim // d_out
         self.queries = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
         self.value = nn.Linear(dim, self.width, bias=False)
-        self.classifier = _bn_linear(self.width, num_classes, dropout)
+        self.classifier = _bn_linear(self.width, num_classes, _dropout(self.name, dropout))
 
     def features(self, tokens, mask=None, cls=None):
         x, mask = _prepare(tokens, mask)
@@ -215,7 +232,7 @@ class SimPoolHead(Head):
     def __init__(self, dim, num_classes, dropout=0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.classifier = _bn_linear(dim, num_classes, dropout)
+        self.classifier = _bn_linear(dim, num_classes, _dropout(self.name, dropout))
 
     def features(self, tokens, mask=None, cls=None):
         x, mask = _prepare(tokens, mask)
@@ -233,7 +250,7 @@ class ABMILPHead(Head):
     def __init__(self, dim, num_classes, dropout=0.0):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
-        self.classifier = _bn_linear(dim, num_classes, dropout)
+        self.classifier = _bn_linear(dim, num_classes, _dropout(self.name, dropout))
 
     def features(self, tokens, mask=None, cls=None):
         x, mask = _prepare(tokens, mask)
@@ -310,13 +327,15 @@ def _sign_ste(w):
     return torch.where(w >= 0, 1.0, -1.0).to(w.dtype) + (w - w.detach())
 
 
-def _bank_size(num_classes, prototypes_per_class, num_prototypes):
+def _bank_size(head, num_classes, prototypes_per_class, num_prototypes):
     if num_prototypes is not None and prototypes_per_class is not None:
-        raise ValueError("give prototypes_per_class (J) or num_prototypes (P), not both")
+        raise ValueError(f"{head}: give prototypes_per_class (J) or num_prototypes (P), not both")
     if num_prototypes is not None:
+        _check_counts(head, num_prototypes=num_prototypes)
         return num_prototypes
     if prototypes_per_class is None:
         prototypes_per_class = 10 if num_classes > 300 else 20
+    _check_counts(head, prototypes_per_class=prototypes_per_class)
     return num_classes * prototypes_per_class
 
 
@@ -332,9 +351,9 @@ class ProtoFloatHead(Head):
         self, dim, num_classes, prototypes_per_class=None, num_prototypes=None, dropout=0.0
     ):
         super().__init__()
-        bank = _bank_size(num_classes, prototypes_per_class, num_prototypes)
+        bank = _bank_size(self.name, num_classes, prototypes_per_class, num_prototypes)
         self.prototypes = nn.Parameter(torch.randn(bank, dim) * 0.02)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(bank, num_classes))
+        self.classifier = nn.Sequential(_dropout(self.name, dropout), nn.Linear(bank, num_classes))
 
     def features(self, tokens, mask=None, cls=None):
         x, mask = _prepare(tokens, mask)
@@ -371,10 +390,11 @@ class CGPHead(Head):
 
     def __init__(self, dim, num_classes, num_prototypes=10_000, num_layers=12, dropout=0.0):
         super().__init__()
+        _check_counts(self.name, num_prototypes=num_prototypes, num_layers=num_layers)
         self.layer_logits = nn.Parameter(torch.ones(num_layers))
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(3 * num_prototypes, num_classes)
+            _dropout(self.name, dropout), nn.Linear(3 * num_prototypes, num_classes)
         )
 
     def features(self, tokens, mask=None, cls=None):

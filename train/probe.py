@@ -210,13 +210,13 @@ def run(
     time-limited jobs and for tests).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     task, classes = store.task, store.classes
     metric = primary_metric(task)
 
     # Plan: which items train and validate, and which layers every batch must carry.
     train_split = store.split("train")
     train_items = usable_items(train_split)
+    held_out = ""
     if "valid" in store.splits:
         valid_split, valid_items = store.split("valid"), usable_items(store.split("valid"))
         validation = f"valid split ({len(valid_items)} items)"
@@ -224,9 +224,13 @@ def run(
         valid_split = train_split
         train_items, valid_items = hold_out(train_items, HOLD_OUT, data_seed)
         validation = f"no valid split: {len(valid_items)} train items ({HOLD_OUT:.0%}, data seed {data_seed}) held out"
+        held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split)
-    for name, items in (("train", train_items), ("validation", valid_items), ("test", test_items)):
+    if len(train_items) < 2:  # BatchNorm cannot train on a batch of one, and one item teaches nothing
+        raise SweepError(f"{store.path}: train has {len(train_items)} usable item{'' if len(train_items) == 1 else 's'}"
+                         f"{held_out}; a probe needs at least 2 (failed items and unwritten shards are left out)", "STORE")
+    for name, items in (("validation", valid_items), ("test", test_items)):
         if not len(items):
             raise SweepError(f"{store.path}: no usable {name} items (all failed or in unwritten shards)", "STORE")
     multi = any(HEADS[c.head].multi_layer for c in configs)
@@ -249,6 +253,7 @@ def run(
               "training": plan | {"optimizer": "AdamW", "schedule": "linear warm-up, cosine to 0",
                                   "loss": loss or DEFAULT_LOSS[task]},
               "versions": versions()}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # Sources and heads. On GPUs, float32 matrix products run on TF32 tensor cores (float32

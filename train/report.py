@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -168,17 +169,51 @@ def missing_parts(run: Path) -> list[str]:
 
 
 def read_leaderboard(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for k, v in row.items():
-            if k in INTEGERS:
-                row[k] = int(v)
-            elif k in ("lr", "wd") or k.startswith(("val_", "test_")):
-                row[k] = float(v) if v else math.nan
-            elif k == "layer" and re.fullmatch(r"-?\d+", v):
-                row[k] = int(v)
+    """The rows of a leaderboard, numbers as numbers; any other CSV is refused by name."""
+    not_ours = f"{path} is not a leaderboard.csv written by `tokens probe`"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{not_ours} ({error})") from None
+    columns = reader.fieldnames or []
+    missing = [c for c in FIRST_COLUMNS + LAST_COLUMNS if c not in columns]
+    missing += [f"{p}*" for p in ("val_", "test_") if not any(c.startswith(p) for c in columns)]
+    if missing:
+        raise ValueError(f"{not_ours}: it has no column {', '.join(missing)}")
+    if not rows:
+        raise ValueError(f"{path} holds no configurations")
+    try:
+        for row in rows:
+            for k, v in row.items():
+                if k in INTEGERS:
+                    row[k] = int(v)
+                elif k in ("lr", "wd") or k.startswith(("val_", "test_")):
+                    row[k] = float(v) if v else math.nan
+                elif k == "layer" and re.fullmatch(r"-?\d+", v):
+                    row[k] = int(v)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{not_ours}: {error}") from None
     return rows
+
+
+def store_labels(paths: list[Path], keys: list[str]) -> dict[str, str]:
+    """store_key -> a short name that tells the stores of a merged report apart: the store's file
+    name from the run's config.json, with the key where two stores share a name, or the key alone."""
+    names = {}
+    for path in paths:
+        try:
+            record = json.loads((Path(path).parent / "config.json").read_text())
+            names.setdefault(record["store_key"][:16], Path(record["store"]).name)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a merged or copied leaderboard: its key will do
+    taken = Counter(names.get(k) for k in keys)
+    labels = {}
+    for k in keys:
+        name = names.get(k)
+        labels[k] = k[:8] if name is None else name if taken[name] == 1 else f"{name}:{k[:8]}"
+    return labels
 
 
 def merge(paths: list[Path]) -> tuple[list[dict], list[str]]:
@@ -228,7 +263,8 @@ def _with_sd(row: dict, column: str) -> str:
 
 
 def write_report(runs: list[Path], out: Path) -> str:
-    """Merge `runs` into `out`; return the summary table as text."""
+    """Merge `runs` into `out`; return the summary table as text. Rows of runs on different
+    stores would look alike, so the table and report.md then name each row's store."""
     paths = [p for run in runs for p in find_leaderboards(run)]
     if not paths:
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
@@ -241,9 +277,10 @@ def write_report(runs: list[Path], out: Path) -> str:
     metrics = metric_columns(rows)
     columns = ["head", "config", "params", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key"]
     write_csv(out / "report.csv", summary, columns)
-    shown = [{"head": r["head"], "config": r["config"], "params": r["params"], "seeds": r["seeds"]}
-             | {m: _with_sd(r, m) for m in metrics} for r in summary]
-    shown_columns = ["head", "config", "params", "seeds"] + metrics
+    labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
+    shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "params": r["params"],
+              "seeds": r["seeds"]} | {m: _with_sd(r, m) for m in metrics} for r in summary]
+    shown_columns = ["head", "config"] + (["store"] if len(labels) > 1 else []) + ["params", "seeds"] + metrics
     (out / "report.md").write_text(table(shown, shown_columns, markdown=True) + "\n")
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd")
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configurations from {len(paths)} leaderboards"]

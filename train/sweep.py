@@ -46,6 +46,7 @@ DEFAULT_WD = [1e-4]
 DEFAULT_LAYERS = [-1]
 DEFAULT_SEEDS = [0]
 ALL_LAYERS = "all"
+KINDS = {"lr": (int, float), "wd": (int, float), "layers": int, "seeds": int}  # what each list holds
 
 
 class SweepError(ValueError):
@@ -111,10 +112,15 @@ def parse_list(text: str | None, option: str, kind=None) -> list | None:
     if not values:
         raise SweepError(f"{option} is empty", option)
     if kind is not None:
-        for v in values:
-            if not isinstance(v, kind) or isinstance(v, bool):
-                raise SweepError(f"{option}: {v!r} is not a number", option)
+        check_kind(values, kind, option, option)
     return values
+
+
+def check_kind(values: list, kind, name: str, option: str):
+    """Refuse a value of the wrong type by name (a bool is not a number here)."""
+    for v in values:
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise SweepError(f"{name}: {v!r} is not {'an integer' if kind is int else 'a number'}", option)
 
 
 def parse_options(items: list[str] | None) -> dict[str, dict[str, list]]:
@@ -141,9 +147,22 @@ def read_sweep_file(path) -> dict:
         raise SweepError(f"{path}: unknown keys {', '.join(sorted(unknown))}; use heads, lr, wd, layers, seeds", "--sweep")
     if not isinstance(data.get("heads"), dict) or not data["heads"]:
         raise SweepError(f"{path}: no [heads.NAME] tables", "--sweep")
-    listed = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    sweep = {key: listed(data[key]) for key in ("lr", "wd", "layers", "seeds") if key in data}
-    sweep["heads"] = {head: {k: listed(v) for k, v in (opts or {}).items()} for head, opts in data["heads"].items()}
+
+    def listed(value, key: str, kind=None) -> list:
+        """A scalar as a one-value list; an empty list would silently sweep nothing (or the default)."""
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise SweepError(f"{path}: {key} is an empty list; give at least one value, or leave {key} out", "--sweep")
+        if kind is not None:
+            check_kind(values, kind, f"{path}: {key}", "--sweep")
+        return values
+
+    sweep = {key: listed(data[key], key, kind) for key, kind in KINDS.items() if key in data}
+    sweep["heads"] = {}
+    for head, opts in data["heads"].items():
+        if not isinstance(opts, dict):
+            raise SweepError(f"{path}: heads.{head} must be a table ([heads.{head}]), not {opts!r}", "--sweep")
+        sweep["heads"][head] = {k: listed(v, f"heads.{head}.{k}", KINDS[k] if k in ("lr", "wd") else None) for k, v in opts.items()}
     return sweep
 
 
