@@ -126,6 +126,9 @@ def _print_plan(plan, part):
                f"({spec.shard_size} items per shard)")
     if part != (1, 1):
         typer.echo(f"this process does part {part[0]}/{part[1]}: {len(plan.units)} shards")
+    if plan.complete:
+        typer.echo(f"{plan.complete} of these {len(plan.units)} shards are already complete in the store: "
+                   f"the run would write the other {len(plan.units) - plan.complete}")
 
 
 def backbones():

@@ -56,6 +56,7 @@ class Plan:
     spec: StoreSpec
     dataset: Dataset
     units: list[tuple[str, int]]
+    complete: int = 0  # of these units, shards an earlier run already wrote (known after check_existing)
 
     def item_bytes(self) -> int:
         s = self.spec
@@ -121,6 +122,18 @@ def plan(
     units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
     index, count = part
     return Plan(spec, dataset, units[index - 1::count])
+
+
+def check_existing(work: Plan, store_path: Path) -> Plan:
+    """What a dry run can say of a store already there: the run would be refused (another
+    configuration), or how many of its shards are complete."""
+    if not store_path.exists():
+        return work
+    with open_store(store_path) as store:
+        store.check_compatible(work.spec)
+        done = {name: store.split(name).complete_mask() for name in work.spec.splits}
+    work.complete = sum(bool(done[split][shard]) for split, shard in work.units)
+    return work
 
 
 IN_FLIGHT = 2  # batches launched ahead of the one landing: a late batch from the loader does not idle the GPU
@@ -412,7 +425,7 @@ def extract(
                     shard_size=shard_size, part=part, progress=progress)
         spec = work.spec
         if dry_run:
-            return work
+            return check_existing(work, store_path)
         summary = Summary(store_path)
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).

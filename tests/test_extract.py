@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,20 @@ def test_cli_dry_run_and_info(dataset, tmp_path):
     assert "crepe-tiny" in info.output and "complete" in info.output
     bad = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "x"])
     assert bad.exit_code != 0 and "--layers" in bad.output
+
+
+def test_a_dry_run_says_what_the_existing_store_holds_or_refuses(dataset, tmp_path):
+    """The dry run comes before the real one: it must not promise a run that will be refused, nor
+    bytes that are already written."""
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path)
+    shards = -(-6 // 2) + 1 + 1  # train 6 items (3 shards of 2), valid 1, test 1
+    again = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "all",
+                                     "--shard-size", "2", "--dry-run"])
+    assert again.exit_code == 0 and f"{shards} of these {shards} shards are already complete" in again.output, again.output
+    other = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "0",
+                                     "--shard-size", "2", "--dry-run"])
+    assert other.exit_code == 2 and "layers" in other.output and "another configuration" in other.output, other.output
 
 
 @pytest.mark.parametrize("options, message", [({"dtype": "float64"}, "dtype 'float64'"), ({"layers": [7]}, "--layers: 7")])
@@ -358,3 +373,21 @@ def test_the_command_line_loads_neither_scikit_learn_nor_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_readmes_python_example_runs_and_reads_the_stored_values(dataset, tmp_path, dtype):
+    """The README's "From Python" block, run as written: the tokens that reach the head are the
+    activations (a float32 store of the same data, rounded to the dtype), not a bfloat16 store's bits."""
+    store_path, exact_path = tmp_path / "s.zarr", tmp_path / "exact.zarr"
+    run(dataset, store_path, dtype=dtype)
+    run(dataset, exact_path, dtype="float32")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = block.replace('"as20k-eat.zarr"', repr(str(store_path))).replace("read_tokens(11,", "read_tokens(2,").replace("[0, 5, 7]", "[0, 2, 5]")
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    with open_store(exact_path) as exact:
+        expected = torch.from_numpy(exact.split("train").read_tokens(2, [0, 2, 5])).to(getattr(torch, dtype)).float()
+    torch.testing.assert_close(scope["as_tensor"](scope["tokens"], dtype).float(), expected, rtol=0, atol=0)
+    assert scope["logits"].shape == (3, 3)

@@ -88,15 +88,18 @@ def choose_mode(mode: str, needed: int, device: torch.device) -> tuple[str, str]
 
 def _tokens(split: Split, layer: int, index) -> torch.Tensor:
     """Tokens (B, N, D) as a storage-dtype tensor (bfloat16 from its stored bit pattern)."""
-    return _as_tensor(split.read_tokens(layer, index), split.dtype)
+    return as_tensor(split.read_tokens(layer, index), split.dtype)
 
 
 def _cls(split: Split, layer: int, index) -> torch.Tensor:
     """The class token (B, D): the first prefix token."""
-    return _as_tensor(split.read_prefix(layer, index)[:, 0], split.dtype)
+    return as_tensor(split.read_prefix(layer, index)[:, 0], split.dtype)
 
 
-def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+def as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """Tokens as read from a store, as a torch tensor of the store's dtype: numpy has no bfloat16,
+    so a bfloat16 store gives its bits as uint16, which this reinterprets (a plain .float() on
+    them would give wrong numbers)."""
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
