@@ -253,7 +253,7 @@ def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, w
     checked = []
     for where, record in records:
         row, problems = _check_row(root, where, record, task, known)
-        windows = [] if problems else _windows(row, window) if audio else [(0.0, None)]
+        windows = [] if problems else _windows(row, window, problems) if audio else [(0.0, None)]
         checked.append((row, problems, windows))
     return checked
 
@@ -331,16 +331,23 @@ def _seconds(value, name: str, bad: list[str]) -> float | None:
     return seconds
 
 
-def _windows(row: _Row, window: float | None) -> list[tuple[float, float | None]]:
+def _windows(row: _Row, window: float | None, bad: list[str]) -> list[tuple[float, float | None]]:
     """(offset, duration) pairs covering the row's span of its file, from the file's header only.
 
-    A file soundfile cannot open becomes one item, so that its failure is recorded once, later.
+    A file soundfile cannot open becomes one item, so that its failure is recorded once, later. A
+    `start` at or past the file's end is a mistake in the row, appended to `bad` now rather than
+    failing at extraction (the same test as load_window's, in frames); an empty recording with no
+    `start` stays an item that fails. An `end` past the file's end is clipped to it.
     """
     try:
         with sf.SoundFile(str(row.path)) as audio:  # the header only; sf.info also formats names we do not use
             file_seconds = audio.frames / audio.samplerate
+            past_the_end = row.start > 0 and round(row.start * audio.samplerate) >= audio.frames
     except sf.SoundFileError:
         return [(row.start, None if row.end is None else row.end - row.start)]
+    if past_the_end:
+        bad.append(f"start {row.start:g} is not before the end of {row.rel} ({file_seconds:g} s)")
+        return []
     length = max(min(file_seconds, math.inf if row.end is None else row.end) - row.start, 0.0)
     if window is None:
         return [(row.start, round(length, 6))]

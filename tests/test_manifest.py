@@ -260,6 +260,35 @@ def test_end_past_the_file_is_clipped_to_the_file(tmp_path):
     assert [(it.offset, it.duration) for it in audio(manifest).splits["train"]] == [(0.0, 9.5)]
 
 
+def test_start_past_the_end_of_the_file_is_a_manifest_problem(tmp_path, checking):
+    """Found from the header with the other row problems, before any work, rather than as a failed
+    item at extraction; an end past the file is still clipped, and an empty recording with no start
+    is still an item (its failure is the file's, recorded then)."""
+    wav(tmp_path / "a.wav", 2)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, "float32"), 8000)
+    manifest = csv_file(
+        tmp_path / "m.csv",
+        """
+path,label,split,id,start,end
+a.wav,x,train,ok,1.5,9
+a.wav,x,train,late,5,
+a.wav,x,tain,typo,,
+a.wav,x,train,edge,2,3
+empty.wav,x,train,empty,,
+""",
+    )
+    with pytest.raises(ManifestError) as e:
+        audio(manifest)
+    assert e.value.problems == [
+        "line 3: start 5 is not before the end of a.wav (2 s)",
+        "line 4: unknown split 'tain' (use train, valid or test)",
+        "line 5: start 2 is not before the end of a.wav (2 s)",
+    ]
+    csv_file(manifest, "path,label,split,id,start,end\na.wav,x,train,ok,1.5,9\nempty.wav,x,train,empty,,\n")
+    items = audio(manifest).splits["train"]
+    assert [(it.id, it.offset, it.duration) for it in items] == [("ok", 1.5, 0.5), ("empty", 0.0, 0.0)]
+
+
 def test_undecodable_audio_stays_an_item(tmp_path):
     (tmp_path / "text.wav").write_text("not audio")
     (tmp_path / "empty.wav").write_bytes(b"")
@@ -307,6 +336,80 @@ def test_load_image_converts_to_rgb(tmp_path):
     Image.new("L", (4, 4), 128).save(tmp_path / "grey.png")
     image = load_image(tmp_path / "grey.png")
     assert image.mode == "RGB" and image.getpixel((1, 1)) == (128, 128, 128)
+
+
+def grey_rgb(path):
+    """The loaded image as an (H, W, 3) array whose three channels must be equal."""
+    rgb = np.asarray(load_image(path))
+    assert rgb.dtype == np.uint8 and (rgb == rgb[..., :1]).all()
+    return rgb[..., 0]
+
+
+# 16-bit levels from 0 in steps of 16, and full scale in the last pixel.
+LEVELS = (np.arange(64 * 64) * 16).astype(np.uint16).reshape(64, 64)
+LEVELS[-1, -1] = 65535
+
+
+@pytest.mark.parametrize("mode, file", [("I;16", "png"), ("I;16B", "tif"), ("I", "tif")])
+def test_16_bit_images_are_rescaled_not_clipped(tmp_path, mode, file):
+    """convert("RGB") alone clips 16-bit levels to 255: 99.6 % of this gradient would be white."""
+    if mode == "I":
+        image = Image.fromarray(LEVELS.astype(np.int32))
+    else:
+        image = Image.frombytes(mode, (64, 64), LEVELS.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    image.save(tmp_path / f"deep.{file}")
+    with Image.open(tmp_path / f"deep.{file}") as saved:
+        assert saved.mode == mode
+    want = (LEVELS.astype(np.int64) * 255 + 65535 // 2) // 65535  # nearest 8-bit level, in integers
+    np.testing.assert_array_equal(grey_rgb(tmp_path / f"deep.{file}"), want)
+    assert want[-1, -1] == 255 and want[0, 0] == 0
+
+
+def test_float_images_in_0_to_1_are_scaled_to_255(tmp_path):
+    """convert("RGB") alone maps float values in [0, 1] to 0 or 1: the image would be black."""
+    values = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(values).save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as saved:
+        assert saved.mode == "F"
+    want = np.floor(values.astype(np.float64) * 255 + 0.5)
+    np.testing.assert_array_equal(grey_rgb(tmp_path / "float.tif"), want)
+
+
+@pytest.mark.parametrize(
+    "pixels, reason",
+    [
+        (np.full((8, 8), 2.5, np.float32), r"float image with values in \[2.5, 2.5\], outside \[0, 1\]: scale it to"),
+        (np.full((8, 8), -0.5, np.float32), r"outside \[0, 1\]"),
+        (np.array([[0.5, np.nan]], np.float32), "float image with NaN or infinite values"),
+        (np.array([[0, 70000]], np.int32), r"integer image with values in \[0, 70000\], outside the 16-bit range"),
+        (np.array([[-3, 100]], np.int32), "outside the 16-bit range"),
+    ],
+)
+def test_images_beyond_their_full_scale_are_bad_items(tmp_path, pixels, reason):
+    """What such values mean is not in the file: the item is recorded as bad rather than guessed."""
+    Image.fromarray(pixels).save(tmp_path / "odd.tif")
+    with pytest.raises(BadImage, match=reason) as e:
+        load_image(tmp_path / "odd.tif")
+    assert "save it as 8- or 16-bit integers" in e.value.reason
+
+
+def test_other_modes_convert_as_pillow_does(tmp_path):
+    """Only 16-bit and float images are rescaled; every other mode is Pillow's own conversion."""
+    noise = Image.effect_noise((32, 32), 60)
+    images = {
+        "grey.png": noise,
+        "alpha.png": Image.merge("RGBA", [noise, noise.rotate(90), noise.rotate(180), noise]),
+        "cmyk.jpg": Image.merge("CMYK", [noise, noise.rotate(90), noise.rotate(180), noise.rotate(270)]),
+        "palette.png": noise.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE),
+        "bits.png": noise.convert("1"),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    noise.save(tmp_path / "moving.gif", save_all=True, append_images=[noise.rotate(90)])
+    for name in [*images, "moving.gif"]:
+        with Image.open(tmp_path / name) as image:
+            want = np.asarray(image.convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / name)), want, err_msg=name)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "missing"])
