@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tokens.cache.store import STORAGE_DTYPE, RawItems, StoreError, StoreSpec, write_error
+from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, RawItems, StoreError, StoreSpec, write_error
 
 CODECS = {"gzip": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}}
 STRING = h5py.string_dtype()
@@ -68,7 +68,7 @@ def _create_split(group: h5py.Group, n: int, spec: StoreSpec, storage, S: int):
                "offsets": ((n,), np.float64), "durations": ((n,), np.float64)}
     if spec.masked:
         columns["mask"] = ((n, spec.num_tokens), np.bool_)
-    for name in ("ids", "sources", "errors"):
+    for name in STRING_COLUMNS:
         columns[name] = ((n,), STRING)
     columns["complete"] = ((-(-n // S),), np.uint8)
     for name, (shape, dtype) in columns.items():

@@ -37,6 +37,7 @@ KEY_FIELDS = (
 # Fields that fix the on-disk layout; a resume must agree on them too.
 LAYOUT_FIELDS = ("grid", "dim", "num_prefix", "masked", "shard_size", "codec", "splits")
 TARGET_SHARD_BYTES = 128 * 2**20
+STRING_COLUMNS = ("ids", "sources", "errors")
 
 
 class StoreError(Exception):
@@ -75,14 +76,15 @@ def check_writable(path: str | Path):
 
     Looks at the store file, or at the directories of a zarr store except those under chunk
     directories `c` (one per shard: too many to visit); a deeper read-only directory still gives a
-    clear error at its first write. For a store yet to be made, at the directory it will be made in.
+    clear error at its first write. For a store yet to be made (an empty directory included: the
+    store is built beside it and renamed over it), at the directory it will be made in.
     Root passes permission bits, so only a read-only mount stops it.
     """
     path = Path(path)
-    if path.exists():
+    if store_exists(path):
         places, doing = [path] if path.is_file() else _store_dirs(path), f"writes its shards into the store {path}"
     else:
-        places, doing = [next(p for p in path.absolute().parents if p.exists())], f"creates the store {path} there"
+        places, doing = [next(p for p in path.resolve().parents if p.exists())], f"creates the store {path} there"
     for place in places:
         if not os.access(place, os.W_OK | (0 if place.is_file() else os.X_OK)):
             read_only_fs = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
@@ -158,9 +160,35 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def store_exists(path: Path) -> bool:
+    """Whether something is at `path` to open as a store: an empty directory is not one, but a
+    place made ready for a new zarr store (`mkdir out.zarr`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.exists()
+    with os.scandir(path) as entries:
+        return next(entries, None) is not None
+
+
 def detect_format(path: Path, default: str | None = None) -> str:
-    """zarr for a directory or a .zarr path, hdf5 for a .h5/.hdf5 file; else `default`, or an error."""
-    if path.is_dir() or path.suffix == ".zarr":
+    """The format of the store at `path`, told by what is there, since `--format` lets a store have
+    any name: a directory is zarr, a file that starts with HDF5's signature is hdf5. Only a path with
+    nothing there yet is told by its suffix (.zarr, .h5/.hdf5), else `default`, else an error."""
+    if path.is_dir():
+        return "zarr"
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(HDF5_SIGNATURE))
+        except OSError as error:
+            raise StoreError(f"{path}: cannot read it to tell its store format ({error.strerror or error})") from error
+        if head == HDF5_SIGNATURE:
+            return "hdf5"
+        raise StoreError(f"{path} is not a store: neither a zarr directory nor an HDF5 file")
+    if path.suffix == ".zarr":
         return "zarr"
     if path.suffix in (".h5", ".hdf5"):
         return "hdf5"
@@ -182,15 +210,24 @@ def _backend(fmt: str):
 
 
 def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None) -> "TokenStore":
-    """Open `path` for writing, creating it if needed; refuse a store made with another config.
+    """Open `path` for writing, creating it if needed (an empty directory counts as not there yet);
+    refuse a store made with another config, or of another format than `fmt`.
 
     Creation is atomic (built aside, then renamed into place), so many tasks of a job array may
     call this at once: one wins, the others open what it made and check the cache key.
     """
     path = Path(path)
-    fmt = fmt or detect_format(path)
-    backend = _backend(fmt)
+    new = not store_exists(path)
     if not path.exists():
+        fmt = fmt or detect_format(path)
+    else:  # what is there decides: opening it as the other format would fail, or worse
+        found = detect_format(path)
+        if fmt and fmt != found:
+            what = "an empty directory (a zarr store's place)" if new else f"a {found} store"
+            raise StoreError(f"{path} is {what}, but {fmt} was asked for: give another path, or leave the format out")
+        fmt = found
+    backend = _backend(fmt)
+    if new:
         try:
             backend.create(path, spec)
         except OSError as error:  # a full disk or a read-only parent directory
@@ -204,8 +241,8 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None) ->
 
 def open_store(path: str | Path, mode: str = "r") -> "TokenStore":
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: no such store")
+    if not store_exists(path):
+        raise StoreError(f"{path}: no such store" + (" (an empty directory)" if path.exists() else ""))
     return TokenStore(path, mode=mode)
 
 
@@ -394,11 +431,24 @@ class Split:
         return np.ascontiguousarray(array, dtype=dtype)
 
     # -- reading ----------------------------------------------------------------------------
+    def resolve_layer(self, layer: int) -> int:
+        """A cached layer as stored; a negative one counts the cached layers from the end (-1: the
+        last), as `tokens probe --layers` does. Any other is refused, naming the cached layers."""
+        if layer in self.layers:
+            return int(layer)
+        if -len(self.layers) <= layer < 0:
+            return self.layers[layer]
+        raise StoreError(
+            f"{self.store.path}: layer {layer} is not cached in this store; it caches layers "
+            f"{', '.join(map(str, self.layers))} (or -1 for the last)"
+        )
+
     def read_tokens(self, layer: int, indices) -> np.ndarray:
         """Tokens (B, L, D) of items `indices`, in storage dtype (uint16 bits for bfloat16)."""
-        return self._read(f"tokens/{layer}", indices, (self.num_tokens, self.dim))
+        return self._read(f"tokens/{self.resolve_layer(layer)}", indices, (self.num_tokens, self.dim))
 
     def read_prefix(self, layer: int, indices) -> np.ndarray | None:
+        layer = self.resolve_layer(layer)
         if not self.num_prefix:
             return None
         return self._read(f"prefix/{layer}", indices, (self.num_prefix, self.dim))
@@ -406,15 +456,24 @@ class Split:
     def read_mask(self, indices) -> np.ndarray | None:
         if not self.masked:
             return None
-        return self._h.read_rows(self.name, "mask", np.asarray(indices))
+        indices = self._indices(indices)
+        if not indices.size:
+            return np.zeros((0, self.num_tokens), dtype=np.bool_)
+        return self._h.read_rows(self.name, "mask", indices)
 
-    def _read(self, name: str, indices, item_shape) -> np.ndarray:
+    def _indices(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_items):
             raise IndexError(f"{self.name}: item index out of range 0..{self.num_items - 1}")
+        return indices
+
+    def _read(self, name: str, indices, item_shape) -> np.ndarray:
+        indices = self._indices(indices)
+        out = np.empty((len(indices), *item_shape), dtype=STORAGE_DTYPE[self.dtype])
+        if not indices.size:  # the backends' reads assume at least one item
+            return out
         if name not in self._raw:
             self._raw[name] = self._h.raw_layout(self.name, name, self.num_items, self.shard_size)
-        out = np.empty((len(indices), *item_shape), dtype=STORAGE_DTYPE[self.dtype])
         raw = self._raw[name]
         if raw is None:  # compressed: let the library decode
             order = np.argsort(indices, kind="stable")
@@ -424,8 +483,12 @@ class Split:
         return out
 
     def column(self, name: str) -> np.ndarray:
-        """A whole per-item column: labels, ids, sources, offsets, durations or errors."""
-        return self._h.read_column(self.name, name, self.num_items)
+        """A whole per-item column: labels, ids, sources, offsets, durations or errors.
+
+        Strings (ids, sources, errors) come as object arrays of str whatever the backend and numpy:
+        zarr gives numpy 2's StringDType, HDF5 and numpy 1 object arrays."""
+        data = self._h.read_column(self.name, name, self.num_items)
+        return np.asarray(data, dtype=object) if name in STRING_COLUMNS else data
 
     def load(self, layer: int) -> np.ndarray:
         """The whole split's tokens of one layer in RAM, read shard by shard."""

@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from tokens.cache.store import STORAGE_DTYPE, DamagedShard, RawItems, StoreError, StoreSpec, write_error
+from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, RawItems, StoreError, StoreSpec, store_exists, write_error
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -33,9 +33,14 @@ FAST_WRITES = {"write_empty_chunks": True}  # skip the read-back check of empty 
 
 
 def create(path: Path, spec: StoreSpec):
-    """Build the store aside and rename it into place, so racing creators cannot half-make it."""
+    """Build the store aside and rename it into place, so racing creators cannot half-make it.
+
+    The rename also replaces an empty directory made ready for the store (POSIX renames over an
+    empty directory, never a full one); a symlink is followed, so the store lands where it points.
+    """
     if spec.codec is not None and spec.codec not in CODECS:
         raise StoreError(f"codec {spec.codec!r} is not available for zarr stores: use one of {', '.join(CODECS)}")
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
@@ -48,7 +53,7 @@ def create(path: Path, spec: StoreSpec):
         os.rename(tmp, path)
     except OSError:  # another task created it first (or a file is in the way: open() will say)
         shutil.rmtree(tmp, ignore_errors=True)
-        if not path.exists():
+        if not store_exists(path):  # nothing there still, or the empty directory (a mount point, say)
             raise
 
 
@@ -96,7 +101,7 @@ def _build(tmp: Path, spec: StoreSpec):
         # writer writes their files directly (see ZarrHandle._write_array).
         for name, (shape, dtype) in columns.items():
             group.create_array(name, shape=shape, chunks=(S, *shape[1:]), dtype=dtype, fill_value=0, compressors=None)
-        for name in ("ids", "sources", "errors"):
+        for name in STRING_COLUMNS:
             group.create_array(name, shape=(n,), chunks=(S,), dtype=str, fill_value="", compressors=None)
         group.create_array("complete", shape=(-(-n // S),), chunks=(1,), dtype=np.uint8, fill_value=0, compressors=None)
 
@@ -161,7 +166,10 @@ class ZarrHandle:
         try:
             self.root = zarr.open_group(path, mode="r" if mode == "r" else "r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
-            raise StoreError(f"{path}: not a zarr store ({error})") from error
+            raise StoreError(
+                f"{path} is a directory but not a zarr store ({error}); a new store needs a path "
+                "that does not exist yet, or an empty directory"
+            ) from error
         if mode != "r":
             (path / PARTIAL).mkdir(exist_ok=True)  # see _partial
         self._arrays = {}

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE, check_writable, detect_format
+from tokens.cache.store import STORAGE_DTYPE, check_writable, detect_format, store_exists
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
@@ -92,7 +92,7 @@ def plan(
     progress: bool = False,
 ) -> Plan:
     existing_classes = None
-    if store_path.exists():
+    if store_exists(store_path):
         with open_store(store_path) as store:
             existing_classes = store.classes
     dataset = read_dataset(
@@ -127,7 +127,7 @@ def plan(
 def check_existing(work: Plan, store_path: Path) -> Plan:
     """What a dry run can say of a store already there: the run would be refused (another
     configuration), or how many of its shards are complete."""
-    if not store_path.exists():
+    if not store_exists(store_path):
         return work
     with open_store(store_path) as store:
         store.check_compatible(work.spec)

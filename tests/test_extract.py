@@ -391,3 +391,15 @@ def test_the_readmes_python_example_runs_and_reads_the_stored_values(dataset, tm
         expected = torch.from_numpy(exact.split("train").read_tokens(2, [0, 2, 5])).to(getattr(torch, dtype)).float()
     torch.testing.assert_close(scope["as_tensor"](scope["tokens"], dtype).float(), expected, rtol=0, atol=0)
     assert scope["logits"].shape == (3, 3)
+
+
+def test_an_empty_directory_made_beforehand_becomes_the_store(dataset, tmp_path):
+    store_path = tmp_path / "out.zarr"
+    store_path.mkdir()
+    args = ["extract", str(dataset), "--store", str(store_path), "-q", "--num-workers", "0", "--shard-size", "2"]
+    planned = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert planned.exit_code == 0 and "already complete" not in planned.output, planned.output
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "wrote 8 items" in first.output, first.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "wrote 0 items" in again.output, again.output

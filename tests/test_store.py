@@ -378,3 +378,140 @@ def test_a_file_size_limit_counts_only_what_an_hdf5_store_still_grows_by(tmp_pat
     with open_store(path) as store:
         split = store.split("train")
         assert split.is_complete and split.read_tokens(0, [31])[0, 0, 0] == 3
+
+
+def snapshot(path) -> dict:
+    """Every file under `path` (or the file itself) with its bytes."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f): f.read_bytes() for f in files}
+
+
+@pytest.mark.parametrize("name,fmt", [("mystore", "hdf5"), ("store.hdf", "hdf5"), ("x.zarr", "hdf5"), ("x.h5", "zarr")])
+def test_a_store_is_told_by_what_is_there_whatever_its_name(tmp_path, name, fmt):
+    """A store made with an explicit format under any name opens, resumes and shows in `tokens
+    info` afterwards; asking for the other format on it is refused and changes nothing."""
+    spec = make_spec()
+    path = tmp_path / name
+    fill(path, spec, fmt)
+    with open_store(path) as store:
+        assert store.format == fmt and store.split("train").is_complete
+    info = CliRunner().invoke(app, ["info", str(path)])
+    assert info.exit_code == 0 and f"({fmt}," in info.output, info.output
+    with create_or_open(path, spec) as store:  # a resume that does not repeat the format
+        assert store.format == fmt and store.split("train").is_complete
+    before = snapshot(path)
+    other = "zarr" if fmt == "hdf5" else "hdf5"
+    with pytest.raises(StoreError, match=re.escape(f"{path} is a {fmt} store, but {other} was asked for")):
+        create_or_open(path, spec, other)
+    assert snapshot(path) == before
+    fill(tmp_path / "reference.zarr", spec)
+    assert_same_content(tmp_path / "reference.zarr", path)
+
+
+def test_extract_with_a_format_into_any_name_opens_and_resumes(tmp_path):
+    """`tokens extract data.csv -s mystore --format hdf5` (the reviewer's case) end to end."""
+    import soundfile as sf
+
+    wave = 0.5 * np.sin(2 * np.pi * 440 * np.arange(4000) / 16000)
+    for i in range(3):
+        sf.write(tmp_path / f"c{i}.wav", wave, 16000)
+    data = tmp_path / "data.csv"
+    data.write_text("path,labels,split\nc0.wav,a,train\nc1.wav,b,train\nc2.wav,a,test\n")
+    path = tmp_path / "mystore"
+    extract = ["extract", str(data), "-s", str(path), "--layers", "0", "-q", "--num-workers", "0"]
+    result = CliRunner().invoke(app, [*extract, "--format", "hdf5"])
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(app, ["info", str(path)])
+    assert info.exit_code == 0 and "(hdf5," in info.output and "complete" in info.output, info.output
+    again = CliRunner().invoke(app, extract)  # without --format: resumes what is there
+    assert again.exit_code == 0 and "wrote 0 items" in again.output, again.output
+
+
+def test_a_path_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
+    """A file that is not HDF5 (a manifest given as the store, say) and a directory with other
+    things in it are refused naming the path, in any format asked for, and stay as they were."""
+    not_hdf5 = tmp_path / "data.csv"
+    not_hdf5.write_text("path,labels,split\n")
+    full_dir = tmp_path / "results"
+    full_dir.mkdir()
+    (full_dir / "notes.txt").write_text("mine")
+    for path, problem in [(not_hdf5, f"{not_hdf5} is not a store"), (full_dir, f"{full_dir} is a directory but not a zarr store")]:
+        before = snapshot(path)
+        with pytest.raises(StoreError, match=re.escape(problem)):
+            open_store(path)
+        for fmt in (None, "zarr", "hdf5"):
+            with pytest.raises(StoreError, match=re.escape(str(path))):
+                create_or_open(path, make_spec(), fmt)
+        info = CliRunner().invoke(app, ["info", str(path)])
+        assert info.exit_code != 0 and problem in " ".join(info.output.split())
+        assert snapshot(path) == before and sorted(os.listdir(path.parent)) == ["data.csv", "results"]
+
+
+def test_an_empty_directory_becomes_a_new_zarr_store(tmp_path):
+    """`mkdir out.zarr` first, then extract into it: the store is made there (racing writers
+    included), and follows a symlink to an empty directory. HDF5 is a file, so asking for it there
+    is refused."""
+    spec = make_spec(splits={"train": N_TRAIN})
+    reference = tmp_path / "reference.zarr"
+    fill(reference, spec)
+    made = tmp_path / "made.zarr"
+    made.mkdir()
+    with pytest.raises(StoreError, match=re.escape(f"{made}: no such store (an empty directory)")):
+        open_store(made)
+    with pytest.raises(StoreError, match=re.escape(f"{made} is an empty directory (a zarr store's place), but hdf5 was asked for")):
+        create_or_open(made, spec, "hdf5")
+    assert os.listdir(made) == []
+    fill(made, spec)
+    assert_same_content(reference, made)
+
+    raced = tmp_path / "raced"  # no suffix: a directory is zarr
+    raced.mkdir()
+    writers = [run_writer(tmp_path, raced, [0, 2, 4]), run_writer(tmp_path, raced, [1, 3])]
+    assert [w.wait() for w in writers] == [0, 0]
+    assert_same_content(reference, raced)
+
+    target, link = tmp_path / "scratch" / "store", tmp_path / "link.zarr"
+    target.mkdir(parents=True)
+    link.symlink_to(target)
+    fill(link, spec)
+    assert link.is_symlink() and (target / "zarr.json").exists()
+    assert_same_content(reference, link)
+    assert not [p for p in tmp_path.rglob(".*.tmp")]  # nothing left aside
+
+
+@pytest.mark.parametrize("fmt,suffix,codec", [("zarr", ".zarr", None), ("hdf5", ".h5", None), ("zarr", ".zarr", "zstd")])
+def test_layers_count_from_the_end_and_empty_reads_are_empty(tmp_path, fmt, suffix, codec):
+    """-1 is the last cached layer (as `tokens probe --layers` takes it); a layer not cached is
+    refused naming those that are; no items read as (0, ...) arrays."""
+    spec = make_spec(codec=codec)
+    path = tmp_path / f"s{suffix}"
+    fill(path, spec, fmt)
+    with open_store(path) as store:
+        split = store.split("train")
+        idx = [3, 0, 20]
+        np.testing.assert_array_equal(split.read_tokens(-1, idx), split.read_tokens(1, idx))
+        np.testing.assert_array_equal(split.read_prefix(-2, idx), split.read_prefix(0, idx))
+        for layer in (2, -3):
+            for read in (split.read_tokens, split.read_prefix):
+                with pytest.raises(StoreError, match=re.escape(f"layer {layer} is not cached in this store; it caches layers 0, 1 (or -1 for the last)")):
+                    read(layer, idx)
+        for empty in ([], np.array([], dtype=np.int64)):
+            tokens, prefix, mask = split.read_tokens(1, empty), split.read_prefix(-1, empty), split.read_mask(empty)
+            assert tokens.shape == (0, T * F, D) and tokens.dtype == np.float16
+            assert prefix.shape == (0, P, D) and prefix.dtype == np.float16
+            assert mask.shape == (0, T * F) and mask.dtype == np.bool_
+        with pytest.raises(IndexError, match="out of range"):
+            split.read_mask([N_TRAIN])
+
+
+def test_string_columns_are_object_arrays_of_str_in_both_formats(tmp_path):
+    spec = make_spec()
+    columns = {}
+    for fmt, suffix in (("zarr", ".zarr"), ("hdf5", ".h5")):
+        fill(tmp_path / f"s{suffix}", spec, fmt)
+        with open_store(tmp_path / f"s{suffix}") as store:
+            columns[fmt] = {name: store.split("train").column(name) for name in ("ids", "sources", "errors")}
+    for name, values in columns["zarr"].items():
+        for got in (values, columns["hdf5"][name]):
+            assert got.dtype == object and all(type(v) is str for v in got)
+            assert list(got) == make_items(spec, "train")[name]
