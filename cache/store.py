@@ -197,6 +197,13 @@ def detect_format(path: Path, default: str | None = None) -> str:
     raise StoreError(f"{path}: cannot tell the store format; use a .zarr directory or a .h5 file")
 
 
+def check_codec(fmt: str, codec: str | None):
+    """Refuse a codec the format does not offer, before a dry run promises it or a store is made."""
+    codecs = _backend(fmt).CODECS
+    if codec is not None and codec not in codecs:
+        raise StoreError(f"codec {codec!r} is not available for {fmt} stores: use one of {', '.join(codecs)}")
+
+
 def _backend(fmt: str):
     if fmt == "zarr":
         from tokens.cache import zarr_backend
@@ -228,6 +235,7 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None) ->
         fmt = found
     backend = _backend(fmt)
     if new:
+        check_codec(fmt, spec.codec)
         try:
             backend.create(path, spec)
         except OSError as error:  # a full disk or a read-only parent directory

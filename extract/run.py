@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE, check_writable, detect_format, store_exists
+from tokens.cache.store import STORAGE_DTYPE, check_codec, check_writable, detect_format, store_exists
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
@@ -412,6 +412,7 @@ def extract(
         raise ExtractionError(f"--device {error}") from None
     if dtype not in TORCH_DTYPE:
         raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
+    check_codec(fmt, codec)
     for option, value, least in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0), ("--shard-size", shard_size, 0)):
         if value is not None and value < least:  # checked before the store exists: a bad value leaves nothing behind
             raise ExtractionError(f"{option} {value}: use {least} or more")

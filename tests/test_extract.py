@@ -188,6 +188,7 @@ def test_bad_options_of_the_python_api_are_refused_before_the_dataset_is_read(tm
     (["--num-workers", "-1"], "--num-workers -1: use 0 or more"),
     (["--shard-size", "-1"], "--shard-size -1: use 0 or more"),
     (["-o", "window_seconds=abc"], "crepe-tiny option window_seconds='abc' is not a number"),
+    (["--codec", "bogus", "--dry-run"], "codec 'bogus' is not available for zarr stores"),
 ])
 def test_bad_numbers_are_refused_by_name_and_leave_no_store(dataset, tmp_path, args, message):
     """A store left behind by a refused run would make the corrected rerun look like another configuration."""
