@@ -42,6 +42,8 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
             f.seek(start)
             audio = f.read(-1 if duration is None else round(duration * native), dtype="float32", always_2d=True)
     except sf.SoundFileError as e:
+        if "does not exist or is not a regular file" in str(e):  # libsndfile's words for data it cannot parse
+            raise BadAudio(f"cannot decode: damaged, or not audio that libsndfile reads (a {path.suffix or 'suffix-less'} file)") from e
         raise BadAudio(f"cannot decode: {e}") from e
     if audio.size == 0:
         raise BadAudio(f"no audio in the window at {offset:g} s")

@@ -94,7 +94,7 @@ def test_duration_none_reads_to_the_end(tmp_path):
 
 
 def bad_file(tmp_path, kind):
-    path = tmp_path / "bad.wav"
+    path = tmp_path / ("bad.mp3" if kind == "noise as mp3" else "bad.wav")
     sf.write(tmp_path / "good.wav", noise(3 * SR, 2), SR, subtype="PCM_16")
     data = (tmp_path / "good.wav").read_bytes()
     if kind == "zero-byte":
@@ -103,6 +103,8 @@ def bad_file(tmp_path, kind):
         path.write_bytes(data[:30])
     elif kind == "text":
         path.write_text("this is a README, not a recording\n" * 20)
+    elif kind == "noise as mp3":  # libsndfile calls this "File does not exist or is not a regular file"
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     elif kind in ("nan", "inf"):
         x = noise(3 * SR, 2)
         x[SR + 100, 1] = np.nan if kind == "nan" else np.inf
@@ -117,6 +119,7 @@ def bad_file(tmp_path, kind):
         ("zero-byte", "cannot decode: .*Format not recognised"),
         ("header cut", "cannot decode: .*No 'data' chunk"),
         ("text", "cannot decode: .*Format not recognised"),
+        ("noise as mp3", r"cannot decode: damaged, or not audio that libsndfile reads \(a \.mp3 file\)"),
         ("nan", "NaN or infinite samples"),
         ("inf", "NaN or infinite samples"),
     ],
