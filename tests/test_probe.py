@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from tokens.cache import StoreSpec, create_or_open, open_store
 from tokens.train import commands, heads
 from tokens.train import probe as recipe
+from tokens.train.metrics import compute_metrics
 from tokens.train import report as report_module
 from tokens.train import sweep as sweeps
 from tokens.train.data import epoch_order, usable_items
@@ -440,3 +441,44 @@ def test_stores_sharing_a_name_are_told_apart_by_key(tmp_path):
         paths.append(tmp_path / name / "leaderboard.csv")
     labels = report_module.store_labels(paths, ["aaaaaaaa11111111", "bbbbbbbb22222222", "cccccccc33333333"])
     assert labels == {"aaaaaaaa11111111": "s.zarr:aaaaaaaa", "bbbbbbbb22222222": "s.zarr:bbbbbbbb", "cccccccc33333333": "cccccccc"}
+
+
+def test_scores_keep_the_order_of_confident_logits():
+    """Logits of 17 and more all give a float32 sigmoid of exactly 1: the ranking metrics would see ties."""
+    from sklearn.metrics import average_precision_score
+
+    class Logits(torch.nn.Module):  # a head whose logits are its input's first token
+        multi_layer = uses_cls = False
+
+        def forward(self, tokens, mask=None, cls=None):
+            return tokens[:, 0]
+
+    logits = torch.tensor([[17.0], [18.0], [19.0], [20.0], [21.0], [22.0]])
+    labels = np.array([[0], [1], [0], [1], [1], [1]])
+
+    class Source:
+        def batches(self, items, batch_size):
+            yield type("Batch", (), {"tokens": {0: logits[items][:, None]}, "mask": None, "cls": {}})
+
+    (scores,) = recipe.score([(Logits(), 0)], Source(), np.arange(6), 6, "multilabel")
+    assert len(np.unique(scores)) == 6
+    assert compute_metrics("multilabel", scores, labels)["map"] == pytest.approx(average_precision_score(labels[:, 0], logits[:, 0].numpy()))
+
+
+@pytest.mark.parametrize("head", ["protobin", "cgp", "ep", "mhca"])
+def test_weight_decay_spares_prototypes_and_one_dimensional_parameters(head):
+    """One AdamW step with zero gradients: only decay moves the parameters, by the factor 1 - lr * wd."""
+    from tokens.train.heads import build_head
+
+    options = {"cgp": {"num_layers": 2, "num_prototypes": 6}, "mhca": {"num_heads": 4}}.get(head, {})
+    module = build_head(head, dim=32, num_classes=3, **options)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    optimizer = torch.optim.AdamW(recipe.param_groups(module, wd=0.5), lr=0.1)
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in module.named_parameters():
+        spared = p.ndim <= 1 or name.endswith("prototypes")
+        expected = before[name] if spared else before[name] * (1 - 0.1 * 0.5)
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+    assert any(name.endswith("prototypes") for name in before) == (head in ("protobin", "cgp"))

@@ -68,8 +68,18 @@ def build_probe(config: Config, dim: int, num_classes: int, num_layers: int, dev
     build = build_args(config, dim, num_classes, num_layers)
     torch.manual_seed(config.seed)
     head = build_head(**build).to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.wd)
+    optimizer = torch.optim.AdamW(param_groups(head, config.wd), lr=config.lr)
     return Probe(config, head, build, optimizer, rng=get_rng(device))
+
+
+def param_groups(head: nn.Module, wd: float) -> list[dict]:
+    """Weight decay as the protobin authors' recipe applies it: not on biases, norms and other 1-D
+    parameters (cgp's layer mixture among them), nor on prototypes, which decay would pull toward
+    zero rather than regularise."""
+    decayed, kept = [], []
+    for name, parameter in head.named_parameters():
+        (kept if parameter.ndim <= 1 or name.split(".")[-1] == "prototypes" else decayed).append(parameter)
+    return [{"params": decayed, "weight_decay": wd}, {"params": kept, "weight_decay": 0.0}]
 
 
 def get_rng(device: torch.device) -> torch.Tensor:
@@ -111,7 +121,9 @@ def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarr
     for batch in source.batches(items, batch_size):
         scores = []
         for head, layer in heads:
-            logits = head(*head_inputs(head, layer, batch)).float()
+            # float64: float32's sigmoid is exactly 1 above a logit of about 17, which would tie the
+            # confident items at the top of the ranking, where average precision weighs most
+            logits = head(*head_inputs(head, layer, batch)).double()
             scores.append(logits.sigmoid() if task == "multilabel" else logits.softmax(-1))
         for out, head_scores in zip(outputs, torch.stack(scores).cpu().numpy()):
             out.append(head_scores)
