@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tokens.cache import commands as cache_commands
-from tokens.cache.store import StoreError
+from tokens.cache.store import StoreError, detect_format
 from tokens.cluster import sbatch_script
 from tokens.demo import demo
 from tokens.extract import commands as extract_commands
@@ -59,7 +59,7 @@ def slurm(
         raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")
     if any(arg in ("--shard", "--part") or arg.startswith(("--shard=", "--part=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --shard/--part", param_hint="ARGS")
-    _check_forwarded(verb, ctx.args, submit)
+    _check_forwarded(verb, ctx.args, submit, array)
     text = sbatch_script(
         verb, ctx.args, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
         partition=partition, python=sys.executable,
@@ -76,7 +76,7 @@ def slurm(
         typer.echo(result.stdout.strip())
 
 
-def _check_forwarded(verb: str, args: list[str], submit: bool):
+def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
     """Parse ARGS as `tokens VERB` will, and check what can be checked without running it, so that a
     mistake fails here rather than in every task of the array, hours later in the queue."""
     command = typer.main.get_command(app).commands[verb]
@@ -88,6 +88,8 @@ def _check_forwarded(verb: str, args: list[str], submit: bool):
         unknown = [name for name in params["heads"].split(",") if name.strip() not in HEADS]
         if unknown:
             raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; choose from {', '.join(HEADS)}", param_hint="--heads")
+    if verb == "extract" and array > 1 and (params["fmt"] or detect_format(params["store"], default="zarr")) == "hdf5":
+        raise typer.BadParameter(f"{params['store']}: an HDF5 store takes one writer, not {array} tasks: use a zarr store", param_hint="ARGS")
     needed = params["store"] if verb == "probe" else params["dataset"]
     if not needed.exists():
         if submit:

@@ -24,7 +24,13 @@ def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
         return index, count
     if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
         first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        return int(environ["SLURM_ARRAY_TASK_ID"]) - first + 1, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        index, count = int(environ["SLURM_ARRAY_TASK_ID"]) - first + 1, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        if not 1 <= index <= count:  # a stepped or listed array: parts would overlap and leave shards unowned
+            raise ValueError(
+                f"SLURM_ARRAY_TASK_ID {environ['SLURM_ARRAY_TASK_ID']} is not within the {count} tasks counted from "
+                f"{first}: submit a contiguous array (--array=1-N, as `tokens slurm` writes), or give the part as I/N"
+            )
+        return index, count
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return int(environ["RANK"]) + 1, int(environ["WORLD_SIZE"])
     return 1, 1

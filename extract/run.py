@@ -413,6 +413,9 @@ def extract(
     if dtype not in TORCH_DTYPE:
         raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
     check_codec(fmt, codec)
+    if fmt == "hdf5" and part[1] > 1:  # HDF5 has no concurrent writers; with its file locking off, they corrupt it
+        raise ExtractionError(f"{store_path}: an HDF5 store takes one writer, so it cannot be filled in {part[1]} parts "
+                              "(--shard, a job array, torchrun): use a zarr store")
     for option, value, least in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0), ("--shard-size", shard_size, 0)):
         if value is not None and value < least:  # checked before the store exists: a bad value leaves nothing behind
             raise ExtractionError(f"{option} {value}: use {least} or more")

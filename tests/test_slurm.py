@@ -238,3 +238,27 @@ def test_a_script_may_be_written_before_its_store_exists(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--script", "job.sbatch"])
     assert result.exit_code == 0 and "later.zarr does not exist yet" in result.output, result.output
     assert "#SBATCH --array=1-2" in (tmp_path / "job.sbatch").read_text()
+
+
+def test_a_task_outside_a_contiguous_array_is_refused():
+    """A stepped array (--array=1-9:2) numbers its 5 tasks 1, 3, ..., 9: parts would overlap and leave shards unowned."""
+    from tokens.cluster import resolve_part
+
+    assert resolve_part(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_MIN": "1"}) == (5, 5)
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID 7 is not within the 5 tasks"):
+        resolve_part(None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_MIN": "1"})
+
+
+def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
+    """HDF5 has no concurrent writers; with its file locking off (common on Lustre and NFS) they corrupt the file."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+    from tokens.extract.run import ExtractionError, extract
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.csv").write_text("path,label,split\n")
+    result = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.h5", "--array", "3", "--script", "job.sbatch"])
+    assert result.exit_code == 2 and "an HDF5 store takes one writer, not 3 tasks" in result.output, result.output
+    assert not (tmp_path / "job.sbatch").exists()
+    with pytest.raises(ExtractionError, match="an HDF5 store takes one writer"):
+        extract(tmp_path / "data.csv", tmp_path / "s.h5", part=(2, 3), dry_run=True)
