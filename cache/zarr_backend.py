@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,8 @@ CODECS = {
 }
 MISSING = np.uint64(2**64 - 1)
 PARTIAL = ".partial"  # shard files being written (see ZarrHandle._partial)
+_OWNER = socket.gethostname().replace(".", "_").replace("-", "_")  # in partial files' names
+STALE_SECONDS = 600  # a partial file of another host unchanged this long has lost its writer
 FAST_WRITES = {"write_empty_chunks": True}  # skip the read-back check of empty chunks
 
 
@@ -148,6 +152,16 @@ def _write_file(path: Path, tmp: Path, parts: list):
         raise
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _write_all(fd: int, data: memoryview):
     """os.write may write less than asked (a signal, a full disk): go on until all is written."""
     while data:
@@ -187,19 +201,34 @@ class ZarrHandle:
 
     def _partial(self, split: str, name: str, shard: int) -> Path:
         """Where a shard's file is written before it is renamed into place: one folder for the whole
-        store, so that what a killed writer left there is found without listing every chunk folder."""
-        return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{uuid.uuid4().hex}.tmp"
+        store, so that what a killed writer left there is found without listing every chunk folder.
+        The name says which process writes it (see discard_partial)."""
+        return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{_OWNER}-{os.getpid()}.{uuid.uuid4().hex}.tmp"
 
     def discard_partial(self, split: str, shards: set[int]):
-        """Delete what killed writers left half-written of these shards (a shard's writer alone
-        writes its files, so none of them is in flight while its owner starts over)."""
+        """Delete what killed writers left half-written of these shards.
+
+        A resubmitted task may start while the old one still writes the same shards: a file is
+        deleted only when its writer is gone (a process of this host that no longer runs) or, when
+        that cannot be told (another host), when it has not changed for STALE_SECONDS.
+        """
         try:
             entries = list(os.scandir(self.path / PARTIAL))
         except FileNotFoundError:
             return
         for entry in entries:
-            shard, entry_split, *_ = entry.name.split(".", 2) + [""]  # "<shard>.<split>.<array>.<uuid>.tmp"
-            if entry_split == split and shard.isdigit() and int(shard) in shards:
+            fields = entry.name.split(".")  # <shard>.<split>.<array...>.<host>-<pid>.<uuid>.tmp
+            if len(fields) < 6 or fields[1] != split or not fields[0].isdigit() or int(fields[0]) not in shards:
+                continue
+            host, _, pid = fields[-3].rpartition("-")
+            if host == _OWNER and pid.isdigit():
+                abandoned = not _running(int(pid))
+            else:
+                try:
+                    abandoned = time.time() - entry.stat().st_mtime > STALE_SECONDS
+                except FileNotFoundError:  # renamed into place meanwhile
+                    continue
+            if abandoned:
                 Path(entry.path).unlink(missing_ok=True)
 
     def chunk_file(self, split: str, name: str, shard: int) -> Path:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -170,15 +171,25 @@ def test_creating_a_store_leaves_the_interpreters_switch_interval_as_it_was(tmp_
 
 def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
     """A resumed writer clears what a killed one left of the shards it will write again, and
-    nothing of other shards or splits (other job-array tasks may be writing those)."""
+    nothing of other shards or splits (other job-array tasks may be writing those), nor what a
+    writer still running writes (a task resubmitted while the old one runs)."""
+    from tokens.cache import zarr_backend
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    me, gone = f"{zarr_backend._OWNER}-{os.getpid()}", f"{zarr_backend._OWNER}-{dead.stdout.strip()}"
     path = tmp_path / "s.zarr"
     with create_or_open(path, make_spec()) as store:
         write_shards(store, "train", make_items(make_spec(), "train"), [0])
-        left = ["1.train.tokens.0.dead.tmp", "2.train.mask.live.tmp", "1.test.ids.live.tmp", "notes"]
-        for name in left:
-            (path / ".partial" / name).write_bytes(b"torn")
+        partial = path / ".partial"
+        doomed = [f"1.train.tokens.0.{gone}.a1.tmp", "1.train.labels.elsewhere-7.b2.tmp"]
+        kept = [f"1.train.mask.{me}.c3.tmp", "1.train.ids.elsewhere-8.d4.tmp", f"2.train.mask.{gone}.e5.tmp",
+                f"1.test.ids.{gone}.f6.tmp", "notes"]
+        for name in doomed + kept:
+            (partial / name).write_bytes(b"torn")
+        old = time.time() - zarr_backend.STALE_SECONDS - 60
+        os.utime(partial / doomed[1], (old, old))  # another host's writer, silent for longer than STALE_SECONDS
         store.split("train").discard_partial_writes([1])
-        assert sorted(p.name for p in (path / ".partial").iterdir()) == sorted(left[1:])
+        assert sorted(p.name for p in partial.iterdir()) == sorted(kept)
         assert store.split("train").complete_mask().tolist() == [True, False, False, False, False]
 
 
