@@ -3,6 +3,7 @@
 import csv
 import functools
 import json
+import shutil
 import re
 
 import numpy as np
@@ -218,6 +219,15 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     assert "ep[num_queries=4]/lr=0.001/wd=0.0001/layer=6" in {row["config"] for row in summary}
     assert "±" in (tmp_path / "from_run" / "report.md").read_text() and "±" in result.output
     assert (tmp_path / "from_run" / "report.png").stat().st_size
+
+    # A part resubmitted after the sweep was edited is refused, not ranked beside the others.
+    edited = tmp_path / "edited"
+    shutil.copytree(parts, edited)
+    record = json.loads((edited / "part-2-of-2" / "config.json").read_text())
+    record["training"]["epochs"] = 2
+    (edited / "part-2-of-2" / "config.json").write_text(json.dumps(record))
+    refused = invoke("report", edited, "--out", tmp_path / "mixed")
+    assert refused.exit_code == 2 and "ran another training than part-1-of-2" in said(refused), said(refused)
 
 
 def test_ram_gives_the_results_of_stream(store, run, tmp_path):

@@ -262,9 +262,32 @@ def _with_sd(row: dict, column: str) -> str:
     return _cell(mean) if sd is None else f"{_cell(mean)} ± {_cell(sd)}"
 
 
+def check_parts_agree(run: Path):
+    """Parts of one split sweep (RUN/part-I-of-N/) must have run the same sweep on the same store
+    with the same training: a part resubmitted after an edit of the sweep would otherwise be
+    ranked beside the others as if comparable. Raises ValueError naming the part and the fields."""
+    first = None
+    for part in sorted(Path(run).glob("part-*-of-*")):
+        try:
+            record = json.loads((part / "config.json").read_text())
+        except (OSError, ValueError):  # not started, or not finished writing: missing_parts tells
+            continue
+        training = {k: v for k, v in (record.get("training") or {}).items() if k != "configs"}  # each part has its own
+        shown = {"store_key": record.get("store_key"), "sweep": record.get("sweep"), "training": training}
+        if first is None:
+            first = (part, shown)
+            continue
+        differ = [field for field in shown if shown[field] != first[1][field]]
+        if differ:
+            raise ValueError(f"{part} ran another {' and '.join(differ)} than {first[0].name}: its results are not "
+                             f"comparable; rerun it with the same arguments as the other parts")
+
+
 def write_report(runs: list[Path], out: Path) -> str:
     """Merge `runs` into `out`; return the summary table as text. Rows of runs on different
     stores would look alike, so the table and report.md then name each row's store."""
+    for run in runs:
+        check_parts_agree(run)
     paths = [p for run in runs for p in find_leaderboards(run)]
     if not paths:
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
