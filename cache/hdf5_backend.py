@@ -108,7 +108,8 @@ class HDF5Handle:
         except BlockingIOError as error:
             raise StoreError(
                 f"{path} is open for writing by another process; an HDF5 store takes one writer "
-                "(use a zarr store for job arrays)"
+                "(use a zarr store for job arrays). Just after a killed run, its DataLoader workers may "
+                "hold the file for a few seconds more: try again then"
             ) from error
         except OSError as error:
             raise StoreError(f"{path}: cannot open as HDF5 ({error}); the file may be truncated or not a store") from error
