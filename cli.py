@@ -13,6 +13,7 @@ from tokens.demo import demo
 from tokens.extract import commands as extract_commands
 from tokens.train import commands as train_commands
 from tokens.train.heads import HEADS
+from tokens.train.sweep import SweepError
 
 app = typer.Typer(
     help=(
@@ -95,6 +96,16 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         if submit:
             raise typer.BadParameter(f"{needed} does not exist", param_hint="ARGS")
         typer.echo(f"note: {needed} does not exist yet; the tasks need it when they start", err=True)
+    elif verb == "probe":  # the sweep as the tasks will build it: more tasks than configurations leave some idle
+        p = params
+        with train_commands.open_checked(needed, ["train", "test"], True, optional=("valid",)) as store:
+            try:
+                configs, _ = train_commands.build_sweep(store, p["heads"], p["option"], p["lr"], p["wd"], p["layers"], p["seeds"], p["sweep"])
+            except SweepError as error:
+                raise typer.BadParameter(str(error), param_hint=error.option) from error
+        if array > len(configs):
+            raise typer.BadParameter(f"{array} tasks for a sweep of {len(configs)} configurations: use --array {len(configs)} or fewer",
+                                     param_hint="--array")
 
 
 def main():

@@ -492,3 +492,20 @@ def test_weight_decay_spares_prototypes_and_one_dimensional_parameters(head):
         expected = before[name] if spared else before[name] * (1 - 0.1 * 0.5)
         torch.testing.assert_close(p.detach(), expected, msg=name)
     assert any(name.endswith("prototypes") for name in before) == (head in ("protobin", "cgp"))
+
+
+def test_a_job_array_larger_than_the_sweep_is_refused(store, tmp_path, monkeypatch):
+    """The tasks beyond the sweep's configurations would each fail, and the report then call their parts missing."""
+    from tokens.cli import app as tokens_app
+
+    monkeypatch.chdir(tmp_path)  # where the script's slurm-logs/ goes
+    def slurm(*args):
+        return CliRunner().invoke(tokens_app, ["slurm", "probe", str(store), "--out", str(tmp_path / "r"), "--script", str(script), *map(str, args)])
+
+    script = tmp_path / "job.sbatch"
+    refused = slurm(*SWEEP, "--array", "7")
+    assert refused.exit_code == 2 and "7 tasks for a sweep of 6 configurations" in said(refused), said(refused)
+    bad = slurm("--heads", "ep", "--option", "ep.num_queries=0", "--array", "2")
+    assert bad.exit_code == 2 and "num_queries must be a positive integer" in said(bad), said(bad)
+    assert not script.exists()
+    assert slurm(*SWEEP, "--array", "6").exit_code == 0 and "#SBATCH --array=1-6" in script.read_text()
