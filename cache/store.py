@@ -288,6 +288,18 @@ class TokenStore:
     def layers(self) -> list[int]:
         return self.meta["layers"]
 
+    def resolve_layer(self, layer: int) -> int:
+        """A cached layer as stored; a negative one counts the cached layers from the end (-1: the
+        last). Any other is refused, naming the cached layers."""
+        if layer in self.layers:
+            return int(layer)
+        if isinstance(layer, int) and -len(self.layers) <= layer < 0:
+            return self.layers[layer]
+        raise StoreError(
+            f"{self.path}: layer {layer!r} is not cached in this store; it caches layers "
+            f"{', '.join(map(str, self.layers))} (or -1 for the last)"
+        )
+
     @property
     def task(self) -> str:
         return self.meta["task"]
@@ -439,24 +451,12 @@ class Split:
         return np.ascontiguousarray(array, dtype=dtype)
 
     # -- reading ----------------------------------------------------------------------------
-    def resolve_layer(self, layer: int) -> int:
-        """A cached layer as stored; a negative one counts the cached layers from the end (-1: the
-        last), as `tokens probe --layers` does. Any other is refused, naming the cached layers."""
-        if layer in self.layers:
-            return int(layer)
-        if -len(self.layers) <= layer < 0:
-            return self.layers[layer]
-        raise StoreError(
-            f"{self.store.path}: layer {layer} is not cached in this store; it caches layers "
-            f"{', '.join(map(str, self.layers))} (or -1 for the last)"
-        )
-
     def read_tokens(self, layer: int, indices) -> np.ndarray:
         """Tokens (B, L, D) of items `indices`, in storage dtype (uint16 bits for bfloat16)."""
-        return self._read(f"tokens/{self.resolve_layer(layer)}", indices, (self.num_tokens, self.dim))
+        return self._read(f"tokens/{self.store.resolve_layer(layer)}", indices, (self.num_tokens, self.dim))
 
     def read_prefix(self, layer: int, indices) -> np.ndarray | None:
-        layer = self.resolve_layer(layer)
+        layer = self.store.resolve_layer(layer)
         if not self.num_prefix:
             return None
         return self._read(f"prefix/{layer}", indices, (self.num_prefix, self.dim))

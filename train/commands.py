@@ -82,13 +82,11 @@ def check_rates(key: str, values: list, name: str, where: str):
 
 
 def resolve_layer(value, store: TokenStore) -> int:
-    """A stored layer number as is; a negative number counts cached layers from the end (-1 = last)."""
-    layers = store.layers
-    if value in layers:
-        return value
-    if isinstance(value, int) and -len(layers) <= value < 0:
-        return layers[value]
-    raise SweepError(f"layer {value!r} is not cached in this store; it has layers {layers} (or -1 for the last)", "--layers")
+    """The store's rule (TokenStore.resolve_layer), refused as a --layers mistake."""
+    try:
+        return store.resolve_layer(value)
+    except StoreError as error:
+        raise SweepError(str(error), "--layers") from None
 
 
 def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[list, dict]:
