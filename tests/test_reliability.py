@@ -1061,3 +1061,18 @@ def test_a_file_the_command_cannot_write_is_named_without_a_traceback(tmp_path):
     assert done.returncode == 1, done.stderr
     assert f"error: {blocker / 'demo'}" in done.stderr and "Not a directory" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_demo_with_other_epochs_trains_into_its_own_run_folder(tmp_path, monkeypatch):
+    """Resuming the first demo's run with other epochs is refused, so another --epochs gets its own folder."""
+    import tokens.cli
+    from tokens.demo import demo
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("path,labels,split\n")  # a dataset already written
+    steps = []
+    monkeypatch.setattr(tokens.cli, "app", lambda step, standalone_mode: steps.append(step))
+    demo(tmp_path, epochs=30)
+    demo(tmp_path, epochs=5)
+    outs = [step[step.index("--out") + 1] for step in steps if step[0] == "probe"]
+    assert outs == [str(tmp_path / "run"), str(tmp_path / "run-5-epochs")]
