@@ -8,6 +8,8 @@ several processes can fill disjoint shards of one store at once.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import socket
@@ -141,6 +143,7 @@ def _write_file(path: Path, tmp: Path, parts: list):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
+            parts = _write_direct(fd, parts)
             for part in parts:
                 _write_all(fd, memoryview(part))
             os.fsync(fd)
@@ -150,6 +153,41 @@ def _write_file(path: Path, tmp: Path, parts: list):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+PAGE = 4096  # O_DIRECT's alignment of memory, file offsets and lengths on Linux disks (at most one page)
+DIRECT_BYTES = 2**20  # smaller files go through the page cache: the direct write's setup would not pay
+
+
+def _write_direct(fd: int, parts: list) -> list:
+    """Write the page-aligned body of a large first part around the page cache (O_DIRECT); return
+    what is left to write (the body's unaligned tail, the other parts), or all the parts when the
+    body cannot go direct (small, unaligned memory, a filesystem that refuses it).
+
+    Why: on the two-GPU H200 host, while 31 DataLoader workers decoded, 128-item shard files of one
+    ViT-B layer were written at 1.66-1.76 GB/s this way, against 1.40-1.44 GB/s through the page
+    cache (idle: 2.05-2.26 against 1.97-2.05), in interleaved passes of 8 GB. Through the page cache,
+    every byte is copied once more and then written back by kernel threads that compete with the
+    workers for the cores.
+    """
+    direct = getattr(os, "O_DIRECT", 0)  # Linux only
+    first = memoryview(parts[0]).cast("B") if parts else memoryview(b"")
+    body = len(first) - len(first) % PAGE
+    if not direct or body < DIRECT_BYTES or np.frombuffer(first, np.uint8).ctypes.data % PAGE:
+        return parts
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct)
+        _write_all(fd, first[:body])
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # EINVAL: the filesystem does not take direct writes
+            raise
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return parts
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return [first[body:], *parts[1:]]
 
 
 def _running(pid: int) -> bool:

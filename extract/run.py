@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
 from tokens.cache.store import STORAGE_DTYPE, check_codec, check_writable, detect_format, store_exists
+from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
@@ -297,7 +298,7 @@ class ArrayPool:
         s = self.spec
 
         def array(count):
-            made = torch.empty((n, count, s.dim), dtype=TORCH_DTYPE[s.dtype])
+            made = _page_aligned((n, count, s.dim), TORCH_DTYPE[s.dtype])
             return made.zero_() if touch else made
 
         targets = {layer: (array(s.num_tokens), array(s.num_prefix) if s.num_prefix else None) for layer in s.layers}
@@ -313,6 +314,15 @@ class ArrayPool:
             if reserved:
                 self.pending.remove(n)
             self.changed.notify_all()
+
+
+def _page_aligned(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An empty host tensor that starts on a page boundary: the zarr store writes a shard's tokens
+    from it around the page cache (O_DIRECT), which takes page-aligned memory only."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -325,6 +325,10 @@ def test_the_first_shards_buffers_are_allocated_ahead_and_reused():
     assert id(taken) in reserved and len(pool.free[4]) == 1
     assert tokens[2].shape == (4, 6, 4) and prefix[0].shape == (4, 1, 4) and mask.shape == (4, 6)
     assert pool.take(3)[1][0].shape == (3, 6, 4)  # a size not reserved: allocated on demand
+    for arrays in (taken, pool.take(3)):  # the store writes token shards from page-aligned memory around the page cache
+        for layer in spec.layers:
+            assert arrays[1][layer].ctypes.data % 4096 == 0 and arrays[2][layer].ctypes.data % 4096 == 0
+            assert arrays[0][layer][0].data_ptr() == arrays[1][layer].ctypes.data  # the same memory as the numpy views
 
     def out_of_memory(n, touch=False):
         raise RuntimeError("CUDA error: out of memory")

@@ -148,6 +148,64 @@ def test_shard_files_are_byte_for_byte_what_zarr_writes(tmp_path):
         assert (ours / file).read_bytes() == (zarrs / file).read_bytes(), file
 
 
+def _page_aligned(array: np.ndarray) -> np.ndarray:
+    raw = np.empty(array.nbytes + 4096, np.uint8)
+    start = -raw.ctypes.data % 4096
+    aligned = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned[...] = array
+    return aligned
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("case", ["aligned", "unaligned memory", "filesystem refuses"])
+def test_large_token_shards_go_around_the_page_cache_and_read_back_exactly(tmp_path, monkeypatch, case):
+    """Shard files of a MiB or more from page-aligned memory are written with O_DIRECT; unaligned
+    memory, small files and a filesystem that refuses direct writes halfway get buffered writes of
+    the whole file. Every way, the store reads back exactly what was written."""
+    import fcntl
+
+    from tokens.cache import zarr_backend
+
+    probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    try:
+        os.write(probe, _page_aligned(np.ones(4096, np.uint8)))
+    except OSError:
+        pytest.skip("this filesystem takes no direct writes")
+    finally:
+        os.close(probe)
+    spec = make_spec(grid=(16, 8), dim=512, num_prefix=0, layers=[0], splits={"train": 13}, shard_size=8)
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(13, 128, 512)).astype(np.float16)  # 128 KiB an item: a 1 MiB shard, then 5 items
+    stored = _page_aligned(tokens) if case != "unaligned memory" else np.frombuffer(
+        np.empty(tokens.nbytes + 64, np.uint8)[32:32 + tokens.nbytes], np.float16).reshape(tokens.shape)
+    stored[...] = tokens
+    writes = []  # (bytes, written directly)
+    write_all = zarr_backend._write_all
+
+    def watched(fd, data):
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        if direct and case == "filesystem refuses":
+            os.write(fd, data[:4096])  # a first page lands, then the filesystem says no
+            raise OSError(22, "Invalid argument")
+        writes.append((len(data), direct))
+        write_all(fd, data)
+
+    monkeypatch.setattr(zarr_backend, "_write_all", watched)
+    path = tmp_path / "s.zarr"
+    items = {"labels": np.zeros((13, 3), np.uint8), "mask": np.ones((13, 128), bool), "ids": [str(i) for i in range(13)]}
+    with create_or_open(path, spec) as store:
+        split = store.split("train")
+        for shard in range(2):
+            a, b = split.shard_range(shard)
+            split.write_shard(shard, tokens={0: stored[a:b]}, labels=items["labels"][a:b], mask=items["mask"][a:b],
+                              ids=items["ids"][a:b], sources=items["ids"][a:b], offsets=np.zeros(b - a), durations=np.zeros(b - a))
+    direct = [size for size, was_direct in writes if was_direct]
+    assert direct == ([8 * 128 * 512 * 2] if case == "aligned" else [])  # the full shard's body only
+    with open_store(path) as store:
+        assert store.split("train").read_tokens(0, np.arange(13)).tobytes() == tokens.tobytes()
+    assert zarr.open_group(path / "train", mode="r")["tokens/0"][:].tobytes() == tokens.tobytes()
+
+
 def test_creating_a_store_leaves_the_interpreters_switch_interval_as_it_was(tmp_path, monkeypatch):
     """Creation shortens the GIL switch interval while zarr makes the arrays; failed or not, the
     process gets its own interval back."""
