@@ -102,6 +102,57 @@ def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
         assert store.split("train").complete_mask().tolist() == [True, True, True, False]
 
 
+@pytest.mark.parametrize("count,batch_size,workers,sizes", [
+    (1000, 128, 31, [16] * 32 + [128] * 3 + [104]),  # 4 batches in 8 parts: one for each of 31 workers
+    (100, 128, 31, [16] * 6 + [4]),
+    (300, 100, 3, [17, 17, 17, 17, 16, 16, 100, 100]),  # parts of at least 16 items, as even as they come
+    (1000, 32, 2, [16, 16] + [32] * 30 + [8]),
+    (1000, 32, 0, [32] * 31 + [8]),  # no workers: nothing to share out
+    (5, 128, 4, [5]),
+])
+def test_the_first_batches_are_decoded_in_parts_one_per_worker(count, batch_size, workers, sizes):
+    from tokens.extract.run import loader_batches
+
+    batches = loader_batches(count, batch_size, workers)
+    assert [len(batch) for batch in batches] == sizes
+    assert [i for batch in batches for i in batch] == list(range(count))  # every item once, in order
+
+
+def test_batches_joined_from_parts_equal_batches_collated_whole():
+    """The parts of a batch, failed items and a part where every item failed included, join into
+    what collate() makes of all the batch's items at once."""
+    from tokens.extract.run import collate, joined_batches
+
+    rng = np.random.default_rng(0)
+    rows = [(i, None, None, "unreadable") if i in (2, 3, 7) else
+            (i, torch.from_numpy(rng.normal(size=(4, 5)).astype(np.float32)), torch.from_numpy(rng.random(4) < 0.5), "")
+            for i in range(10)]
+    parts = [collate(rows[a:b]) for a, b in [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]]  # (2, 4): every item failed
+    joined = list(joined_batches(parts[:3] + [collate(rows[6:10])], 6))
+    for got, expected in zip(joined, [collate(rows[0:6]), collate(rows[6:10])]):
+        assert got[0].tolist() == expected[0].tolist() and got[3] == expected[3]
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    assert len(joined) == 2
+    failed = list(joined_batches([collate(rows[2:4])] * 2, 4))[0]
+    assert failed[1] is None and failed[3] == ["unreadable"] * 4
+
+
+def test_an_extraction_whose_first_batches_come_in_parts_stores_the_same_tokens(dataset, tmp_path, monkeypatch):
+    import tokens.extract.run as run_module
+
+    monkeypatch.setattr(run_module, "SMALLEST_PART", 1)  # a small dataset: batches of 4 in parts of 1
+    assert [len(b) for b in run_module.loader_batches(8, 4, 2)] == [1, 1, 1, 1, 4]
+    run(dataset, tmp_path / "parts.zarr", batch_size=4, num_workers=2)
+    run(dataset, tmp_path / "whole.zarr", batch_size=4, num_workers=0)
+    with open_store(tmp_path / "parts.zarr") as parts, open_store(tmp_path / "whole.zarr") as whole:
+        for name in ("train", "valid", "test"):
+            everything = np.arange(parts.split(name).num_items)
+            for layer in (0, 1, 2):
+                assert parts.split(name).read_tokens(layer, everything).tobytes() == whole.split(name).read_tokens(layer, everything).tobytes()
+            np.testing.assert_array_equal(parts.split(name).read_mask(everything), whole.split(name).read_mask(everything))
+            assert list(parts.split(name).column("ids")) == list(whole.split(name).column("ids"))
+
+
 def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_path):
     store_path = tmp_path / "s.zarr"
     run(dataset, store_path)
