@@ -150,6 +150,17 @@ def default_workers() -> int:
     return max(1, min(MAX_WORKERS, cores - 1))
 
 
+WORKER_NICENESS = 10
+
+
+def _lower_priority(worker_id: int):
+    """DataLoader workers run at a lower priority: they still take every idle core, but give way
+    to the main process's threads and to the kernel's work of writing to disk. On the two-GPU H200
+    host, a one-layer extraction with 31 workers streamed 1 764 and 1 804 clips/s this way, against
+    1 671 and 1 723 at normal priority (interleaved runs of 32 768 clips)."""
+    os.nice(WORKER_NICENESS)
+
+
 class ItemSource(torch.utils.data.Dataset):
     """Decoding and front-end for one item, run in DataLoader workers; failures become records."""
 
@@ -522,6 +533,7 @@ def extract(
         loader = torch.utils.data.DataLoader(
             ItemSource(model, items), batch_sampler=loader_batches(len(items), batch_size, workers), num_workers=workers, collate_fn=collate,
             pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
+            worker_init_fn=_lower_priority if workers else None,
             # fork, whatever the platform's default: forkserver and spawn would pickle the model for each worker
             multiprocessing_context="fork" if workers else None,
         )

@@ -153,6 +153,25 @@ def test_an_extraction_whose_first_batches_come_in_parts_stores_the_same_tokens(
             assert list(parts.split(name).column("ids")) == list(whole.split(name).column("ids"))
 
 
+def test_the_decoding_workers_run_at_a_lower_priority_than_the_run(dataset, tmp_path, monkeypatch):
+    """They take idle cores but give way to the main process and the kernel's disk writes."""
+    import tokens.extract.run as run_module
+
+    seen = tmp_path / "niceness"
+    seen.mkdir()
+    load = run_module.load_window
+
+    def recorded(*args, **kwargs):  # runs in a worker process: it leaves its niceness in a file
+        (seen / str(os.getpid())).write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_window", recorded)
+    run(dataset, tmp_path / "s.zarr", num_workers=2)
+    workers = {int(f.name): int(f.read_text()) for f in seen.iterdir()}
+    assert workers and os.getpid() not in workers
+    assert set(workers.values()) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + run_module.WORKER_NICENESS)}
+
+
 def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_path):
     store_path = tmp_path / "s.zarr"
     run(dataset, store_path)
