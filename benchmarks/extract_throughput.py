@@ -151,7 +151,7 @@ def front_end_rate(manifest: Path, checkpoint: Path, batch: int, workers: int | 
 def disk_while_decoding(directory: Path, nbytes: float, threads: int, rate: float, loader_args: tuple) -> float:
     """The disk probe while the DataLoader decodes `rate` clips/s in the same process, as it must
     during an extraction that reaches the bound. Not the bound: it shows what the host's disk gives
-    while its cores decode (on the two-GPU H200 host, 9-27% less than idle so far)."""
+    while its cores decode (on the two-GPU H200 host, 9-40% less than idle so far)."""
     manifest, checkpoint, batch, workers = loader_args
     seconds = nbytes / 1e9 + 60  # longer than the probe at 1 GB/s, after the workers' start
     loader = front_end_loader(manifest, checkpoint, batch, workers, int(rate * seconds))
