@@ -190,7 +190,19 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     assert leaderboard(out) == leaderboard(run)
     other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
     assert other.exit_code == 2 and "--out" in said(other) and "batch_size" in said(other)
+    other = invoke("probe", store, *SWEEP, *FAST, "--optimizer", "lars", "--out", out)
+    assert other.exit_code == 2 and "optimizer differ" in said(other)
     assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
+
+
+def test_lars_with_a_constant_rate_trains_and_is_recorded(store, tmp_path):
+    out = tmp_path / "lars"
+    ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", "--lr", "2", "--optimizer", "lars",
+       "--schedule", "constant", *FAST, "--out", out)
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["optimizer"] == "lars" and training["schedule"] == "constant"
+    rows = leaderboard(out)
+    assert len(rows) == 2 and all(0.5 < float(row["val_roc_auc"]) <= 1 for row in rows.values())
 
 
 def test_a_checkpoint_from_an_older_version_is_refused(store, run, tmp_path):
@@ -303,6 +315,8 @@ def test_block_shuffle_depends_only_on_seed_and_epoch():
     (["--lr", "fast"], "--lr"),
     (["--loss", "ce"], "--loss"),
     (["--data", "disk"], "--data"),
+    (["--optimizer", "adam"], "--optimizer"),
+    (["--schedule", "step"], "--schedule"),
 ])
 def test_mistakes_name_the_option_at_fault(store, tmp_path, args, option):
     result = invoke("probe", store, *args, "--device", "cpu", "--out", tmp_path / "x")
@@ -475,23 +489,66 @@ def test_scores_keep_the_order_of_confident_logits():
     assert compute_metrics("multilabel", scores, labels)["map"] == pytest.approx(average_precision_score(labels[:, 0], logits[:, 0].numpy()))
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars"])
 @pytest.mark.parametrize("head", ["protobin", "cgp", "ep", "mhca"])
-def test_weight_decay_spares_prototypes_and_one_dimensional_parameters(head):
-    """One AdamW step with zero gradients: only decay moves the parameters, by the factor 1 - lr * wd."""
+def test_weight_decay_spares_prototypes_and_one_dimensional_parameters(head, optimizer):
+    """One step with zero gradients: only decay moves the parameters. AdamW's and SGD's first step
+    shrink a weight matrix by 1 - lr * wd; LARS scales the decay to TRUST * |w| / |wd * w|, so by
+    1 - lr * TRUST. Biases, norms and prototypes do not move."""
     from tokens.train.heads import build_head
+    from tokens.train.optim import TRUST, make_optimizer
 
     options = {"cgp": {"num_layers": 2, "num_prototypes": 6}, "mhca": {"num_heads": 4}}.get(head, {})
     module = build_head(head, dim=32, num_classes=3, **options)
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
-    optimizer = torch.optim.AdamW(recipe.param_groups(module, wd=0.5), lr=0.1)
+    step = make_optimizer(optimizer, module, lr=0.1, wd=0.5)
     for p in module.parameters():
         p.grad = torch.zeros_like(p)
-    optimizer.step()
+    step.step()
+    shrink = 1 - 0.1 * (TRUST if optimizer == "lars" else 0.5)
     for name, p in module.named_parameters():
         spared = p.ndim <= 1 or name.endswith("prototypes")
-        expected = before[name] if spared else before[name] * (1 - 0.1 * 0.5)
+        expected = before[name] if spared else before[name] * shrink
         torch.testing.assert_close(p.detach(), expected, msg=name)
     assert any(name.endswith("prototypes") for name in before) == (head in ("protobin", "cgp"))
+
+
+def test_lars_follows_its_formula_and_leaves_vectors_to_plain_momentum():
+    """Against LARS as You et al. (2017) write it and MAE runs it, over three steps of random
+    gradients: d = g + wd * w, scaled by TRUST * |w| / |d|; momentum 0.9 on the scaled d. A 1-D
+    parameter takes torch's own SGD with momentum 0.9 and no decay; a zero matrix, unscaled steps."""
+    from tokens.train.optim import LARS, MOMENTUM, TRUST
+
+    torch.manual_seed(0)
+    matrix, vector, zero = torch.randn(5, 4, requires_grad=True), torch.randn(4, requires_grad=True), torch.zeros(3, 3, requires_grad=True)
+    twin = vector.detach().clone().requires_grad_()
+    lars = LARS([{"params": [matrix, zero], "weight_decay": 0.05, "adapt": True}, {"params": [vector], "weight_decay": 0.0, "adapt": False}], lr=0.5)
+    sgd = torch.optim.SGD([twin], lr=0.5, momentum=0.9)
+    w, z, w_momentum, z_momentum = matrix.detach().clone(), zero.detach().clone(), torch.zeros(5, 4), torch.zeros(3, 3)
+    for _ in range(3):
+        grads = torch.randn(5, 4), torch.randn(4), torch.randn(3, 3)
+        matrix.grad, vector.grad, zero.grad = grads[0].clone(), grads[1].clone(), grads[2].clone()
+        twin.grad = grads[1].clone()
+        lars.step()
+        sgd.step()
+        d = grads[0] + 0.05 * w
+        w_momentum = MOMENTUM * w_momentum + TRUST * w.norm() / d.norm() * d
+        w = w - 0.5 * w_momentum
+        d = grads[2] + 0.05 * z
+        z_momentum = MOMENTUM * z_momentum + (TRUST * z.norm() / d.norm() * d if z.norm() > 0 else d)
+        z = z - 0.5 * z_momentum
+        torch.testing.assert_close(matrix.detach(), w)
+        torch.testing.assert_close(zero.detach(), z)
+        torch.testing.assert_close(vector.detach(), twin.detach())
+
+
+def test_the_learning_rate_warms_up_then_decays_or_holds():
+    from tokens.train.optim import lr_factor
+
+    assert [lr_factor("cosine", step, 10, 4) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [round(lr_factor("cosine", step, 10, 4), 6) for step in (4, 7, 10)] == [1.0, 0.5, 0.0]
+    assert [lr_factor("constant", step, 10, 4) for step in (0, 4, 9)] == [0.25, 1.0, 1.0]
+    assert lr_factor("cosine", 0, 10, 0) == 1.0  # no warm-up
 
 
 def test_a_job_array_larger_than_the_sweep_is_refused(store, tmp_path, monkeypatch):

@@ -268,7 +268,7 @@ KILLED_PROBE = """
     import torch
     from tokens.train import probe as recipe
     how = sys.argv[1]
-    save, schedule, torch_save = recipe.save_checkpoint, recipe.schedule, torch.save
+    save, torch_save = recipe.save_checkpoint, torch.save
 
     def torn_save(obj, path, *a, **kw):
         torch_save(obj, path, *a, **kw)
@@ -281,7 +281,7 @@ KILLED_PROBE = """
         save(path, plan, epoch, probes)
         print("saved", epoch, flush=True)
         if how == "after-epoch-1" and epoch == 1:  # park in epoch 2's first step until killed
-            recipe.schedule = lambda *a: time.sleep(600)
+            recipe.lr_factor = lambda *a: time.sleep(600)
 
     recipe.save_checkpoint = hooked
     from tokens.cli import app

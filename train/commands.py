@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from enum import Enum
+
 import torch
 import typer
 
@@ -23,8 +25,13 @@ from tokens.train import sweep as sweeps
 from tokens.train.data import MODES, Source, usable_items
 from tokens.train.heads import HEADS, build_head
 from tokens.train.losses import LOSSES
+from tokens.train.optim import OPTIMIZERS, SCHEDULES
 from tokens.train.report import write_report
 from tokens.train.sweep import SweepError
+
+# Choices as typer checks them when the arguments are parsed (by `tokens slurm` too, before submitting).
+Optimizer = Enum("Optimizer", {name: name for name in OPTIMIZERS}, type=str)
+Schedule = Enum("Schedule", {name: name for name in SCHEDULES}, type=str)
 
 
 def _bad(error: SweepError | StoreError, hint: str | None = None) -> typer.BadParameter:
@@ -150,7 +157,10 @@ def probe(
     part: str = typer.Option(None, "--part", help="Train part I of N of the configurations (I/N); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun RANK/WORLD_SIZE. Parts write to RUN/part-I-of-N/."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs; each head is tested with its best epoch on validation."),
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Items per training step, shared by every head of the sweep (BatchNorm needs 2)."),
-    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", min=0.0, help="Linear warm-up, then cosine decay to zero."),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", min=0.0, help="Epochs of linear warm-up of the learning rate, before the --schedule."),
+    optimizer: Optimizer = typer.Option("adamw", "--optimizer",
+                                        help="adamw (the protobin recipe), sgd (momentum 0.9), or lars (MAE's linear probing; it takes large --lr, MAE's 0.1 x batch/256)."),
+    schedule: Schedule = typer.Option("cosine", "--schedule", help="After the warm-up: cosine decay to zero, or the full --lr to the end."),
     loss: str = typer.Option(None, "--loss", help="bce or asl (multi-label; default bce), ce (multi-class)."),
     data: str = typer.Option("auto", "--data", help="stream (from disk), ram, gpu, or auto (by size against free memory)."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
@@ -197,7 +207,8 @@ def probe(
         typer.echo(f"{len(mine)} configurations on {compute}")
         recipe.run(
             opened, mine, out, sweep=spec, part=(index, count), epochs=epochs, batch_size=batch_size,
-            warmup_epochs=warmup_epochs, loss=loss, data=data, device=compute, data_seed=data_seed,
+            warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss, data=data, device=compute,
+            data_seed=data_seed,
         )
     except SweepError as error:
         raise _bad(error) from error

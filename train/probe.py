@@ -1,7 +1,7 @@
 """The probe recipe: train every configuration of a sweep together, in one pass over the data.
 
 Each batch is read once from the store (every layer any head needs) and fed to every head in
-turn. Heads share nothing else: each has its own AdamW, its own warm-up + cosine schedule, its
+turn. Heads share nothing else: each has its own optimizer and learning-rate schedule, its
 own random state (seeded by its config's seed before it is built, and swapped in around its own
 steps, so dropout draws do not depend on the other heads), and its own best epoch on the
 validation split. The batch order depends only on the data seed and the epoch. So a head ends
@@ -34,6 +34,7 @@ from tokens.train.data import Source, choose_mode, epoch_order, hold_out, split_
 from tokens.train.heads import HEADS, build_head, count_parameters
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, primary_metric
+from tokens.train.optim import lr_factor, make_optimizer
 from tokens.train.sweep import Config, SweepError
 
 HOLD_OUT = 0.1  # share of train used for validation when the store has no valid split
@@ -63,23 +64,13 @@ def build_args(config: Config, dim: int, num_classes: int, num_layers: int) -> d
     return build
 
 
-def build_probe(config: Config, dim: int, num_classes: int, num_layers: int, device: torch.device) -> Probe:
+def build_probe(config: Config, dim: int, num_classes: int, num_layers: int, device: torch.device,
+                optimizer: str = "adamw") -> Probe:
     """The head and its optimizer, initialised from the config's own seed only."""
     build = build_args(config, dim, num_classes, num_layers)
     torch.manual_seed(config.seed)
     head = build_head(**build).to(device)
-    optimizer = torch.optim.AdamW(param_groups(head, config.wd), lr=config.lr)
-    return Probe(config, head, build, optimizer, rng=get_rng(device))
-
-
-def param_groups(head: nn.Module, wd: float) -> list[dict]:
-    """Weight decay as the protobin authors' recipe applies it: not on biases, norms and other 1-D
-    parameters (cgp's layer mixture among them), nor on prototypes, which decay would pull toward
-    zero rather than regularise."""
-    decayed, kept = [], []
-    for name, parameter in head.named_parameters():
-        (kept if parameter.ndim <= 1 or name.split(".")[-1] == "prototypes" else decayed).append(parameter)
-    return [{"params": decayed, "weight_decay": wd}, {"params": kept, "weight_decay": 0.0}]
+    return Probe(config, head, build, make_optimizer(optimizer, head, config.lr, config.wd), rng=get_rng(device))
 
 
 def get_rng(device: torch.device) -> torch.Tensor:
@@ -92,13 +83,6 @@ def set_rng(state: torch.Tensor, device: torch.device):
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
-
-
-def schedule(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def head_inputs(head: nn.Module, layer, batch):
@@ -210,6 +194,8 @@ def run(
     epochs: int = 30,
     batch_size: int = 128,
     warmup_epochs: float = 1.0,
+    optimizer: str = "adamw",
+    schedule: str = "cosine",
     loss: str | None = None,
     data: str = "auto",
     device: torch.device = torch.device("cpu"),
@@ -255,15 +241,14 @@ def run(
 
     # What a checkpoint must agree on to be resumed (the data mode and device may change).
     plan = {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
-            "warmup_epochs": warmup_epochs, "loss": loss or "", "data_seed": data_seed,
+            "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule, "loss": loss or "", "data_seed": data_seed,
             "store_key": store.meta["cache_key"]}
     checkpoint = out / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, plan)
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
               "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],
-              "training": plan | {"optimizer": "AdamW", "schedule": "linear warm-up, cosine to 0",
-                                  "loss": loss or DEFAULT_LOSS[task]},
+              "training": plan | {"loss": loss or DEFAULT_LOSS[task]},
               "versions": versions()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -275,7 +260,7 @@ def run(
         torch.backends.cudnn.allow_tf32 = True
     train_source = Source(train_split, layers, with_cls, mode, device)
     valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device)
-    probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device) for c in configs]
+    probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
     loss_fn = make_loss(task, loss)
     valid_labels = valid_source.labels[torch.from_numpy(valid_items).to(valid_source.labels.device)].cpu().numpy()
     steps = max(1, len(train_items) // batch_size)
@@ -291,7 +276,7 @@ def run(
         order = epoch_order(train_items, train_split.shard_size, data_seed, epoch)
         batches = train_source.batches(order, batch_size, drop_last=True)
         for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", total=steps, leave=False)):
-            factor = schedule(epoch * steps + step, total, warmup)
+            factor = lr_factor(schedule, epoch * steps + step, total, warmup)
             for p in probes:
                 for group in p.optimizer.param_groups:
                     group["lr"] = p.config.lr * factor
