@@ -204,14 +204,14 @@ SMALLEST_PART = 16  # items: fewer, and the loader's per-batch cost outweighs th
 
 def loader_batches(count: int, batch_size: int, workers: int) -> list[range]:
     """The positions of each DataLoader batch: batches of `batch_size`, except that the first ones
-    come in up to 8 parts, one for each worker's first task.
+    come in up to 8 parts (no more than there are workers), one for each worker's first task.
 
     The DataLoader gives each batch to one worker. Whole, the first batch waited for one worker to
     decode all its items while the other workers decoded theirs on every core: 2.5 s with batches
     of 128 on the two-GPU H200 host, out of 11-17 s of fixed costs per command. In parts, several
     workers decode it at once; joined_batches() puts the parts back together.
     """
-    parts = max(1, min(8, batch_size // SMALLEST_PART)) if workers else 1
+    parts = max(1, min(8, batch_size // SMALLEST_PART, workers))
     in_parts = -(-workers // parts) if parts > 1 else 0  # batches to split: a part for every worker
     sizes = [len(piece) for piece in np.array_split(np.arange(batch_size), parts)] * in_parts
     sizes += [batch_size] * -(-count // batch_size)
@@ -239,7 +239,10 @@ def joined_batches(loader_batches, batch_size: int):
 
 
 def _join(parts: list[tuple]) -> tuple:
-    """One batch from consecutive parts, as collate() would have made it of all their items."""
+    """One batch from consecutive parts, as collate() would have made it of all their items.
+
+    The joined tensors are not pinned: the copy of these few first batches to the GPU goes through
+    a staging buffer, which costs less than pinning new memory for each of them."""
     if len(parts) == 1:
         return parts[0]
     positions = torch.cat([part[0] for part in parts])

@@ -157,22 +157,33 @@ def _page_aligned(array: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
-@pytest.mark.parametrize("case", ["aligned", "unaligned memory", "filesystem refuses"])
+@pytest.mark.parametrize("case", ["aligned", "unaligned memory", "filesystem refuses", "filesystem refuses halfway"])
 def test_large_token_shards_go_around_the_page_cache_and_read_back_exactly(tmp_path, monkeypatch, case):
     """Shard files of a MiB or more from page-aligned memory are written with O_DIRECT; unaligned
-    memory, small files and a filesystem that refuses direct writes halfway get buffered writes of
-    the whole file. Every way, the store reads back exactly what was written."""
+    memory, small files and a filesystem that refuses direct writes (at once, or halfway through a
+    file) get buffered writes of the whole file. Every way, the store reads back exactly what was
+    written."""
     import fcntl
 
     from tokens.cache import zarr_backend
 
-    probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    try:
-        os.write(probe, _page_aligned(np.ones(4096, np.uint8)))
-    except OSError:
-        pytest.skip("this filesystem takes no direct writes")
-    finally:
-        os.close(probe)
+    if case == "aligned":
+        probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        try:
+            os.write(probe, _page_aligned(np.ones(4096, np.uint8)))
+        except OSError:
+            pytest.skip("this filesystem takes no direct writes")
+        finally:
+            os.close(probe)
+    if case == "filesystem refuses":  # as some FUSE filesystems and older tmpfs do, when the flag is set
+        set_flags = fcntl.fcntl
+
+        def refusing(fd, command, *args):
+            if command == fcntl.F_SETFL and args[0] & os.O_DIRECT:
+                raise OSError(22, "Invalid argument")
+            return set_flags(fd, command, *args)
+
+        monkeypatch.setattr(zarr_backend.fcntl, "fcntl", refusing)
     spec = make_spec(grid=(16, 8), dim=512, num_prefix=0, layers=[0], splits={"train": 13}, shard_size=8)
     rng = np.random.default_rng(0)
     tokens = rng.normal(size=(13, 128, 512)).astype(np.float16)  # 128 KiB an item: a 1 MiB shard, then 5 items
@@ -184,7 +195,7 @@ def test_large_token_shards_go_around_the_page_cache_and_read_back_exactly(tmp_p
 
     def watched(fd, data):
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-        if direct and case == "filesystem refuses":
+        if direct and case == "filesystem refuses halfway":
             os.write(fd, data[:4096])  # a first page lands, then the filesystem says no
             raise OSError(22, "Invalid argument")
         writes.append((len(data), direct))
