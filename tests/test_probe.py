@@ -513,6 +513,22 @@ def test_weight_decay_spares_prototypes_and_one_dimensional_parameters(head, opt
     assert any(name.endswith("prototypes") for name in before) == (head in ("protobin", "cgp"))
 
 
+def test_heads_without_a_rate_take_the_optimizers_default(store):
+    """AdamW's per-head defaults would barely move LARS (it scales steps by 0.001): LARS heads
+    without a rate take MAE's rule, 0.1 x batch / 256; rates given anywhere still win."""
+    from tokens.train.optim import default_lr
+
+    with open_store(store) as opened:
+        def rates(optimizer, option=None, lr=None):
+            configs, _ = commands.build_sweep(opened, "linear,protobin", option, lr, None, None, None, None, default_lr(optimizer, 128))
+            return {c.head: c.lr for c in configs}
+
+        assert rates("adamw") == {"linear": sweeps.FALLBACK_LR, "protobin": sweeps.DEFAULT_LR["protobin"]}
+        assert rates("lars") == {"linear": 0.05, "protobin": 0.05}
+        assert rates("lars", ["protobin.lr=0.3"]) == {"linear": 0.05, "protobin": 0.3}
+        assert rates("lars", lr="2") == {"linear": 2.0, "protobin": 2.0}
+
+
 def test_lars_follows_its_formula_and_leaves_vectors_to_plain_momentum():
     """Against LARS as You et al. (2017) write it and MAE runs it, over three steps of random
     gradients: d = g + wd * w, scaled by TRUST * |w| / |d|; momentum 0.9 on the scaled d. A 1-D

@@ -25,7 +25,7 @@ from tokens.train import sweep as sweeps
 from tokens.train.data import MODES, Source, usable_items
 from tokens.train.heads import HEADS, build_head
 from tokens.train.losses import LOSSES
-from tokens.train.optim import OPTIMIZERS, SCHEDULES
+from tokens.train.optim import OPTIMIZERS, SCHEDULES, default_lr
 from tokens.train.report import write_report
 from tokens.train.sweep import SweepError
 
@@ -96,8 +96,9 @@ def resolve_layer(value, store: TokenStore) -> int:
         raise SweepError(str(error), "--layers") from None
 
 
-def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[list, dict]:
-    """The configurations asked for, checked against the registry and the store, and the sweep as a record."""
+def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default_lr: float | None = None) -> tuple[list, dict]:
+    """The configurations asked for, checked against the registry and the store, and the sweep as a
+    record. Heads without a learning rate get `default_lr`, or their own default when it is None."""
     if sweep_file is not None:
         if heads is not None or option:
             raise SweepError("give heads and their options in the --sweep file or on the command line, not both", "--heads")
@@ -127,7 +128,7 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file) -> tupl
     resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
     configs = sweeps.expand(
         spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
-        spec.get("seeds", sweeps.DEFAULT_SEEDS), {h for h in HEADS if HEADS[h].multi_layer},
+        spec.get("seeds", sweeps.DEFAULT_SEEDS), {h for h in HEADS if HEADS[h].multi_layer}, default_lr,
     )
     built = set()
     for config in configs:  # build each head shape once now, so a bad value fails before training
@@ -149,7 +150,7 @@ def probe(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: leaderboard, per-head results, best heads, plots, checkpoint."),
     heads: str = typer.Option(None, "--heads", help=f"Comma-separated heads ({', '.join(HEADS)}). Default: {','.join(sweeps.DEFAULT_HEADS)}."),
     option: list[str] = typer.Option(None, "--option", help="Sweep a head option: HEAD.NAME=V1,V2 (repeatable), e.g. ep.num_queries=16,32 or protobin.lr=2e-2,4e-2."),
-    lr: str = typer.Option(None, "--lr", help="Learning rates, e.g. 1e-3,3e-3. Default per head: 2e-2 for prototype heads, 1e-3 otherwise."),
+    lr: str = typer.Option(None, "--lr", help="Learning rates, e.g. 1e-3,3e-3. Default per head: 2e-2 for prototype heads, 1e-3 otherwise; with --optimizer lars, 0.1 x batch size / 256 (MAE's rule)."),
     wd: str = typer.Option(None, "--wd", help="Weight decays, e.g. 1e-4,5e-4. Default: 1e-4."),
     layers: str = typer.Option(None, "--layers", help="Cached layers: stored layer numbers, or -1 for the last one. Default: -1."),
     seeds: str = typer.Option(None, "--seeds", help="Head seeds (init and dropout), e.g. 0,1,2. Default: 0."),
@@ -159,7 +160,7 @@ def probe(
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Items per training step, shared by every head of the sweep (BatchNorm needs 2)."),
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", min=0.0, help="Epochs of linear warm-up of the learning rate, before the --schedule."),
     optimizer: Optimizer = typer.Option("adamw", "--optimizer",
-                                        help="adamw (the protobin recipe), sgd (momentum 0.9), or lars (MAE's linear probing; it takes large --lr, MAE's 0.1 x batch/256)."),
+                                        help="adamw (the protobin recipe), sgd (momentum 0.9), or lars (MAE's linear probing, with large rates)."),
     schedule: Schedule = typer.Option("cosine", "--schedule", help="After the warm-up: cosine decay to zero, or the full --lr to the end."),
     loss: str = typer.Option(None, "--loss", help="bce or asl (multi-label; default bce), ce (multi-class)."),
     data: str = typer.Option("auto", "--data", help="stream (from disk), ram, gpu, or auto (by size against free memory)."),
@@ -193,7 +194,7 @@ def probe(
     try:
         if loss is not None and loss not in LOSSES[opened.task]:
             raise SweepError(f"{loss!r} does not fit this {opened.task} store; use {', '.join(LOSSES[opened.task])}", "--loss")
-        configs, spec = build_sweep(opened, heads, option, lr, wd, layers, seeds, sweep)
+        configs, spec = build_sweep(opened, heads, option, lr, wd, layers, seeds, sweep, default_lr(optimizer.value, batch_size))
         try:
             index, count = resolve_part(part)
         except ValueError as error:

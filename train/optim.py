@@ -17,6 +17,13 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 SCHEDULES = ("cosine", "constant")
 MOMENTUM = 0.9  # SGD's and LARS's, as in MAE's linear probing
 TRUST = 0.001  # LARS's trust coefficient, as in MAE
+LARS_LR_PER_256 = 0.1  # MAE's base rate for LARS: 0.1 per 256 items of batch
+
+
+def default_lr(optimizer: str, batch_size: int) -> float | None:
+    """The rate a head gets when the sweep names none: the heads' own AdamW defaults (None here)
+    are a thousand times too small for LARS, which takes MAE's rule instead."""
+    return LARS_LR_PER_256 * batch_size / 256 if optimizer == "lars" else None
 
 
 def split_parameters(head: nn.Module) -> tuple[list, list]:

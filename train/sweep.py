@@ -173,15 +173,17 @@ def expand(
     layers: list,
     seeds: list[int],
     multi_layer: set[str] = frozenset(),
+    default_lr: float | None = None,
 ) -> list[Config]:
     """Every configuration, in a fixed order (head, options, lr, wd, layer, seed), without duplicates.
 
-    `heads` maps a head to its swept options; its `lr` / `wd` entries override the sweep's.
+    `heads` maps a head to its swept options; its `lr` / `wd` entries override the sweep's. A head
+    without any lr gets `default_lr` if given (the optimizer's own), else its AdamW default.
     """
     configs, seen = [], set()
     for head, swept in heads.items():
         swept = dict(swept)
-        head_lr = swept.pop("lr", None) or lr or [DEFAULT_LR.get(head, FALLBACK_LR)]
+        head_lr = swept.pop("lr", None) or lr or [default_lr or DEFAULT_LR.get(head, FALLBACK_LR)]
         head_wd = swept.pop("wd", None) or wd
         head_layers = [ALL_LAYERS] if head in multi_layer else layers
         names = sorted(swept)
