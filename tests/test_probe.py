@@ -447,13 +447,42 @@ def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path):
     for name, path in (("a", store), ("b", other)):
         ok("probe", path, "--heads", "mean", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / name)
     result = ok("report", tmp_path / "a", "--out", tmp_path / "one")
-    assert "store" not in (tmp_path / "one" / "report.md").read_text().splitlines()[0]
+    assert "| store |" not in (tmp_path / "one" / "report.md").read_text()
     result = ok("report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "two")
-    md = (tmp_path / "two" / "report.md").read_text().splitlines()
+    md = (tmp_path / "two" / "report.md").read_text().split("## All configurations")[1].strip().splitlines()
     assert md[0].startswith("| head | config | store | params |")
     rows = {line.split(" | ")[2] for line in md[2:]}
     assert rows == {"ml.zarr", "other.zarr"}
     assert "ml.zarr" in result.output and "other.zarr" in result.output
+
+
+def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_path):
+    """Per head, the configuration with the best validation mean over seeds, whatever the test
+    figures say; computed here from the leaderboard's rows directly."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for head in ("linear", "ep"):
+        for lr in (0.001, 0.003, 0.01):
+            for seed in (0, 1, 2):
+                rows.append({"head": head, "config": f"{head}/lr={lr}/wd=0.0001/layer=6/seed={seed}", "params": 10, "best_epoch": 3,
+                             "val_map": rng.random(), "test_map": rng.random(), "layer": 6, "lr": lr, "wd": 0.0001,
+                             "seed": seed, "options": "{}", "store_key": "k" * 16})
+    (tmp_path / "run").mkdir()
+    report_module.write_csv(tmp_path / "run" / "leaderboard.csv", rows, list(rows[0]))
+    result = ok("report", tmp_path / "run", "--out", tmp_path / "r")
+    expected, by_test = {}, {}
+    for head in ("linear", "ep"):
+        def best(column):
+            means = {lr: np.mean([r[column] for r in rows if r["head"] == head and r["lr"] == lr]) for lr in (0.001, 0.003, 0.01)}
+            return f"{head}/lr={max(means, key=means.get)}/wd=0.0001/layer=6"
+        expected[head], by_test[head] = best("val_map"), best("test_map")
+    assert by_test != expected  # these figures tell selection by validation from selection by test
+    summary = read_csv(tmp_path / "r" / "report.csv")
+    assert {row["head"]: row["config"] for row in summary if row["selected"] == "1"} == expected
+    assert sum(row["selected"] == "1" for row in summary) == 2
+    selected_md = (tmp_path / "r" / "report.md").read_text().split("## All configurations")[0]
+    assert all(config in selected_md for config in expected.values()) and selected_md.count("| linear |") == 1
+    assert "selected by validation map" in result.output
 
 
 def test_stores_sharing_a_name_are_told_apart_by_key(tmp_path):

@@ -3,8 +3,9 @@
 A run writes RUN/leaderboard.csv (one row per configuration, full-precision numbers),
 RUN/heads/<config>.json (per-class metric and validation curve), RUN/params_vs_metric.png and
 RUN/val_curves.png. `tokens report` reads any number of runs and parts of runs, keeps one row
-per (store, configuration), averages configurations that differ only by seed (mean ± sd) and
-writes DIR/leaderboard.csv (merged), DIR/report.csv, DIR/report.md and DIR/report.png.
+per (store, configuration), averages configurations that differ only by seed (mean ± sd), selects
+the best of each head by validation alone (the one whose test figures to report), and writes
+DIR/leaderboard.csv (merged), DIR/report.csv, DIR/report.md and DIR/report.png.
 """
 
 from __future__ import annotations
@@ -257,6 +258,16 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(summary, key=lambda r: (-_key(r[f"val_{metric}_mean"]), r["store_key"], r["config"]))
 
 
+def mark_selected(summary: list[dict]):
+    """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
+    validation metric: model selection never looks at test."""
+    seen = set()
+    for row in summary:
+        key = (row["store_key"], row["head"])
+        row["selected"] = int(key not in seen)
+        seen.add(key)
+
+
 def _with_sd(row: dict, column: str) -> str:
     mean, sd = row[f"{column}_mean"], row[f"{column}_sd"]
     return _cell(mean) if sd is None else f"{_cell(mean)} ± {_cell(sd)}"
@@ -297,14 +308,22 @@ def write_report(runs: list[Path], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
+    mark_selected(summary)
     metrics = metric_columns(rows)
-    columns = ["head", "config", "params", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key"]
+    columns = ["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key"]
     write_csv(out / "report.csv", summary, columns)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
     shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "params": r["params"],
               "seeds": r["seeds"]} | {m: _with_sd(r, m) for m in metrics} for r in summary]
+    chosen = [row for row, r in zip(shown, summary) if r["selected"]]
     shown_columns = ["head", "config"] + (["store"] if len(labels) > 1 else []) + ["params", "seeds"] + metrics
-    (out / "report.md").write_text(table(shown, shown_columns, markdown=True) + "\n")
+    why = (f"One configuration per head{' and store' if len(labels) > 1 else ''}: the best mean validation {metric}. "
+           "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
+    (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
+                                   f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd")
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configurations from {len(paths)} leaderboards"]
-    return "\n".join(lines + [table(shown, shown_columns)])
+    lines.append(table(shown, shown_columns))
+    if len(chosen) < len(shown):
+        lines += ["", f"selected by validation {metric}, one per head{' and store' if len(labels) > 1 else ''}:", table(chosen, shown_columns)]
+    return "\n".join(lines)
