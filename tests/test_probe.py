@@ -485,6 +485,38 @@ def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_pat
     assert "selected by validation map" in result.output
 
 
+def test_on_a_tie_the_run_and_its_report_select_the_same_configuration(store, tmp_path, monkeypatch):
+    """Every configuration given the same validation mAP: best/HEAD.pt and the report's selected row
+    are both the first by configuration, not the first of the sweep (lr=0.01 here)."""
+    real = recipe.compute_metrics
+    monkeypatch.setattr(recipe, "compute_metrics", lambda task, scores, labels: real(task, scores, labels) | {"map": 0.5})
+    ok("probe", store, "--heads", "linear", "--lr", "0.01,0.003", *FAST, "--out", tmp_path / "tie")
+    best = torch.load(tmp_path / "tie" / "best" / "linear.pt", weights_only=True)["config"]
+    ok("report", tmp_path / "tie", "--out", tmp_path / "r")
+    selected = [row["config"] for row in read_csv(tmp_path / "r" / "report.csv") if row["selected"] == "1"]
+    assert selected == [report_module.group_id(best)] == ["linear/lr=0.003/wd=0.0001/layer=6"]
+
+
+def test_runs_that_differ_only_in_training_are_both_reported(store, tmp_path):
+    for optimizer in ("adamw", "sgd"):
+        ok("probe", store, "--heads", "linear", "--lr", "0.01", "--optimizer", optimizer, *FAST, "--out", tmp_path / optimizer)
+    result = ok("report", tmp_path / "adamw", tmp_path / "sgd", "--out", tmp_path / "r")
+    summary = read_csv(tmp_path / "r" / "report.csv")
+    assert sorted(row["training"].split("/")[0] for row in summary) == ["adamw", "sgd"]
+    assert sum(row["selected"] == "1" for row in summary) == 1 and "appears in" not in result.output
+    assert "| training |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_checkpoint_from_before_the_optimizer_could_be_chosen_resumes(store, run, tmp_path):
+    out = tmp_path / "before"
+    out.mkdir()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["plan"]["optimizer"], state["plan"]["schedule"]
+    torch.save(state, out / "checkpoint.pt")
+    assert "resuming" in ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out).output
+    assert leaderboard(out) == leaderboard(run)
+
+
 def test_stores_sharing_a_name_are_told_apart_by_key(tmp_path):
     paths = []
     for name, key in (("a", "aaaaaaaa11111111"), ("b", "bbbbbbbb22222222"), ("c", "cccccccc33333333")):
@@ -540,6 +572,9 @@ def test_weight_decay_spares_prototypes_and_one_dimensional_parameters(head, opt
         expected = before[name] if spared else before[name] * shrink
         torch.testing.assert_close(p.detach(), expected, msg=name)
     assert any(name.endswith("prototypes") for name in before) == (head in ("protobin", "cgp"))
+    if optimizer == "lars":  # every matrix is scaled, as in MAE; prototypes without decay
+        for group in step.param_groups:
+            assert all(p.ndim > 1 for p in group["params"]) if group["adapt"] else all(p.ndim <= 1 for p in group["params"])
 
 
 def test_heads_without_a_rate_take_the_optimizers_default(store):

@@ -26,34 +26,37 @@ def default_lr(optimizer: str, batch_size: int) -> float | None:
     return LARS_LR_PER_256 * batch_size / 256 if optimizer == "lars" else None
 
 
-def split_parameters(head: nn.Module) -> tuple[list, list]:
-    """(decayed, kept): weight decay as the protobin authors' recipe applies it, not on biases,
-    norms and other 1-D parameters (cgp's layer mixture among them), nor on prototypes, which
-    decay would pull toward zero rather than regularise."""
-    decayed, kept = [], []
+def split_parameters(head: nn.Module) -> tuple[list, list, list]:
+    """(weights, prototypes, vectors). Weight decay applies to the weights only, as the protobin
+    authors' recipe has it: not to biases, norms and other 1-D parameters (cgp's layer mixture
+    among them), nor to prototypes, which decay would pull toward zero rather than regularise."""
+    weights, prototypes, vectors = [], [], []
     for name, parameter in head.named_parameters():
-        (kept if parameter.ndim <= 1 or name.split(".")[-1] == "prototypes" else decayed).append(parameter)
-    return decayed, kept
+        if parameter.ndim <= 1:
+            vectors.append(parameter)
+        else:
+            (prototypes if name.split(".")[-1] == "prototypes" else weights).append(parameter)
+    return weights, prototypes, vectors
 
 
 def make_optimizer(name: str, head: nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
-    decayed, kept = split_parameters(head)
-    groups = [{"params": decayed, "weight_decay": wd}, {"params": kept, "weight_decay": 0.0}]
+    weights, prototypes, vectors = split_parameters(head)
+    if name == "lars":  # every matrix is scaled, as in MAE; the prototypes without decay
+        return LARS([{"params": weights, "weight_decay": wd, "adapt": True}, {"params": prototypes, "weight_decay": 0.0, "adapt": True},
+                     {"params": vectors, "weight_decay": 0.0, "adapt": False}], lr=lr)
+    groups = [{"params": weights, "weight_decay": wd}, {"params": prototypes + vectors, "weight_decay": 0.0}]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM)
-    if name == "lars":
-        groups[0]["adapt"], groups[1]["adapt"] = True, False
-        return LARS(groups, lr=lr)
     raise ValueError(f"optimizer {name!r}: use {', '.join(OPTIMIZERS)}")
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose update of each decayed parameter (the weight matrices) is first
-    scaled by TRUST · ‖w‖ / ‖g + wd · w‖ (You et al., 2017, as MAE's linear probing runs it), so
-    that every layer moves by about the same fraction of its norm. The other parameters (biases,
-    norms, prototypes) take plain momentum steps without decay."""
+    """SGD with momentum whose update of each matrix (groups with adapt=True) is first scaled by
+    TRUST · ‖w‖ / ‖g + wd · w‖ (You et al., 2017, as MAE's linear probing runs it), so that every
+    layer moves by about the same fraction of its norm. 1-D parameters (biases, norms) take plain
+    momentum steps without decay."""
 
     def __init__(self, params, lr: float, momentum: float = MOMENTUM, trust: float = TRUST):
         super().__init__(params, {"lr": lr, "weight_decay": 0.0, "momentum": momentum, "trust": trust, "adapt": True})

@@ -155,8 +155,9 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
         state = load_tensors(path)
     except CheckpointError as error:
         raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
-    if state["plan"] != plan:
-        differs = [k for k in plan if state["plan"].get(k) != plan[k]]
+    saved = {"optimizer": "adamw", "schedule": "cosine"} | state["plan"]  # checkpoints from before they could be chosen
+    if saved != plan:
+        differs = [k for k in plan if saved.get(k) != plan[k]]
         raise SweepError(
             f"{path} belongs to another sweep ({', '.join(differs)} differ); "
             "use another --out, or delete the checkpoint to start over",
@@ -311,6 +312,9 @@ def run(
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
     test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 
+    # How every head of this run was trained: runs that differ only in this are told apart in reports.
+    training = (f"{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}"
+                f"/loss={loss or DEFAULT_LOSS[task]}/data_seed={data_seed}")
     rows, records = [], []
     for p, test in zip(probes, test_scores):
         val_metrics, test_metrics = p.val_metrics, compute_metrics(task, test, test_labels)
@@ -318,7 +322,7 @@ def run(
         c = p.config
         row = {"head": c.head, "config": c.id, "params": count_parameters(p.head), "best_epoch": p.best_epoch,
                "layer": c.layer, "lr": c.lr, "wd": c.wd, "seed": c.seed, "options": json.dumps(c.options, sort_keys=True),
-               "store_key": store.meta["cache_key"][:16]}
+               "store_key": store.meta["cache_key"][:16], "training": training}
         row.update({f"val_{k}": v for k, v in val_metrics.items() if k != per_class})
         row.update({f"test_{k}": v for k, v in test_metrics.items() if k != per_class})
         rows.append(row)
@@ -328,9 +332,11 @@ def run(
             "fell_back_to_mean": getattr(p.head, "fell_back_to_mean", None),
         })
 
-    # The best configuration of each head type, by validation metric (the first on ties).
+    # The best configuration of each head type: the first of the leaderboard's ranking (validation
+    # metric, ties by configuration), as a report of this run selects it.
+    ranking = report.ranked(rows, metric)
     for head in dict.fromkeys(c.head for c in configs):
-        i = max((i for i, r in enumerate(rows) if r["head"] == head), key=lambda i: _metric(rows[i][f"val_{metric}"]))
+        i = next(rows.index(row) for row in ranking if row["head"] == head)
         save_best(out / "best" / f"{head}.pt", probes[i], rows[i], task, classes)
 
     report.write_run(out, rows, records, metric)

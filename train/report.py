@@ -22,7 +22,8 @@ import numpy as np
 from tokens.train.sweep import sanitise
 
 FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
-LAST_COLUMNS = ["layer", "lr", "wd", "seed", "options", "store_key"]
+LAST_COLUMNS = ["layer", "lr", "wd", "seed", "options", "store_key", "training"]
+OPTIONAL_COLUMNS = {"training": ""}  # absent from leaderboards of earlier versions
 INTEGERS = {"params", "best_epoch", "seed"}
 
 
@@ -54,7 +55,7 @@ def primary_of(rows: list[dict]) -> str:
 
 def ranked(rows: list[dict], metric: str) -> list[dict]:
     """Best validation metric first; ties in a fixed order."""
-    return sorted(rows, key=lambda r: (-_key(r[f"val_{metric}"]), r.get("store_key", ""), r["config"]))
+    return sorted(rows, key=lambda r: (-_key(r[f"val_{metric}"]), r.get("store_key", ""), r["config"], r.get("training", "")))
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]):
@@ -179,7 +180,7 @@ def read_leaderboard(path: Path) -> list[dict]:
     except (UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"{not_ours} ({error})") from None
     columns = reader.fieldnames or []
-    missing = [c for c in FIRST_COLUMNS + LAST_COLUMNS if c not in columns]
+    missing = [c for c in FIRST_COLUMNS + LAST_COLUMNS if c not in columns and c not in OPTIONAL_COLUMNS]
     missing += [f"{p}*" for p in ("val_", "test_") if not any(c.startswith(p) for c in columns)]
     if missing:
         raise ValueError(f"{not_ours}: it has no column {', '.join(missing)}")
@@ -187,6 +188,8 @@ def read_leaderboard(path: Path) -> list[dict]:
         raise ValueError(f"{path} holds no configurations")
     try:
         for row in rows:
+            for k, default in OPTIONAL_COLUMNS.items():
+                row.setdefault(k, default)
             for k, v in row.items():
                 if k in INTEGERS:
                     row[k] = int(v)
@@ -218,11 +221,11 @@ def store_labels(paths: list[Path], keys: list[str]) -> dict[str, str]:
 
 
 def merge(paths: list[Path]) -> tuple[list[dict], list[str]]:
-    """All rows of all leaderboards, one per (store, configuration); notes on what was dropped."""
+    """All rows of all leaderboards, one per (store, configuration, training); notes on what was dropped."""
     rows, notes, seen, columns = [], [], {}, None
     for path in paths:
         for row in read_leaderboard(path):
-            key = (row["store_key"], row["config"])
+            key = (row["store_key"], row["config"], row["training"])
             if key in seen:
                 notes.append(f"{row['config']} appears in {seen[key]} and {path}: kept the first")
                 continue
@@ -241,26 +244,28 @@ def group_id(config: str) -> str:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per configuration up to the seed: mean and sd (ddof 1; none for one seed) of every metric."""
+    """One row per configuration (and training) up to the seed: mean and sd (ddof 1; none for one
+    seed) of every metric."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["store_key"], group_id(row["config"])), []).append(row)
+        groups.setdefault((row["store_key"], group_id(row["config"]), row["training"]), []).append(row)
     summary = []
-    for (store_key, config), members in groups.items():
+    for (store_key, config, training), members in groups.items():
         out = {"head": members[0]["head"], "config": config, "params": members[0]["params"],
-               "seeds": len(members), "store_key": store_key}
+               "seeds": len(members), "store_key": store_key, "training": training}
         for column in metric_columns(members):
             values = np.array([m[column] for m in members], dtype=float)
             out[f"{column}_mean"] = float(values.mean())
             out[f"{column}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
         summary.append(out)
     metric = primary_of(rows)
-    return sorted(summary, key=lambda r: (-_key(r[f"val_{metric}_mean"]), r["store_key"], r["config"]))
+    return sorted(summary, key=lambda r: (-_key(r[f"val_{metric}_mean"]), r["store_key"], r["config"], r["training"]))
 
 
 def mark_selected(summary: list[dict]):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
-    validation metric: model selection never looks at test."""
+    validation metric (ties by configuration, as a run picks its best/HEAD.pt): model selection
+    never looks at test. Trainings (optimizer, schedule, epochs...) compete like learning rates."""
     seen = set()
     for row in summary:
         key = (row["store_key"], row["head"])
@@ -310,13 +315,15 @@ def write_report(runs: list[Path], out: Path) -> str:
     summary = summarize(rows)
     mark_selected(summary)
     metrics = metric_columns(rows)
-    columns = ["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key"]
+    columns = ["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key", "training"]
     write_csv(out / "report.csv", summary, columns)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
-    shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "params": r["params"],
-              "seeds": r["seeds"]} | {m: _with_sd(r, m) for m in metrics} for r in summary]
+    shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "training": r["training"],
+              "params": r["params"], "seeds": r["seeds"]} | {m: _with_sd(r, m) for m in metrics} for r in summary]
+    trainings = {r["training"] for r in summary}
     chosen = [row for row, r in zip(shown, summary) if r["selected"]]
-    shown_columns = ["head", "config"] + (["store"] if len(labels) > 1 else []) + ["params", "seeds"] + metrics
+    shown_columns = (["head", "config"] + (["store"] if len(labels) > 1 else []) + (["training"] if len(trainings) > 1 else [])
+                     + ["params", "seeds"] + metrics)
     why = (f"One configuration per head{' and store' if len(labels) > 1 else ''}: the best mean validation {metric}. "
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
