@@ -171,7 +171,7 @@ def _write_direct(fd: int, parts: list) -> list:
     workers for the cores.
     """
     direct = getattr(os, "O_DIRECT", 0)  # Linux only
-    first = memoryview(parts[0]).cast("B") if parts else memoryview(b"")
+    first = memoryview(parts[0]).cast("B")
     body = len(first) - len(first) % PAGE
     if not direct or body < DIRECT_BYTES or np.frombuffer(first, np.uint8).ctypes.data % PAGE:
         return parts

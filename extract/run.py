@@ -132,9 +132,14 @@ def check_existing(work: Plan, store_path: Path) -> Plan:
         return work
     with open_store(store_path) as store:
         store.check_compatible(work.spec)
-        done = {name: store.split(name).complete_mask() for name in work.spec.splits}
-    work.complete = sum(bool(done[split][shard]) for split, shard in work.units)
+        work.complete = len(work.units) - len(incomplete_units(store, work))
     return work
+
+
+def incomplete_units(store, work: Plan) -> list[tuple[str, int]]:
+    """The (split, shard) units of this run that the store does not hold complete yet."""
+    done = {name: store.split(name).complete_mask() for name in work.spec.splits}
+    return [(split, shard) for split, shard in work.units if not done[split][shard]]
 
 
 IN_FLIGHT = 2  # batches launched ahead of the one landing: a late batch from the loader does not idle the GPU
@@ -245,17 +250,8 @@ def _join(parts: list[tuple]) -> tuple:
     a staging buffer, which costs less than pinning new memory for each of them."""
     if len(parts) == 1:
         return parts[0]
-    positions = torch.cat([part[0] for part in parts])
-    errors = [error for part in parts for error in part[3]]
-    template = next((part for part in parts if part[1] is not None), None)
-    if template is None:  # every item failed
-        return positions, None, None, errors
-
-    def stacked(column: int) -> torch.Tensor:
-        return torch.cat([part[column] if part[column] is not None else
-                          template[column].new_zeros((len(part[0]), *template[column].shape[1:])) for part in parts])
-
-    return positions, stacked(1), stacked(2), errors
+    return collate([(position, None if inputs is None else inputs[row], None if masks is None else masks[row], errors[row])
+                    for positions, inputs, masks, errors in parts for row, position in enumerate(positions.tolist())])
 
 
 class ShardBuffer:
@@ -514,8 +510,7 @@ def extract(
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).
         store = create_or_open(store_path, spec, fmt)
-        done = {name: store.split(name).complete_mask() for name in spec.splits}
-        todo = [(split, shard) for split, shard in work.units if not done[split][shard]]
+        todo = incomplete_units(store, work)
         summary.shards_skipped = len(work.units) - len(todo)
         items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo
                  for index in _shard_items(spec, split, shard)]

@@ -53,9 +53,15 @@ def primary_of(rows: list[dict]) -> str:
     return metric_columns(rows)[0].removeprefix("val_")
 
 
+def _rank(column: str):
+    """The sort key of rows by `column`, best first; ties by store, configuration and training.
+    Runs (best/HEAD.pt) and reports (the selected rows) both rank by it."""
+    return lambda r: (-_key(r[column]), r.get("store_key", ""), r["config"], r.get("training", ""))
+
+
 def ranked(rows: list[dict], metric: str) -> list[dict]:
     """Best validation metric first; ties in a fixed order."""
-    return sorted(rows, key=lambda r: (-_key(r[f"val_{metric}"]), r.get("store_key", ""), r["config"], r.get("training", "")))
+    return sorted(rows, key=_rank(f"val_{metric}"))
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]):
@@ -259,7 +265,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             out[f"{column}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
         summary.append(out)
     metric = primary_of(rows)
-    return sorted(summary, key=lambda r: (-_key(r[f"val_{metric}_mean"]), r["store_key"], r["config"], r["training"]))
+    return sorted(summary, key=_rank(f"val_{metric}_mean"))
 
 
 def mark_selected(summary: list[dict]):
