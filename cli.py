@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tokens.cache import commands as cache_commands
-from tokens.cache.store import StoreError, detect_format
+from tokens.cache.store import StoreError
 from tokens.cluster import sbatch_script
 from tokens.demo import demo
 from tokens.extract import commands as extract_commands
@@ -89,8 +89,14 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         unknown = [name for name in params["heads"].split(",") if name.strip() not in HEADS]
         if unknown:
             raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; choose from {', '.join(HEADS)}", param_hint="--heads")
-    if verb == "extract" and array > 1 and (params["fmt"] or detect_format(params["store"], default="zarr")) == "hdf5":
-        raise typer.BadParameter(f"{params['store']}: an HDF5 store takes one writer, not {array} tasks: use a zarr store", param_hint="ARGS")
+    if verb == "extract":
+        from tokens.extract.run import ExtractionError, check_options
+
+        try:
+            check_options(params["store"], part=(1, array), **{key: params[key] for key in (
+                "fmt", "dtype", "precision", "codec", "batch_size", "num_workers", "shard_size")})
+        except (ExtractionError, StoreError) as error:
+            raise typer.BadParameter(f"tokens extract would refuse them: {error}", param_hint="ARGS") from None
     needed = params["store"] if verb == "probe" else params["dataset"]
     if not needed.exists():
         if submit:

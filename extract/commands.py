@@ -73,12 +73,6 @@ def extract(
     """
     from tokens.extract.run import ExtractionError, extract as run_extract
 
-    if fmt not in (None, "zarr", "hdf5"):
-        raise typer.BadParameter(f"{fmt!r}: use zarr or hdf5", param_hint="--format")
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise typer.BadParameter(f"{dtype!r}: use float16, bfloat16 or float32", param_hint="--dtype")
-    if precision not in ("bf16", "fp32"):
-        raise typer.BadParameter(f"{precision!r}: use bf16 or fp32", param_hint="--precision")
     try:
         part = resolve_part(shard)
     except ValueError as error:

@@ -452,6 +452,28 @@ class ShardWriter:
             raise self.error
 
 
+def check_options(store_path: Path, *, fmt: str | None, dtype: str, precision: str, codec: str | None,
+                  part: tuple[int, int], batch_size: int, num_workers: int | None, shard_size: int) -> str:
+    """Refuse options that no run could use, and return the store's format. Nothing is read or
+    written: extract() calls it before the store exists (a refused run leaves nothing behind), and
+    `tokens slurm extract` before it submits, so that a mistake does not fail in every task."""
+    if fmt not in (None, "zarr", "hdf5"):
+        raise ExtractionError(f"--format {fmt!r}: use zarr or hdf5")
+    fmt = fmt or detect_format(store_path, default="zarr")
+    if dtype not in TORCH_DTYPE:
+        raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
+    if precision not in ("bf16", "fp32"):
+        raise ExtractionError(f"precision {precision!r}: use bf16 or fp32")
+    check_codec(fmt, codec)
+    if fmt == "hdf5" and part[1] > 1:  # HDF5 has no concurrent writers; with its file locking off, they corrupt it
+        raise ExtractionError(f"{store_path}: an HDF5 store takes one writer, so it cannot be filled in {part[1]} parts "
+                              "(--shard, a job array, torchrun): use a zarr store")
+    for option, value, least in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0), ("--shard-size", shard_size, 0)):
+        if value is not None and value < least:
+            raise ExtractionError(f"{option} {value}: use {least} or more")
+    return fmt
+
+
 def extract(
     dataset_source: str | Path,
     store_path: str | Path,
@@ -479,22 +501,14 @@ def extract(
     """Fill `store_path` with the token maps of every item of the dataset (or of this part of it)."""
     started = time.time()
     store_path = Path(store_path)
-    fmt = fmt or detect_format(store_path, default="zarr")
+    fmt = check_options(store_path, fmt=fmt, dtype=dtype, precision=precision, codec=codec, part=part,
+                        batch_size=batch_size, num_workers=num_workers, shard_size=shard_size)
     if not dry_run:  # a read-only store (or directory): say so before hours of work, not at the first shard
         check_writable(store_path)
     try:
         target = pick_device(device)
     except ValueError as error:
         raise ExtractionError(f"--device {error}") from None
-    if dtype not in TORCH_DTYPE:
-        raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
-    check_codec(fmt, codec)
-    if fmt == "hdf5" and part[1] > 1:  # HDF5 has no concurrent writers; with its file locking off, they corrupt it
-        raise ExtractionError(f"{store_path}: an HDF5 store takes one writer, so it cannot be filled in {part[1]} parts "
-                              "(--shard, a job array, torchrun): use a zarr store")
-    for option, value, least in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0), ("--shard-size", shard_size, 0)):
-        if value is not None and value < least:  # checked before the store exists: a bad value leaves nothing behind
-            raise ExtractionError(f"{option} {value}: use {least} or more")
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     layers = resolve_layers(layers, model.depth)
     forward = Forward(model, target, layers, dtype, precision, batch_size, slots=IN_FLIGHT + 1)

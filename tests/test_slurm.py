@@ -258,7 +258,29 @@ def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("path,label,split\n")
     result = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.h5", "--array", "3", "--script", "job.sbatch"])
-    assert result.exit_code == 2 and "an HDF5 store takes one writer, not 3 tasks" in result.output, result.output
+    assert result.exit_code == 2 and "an HDF5 store takes one writer, so it cannot be filled in 3 parts" in result.output, result.output
     assert not (tmp_path / "job.sbatch").exists()
     with pytest.raises(ExtractionError, match="an HDF5 store takes one writer"):
         extract(tmp_path / "data.csv", tmp_path / "s.h5", part=(2, 3), dry_run=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size 0: use 1 or more"),
+    (["--num-workers", "-1"], "--num-workers -1: use 0 or more"),
+    (["--dtype", "float8"], "dtype 'float8'"),
+    (["--precision", "fp16"], "precision 'fp16'"),
+    (["--format", "parquet"], "--format 'parquet'"),
+    (["--codec", "lzf"], "codec 'lzf' is not available for zarr stores"),
+])
+def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_path, monkeypatch, args, message):
+    """The same rules as `tokens extract` applies, before a job array waits hours in the queue to fail in every task."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.csv").write_text("path,label,split\n")
+    result = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--array", "2", "--script", "job.sbatch", *args])
+    assert result.exit_code == 2 and "tokens extract would refuse them" in result.output and message in result.output, result.output
+    assert not (tmp_path / "job.sbatch").exists()
+    accepted = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--array", "2", "--script", "job.sbatch"])
+    assert accepted.exit_code == 0 and (tmp_path / "job.sbatch").exists(), accepted.output
