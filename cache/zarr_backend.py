@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import sys
@@ -136,14 +137,16 @@ def _chunk_file(data, array: zarr.Array) -> list:
     return [padded.tobytes()]
 
 
-def _write_file(path: Path, tmp: Path, parts: list):
+def _write_file(path: Path, tmp: Path, parts: list, direct: bool = False):
     """Write a file aside (at `tmp`), fsync it and rename it into place: it appears whole or not at
-    all, and a torn temporary file does not keep space that a full disk needs back."""
+    all, and a torn temporary file does not keep space that a full disk needs back. `direct`: try
+    to write its large first part around the page cache (see _write_direct)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
-            parts = _write_direct(fd, parts)
+            if direct:
+                parts = _write_direct(fd, parts)
             for part in parts:
                 _write_all(fd, memoryview(part))
             os.fsync(fd)
@@ -153,6 +156,33 @@ def _write_file(path: Path, tmp: Path, parts: list):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Direct writes were measured on ext4 (a cloud VM's local disk), and xfs takes them the same way.
+# Network and FUSE filesystems (NFS, Lustre, GPFS, CIFS) each treat O_DIRECT their own way (NFS
+# sends such writes to the server uncached and synchronously): shards there go through the page cache.
+DIRECT_FILESYSTEMS = {"ext4", "xfs"}
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the filesystem that holds `path` (an existing path), from the mount table
+    (/proc/self/mounts, or `mounts` given as its text); "" where there is none (not Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return ""
+    target = os.path.realpath(path)
+    found, longest = "", -1
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])  # \040 is a space
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= longest:  # the deepest mount; of equal ones, the last mounted
+            found, longest = fields[2], len(point)
+    return found
 
 
 PAGE = 4096  # O_DIRECT's alignment of memory, file offsets and lengths on Linux disks (at most one page)
@@ -222,6 +252,7 @@ class ZarrHandle:
             ) from error
         if mode != "r":
             (path / PARTIAL).mkdir(exist_ok=True)  # see _partial
+        self.direct = mode != "r" and filesystem_type(path) in DIRECT_FILESYSTEMS  # see _write_direct
         self._arrays = {}
         self._found: dict[str, set[int]] = {}  # array -> shards whose file was seen (see _check_files)
 
@@ -298,7 +329,7 @@ class ZarrHandle:
         path = self.chunk_file(split, name, shard)
         if not array.compressors and not array.filters:
             parts = _shard_file(data, array.shards[0]) if array.shards else _chunk_file(data, array)
-            _write_file(path, self._partial(split, name, shard), parts)
+            _write_file(path, self._partial(split, name, shard), parts, direct=self.direct)
             return
         array[start:start + len(data)] = data
         if path.exists():

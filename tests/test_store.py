@@ -157,15 +157,17 @@ def _page_aligned(array: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
-@pytest.mark.parametrize("case", ["aligned", "unaligned memory", "filesystem refuses", "filesystem refuses halfway"])
+@pytest.mark.parametrize("case", ["aligned", "unaligned memory", "filesystem refuses", "filesystem refuses halfway", "network filesystem"])
 def test_large_token_shards_go_around_the_page_cache_and_read_back_exactly(tmp_path, monkeypatch, case):
-    """Shard files of a MiB or more from page-aligned memory are written with O_DIRECT; unaligned
-    memory, small files and a filesystem that refuses direct writes (at once, or halfway through a
-    file) get buffered writes of the whole file. Every way, the store reads back exactly what was
-    written."""
+    """Shard files of a MiB or more from page-aligned memory are written with O_DIRECT on a local
+    disk's filesystem; unaligned memory, small files, a filesystem that refuses direct writes (at
+    once, or halfway through a file) and a network filesystem get buffered writes of the whole
+    file. Every way, the store reads back exactly what was written."""
     import fcntl
 
     from tokens.cache import zarr_backend
+
+    monkeypatch.setattr(zarr_backend, "filesystem_type", lambda path: "nfs4" if case == "network filesystem" else "ext4")
 
     if case == "aligned":
         probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
@@ -595,3 +597,22 @@ def test_string_columns_are_object_arrays_of_str_in_both_formats(tmp_path):
         for got in (values, columns["hdf5"][name]):
             assert got.dtype == object and all(type(v) is str for v in got)
             assert list(got) == make_items(spec, "train")[name]
+
+
+def test_the_filesystem_of_a_path_is_that_of_its_deepest_mount():
+    """Which filesystem holds a store decides whether its shards are written around the page cache."""
+    from tokens.cache.zarr_backend import filesystem_type
+
+    mounts = "\n".join([
+        "/dev/vda / ext4 rw,relatime 0 0",
+        "server:/export /no-such-root/home nfs4 rw 0 0",
+        "/dev/sdb /no-such-root/home/my\\040data xfs rw 0 0",
+        "tmpfs /no-such-root/scratch tmpfs rw 0 0",
+        "/dev/sdc /no-such-root/scratch lustre rw 0 0",  # mounted over the tmpfs: it hides it
+    ])
+    assert filesystem_type("/no-such-root/home/me/s.zarr", mounts) == "nfs4"
+    assert filesystem_type("/no-such-root/home/my data/s.zarr", mounts) == "xfs"
+    assert filesystem_type("/no-such-root/homework/s.zarr", mounts) == "ext4"  # a name that starts alike is not inside
+    assert filesystem_type("/no-such-root/scratch/s.zarr", mounts) == "lustre"
+    assert filesystem_type("/no-such-root/home", mounts) == "nfs4"
+    assert filesystem_type("/elsewhere", "") == ""
