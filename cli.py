@@ -12,7 +12,6 @@ from tokens.cluster import sbatch_script
 from tokens.demo import demo
 from tokens.extract import commands as extract_commands
 from tokens.train import commands as train_commands
-from tokens.train.heads import HEADS
 from tokens.train.sweep import SweepError
 
 app = typer.Typer(
@@ -85,10 +84,12 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         params = command.make_context(f"tokens {verb}", list(args)).params
     except typer.TyperException as error:  # a usage error: unknown option, bad value, missing argument
         raise typer.BadParameter(f"tokens {verb} would refuse them: {error.format_message()}", param_hint="ARGS") from None
-    if verb == "probe" and params["heads"]:
-        unknown = [name for name in params["heads"].split(",") if name.strip() not in HEADS]
-        if unknown:
-            raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; choose from {', '.join(HEADS)}", param_hint="--heads")
+    sweep = [params[key] for key in ("heads", "option", "lr", "wd", "layers", "seeds", "sweep")] if verb == "probe" else []
+    if sweep:  # what can be checked of the sweep before the store exists: heads, their options, rates
+        try:
+            train_commands.read_sweep(*sweep)
+        except SweepError as error:
+            raise typer.BadParameter(str(error), param_hint=error.option) from error
     if verb == "extract":
         from tokens.extract.run import ExtractionError, check_options
 
@@ -103,7 +104,6 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
             raise typer.BadParameter(f"{needed} does not exist", param_hint="ARGS")
         typer.echo(f"note: {needed} does not exist yet; the tasks need it when they start", err=True)
     elif verb == "probe":  # the sweep as the tasks will build it: more tasks than configurations leave some idle
-        sweep = [params[key] for key in ("heads", "option", "lr", "wd", "layers", "seeds", "sweep")]
         with train_commands.open_checked(needed, ["train", "test"], True, optional=("valid",)) as store:
             try:
                 configs, _ = train_commands.build_sweep(store, *sweep)

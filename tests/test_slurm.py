@@ -214,7 +214,7 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
     (["probe", "run.zarr", "--out", "r", "--array", "0"], "'--array'"),
     (["probe", "run.zarr", "--out", "r", "--epochs", "x", "--array", "2"], "tokens probe would refuse them: Invalid value for '--epochs'"),
     (["probe", "run.zarr", "--array", "2"], "tokens probe would refuse them: Missing option '--out'"),
-    (["probe", "run.zarr", "--out", "r", "--heads", "ep,bogus", "--array", "2"], "unknown head(s) bogus"),
+    (["probe", "run.zarr", "--out", "r", "--heads", "ep,bogus", "--array", "2"], "unknown head 'bogus'"),
     (["extract", "data.csv", "--array", "2"], "tokens extract would refuse them: Missing option '--store'"),
     (["probe", "missing.zarr", "--out", "r", "--array", "2", "--submit"], "missing.zarr does not exist"),
 ])
@@ -226,6 +226,23 @@ def test_arguments_every_task_would_refuse_write_no_script(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.zarr").mkdir()
     result = CliRunner().invoke(app, ["slurm", *args, "--script", "job.sbatch"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "job.sbatch").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "sweep.toml"], "unknown head 'bogus'"),
+    (["--heads", "ep", "--option", "ep.nonsense=3"], "head 'ep' has no option nonsense"),
+    (["--lr", "-1e-3"], "--lr must be positive"),
+])
+def test_a_sweep_every_task_would_refuse_is_refused_before_its_store_exists(tmp_path, monkeypatch, args, message):
+    """Heads, their options and rates are checked even while the store is still being extracted."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.toml").write_text("[heads.linear]\n[heads.bogus]\n")
+    result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--script", "job.sbatch", *args])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "job.sbatch").exists()
 

@@ -96,9 +96,10 @@ def resolve_layer(value, store: TokenStore) -> int:
         raise SweepError(str(error), "--layers") from None
 
 
-def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default_lr: float | None = None) -> tuple[list, dict]:
-    """The configurations asked for, checked against the registry and the store, and the sweep as a
-    record. Heads without a learning rate get `default_lr`, or their own default when it is None."""
+def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[dict, str]:
+    """The sweep asked for on the command line or in a --sweep file, checked against the registry
+    (head names, their options, learning rates and decays) but not yet against a store; and the
+    option to blame for a mistake in its heads. `tokens slurm` runs it before the store exists."""
     if sweep_file is not None:
         if heads is not None or option:
             raise SweepError("give heads and their options in the --sweep file or on the command line, not both", "--heads")
@@ -125,6 +126,13 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
         check_options(head, opts, where)
         for key in ("lr", "wd"):
             check_rates(key, opts.get(key, []), f"{head}.{key}", where)
+    return spec, where
+
+
+def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default_lr: float | None = None) -> tuple[list, dict]:
+    """The configurations asked for, checked against the registry and the store, and the sweep as a
+    record. Heads without a learning rate get `default_lr`, or their own default when it is None."""
+    spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file)
     resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
     configs = sweeps.expand(
         spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
