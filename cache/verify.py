@@ -38,7 +38,8 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
             if tuple(array.shape) != expected or np.dtype(array.dtype) != expected_dtype:
                 report.problems.append(f"{split.name}/{name}: shape {tuple(array.shape)} {array.dtype}, expected {expected} {expected_dtype}")
         columns = [*COLUMNS, *(["mask"] if split.masked else [])]
-        complete = [s for s in range(split.num_shards) if s not in set(missing)]
+        missing_set = set(missing)  # once, not per shard: a large store has tens of thousands
+        complete = [s for s in range(split.num_shards) if s not in missing_set]
         for shard in tqdm(complete, desc=f"verify {split.name}", unit="shard", disable=not progress, leave=False):
             start, stop = split.shard_range(shard)
             gone = _missing_files(store, split, names + columns, shard)
