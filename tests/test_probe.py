@@ -485,6 +485,18 @@ def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_pat
     assert "selected by validation map" in result.output
 
 
+def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selects():
+    """One lucky seed does not make a configuration: lr=0.01 has the best single seed (0.9) but the
+    worse mean (0.5 against 0.55), so best/linear.pt holds lr=0.003's better seed."""
+    rows = [{"head": "linear", "config": f"linear/lr={lr}/wd=0.0001/layer=6/seed={seed}", "params": 10, "val_map": val,
+             "test_map": 0.5, "store_key": "k" * 16, "training": "adamw/cosine"}
+            for lr, seed, val in ((0.01, 0, 0.9), (0.01, 1, 0.1), (0.003, 0, 0.5), (0.003, 1, 0.6))]
+    assert report_module.selected_rows(rows)["linear"]["config"] == "linear/lr=0.003/wd=0.0001/layer=6/seed=1"
+    summary = report_module.summarize(rows)
+    report_module.mark_selected(summary)
+    assert [row["config"] for row in summary if row["selected"]] == ["linear/lr=0.003/wd=0.0001/layer=6"]
+
+
 def test_on_a_tie_the_run_and_its_report_select_the_same_configuration(store, tmp_path, monkeypatch):
     """Every configuration given the same validation mAP: best/HEAD.pt and the report's selected row
     are both the first by configuration, not the first of the sweep (lr=0.01 here)."""

@@ -332,12 +332,11 @@ def run(
             "fell_back_to_mean": getattr(p.head, "fell_back_to_mean", None),
         })
 
-    # The best configuration of each head type: the first of the leaderboard's ranking (validation
-    # metric, ties by configuration), as a report of this run selects it.
-    ranking = report.ranked(rows, metric)
-    for head in dict.fromkeys(c.head for c in configs):
-        i = next(rows.index(row) for row in ranking if row["head"] == head)
-        save_best(out / "best" / f"{head}.pt", probes[i], rows[i], task, classes)
+    # The best configuration of each head type as a report of this run selects it (the best mean
+    # validation metric over seeds), in the weights of its seed that did best on validation.
+    for head, row in report.selected_rows(rows).items():
+        i = next(k for k, candidate in enumerate(rows) if candidate is row)
+        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes)
 
     report.write_run(out, rows, records, metric)
     diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]

@@ -270,13 +270,27 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def mark_selected(summary: list[dict]):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
-    validation metric (ties by configuration, as a run picks its best/HEAD.pt): model selection
-    never looks at test. Trainings (optimizer, schedule, epochs...) compete like learning rates."""
+    validation metric (ties by configuration): model selection never looks at test. Trainings
+    (optimizer, schedule, epochs...) compete like learning rates. A run's best/HEAD.pt is one of the
+    selected configuration's seeds (selected_rows)."""
     seen = set()
     for row in summary:
         key = (row["store_key"], row["head"])
         row["selected"] = int(key not in seen)
         seen.add(key)
+
+
+def selected_rows(rows: list[dict]) -> dict[str, dict]:
+    """For each head, of the configuration a report selects (mark_selected: the best mean validation
+    over its seeds), the seed that did best on validation: the head a run saves as best/HEAD.pt."""
+    summary = summarize(rows)
+    mark_selected(summary)
+    chosen = {(r["store_key"], r["config"], r["training"]) for r in summary if r["selected"]}
+    best = {}
+    for row in ranked(rows, primary_of(rows)):
+        if (row["store_key"], group_id(row["config"]), row["training"]) in chosen:
+            best.setdefault(row["head"], row)
+    return best
 
 
 def _with_sd(row: dict, column: str) -> str:
