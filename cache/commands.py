@@ -39,6 +39,7 @@ def describe(store: TokenStore) -> dict:
         "num_prefix": meta["num_prefix"],
         "layers": meta["layers"],
         "final_norm": meta["final_norm"],
+        "precision": meta.get("precision"),  # None: a store made before it was recorded
         "dtype": meta["dtype"],
         "masked": meta["masked"],
         "task": meta["task"],
@@ -69,7 +70,8 @@ def render(info: dict) -> str:
         f"store      {info['path']} ({info['format']}, {_size(info['disk_bytes'])} on disk)",
         f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or 'none (built-in weights)')[:16]}",
         f"tokens     grid {T}x{F} = {info['num_tokens']} tokens x {info['dim']} dims, "
-        f"{info['num_prefix']} prefix tokens, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}",
+        f"{info['num_prefix']} prefix tokens, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}"
+        f"{', forward pass in ' + info['precision'] if info['precision'] else ''}",
         f"layers     {', '.join(map(str, info['layers']))}",
         f"task       {info['task']}, {len(classes)} classes: {shown}",
         "splits",

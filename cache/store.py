@@ -32,8 +32,10 @@ STORAGE_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.flo
 # Fields whose change changes the cached tokens; their hash is the cache key.
 KEY_FIELDS = (
     "backbone", "backbone_config", "checkpoint_sha256", "frontend", "layers", "final_norm",
-    "dtype", "dataset_fingerprint", "task", "classes",
+    "precision", "dtype", "dataset_fingerprint", "task", "classes",
 )
+# Key fields that stores made by earlier versions do not record: not compared with those stores.
+LATER_KEY_FIELDS = ("precision",)
 # Fields that fix the on-disk layout; a resume must agree on them too.
 LAYOUT_FIELDS = ("grid", "dim", "num_prefix", "masked", "shard_size", "codec", "splits")
 TARGET_SHARD_BYTES = 128 * 2**20
@@ -121,6 +123,7 @@ class StoreSpec:
     splits: dict[str, int]  # split name -> number of items
     dataset_fingerprint: str
     masked: bool = True
+    precision: str = "fp32"  # of the forward pass: "bf16" (autocast, on a GPU) or "fp32"; it changes the tokens
     shard_size: int = 0  # 0: chosen so that one shard of one layer is about 128 MiB
     codec: str | None = None  # None, "zstd" or "blosc-lz4"
     extra: dict = field(default_factory=dict)  # provenance that does not change tokens
@@ -318,7 +321,8 @@ class TokenStore:
         new = spec.to_meta()
         late = ("backbone_config", "dataset_fingerprint")
         order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
-        differing = [name for name in order if _json(self.meta.get(name)) != _json(new[name])]
+        differing = [name for name in order if _json(self.meta.get(name)) != _json(new[name])
+                     and (name in self.meta or name not in LATER_KEY_FIELDS)]
         if differing:
             entries = _differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
             what = ", ".join(f"{where} is {_short(old)} in the store but {_short(now)} now" for where, old, now in entries[:3])

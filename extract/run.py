@@ -90,6 +90,7 @@ def plan(
     codec: str | None,
     shard_size: int,
     part: tuple[int, int],
+    precision: str = "fp32",
     progress: bool = False,
 ) -> Plan:
     existing_classes = None
@@ -116,6 +117,7 @@ def plan(
         splits={name: len(items) for name, items in dataset.splits.items()},
         dataset_fingerprint=dataset.fingerprint(),
         masked=backbone.modality == "audio",
+        precision=precision,
         shard_size=shard_size,
         codec=codec,
         extra={"dataset": str(dataset_source), "format": fmt, **provenance()},
@@ -509,14 +511,17 @@ def extract(
         target = pick_device(device)
     except ValueError as error:
         raise ExtractionError(f"--device {error}") from None
+    if "final_norm" in (backbone_options or {}):
+        raise ExtractionError("--backbone-option final_norm: use --final-norm (final_norm=True in Python)")
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     layers = resolve_layers(layers, model.depth)
     forward = Forward(model, target, layers, dtype, precision, batch_size, slots=IN_FLIGHT + 1)
     warm_up = WarmUp(forward) if target.type == "cuda" and not dry_run else None
     store = batches = None
     try:  # until the first batch: a failure stops the warm-up and the workers, and closes the store
+        effective = "bf16" if precision == "bf16" and target.type == "cuda" else "fp32"  # CPU runs are always fp32
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
-                    shard_size=shard_size, part=part, progress=progress)
+                    shard_size=shard_size, part=part, precision=effective, progress=progress)
         spec = work.spec
         if dry_run:
             return check_existing(work, store_path)

@@ -183,6 +183,26 @@ def test_the_decoding_workers_run_at_a_lower_priority_than_the_run(dataset, tmp_
     assert set(workers.values()) == {os.getpriority(os.PRIO_PROCESS, 0) + run_module.WORKER_NICENESS}
 
 
+def test_the_store_records_the_forward_passs_precision_and_a_store_from_before_still_resumes(dataset, tmp_path):
+    """bf16 asked for on a CPU runs (and is recorded) in fp32. A store made before the precision was
+    recorded resumes: nothing says how it was made, so nothing is refused."""
+    import zarr
+
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path, precision="bf16", device="cpu")
+    with open_store(store_path) as store:
+        assert store.meta["precision"] == "fp32"
+    del zarr.open_group(store_path, mode="r+").attrs["precision"]
+    again = run(dataset, store_path)
+    assert again.items_written == 0 and again.shards_skipped == 5
+
+
+def test_the_final_norm_is_an_option_of_the_run_not_of_the_backbone(dataset, tmp_path):
+    """-o final_norm=... would collide with --final-norm: it is refused, pointing to it."""
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(tmp_path / "s.zarr"), "-o", "final_norm=1", "--dry-run"])
+    assert result.exit_code == 2 and "--backbone-option final_norm: use --final-norm" in result.output, result.output
+
+
 def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_path):
     store_path = tmp_path / "s.zarr"
     run(dataset, store_path)
@@ -386,7 +406,7 @@ def test_a_failed_warm_up_closes_the_store_it_resumes(dataset, tmp_path, monkeyp
     monkeypatch.setattr(store_module.TokenStore, "close", lambda self: (closed.append(self.path), close(self)))
 
     with pytest.raises(RuntimeError, match="warm-up"):
-        run(dataset, tmp_path / "s.h5", layers=[0])
+        run(dataset, tmp_path / "s.h5", layers=[0], precision="fp32")  # as the CPU run that made it
     assert len(opened) >= 2 and closed == opened  # the dataset check's look at the classes, then the resumed store
 
 

@@ -62,6 +62,7 @@ def test_gpu_extraction_equals_a_direct_forward(dataset, tmp_path, precision, dt
                       batch_size=3, shard_size=4, num_workers=2, progress=False)
     assert [item for item, _ in summary.failed] == ["bad.wav"]
     with open_store(store_path) as store:
+        assert store.meta["precision"] == precision
         train = store.split("train")
         ids = list(train.column("ids"))
         for index, name in enumerate(ids):

@@ -880,6 +880,8 @@ MISMATCHES = {
     "layers": ({"-l": "2"}, "layers is [0, 1, 2] in the store but [2] now"),
     "final_norm": ({"--final-norm": None}, "final_norm is false in the store but true now"),
     "dtype": ({"--dtype": "float32"}, 'dtype is "float16" in the store but "float32" now'),
+    # a store started on a GPU in bf16, resumed on a CPU (always fp32)
+    "precision": ({}, 'precision is "bf16" in the store but "fp32" now'),
     "shard_size": ({"--shard-size": "4"}, "shard_size is 2 in the store but 4 now"),
     "dataset": ({}, "dataset_fingerprint is"),  # c0.wav relabelled
 }
@@ -888,7 +890,7 @@ MISMATCHES = {
 @pytest.mark.parametrize("case", list(MISMATCHES))
 def test_a_store_of_another_configuration_is_refused_naming_the_field(clips, tmp_path, monkeypatch, case):
     """`tokens extract` resuming into a store made with another backbone, checkpoint, front-end,
-    window, layers, final norm, dtype, shard size or dataset exits 2 naming the field (down to the
+    window, layers, final norm, precision, dtype, shard size or dataset exits 2 naming the field (down to the
     front-end setting) with both values, before decoding anything, and leaves the store as it was."""
     import tokens.extract.run as run_module
     from tokens.extract.backbones.crepe import Crepe
@@ -911,6 +913,10 @@ def test_a_store_of_another_configuration_is_refused_naming_the_field(clips, tmp
             expected = expected.format(old_sha=opened.meta["checkpoint_sha256"], new_sha=sha256_file(options["-c"]))
     if case == "frontend":
         monkeypatch.setattr(Crepe, "frontend", CrepeFrames(hop=320))
+    if case == "precision":
+        import zarr
+
+        zarr.open_group(store, mode="r+").attrs["precision"] = "bf16"
     if case == "dataset":
         dataset = dataset.parent / "relabelled.csv"
         dataset.write_text(clips[0].read_text().replace("c0.wav,low,", "c0.wav,mid,"))
