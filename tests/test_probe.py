@@ -241,6 +241,13 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     refused = invoke("report", edited, "--out", tmp_path / "mixed")
     assert refused.exit_code == 2 and "ran another training than part-1-of-2" in said(refused), said(refused)
 
+    # The same heads in another order split into other parts: merged, half the sweep would be missing.
+    reordered = tmp_path / "reordered"
+    shutil.copytree(parts / "part-1-of-2", reordered / "part-1-of-2")
+    ok("probe", store, "--heads", "protobin,ep,linear", *SWEEP[2:], *FAST, "--part", "2/2", "--out", reordered)
+    refused = invoke("report", reordered, "--out", tmp_path / "reordered-report")
+    assert refused.exit_code == 2 and "ran another sweep than part-1-of-2" in said(refused), said(refused)
+
 
 def test_ram_gives_the_results_of_stream(store, run, tmp_path):
     out = tmp_path / "ram"

@@ -215,7 +215,9 @@ def probe(
             typer.echo(f"part {index}/{count}: {len(mine)} of {len(configs)} configurations, results in {out}")
         typer.echo(f"{len(mine)} configurations on {compute}")
         recipe.run(
-            opened, mine, out, sweep=spec, part=(index, count), epochs=epochs, batch_size=batch_size,
+            # The sweep's whole list of configurations, in order: parts take every count-th, so parts
+            # of one sweep must agree on it (report.check_parts_agree), not only on its heads and values.
+            opened, mine, out, sweep=spec | {"configs": [c.id for c in configs]}, part=(index, count), epochs=epochs, batch_size=batch_size,
             warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss, data=data, device=compute,
             data_seed=data_seed,
         )
