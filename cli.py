@@ -104,9 +104,12 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
             raise typer.BadParameter(f"{needed} does not exist", param_hint="ARGS")
         typer.echo(f"note: {needed} does not exist yet; the tasks need it when they start", err=True)
     elif verb == "probe":  # the sweep as the tasks will build it: more tasks than configurations leave some idle
+        # An unfinished store is let through: the extraction filling it may be done before the tasks start.
         with train_commands.open_checked(needed, ["train", "test"], True, optional=("valid",)) as store:
             try:
-                configs, _ = train_commands.build_sweep(store, *sweep)
+                configs, _ = train_commands.plan_probe(store, **{key: params[key] for key in (
+                    "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "batch_size", "loss", "data")},
+                    optimizer=params["optimizer"].value)
             except SweepError as error:
                 raise typer.BadParameter(str(error), param_hint=error.option) from error
         if array > len(configs):

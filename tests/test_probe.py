@@ -324,10 +324,19 @@ def test_block_shuffle_depends_only_on_seed_and_epoch():
     (["--data", "disk"], "--data"),
     (["--optimizer", "adam"], "--optimizer"),
     (["--schedule", "step"], "--schedule"),
+    (["--optimizer", "sgd"], "--lr"),  # no default rate of its own
 ])
-def test_mistakes_name_the_option_at_fault(store, tmp_path, args, option):
+def test_mistakes_name_the_option_at_fault(store, tmp_path, args, option, monkeypatch):
+    """...the same in `tokens probe` and, before it writes a script, in `tokens slurm probe`."""
     result = invoke("probe", store, *args, "--device", "cpu", "--out", tmp_path / "x")
     assert result.exit_code == 2 and option in said(result), result.output
+    if option != "--part":  # the tasks of an array take their parts themselves
+        monkeypatch.chdir(tmp_path)
+        from tokens.cli import app as tokens_app
+
+        result = CliRunner().invoke(tokens_app, [str(a) for a in ("slurm", "probe", store, *args, "--out", tmp_path / "x",
+                                                                 "--array", "1", "--script", "job.sbatch")])
+        assert result.exit_code == 2 and option in said(result) and not (tmp_path / "job.sbatch").exists(), result.output
 
 
 def test_missing_and_incomplete_splits_are_refused(tmp_path):

@@ -129,10 +129,16 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[dict, 
     return spec, where
 
 
-def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default_lr: float | None = None) -> tuple[list, dict]:
+def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default_lr: float | None = None,
+                lr_required: bool = False) -> tuple[list, dict]:
     """The configurations asked for, checked against the registry and the store, and the sweep as a
-    record. Heads without a learning rate get `default_lr`, or their own default when it is None."""
+    record. Heads without a learning rate get `default_lr`, or their own default when it is None;
+    `lr_required`: they are refused instead (an optimizer without a default rate)."""
     spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file)
+    without_lr = [head for head, opts in spec["heads"].items() if not opts.get("lr")] if not spec.get("lr") else []
+    if lr_required and without_lr:
+        raise SweepError(f"this optimizer has no default learning rate: give --lr (or {without_lr[0]}.lr for head "
+                         f"{without_lr[0]!r})", "--lr")
     resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
     configs = sweeps.expand(
         spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
@@ -151,6 +157,18 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
             except (TypeError, ValueError) as error:
                 raise SweepError(f"{config.group}: {error}", where) from error
     return configs, spec | {"layers_resolved": resolved}
+
+
+def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer: str, batch_size: int, loss: str | None,
+               data: str) -> tuple[list, dict]:
+    """The configurations `tokens probe` would train on this open store, after every check it makes
+    before training; `tokens slurm probe` runs it before it writes a script."""
+    if data not in MODES:
+        raise SweepError(f"{data!r}: use {', '.join(MODES)}", "--data")
+    if loss is not None and loss not in LOSSES[store.task]:
+        raise SweepError(f"{loss!r} does not fit this {store.task} store; use {', '.join(LOSSES[store.task])}", "--loss")
+    return build_sweep(store, heads, option, lr, wd, layers, seeds, sweep, default_lr(optimizer, batch_size),
+                       lr_required=optimizer == "sgd")
 
 
 def probe(
@@ -191,8 +209,6 @@ def probe(
     run resumes from RUN/checkpoint.pt when started again with the same arguments. Parts of a
     sweep (--part) are merged with `tokens report RUN`.
     """
-    if data not in MODES:
-        raise typer.BadParameter(f"{data!r}: use {', '.join(MODES)}", param_hint="--data")
     compute = device_option(device)
     if data == "gpu" and compute.type != "cuda":
         raise typer.BadParameter("gpu mode needs a CUDA device; use ram or stream", param_hint="--data")
@@ -200,9 +216,8 @@ def probe(
         torch.set_num_threads(num_threads)
     opened = open_checked(store, ["train", "test"], allow_incomplete, optional=("valid",))
     try:
-        if loss is not None and loss not in LOSSES[opened.task]:
-            raise SweepError(f"{loss!r} does not fit this {opened.task} store; use {', '.join(LOSSES[opened.task])}", "--loss")
-        configs, spec = build_sweep(opened, heads, option, lr, wd, layers, seeds, sweep, default_lr(optimizer.value, batch_size))
+        configs, spec = plan_probe(opened, heads=heads, option=option, lr=lr, wd=wd, layers=layers, seeds=seeds, sweep=sweep,
+                                   optimizer=optimizer.value, batch_size=batch_size, loss=loss, data=data)
         try:
             index, count = resolve_part(part)
         except ValueError as error:
