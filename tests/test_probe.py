@@ -277,6 +277,12 @@ def test_multiclass_store_without_valid_split(tmp_path):
     assert float(mhca["test_acc"]) == pytest.approx(accuracy_score(labels, predicted))
     assert float(mhca["test_balanced_acc"]) == pytest.approx(balanced_accuracy_score(labels, predicted))
 
+    # The same dim and classes but a multi-label store: softmax scores would be meaningless there.
+    multilabel = make_store(tmp_path / "ml.zarr", splits={"train": 16, "test": 16})
+    refused = invoke("predict", multilabel, "--head", out / "best" / "mhca.pt", "--out", tmp_path / "ml.csv", "--device", "cpu")
+    assert refused.exit_code == 2 and "was trained for a multiclass task" in said(refused) and "is multilabel" in said(refused)
+    assert not (tmp_path / "ml.csv").exists()
+
 
 def test_a_sweep_file_expands_like_the_command_line(store, tmp_path):
     path = tmp_path / "sweep.toml"

@@ -308,6 +308,8 @@ def predict(
         build, layer = saved["build"], saved["layer"]
         if opened.meta["dim"] != build["dim"] or opened.classes != saved["classes"]:
             raise typer.BadParameter(f"{head} was trained on tokens of another dim or class list than {store}'s", param_hint="--head")
+        if saved["task"] != opened.task:  # its scores would be sigmoids for a softmax task, or the reverse
+            raise typer.BadParameter(f"{head} was trained for a {saved['task']} task; {store} is {opened.task}", param_hint="--head")
         multi = HEADS[build["name"]].multi_layer
         if (multi and build["num_layers"] != len(opened.layers)) or (not multi and layer not in opened.layers):
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
