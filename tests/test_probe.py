@@ -680,3 +680,18 @@ def test_a_job_array_larger_than_the_sweep_is_refused(store, tmp_path, monkeypat
     assert bad.exit_code == 2 and "num_queries must be a positive integer" in said(bad), said(bad)
     assert not script.exists()
     assert slurm(*SWEEP, "--array", "6").exit_code == 0 and "#SBATCH --array=1-6" in script.read_text()
+
+
+def test_a_run_directory_is_not_shared_by_two_sweeps(store, tmp_path):
+    """Another sweep in the same --out is refused, by its checkpoint or, once that is deleted, by
+    the results left there (whose best/ heads would sit among the new sweep's); the same sweep
+    started again is not."""
+    out = tmp_path / "run"
+    ok("probe", store, "--heads", "ep,protobin", *FAST, "--out", out)
+    refused = invoke("probe", store, "--heads", "linear", *FAST, "--out", out)
+    assert refused.exit_code == 2 and "belongs to another sweep" in said(refused) and f"delete {out} to start over" in said(refused)
+    (out / "checkpoint.pt").unlink()
+    refused = invoke("probe", store, "--heads", "linear", *FAST, "--out", out)
+    assert refused.exit_code == 2 and f"{out} holds the results of another sweep" in said(refused), said(refused)
+    assert sorted(path.name for path in (out / "best").iterdir()) == ["ep.pt", "protobin.pt"]
+    ok("probe", store, "--heads", "ep,protobin", *FAST, "--out", out)

@@ -160,12 +160,24 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
         differs = [k for k in plan if saved.get(k) != plan[k]]
         raise SweepError(
             f"{path} belongs to another sweep ({', '.join(differs)} differ); "
-            "use another --out, or delete the checkpoint to start over",
+            f"use another --out, or delete {path.parent} to start over",
             "--out",
         )
     if any("val_metrics" not in saved for saved in state["probes"]):
         raise SweepError(f"{path} was written by an older version of tokens; delete it to start over", "--out")
     return state
+
+
+def check_no_other_results(out: Path, training: dict):
+    """A sweep starting afresh in a run directory that holds another sweep's results (its checkpoint
+    deleted) would leave that sweep's best/ heads and heads/ records among its own: refuse."""
+    try:
+        earlier = json.loads((out / "config.json").read_text()).get("training")
+    except (OSError, ValueError):  # none there (or unreadable): nothing to mix with
+        return
+    if earlier != training:
+        raise SweepError(f"{out} holds the results of another sweep (config.json, leaderboard.csv, best/, heads/): "
+                         f"use another --out, or delete {out} to start over", "--out")
 
 
 def restore(state: dict, probes: list[Probe]) -> int:
@@ -246,10 +258,13 @@ def run(
             "store_key": store.meta["cache_key"]}
     checkpoint = out / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, plan)
+    training = plan | {"loss": loss or DEFAULT_LOSS[task]}
+    if saved is None:
+        check_no_other_results(out, training)
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
               "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],
-              "training": plan | {"loss": loss or DEFAULT_LOSS[task]},
+              "training": training,
               "versions": versions()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
