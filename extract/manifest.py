@@ -104,13 +104,15 @@ def read_dataset(
     modality: str,
     classes: list[str] | None = None,
     progress: bool = False,
+    store: str | Path | None = None,
 ) -> Dataset:
     """Check a manifest or class-folder tree and expand it into items.
 
     Audio longer than `window_seconds` is cut into windows (see MIN_LAST_WINDOW for the tail);
     durations come from file headers, nothing is decoded. `classes` fixes the label space when
     resuming into an existing store: a label outside it is a problem. `progress` shows a bar: the
-    files of a large dataset take minutes to check.
+    files of a large dataset take minutes to check. `store`: the store being filled, left out of a
+    class-folder tree that holds it.
     """
     if modality not in ("audio", "image"):
         raise ValueError(f"modality must be 'audio' or 'image', not {modality!r}")
@@ -119,7 +121,7 @@ def read_dataset(
     if window_seconds is not None and window_seconds <= 0:
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
-    columns, records, problems = _read(source)
+    columns, records, problems = _read(source, None if store is None else Path(store).absolute())
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
@@ -143,10 +145,10 @@ def read_dataset(
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate)
 
 
-def _read(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+def _read(source: Path, store: Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
     """Columns, (location, record) pairs and reading problems of any supported source."""
     if source.is_dir():
-        return _read_folders(source)
+        return _read_folders(source, store)
     if not source.is_file():
         raise ManifestError(source, ["no such file or folder"])
     if source.suffix.lower() == ".csv":
@@ -190,19 +192,24 @@ def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
     return list(columns), records, problems
 
 
-def _read_folders(root: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
-    """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries are skipped."""
+def _read_folders(root: Path, store: Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+    """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries, and
+    the store being filled if it lies inside, are skipped."""
     records, problems = [], []
-    for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+
+    def skipped(path: Path) -> bool:
+        return path.name.startswith(".") or (store is not None and (path == store or store in path.parents))
+
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not skipped(p)):
         if split_dir.name not in SPLITS:
             problems.append(f"{split_dir.name}/: not a split folder (use train, valid or test)")
             continue
-        for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
+        for class_dir in sorted(p for p in split_dir.iterdir() if not skipped(p)):
             if not class_dir.is_dir():
                 problems.append(f"{split_dir.name}/{class_dir.name}: file outside a class folder")
                 continue
             for file in sorted(class_dir.rglob("*")):
-                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts):
+                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts) and not skipped(file):
                     rel = file.relative_to(root).as_posix()
                     records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
     return ["path", "label", "split"], records, problems

@@ -99,7 +99,7 @@ def plan(
             existing_classes = store.classes
     dataset = read_dataset(
         dataset_source, window_seconds=backbone.window_seconds, sample_rate=backbone.sample_rate,
-        modality=backbone.modality, classes=existing_classes, progress=progress,
+        modality=backbone.modality, classes=existing_classes, progress=progress, store=store_path,
     )
     spec = StoreSpec(
         backbone=backbone.name,

@@ -203,6 +203,17 @@ def test_the_final_norm_is_an_option_of_the_run_not_of_the_backbone(dataset, tmp
     assert result.exit_code == 2 and "--backbone-option final_norm: use --final-norm" in result.output, result.output
 
 
+@pytest.mark.parametrize("store", ["tokens.zarr", "train/tokens.h5"])
+def test_a_store_kept_inside_its_class_folders_resumes(tmp_path, store):
+    root = tmp_path / "folders"
+    for name, freq in (("train/low/a.wav", 220), ("train/high/b.wav", 880), ("test/low/c.wav", 250)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        tone(root / name, 0.5, freq)
+    first = run(root, root / store)
+    again = run(root, root / store)
+    assert first.items_written == 3 and again.items_written == 0 and again.shards_skipped == first.shards_written
+
+
 def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_path):
     store_path = tmp_path / "s.zarr"
     run(dataset, store_path)

@@ -94,6 +94,27 @@ def test_class_folders(tmp_path):
     assert [it.id for it in ds.splits["test"]] == ["test/cat/4.wav"]
 
 
+@pytest.mark.parametrize("store", ["tokens.zarr", "train/tokens.zarr", "train/dog/tokens.zarr", "train/dog/tokens.h5"])
+def test_a_store_kept_inside_the_class_folders_is_not_part_of_the_dataset(tmp_path, store):
+    """Resuming into it must see the dataset the first run saw, not the store's own files as items,
+    a split or a class."""
+    wav(tmp_path / "train/dog/1.wav", 1)
+    wav(tmp_path / "test/dog/2.wav", 1)
+    where = tmp_path / store
+    if where.suffix == ".zarr":
+        (where / "train" / "tokens").mkdir(parents=True)
+        (where / "zarr.json").write_text("{}")
+    else:
+        where.write_bytes(b"\x89HDF\r\n\x1a\n")
+    ds = audio(tmp_path, store=where)
+    assert ds.classes == ["dog"] and [it.id for it in ds.splits["train"]] == ["train/dog/1.wav"]
+    try:  # without being told which path is the store, it is data: a bad split, a class or items
+        unaware = [it.id for it in audio(tmp_path).splits["train"]]
+    except ManifestError:
+        unaware = None
+    assert unaware != ["train/dog/1.wav"]
+
+
 def test_class_folder_problems(tmp_path):
     wav(tmp_path / "train/dog/1.wav", 1)
     wav(tmp_path / "tset/dog/2.wav", 1)
