@@ -361,7 +361,7 @@ def _windows(row: _Row, window: float | None, bad: list[str]) -> list[tuple[floa
     full = math.floor(length / window + 1e-9)
     spans = [(row.start + k * window, window) for k in range(full)]
     rest = length - full * window
-    if full == 0 or rest >= MIN_LAST_WINDOW * window:
+    if full == 0 or rest >= MIN_LAST_WINDOW * window - 1e-9:  # 4.1 - 4 is 0.0999...: a tenth, as 2.1 - 2 is
         spans.append((row.start + full * window, rest))
     return [(round(offset, 6), round(duration, 6)) for offset, duration in spans]
 

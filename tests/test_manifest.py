@@ -115,6 +115,19 @@ def test_a_store_kept_inside_the_class_folders_is_not_part_of_the_dataset(tmp_pa
     assert unaware != ["train/dog/1.wav"]
 
 
+def test_a_last_window_of_exactly_the_minimum_is_kept_whatever_the_length(tmp_path):
+    """The rule is the same for every length: floating point must not drop 4.1 s's last tenth but keep 2.1 s's."""
+    rows = ["path,label,split"]
+    for seconds in (2.1, 3.1, 4.1, 5.1, 8.1, 16.1, 4.09):
+        wav(tmp_path / f"{seconds}.wav", seconds)
+        rows.append(f"{seconds}.wav,x,train")
+    ds = audio(csv_file(tmp_path / "m.csv", "\n".join(rows) + "\n"), window=1.0)
+    counts = {}
+    for item in ds.splits["train"]:
+        counts[item.source] = counts.get(item.source, 0) + 1
+    assert counts == {"2.1.wav": 3, "3.1.wav": 4, "4.1.wav": 5, "5.1.wav": 6, "8.1.wav": 9, "16.1.wav": 17, "4.09.wav": 4}
+
+
 def test_class_folder_problems(tmp_path):
     wav(tmp_path / "train/dog/1.wav", 1)
     wav(tmp_path / "tset/dog/2.wav", 1)
