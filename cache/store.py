@@ -87,6 +87,9 @@ def check_writable(path: str | Path):
         places, doing = [path] if path.is_file() else _store_dirs(path), f"writes its shards into the store {path}"
     else:
         places, doing = [next(p for p in path.resolve().parents if p.exists())], f"creates the store {path} there"
+        if not places[0].is_dir():
+            raise StoreError(f"{places[0]} is a file, not a folder: `tokens extract` cannot create the store {path} under it; "
+                             "use another --store")
     for place in places:
         if not os.access(place, os.W_OK | (0 if place.is_file() else os.X_OK)):
             read_only_fs = bool(os.statvfs(place).f_flag & os.ST_RDONLY)

@@ -214,6 +214,12 @@ def test_a_store_kept_inside_its_class_folders_resumes(tmp_path, store):
     assert first.items_written == 3 and again.items_written == 0 and again.shards_skipped == first.shards_written
 
 
+def test_a_store_under_a_file_is_refused_before_any_work(dataset, tmp_path):
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(dataset / "sub" / "s.zarr")])
+    assert result.exit_code == 2 and f"{dataset} is a file, not a folder" in result.output, result.output
+    assert "shards already complete are kept" not in result.output
+
+
 def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_path):
     store_path = tmp_path / "s.zarr"
     run(dataset, store_path)
