@@ -13,6 +13,7 @@ cannot be decoded is not: it stays an item, and the extractor records it as fail
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -158,37 +159,48 @@ def _read(source: Path, store: Path | None) -> tuple[list[str], list[tuple[str, 
     raise ManifestError(source, ["not a .csv or .jsonl manifest, nor a folder of <split>/<class>/ files"])
 
 
+def _text_of(source: Path) -> str:
+    """The manifest's text; one that is not UTF-8 is refused naming the line, not with a codec's message."""
+    data = source.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # -sig: Excel writes a byte-order mark
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ManifestError(source, [f"line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; save the manifest as UTF-8"]) from None
+
+
 def _read_csv(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
     records, problems = [], []
-    with source.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        line = reader.line_num + 1  # a quoted field may span lines: a row starts after the last one
+    reader = csv.reader(io.StringIO(_text_of(source), newline=""))
+    header = [name.strip() for name in next(reader, [])]
+    line = reader.line_num + 1  # a quoted field may span lines: a row starts after the last one
+    try:
         for values in reader:
             if len(values) > len(header):
                 problems.append(f"line {line}: {len(values)} fields but the header has {len(header)}")
             elif any(value.strip() for value in values):
                 records.append((f"line {line}", dict(zip(header, values))))
             line = reader.line_num + 1
+    except csv.Error as error:  # a field past the csv module's limit: most often a quote never closed
+        problems.append(f"line {line}: {error} (a quote opened here and never closed?)")
     return header, records, problems
 
 
 def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
     columns, records, problems = {}, [], []
-    with source.open(encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                problems.append(f"line {line}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(record, dict):
-                problems.append(f"line {line}: not a JSON object")
-                continue
-            columns.update(dict.fromkeys(record))
-            records.append((f"line {line}", record))
+    for line, text in enumerate(_text_of(source).split("\n"), 1):  # lines as an editor counts them
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {line}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"line {line}: not a JSON object")
+            continue
+        columns.update(dict.fromkeys(record))
+        records.append((f"line {line}", record))
     return list(columns), records, problems
 
 
@@ -230,7 +242,8 @@ def _check(
     elif "labels" not in columns and "label" not in columns:
         missing.append("'labels' (multi-label) or 'label' (multi-class)")
     if missing:
-        problems.append(f"missing required column(s): {', '.join(missing)}")
+        found = f"the columns are {', '.join(map(repr, columns))}" if columns else "no columns were found"
+        problems.append(f"missing required column(s): {', '.join(missing)} ({found})")
         return "", []
     task = "multilabel" if "labels" in columns else "multiclass"
     known = None if classes is None else set(classes)

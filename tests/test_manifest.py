@@ -128,6 +128,22 @@ def test_a_last_window_of_exactly_the_minimum_is_kept_whatever_the_length(tmp_pa
     assert counts == {"2.1.wav": 3, "3.1.wav": 4, "4.1.wav": 5, "5.1.wav": 6, "8.1.wav": 9, "16.1.wav": 17, "4.09.wav": 4}
 
 
+@pytest.mark.parametrize("name, content, problem", [
+    ("latin1.csv", b"path,labels,split\na.wav,x,train\nb.wav,caf\xe9,train\n", "line 3: byte 0xe9 is not UTF-8 text"),
+    ("latin1.jsonl", b'{"path": "a.wav", "labels": "x", "split": "train"}\n{"path": "caf\xe9.wav"}\n', "line 2: byte 0xe9 is not UTF-8 text"),
+    ("quote.csv", b'path,labels,split\na.wav,x,train\n"b.wav,x,train\n' + b"c.wav,x,train\n" * 20000,
+     "line 3: field larger than field limit"),
+    ("capitals.csv", b"Path,Labels,Split\na.wav,x,train\n", "(the columns are 'Path', 'Labels', 'Split')"),
+    ("semicolons.csv", b"path;labels;split\na.wav;x;train\n", "(the columns are 'path;labels;split')"),
+])
+def test_a_manifest_that_cannot_be_read_is_refused_naming_the_line_or_the_columns(tmp_path, name, content, problem):
+    wav(tmp_path / "a.wav", 1)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ManifestError) as raised:
+        audio(tmp_path / name)
+    assert str(tmp_path / name) in str(raised.value) and problem in str(raised.value), raised.value
+
+
 def test_class_folder_problems(tmp_path):
     wav(tmp_path / "train/dog/1.wav", 1)
     wav(tmp_path / "tset/dog/2.wav", 1)
