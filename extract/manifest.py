@@ -297,8 +297,15 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     if split not in SPLITS:
         bad.append(f"unknown split {split!r} (use train, valid or test)")
 
-    labels = _labels(record.get("labels" if task == "multilabel" else "label"), task)
-    if not labels and task == "multiclass":  # a multi-label clip may hold none of the classes
+    column = "labels" if task == "multilabel" else "label"
+    try:
+        labels, typed = _labels(record.get(column), task), True
+    except TypeError as error:
+        labels, typed = [], False
+        bad.append(f"{column} {error}")
+    if not typed:
+        pass
+    elif not labels and task == "multiclass":  # a multi-label clip may hold none of the classes
         bad.append("empty label")
     elif known is not None and (unknown := [name for name in labels if name not in known]):
         bad.append(f"label(s) not among the store's classes: {', '.join(unknown)}")
@@ -329,7 +336,12 @@ def _text(value) -> str:
 
 
 def _labels(value, task: str) -> list[str]:
-    """Class names of one row: `;`-separated (or a JSON list) for multi-label, one name otherwise."""
+    """Class names of one row: `;`-separated (or a JSON list) for multi-label, one name otherwise.
+    A JSON value of another kind (an object, true, a list in a list) is a TypeError, not a name."""
+    names = value if isinstance(value, list) and task == "multilabel" else [value]
+    for name in names:
+        if name is not None and (isinstance(name, bool) or not isinstance(name, (str, int, float))):
+            raise TypeError(f"{value!r} is not {'a class name' if task == 'multiclass' else 'class names'} (text, or a list of text)")
     if task == "multiclass":
         return [name] if (name := _text(value)) else []
     names = value if isinstance(value, list) else _text(value).split(";")

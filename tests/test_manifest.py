@@ -1,6 +1,7 @@
 """Dataset manifests: parsing, validation reported all at once, window planning, images."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -142,6 +143,24 @@ def test_a_manifest_that_cannot_be_read_is_refused_naming_the_line_or_the_column
     with pytest.raises(ManifestError) as raised:
         audio(tmp_path / name)
     assert str(tmp_path / name) in str(raised.value) and problem in str(raised.value), raised.value
+
+
+def test_jsonl_labels_that_are_not_text_are_row_problems(tmp_path):
+    """An object, a boolean or a list inside a list would otherwise become a class named after its repr."""
+    wav(tmp_path / "a.wav", 1)
+    rows = [{"labels": {"a": 1}}, {"labels": True}, {"labels": ["y", ["z"]]}, {"labels": ["y", 3]}, {"labels": "x;y"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": "a.wav", "split": "train", "id": str(i), **row}) + "\n"
+                                              for i, row in enumerate(rows)))
+    with pytest.raises(ManifestError) as raised:
+        audio(tmp_path / "m.jsonl")
+    assert raised.value.problems == [
+        "line 1: labels {'a': 1} is not class names (text, or a list of text)",
+        "line 2: labels True is not class names (text, or a list of text)",
+        "line 3: labels ['y', ['z']] is not class names (text, or a list of text)",
+    ]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"path": "a.wav", "split": "train", "label": ["x"]}) + "\n")
+    with pytest.raises(ManifestError, match=re.escape("line 1: label ['x'] is not a class name")):
+        audio(tmp_path / "c.jsonl")
 
 
 def test_class_folder_problems(tmp_path):
