@@ -224,6 +224,9 @@ def _read_folders(root: Path, store: Path | None) -> tuple[list[str], list[tuple
                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts) and not skipped(file):
                     rel = file.relative_to(root).as_posix()
                     records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
+    if not records and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
+        problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
+                        "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
     return ["path", "label", "split"], records, problems
 
 

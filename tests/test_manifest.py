@@ -163,6 +163,13 @@ def test_jsonl_labels_that_are_not_text_are_row_problems(tmp_path):
         audio(tmp_path / "c.jsonl")
 
 
+def test_a_flat_folder_of_files_says_how_to_lay_it_out(tmp_path):
+    for name in ("a.wav", "b.wav"):
+        wav(tmp_path / name, 1)
+    with pytest.raises(ManifestError, match=re.escape("no split folders, but 2 file(s) at the top (e.g. a.wav): lay the folder out as ROOT/<split>/<class>/<file>")):
+        audio(tmp_path)
+
+
 def test_class_folder_problems(tmp_path):
     wav(tmp_path / "train/dog/1.wav", 1)
     wav(tmp_path / "tset/dog/2.wav", 1)
