@@ -695,3 +695,37 @@ def test_a_run_directory_is_not_shared_by_two_sweeps(store, tmp_path):
     assert refused.exit_code == 2 and f"{out} holds the results of another sweep" in said(refused), said(refused)
     assert sorted(path.name for path in (out / "best").iterdir()) == ["ep.pt", "protobin.pt"]
     ok("probe", store, "--heads", "ep,protobin", *FAST, "--out", out)
+
+
+class _StoreOfDim32:
+    """What build_sweep reads of a store: dim, classes, layers."""
+    meta, classes, layers = {"dim": 32}, ["a", "b"], [3, 6]
+
+    def resolve_layer(self, value):
+        from tokens.cache.store import StoreError
+
+        if value not in (-1, 3, 6):
+            raise StoreError(f"layer {value} is not cached")
+        return 6 if value == -1 else value
+
+
+def test_sweep_mistakes_name_what_the_user_gave(tmp_path):
+    """A default option that does not fit the store names --heads, not an --option never given; the
+    layers of a sweep file name the file; one option given twice is refused, not half dropped."""
+    def refused(*args) -> sweeps.SweepError:
+        with pytest.raises(sweeps.SweepError) as raised:
+            commands.build_sweep(_StoreOfDim32(), *args)
+        return raised.value
+
+    error = refused("mhca", None, None, None, None, None, None)
+    assert error.option == "--heads" and "with its default options, mhca: dim 32 is not divisible by num_heads 12" in str(error)
+    assert "--option mhca.NAME=VALUE" in str(error)
+    error = refused("mhca", ["mhca.num_heads=5"], None, None, None, None, None)
+    assert error.option == "--option" and "num_heads 5" in str(error)
+    (tmp_path / "s.toml").write_text("layers = [7]\n[heads.linear]\n")
+    error = refused(None, None, None, None, None, None, tmp_path / "s.toml")
+    assert error.option == "--sweep" and str(error).startswith(f"{tmp_path / 's.toml'}: layers: layer 7 is not cached")
+    error = refused(None, None, None, None, "7", None, tmp_path / "s.toml")
+    assert error.option == "--layers"
+    error = refused("ep", ["ep.num_queries=2", "ep.num_queries=4"], None, None, None, None, None)
+    assert error.option == "--option" and "--option ep.num_queries is given twice" in str(error)

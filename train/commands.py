@@ -139,7 +139,12 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
     if lr_required and without_lr:
         raise SweepError(f"this optimizer has no default learning rate: give --lr (or {without_lr[0]}.lr for head "
                          f"{without_lr[0]!r})", "--lr")
-    resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
+    try:
+        resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
+    except SweepError as error:
+        if layers is None and sweep_file is not None and "layers" in spec:  # the file's layers, not --layers
+            raise SweepError(f"{sweep_file}: layers: {error}", "--sweep") from None
+        raise
     configs = sweeps.expand(
         spec["heads"], spec.get("lr"), spec.get("wd", sweeps.DEFAULT_WD), resolved,
         spec.get("seeds", sweeps.DEFAULT_SEEDS), {h for h in HEADS if HEADS[h].multi_layer}, default_lr,
@@ -155,6 +160,9 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
             try:
                 build_head(**args)
             except (TypeError, ValueError) as error:
+                if where == "--option" and not any(k not in ("lr", "wd") for k in spec["heads"][config.head]):
+                    raise SweepError(f"{config.group}: with its default options, {error}; set them with --option "
+                                     f"{config.head}.NAME=VALUE", "--heads") from error
                 raise SweepError(f"{config.group}: {error}", where) from error
     return configs, spec | {"layers_resolved": resolved}
 

@@ -131,6 +131,8 @@ def parse_options(items: list[str] | None) -> dict[str, dict[str, list]]:
         if not match:
             raise SweepError(f"--option {item!r}: write HEAD.NAME=VALUE[,VALUE...], e.g. ep.num_queries=16,32", "--option")
         head, name, values = match.groups()
+        if name in options.get(head, {}):
+            raise SweepError(f"--option {head}.{name} is given twice: list its values once, e.g. {head}.{name}=V1,V2", "--option")
         options.setdefault(head, {})[name] = parse_list(values, "--option")
     return options
 
