@@ -129,6 +129,8 @@ def read_dataset(
         task, rows = _check(root, columns, records, classes, problems, modality == "audio", window, bar)
 
     names = list(classes) if classes is not None else sorted({name for row, _ in rows for name in row.labels})
+    if rows and not names:
+        problems.append("no row has a label: a store needs at least one class")
     index = {name: i for i, name in enumerate(names)}
     splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
     first_row_of: dict[str, str] = {}
@@ -173,9 +175,16 @@ def _read_csv(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str
     records, problems = [], []
     reader = csv.reader(io.StringIO(_text_of(source), newline=""))
     header = [name.strip() for name in next(reader, [])]
+    while header and not header[-1]:  # a trailing comma
+        header.pop()
+    twice = sorted({name for name in header if header.count(name) > 1 and name})
+    if twice:
+        problems.append(f"line 1: the header names {', '.join(map(repr, twice))} more than once")
     line = reader.line_num + 1  # a quoted field may span lines: a row starts after the last one
     try:
         for values in reader:
+            while len(values) > len(header) and not values[-1].strip():  # trailing commas
+                values.pop()
             if len(values) > len(header):
                 problems.append(f"line {line}: {len(values)} fields but the header has {len(header)}")
             elif any(value.strip() for value in values):

@@ -170,6 +170,16 @@ def test_a_flat_folder_of_files_says_how_to_lay_it_out(tmp_path):
         audio(tmp_path)
 
 
+def test_trailing_commas_are_empty_fields_but_a_column_named_twice_or_no_label_at_all_are_problems(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    ds = audio(csv_file(tmp_path / "m.csv", "path,labels,split,\na.wav,x,train,\n"))
+    assert ds.classes == ["x"] and len(ds.splits["train"]) == 1
+    with pytest.raises(ManifestError, match=re.escape("line 1: the header names 'labels' more than once")):
+        audio(csv_file(tmp_path / "twice.csv", "path,labels,split,labels\na.wav,x,train,y\n"))
+    with pytest.raises(ManifestError, match="no row has a label"):
+        audio(csv_file(tmp_path / "none.csv", "path,labels,split\na.wav,,train\n"))
+
+
 def test_class_folder_problems(tmp_path):
     wav(tmp_path / "train/dog/1.wav", 1)
     wav(tmp_path / "tset/dog/2.wav", 1)
