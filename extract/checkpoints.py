@@ -105,7 +105,10 @@ def _refusal(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
             f"{path} contains pickled Python objects ({found.group(1)}) besides tensors; unpickling them can run "
             "arbitrary code"
         )
-    return CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(err)})")
+    # Not pickled objects: torch's advice to retry with weights_only=False does not apply, its detail does.
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+    detail = found.group(1).strip() if found else _first_line(err)
+    return CheckpointError(f"{path}: not a readable torch checkpoint, not a file torch.save wrote ({detail})")
 
 
 def pickle_refused(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
