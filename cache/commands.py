@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,11 @@ def render(info: dict) -> str:
         failed = f", {s['failed_items']} failed items" if s["failed_items"] else ""
         lines.append(f"  {name:<8} {s['items']:>9} items  {state}{failed}")
     lines.append(f"created    {info['created']} by tokens {info['tool_version']}; cache key {info['cache_key'][:16]}")
+    made = info["extra"]  # provenance: who made the store, from what, with which command (the first run's)
+    if made.get("dataset"):
+        lines.append(f"from       {made['dataset']}" + (f" on {made['host']}" if made.get("host") else ""))
+    if made.get("argv"):
+        lines.append(f"command    {shlex.join(made['argv'])}")
     return "\n".join(lines)
 
 

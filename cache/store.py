@@ -260,6 +260,14 @@ def open_store(path: str | Path, mode: str = "r") -> "TokenStore":
     return TokenStore(path, mode=mode)
 
 
+def _zarr_store_at(path: Path) -> bool:
+    """Whether `path` is the root of a zarr tokens store (its group metadata has our schema version)."""
+    try:
+        return "schema_version" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class TokenStore:
     """An open store: store-level metadata and its splits."""
 
@@ -270,6 +278,11 @@ class TokenStore:
         self._handle = _backend(self.format).open(self.path, mode)
         self.meta = self._handle.meta()
         if self.meta.get("schema_version") != SCHEMA_VERSION:
+            self._handle.close()
+            if "schema_version" not in self.meta:  # not a store of ours: perhaps a folder inside one
+                inside = next((parent for parent in self.path.parents if _zarr_store_at(parent)), None)
+                raise StoreError(f"{self.path} is not a tokens store (no schema version in its metadata)"
+                                 + (f"; it lies inside the store {inside}: give that path" if inside else ""))
             raise StoreError(
                 f"{self.path}: schema version {self.meta.get('schema_version')!r} is not "
                 f"{SCHEMA_VERSION}; this store was written by another version of tokens"

@@ -276,6 +276,9 @@ def test_cli_dry_run_and_info(dataset, tmp_path):
     assert re.search(r"wrote 8 items in \d+ shards .* s to the first batch, then \d+ items/s\)", result.output), result.output
     info = CliRunner().invoke(app, ["info", str(store_path)])
     assert "crepe-tiny" in info.output and "complete" in info.output
+    assert f"from       {dataset} on " in info.output and "command    " in info.output, info.output  # provenance
+    inside = CliRunner().invoke(app, ["info", str(store_path / "train")])
+    assert inside.exit_code == 2 and f"it lies inside the store {store_path}: give that path" in inside.output, inside.output
     bad = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "x"])
     assert bad.exit_code != 0 and "--layers" in bad.output
 
