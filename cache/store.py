@@ -327,8 +327,9 @@ class TokenStore:
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
-    def check_compatible(self, spec: StoreSpec):
-        """Refuse to write tokens of another configuration into this store, naming what differs.
+    def check_compatible(self, spec: StoreSpec, unknown: tuple[str, ...] = ()):
+        """Refuse to write tokens of another configuration into this store, naming what differs;
+        `unknown`: fields this caller cannot know yet (not compared).
 
         The field nearest the cause is named first, down to the differing entry (e.g. frontend.hop):
         backbone_config repeats the checkpoint hash and the front-end, and the window it holds also
@@ -338,12 +339,13 @@ class TokenStore:
         late = ("backbone_config", "dataset_fingerprint")
         order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
         differing = [name for name in order if _json(self.meta.get(name)) != _json(new[name])
-                     and (name in self.meta or name not in LATER_KEY_FIELDS)]
+                     and (name in self.meta or name not in LATER_KEY_FIELDS) and name not in unknown]
         if differing:
             entries = _differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
             what = ", ".join(f"{where} is {_short(old)} in the store but {_short(now)} now" for where, old, now in entries[:3])
             what += f" and {len(entries) - 3} more entries of {differing[0]}" if len(entries) > 3 else ""
-            hint = " (the dataset's items, windows or labels differ)" if differing[0] == "dataset_fingerprint" else ""
+            hint = {"dataset_fingerprint": " (the dataset's items, windows or labels differ)",
+                    "precision": " (bf16 is autocast on a GPU; a run on a CPU is always fp32)"}.get(differing[0], "")
             also = f" (also different: {', '.join(differing[1:])})" if len(differing) > 1 else ""
             raise StoreError(
                 f"{self.path} was made with another configuration: {what}{hint}{also}. "

@@ -129,11 +129,12 @@ def plan(
 
 def check_existing(work: Plan, store_path: Path) -> Plan:
     """What a dry run can say of a store already there: the run would be refused (another
-    configuration), or how many of its shards are complete."""
+    configuration), or how many of its shards are complete. Not the precision: a dry run on a login
+    node without a GPU cannot know what the job on a GPU node will run in."""
     if not store_exists(store_path):
         return work
     with open_store(store_path) as store:
-        store.check_compatible(work.spec)
+        store.check_compatible(work.spec, unknown=("precision",))
         work.complete = len(work.units) - len(incomplete_units(store, work))
     return work
 

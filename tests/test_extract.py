@@ -192,6 +192,10 @@ def test_the_store_records_the_forward_passs_precision_and_a_store_from_before_s
     run(dataset, store_path, precision="bf16", device="cpu")
     with open_store(store_path) as store:
         assert store.meta["precision"] == "fp32"
+    zarr.open_group(store_path, mode="r+").attrs["precision"] = "bf16"  # as if made on a GPU
+    with pytest.raises(StoreError, match=re.escape('precision is "bf16" in the store but "fp32" now (bf16 is autocast on a GPU')):
+        run(dataset, store_path)
+    assert run(dataset, store_path, dry_run=True).complete == 5  # the job it plans may run on a GPU
     del zarr.open_group(store_path, mode="r+").attrs["precision"]
     again = run(dataset, store_path)
     assert again.items_written == 0 and again.shards_skipped == 5
