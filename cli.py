@@ -84,10 +84,10 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         params = command.make_context(f"tokens {verb}", list(args)).params
     except typer.TyperException as error:  # a usage error: unknown option, bad value, missing argument
         raise typer.BadParameter(f"tokens {verb} would refuse them: {error.format_message()}", param_hint="ARGS") from None
-    sweep = [params[key] for key in ("heads", "option", "lr", "wd", "layers", "seeds", "sweep")] if verb == "probe" else []
-    if sweep:  # what can be checked of the sweep before the store exists: heads, their options, rates
+    if verb == "probe":  # what can be checked before the store exists: heads, their options, rates, --data
         try:
-            train_commands.read_sweep(*sweep)
+            train_commands.check_probe_args(optimizer=params["optimizer"].value, **{key: params[key] for key in (
+                "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "data")})
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
     if verb == "extract":

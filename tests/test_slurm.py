@@ -234,6 +234,8 @@ def test_arguments_every_task_would_refuse_write_no_script(tmp_path, monkeypatch
     (["--sweep", "sweep.toml"], "unknown head 'bogus'"),
     (["--heads", "ep", "--option", "ep.nonsense=3"], "head 'ep' has no option nonsense"),
     (["--lr", "-1e-3"], "--lr must be positive"),
+    (["--optimizer", "sgd"], "this optimizer has no default learning rate"),
+    (["--data", "disk"], "'disk': use auto, stream, ram, gpu"),
 ])
 def test_a_sweep_every_task_would_refuse_is_refused_before_its_store_exists(tmp_path, monkeypatch, args, message):
     """Heads, their options and rates are checked even while the store is still being extracted."""

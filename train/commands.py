@@ -96,10 +96,11 @@ def resolve_layer(value, store: TokenStore) -> int:
         raise SweepError(str(error), "--layers") from None
 
 
-def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[dict, str]:
+def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, lr_required: bool = False) -> tuple[dict, str]:
     """The sweep asked for on the command line or in a --sweep file, checked against the registry
     (head names, their options, learning rates and decays) but not yet against a store; and the
-    option to blame for a mistake in its heads. `tokens slurm` runs it before the store exists."""
+    option to blame for a mistake in its heads. `lr_required`: heads without a learning rate are
+    refused (an optimizer without a default rate)."""
     if sweep_file is not None:
         if heads is not None or option:
             raise SweepError("give heads and their options in the --sweep file or on the command line, not both", "--heads")
@@ -126,6 +127,10 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file) -> tuple[dict, 
         check_options(head, opts, where)
         for key in ("lr", "wd"):
             check_rates(key, opts.get(key, []), f"{head}.{key}", where)
+    without_lr = [head for head, opts in spec["heads"].items() if not opts.get("lr")] if not spec.get("lr") else []
+    if lr_required and without_lr:
+        raise SweepError(f"this optimizer has no default learning rate: give --lr (or {without_lr[0]}.lr for head "
+                         f"{without_lr[0]!r})", "--lr")
     return spec, where
 
 
@@ -133,12 +138,8 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
                 lr_required: bool = False) -> tuple[list, dict]:
     """The configurations asked for, checked against the registry and the store, and the sweep as a
     record. Heads without a learning rate get `default_lr`, or their own default when it is None;
-    `lr_required`: they are refused instead (an optimizer without a default rate)."""
-    spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file)
-    without_lr = [head for head, opts in spec["heads"].items() if not opts.get("lr")] if not spec.get("lr") else []
-    if lr_required and without_lr:
-        raise SweepError(f"this optimizer has no default learning rate: give --lr (or {without_lr[0]}.lr for head "
-                         f"{without_lr[0]!r})", "--lr")
+    `lr_required`: they are refused instead (see read_sweep)."""
+    spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, lr_required)
     try:
         resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
     except SweepError as error:
@@ -167,12 +168,23 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
     return configs, spec | {"layers_resolved": resolved}
 
 
+def _check_data(data: str):
+    if data not in MODES:
+        raise SweepError(f"{data!r}: use {', '.join(MODES)}", "--data")
+
+
+def check_probe_args(*, heads, option, lr, wd, layers, seeds, sweep, optimizer: str, data: str):
+    """The checks of plan_probe that need no store: `tokens slurm probe` runs them while the store
+    is still being extracted."""
+    _check_data(data)
+    read_sweep(heads, option, lr, wd, layers, seeds, sweep, lr_required=optimizer == "sgd")
+
+
 def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer: str, batch_size: int, loss: str | None,
                data: str) -> tuple[list, dict]:
     """The configurations `tokens probe` would train on this open store, after every check it makes
     before training; `tokens slurm probe` runs it before it writes a script."""
-    if data not in MODES:
-        raise SweepError(f"{data!r}: use {', '.join(MODES)}", "--data")
+    _check_data(data)
     if loss is not None and loss not in LOSSES[store.task]:
         raise SweepError(f"{loss!r} does not fit this {store.task} store; use {', '.join(LOSSES[store.task])}", "--loss")
     return build_sweep(store, heads, option, lr, wd, layers, seeds, sweep, default_lr(optimizer, batch_size),
