@@ -729,3 +729,24 @@ def test_sweep_mistakes_name_what_the_user_gave(tmp_path):
     assert error.option == "--layers"
     error = refused("ep", ["ep.num_queries=2", "ep.num_queries=4"], None, None, None, None, None)
     assert error.option == "--option" and "--option ep.num_queries is given twice" in str(error)
+
+
+def test_a_run_directory_holds_a_whole_sweep_or_its_parts_not_both(store, tmp_path):
+    """Merged by `tokens report`, a whole sweep and the parts of another would pass for one sweep."""
+    ok("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "whole")
+    refused = invoke("probe", store, "--heads", "ep", *FAST, "--part", "1/2", "--out", tmp_path / "whole")
+    assert refused.exit_code == 2 and "holds a whole sweep: its parts go to another --out" in said(refused), said(refused)
+    ok("probe", store, "--heads", "linear", "--seeds", "0,1", *FAST, "--part", "1/2", "--out", tmp_path / "parts")
+    refused = invoke("probe", store, "--heads", "ep", *FAST, "--out", tmp_path / "parts")
+    assert refused.exit_code == 2 and "holds parts of a sweep (part-1-of-2)" in said(refused), said(refused)
+
+
+def test_a_run_that_stopped_before_any_result_may_be_started_again_otherwise(store, tmp_path):
+    """Only config.json there (the run died before its first epoch): a changed command may start afresh."""
+    out = tmp_path / "run"
+    ok("probe", store, "--heads", "linear", *FAST, "--out", out)
+    for name in ("checkpoint.pt", "leaderboard.csv"):
+        (out / name).unlink()
+    shutil.rmtree(out / "best")
+    shutil.rmtree(out / "heads")
+    ok("probe", store, "--heads", "linear", *FAST, "--batch-size", "8", "--out", out)

@@ -180,6 +180,15 @@ def check_probe_args(*, heads, option, lr, wd, layers, seeds, sweep, optimizer: 
     read_sweep(heads, option, lr, wd, layers, seeds, sweep, lr_required=optimizer == "sgd")
 
 
+def check_whole_or_parts(out: Path, count: int):
+    """A run directory holds one whole sweep or the parts of one: `tokens report` would merge a whole
+    sweep with parts of another as if they were one."""
+    if count > 1 and (out / "config.json").exists():
+        raise SweepError(f"{out} holds a whole sweep: its parts go to another --out", "--out")
+    if count == 1 and (parts := sorted(p.name for p in out.glob("part-*-of-*"))):
+        raise SweepError(f"{out} holds parts of a sweep ({', '.join(parts)}): a whole sweep goes to another --out", "--out")
+
+
 def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer: str, batch_size: int, loss: str | None,
                data: str) -> tuple[list, dict]:
     """The configurations `tokens probe` would train on this open store, after every check it makes
@@ -245,6 +254,7 @@ def probe(
         mine = sweeps.take_part(configs, index, count)
         if not mine:
             raise SweepError(f"part {index}/{count} has no configurations: the sweep has {len(configs)}", "--part")
+        check_whole_or_parts(out, count)
         if count > 1:
             out = out / f"part-{index}-of-{count}"
             typer.echo(f"part {index}/{count}: {len(mine)} of {len(configs)} configurations, results in {out}")

@@ -170,13 +170,18 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
 
 def check_no_other_results(out: Path, training: dict):
     """A sweep starting afresh in a run directory that holds another sweep's results (its checkpoint
-    deleted) would leave that sweep's best/ heads and heads/ records among its own: refuse."""
-    try:
-        earlier = json.loads((out / "config.json").read_text()).get("training")
-    except (OSError, ValueError):  # none there (or unreadable): nothing to mix with
+    deleted) would leave that sweep's best/ heads and heads/ records among its own: refuse. A run
+    that stopped before any result (only its config.json) is no obstacle."""
+    results = [name for name in ("leaderboard.csv", "best", "heads") if (out / name).exists()]
+    if not results:
         return
+    try:
+        earlier = json.loads((out / "config.json").read_text())["training"]
+        earlier = {"optimizer": "adamw", "schedule": "cosine"} | earlier  # from before they could be chosen
+    except (OSError, ValueError, KeyError, TypeError):  # results whose sweep cannot be told: not ours to mix with
+        earlier = None
     if earlier != training:
-        raise SweepError(f"{out} holds the results of another sweep (config.json, leaderboard.csv, best/, heads/): "
+        raise SweepError(f"{out} holds the results of another sweep ({', '.join(results)}): "
                          f"use another --out, or delete {out} to start over", "--out")
 
 
