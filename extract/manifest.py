@@ -10,6 +10,7 @@ A missing file is a manifest problem (the user can fix it before any work); a fi
 cannot be decoded is not: it stays an item, and the extractor records it as failed and goes on.
 """
 
+import codecs
 import csv
 import functools
 import hashlib
@@ -163,9 +164,9 @@ def _read(source: Path, store: Path | None) -> tuple[list[str], list[tuple[str, 
 
 def _text_of(source: Path) -> str:
     """The manifest's text; one that is not UTF-8 is refused naming the line, not with a codec's message."""
-    data = source.read_bytes()
+    data = source.read_bytes().removeprefix(codecs.BOM_UTF8)  # Excel writes a byte-order mark
     try:
-        return data.decode("utf-8-sig")  # -sig: Excel writes a byte-order mark
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[:error.start].count(b"\n") + 1
         raise ManifestError(source, [f"line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; save the manifest as UTF-8"]) from None
@@ -216,24 +217,37 @@ def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
 def _read_folders(root: Path, store: Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
     """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries, and
     the store being filled if it lies inside, are skipped."""
-    records, problems = [], []
+    records, problems, split_dirs = [], [], []
+    store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
+
+    def holds_store(path: Path) -> bool:
+        real = os.path.realpath(path)
+        return store is not None and (store == real or store.startswith(real + os.sep))
+
+    def in_store(path: Path) -> bool:
+        real = os.path.realpath(path)
+        return store is not None and (real == store or real.startswith(store + os.sep))
 
     def skipped(path: Path) -> bool:
-        return path.name.startswith(".") or (store is not None and (path == store or store in path.parents))
+        return path.name.startswith(".") or in_store(path)
 
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not skipped(p)):
         if split_dir.name not in SPLITS:
             problems.append(f"{split_dir.name}/: not a split folder (use train, valid or test)")
             continue
+        split_dirs.append(split_dir)
         for class_dir in sorted(p for p in split_dir.iterdir() if not skipped(p)):
             if not class_dir.is_dir():
                 problems.append(f"{split_dir.name}/{class_dir.name}: file outside a class folder")
                 continue
+            inside = holds_store(class_dir)  # files are resolved one by one only where the store lies
             for file in sorted(class_dir.rglob("*")):
-                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts) and not skipped(file):
+                if inside and in_store(file):
+                    continue
+                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts):
                     rel = file.relative_to(root).as_posix()
                     records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
-    if not records and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
+    if not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
     return ["path", "label", "split"], records, problems
@@ -302,6 +316,8 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
         bad.append(f"path {raw_path!r} contains a NUL character")
     elif not (full + os.sep).startswith(inside) or not (_real(full) + os.sep).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
+    elif not os.path.isfile(full) and ("\n" in raw_path or "\r" in raw_path):  # what a CSV quote never closed swallows
+        bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")
     elif not os.path.isfile(full):
         bad.append(f"file not found: {raw_path}")
 

@@ -120,7 +120,7 @@ def plan(
         precision=precision,
         shard_size=shard_size,
         codec=codec,
-        extra={"dataset": str(dataset_source), "format": fmt, **provenance()},
+        extra={"dataset": str(Path(dataset_source).absolute()), "format": fmt, **provenance()},
     )
     units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
     index, count = part

@@ -134,6 +134,8 @@ def test_a_last_window_of_exactly_the_minimum_is_kept_whatever_the_length(tmp_pa
     ("latin1.jsonl", b'{"path": "a.wav", "labels": "x", "split": "train"}\n{"path": "caf\xe9.wav"}\n', "line 2: byte 0xe9 is not UTF-8 text"),
     ("quote.csv", b'path,labels,split\na.wav,x,train\n"b.wav,x,train\n' + b"c.wav,x,train\n" * 20000,
      "line 3: field larger than field limit"),
+    ("bom.csv", b"\xef\xbb\xbfpath,labels,split\na.wav,x,train\nb.wav,caf\xe9,train\n", "line 3: byte 0xe9 is not UTF-8 text"),
+    ("short-quote.csv", b'path,labels,split\na.wav,x,train\n"b.wav,x,train\nc.wav,x,train\n', "line 3: file not found: 'b.wav,x,train\\nc.wav"),
     ("capitals.csv", b"Path,Labels,Split\na.wav,x,train\n", "(the columns are 'Path', 'Labels', 'Split')"),
     ("semicolons.csv", b"path;labels;split\na.wav;x;train\n", "(the columns are 'path;labels;split')"),
 ])
@@ -168,6 +170,9 @@ def test_a_flat_folder_of_files_says_how_to_lay_it_out(tmp_path):
         wav(tmp_path / name, 1)
     with pytest.raises(ManifestError, match=re.escape("no split folders, but 2 file(s) at the top (e.g. a.wav): lay the folder out as ROOT/<split>/<class>/<file>")):
         audio(tmp_path)
+    (tmp_path / "train").mkdir()  # a split folder, empty: the dataset is empty, not laid out wrong
+    with pytest.raises(ManifestError, match="the dataset is empty"):
+        audio(tmp_path)
 
 
 def test_trailing_commas_are_empty_fields_but_a_column_named_twice_or_no_label_at_all_are_problems(tmp_path):
@@ -178,6 +183,16 @@ def test_trailing_commas_are_empty_fields_but_a_column_named_twice_or_no_label_a
         audio(csv_file(tmp_path / "twice.csv", "path,labels,split,labels\na.wav,x,train,y\n"))
     with pytest.raises(ManifestError, match="no row has a label"):
         audio(csv_file(tmp_path / "none.csv", "path,labels,split\na.wav,,train\n"))
+
+
+def test_the_store_is_told_apart_through_links_and_dot_dots(tmp_path):
+    root = tmp_path / "real"
+    wav(root / "train/dog/1.wav", 1)
+    (root / "tokens.zarr" / "train").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(root)
+    for dataset, store in ((tmp_path / "link", root / "tokens.zarr"), (root, root / "train" / ".." / "tokens.zarr"),
+                           (root, tmp_path / "link" / "tokens.zarr")):
+        assert [it.id for it in audio(dataset, store=store).splits["train"]] == ["train/dog/1.wav"]
 
 
 def test_class_folder_problems(tmp_path):
@@ -287,7 +302,8 @@ def test_quoted_newline_keeps_line_numbers_true(tmp_path):
     manifest = csv_file(tmp_path / "m.csv", 'path,label,split\n"a\nb.wav",x,train\nc.wav,x,train\n')
     with pytest.raises(ManifestError) as e:
         audio(manifest)
-    assert e.value.problems == ["line 2: file not found: a\nb.wav", "line 4: file not found: c.wav"]
+    assert e.value.problems == ["line 2: file not found: 'a\\nb.wav'... spans several lines: a quote opened on this line and never closed?",
+                                "line 4: file not found: c.wav"]
 
 
 @pytest.mark.parametrize(
