@@ -336,10 +336,10 @@ class TokenStore:
         changes how recordings are cut, so the dataset's fingerprint comes after it.
         """
         new = spec.to_meta()
+        unknown = {*unknown, *(name for name in LATER_KEY_FIELDS if name not in self.meta)}
         late = ("backbone_config", "dataset_fingerprint")
         order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
-        differing = [name for name in order if _json(self.meta.get(name)) != _json(new[name])
-                     and (name in self.meta or name not in LATER_KEY_FIELDS) and name not in unknown]
+        differing = [name for name in order if name not in unknown and _json(self.meta.get(name)) != _json(new[name])]
         if differing:
             entries = _differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
             what = ", ".join(f"{where} is {_short(old)} in the store but {_short(now)} now" for where, old, now in entries[:3])

@@ -33,6 +33,7 @@ class Forward:
         self.model, self.device, self.layers, self.batch_size, self.slots = model, device, layers, batch_size, slots
         self.dtype = TORCH_DTYPE[dtype]
         self.bf16 = precision == "bf16" and device.type == "cuda"
+        self.precision = "bf16" if self.bf16 else "fp32"  # what runs (CPU runs are always fp32): the store records it
         self.graph: torch.cuda.CUDAGraph | None = None
         self.not_graphed = ""  # on a GPU: why full batches run eagerly
         self.staging: list[dict] = []  # on a GPU: the pinned host buffers, made by warm_up()

@@ -123,7 +123,7 @@ def read_dataset(
     if window_seconds is not None and window_seconds <= 0:
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
-    columns, records, problems = _read(source, None if store is None else Path(store).absolute())
+    columns, records, problems = _read(source, store)
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
@@ -149,7 +149,7 @@ def read_dataset(
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate)
 
 
-def _read(source: Path, store: Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+def _read(source: Path, store: str | Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
     """Columns, (location, record) pairs and reading problems of any supported source."""
     if source.is_dir():
         return _read_folders(source, store)
@@ -214,19 +214,17 @@ def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
     return list(columns), records, problems
 
 
-def _read_folders(root: Path, store: Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+def _read_folders(root: Path, store: str | Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
     """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries, and
     the store being filled if it lies inside, are skipped."""
     records, problems, split_dirs = [], [], []
     store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
 
     def holds_store(path: Path) -> bool:
-        real = os.path.realpath(path)
-        return store is not None and (store == real or store.startswith(real + os.sep))
+        return store is not None and _within(store, os.path.realpath(path))
 
     def in_store(path: Path) -> bool:
-        real = os.path.realpath(path)
-        return store is not None and (real == store or real.startswith(store + os.sep))
+        return store is not None and _within(os.path.realpath(path), store)
 
     def skipped(path: Path) -> bool:
         return path.name.startswith(".") or in_store(path)
@@ -251,6 +249,11 @@ def _read_folders(root: Path, store: Path | None) -> tuple[list[str], list[tuple
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
     return ["path", "label", "split"], records, problems
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (both real paths)."""
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def _check(
@@ -316,10 +319,11 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
         bad.append(f"path {raw_path!r} contains a NUL character")
     elif not (full + os.sep).startswith(inside) or not (_real(full) + os.sep).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
-    elif not os.path.isfile(full) and ("\n" in raw_path or "\r" in raw_path):  # what a CSV quote never closed swallows
-        bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")
     elif not os.path.isfile(full):
-        bad.append(f"file not found: {raw_path}")
+        if "\n" in raw_path or "\r" in raw_path:  # what a CSV quote never closed swallows
+            bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")
+        else:
+            bad.append(f"file not found: {raw_path}")
 
     split = _text(record.get("split"))
     if split not in SPLITS:
@@ -327,16 +331,15 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
 
     column = "labels" if task == "multilabel" else "label"
     try:
-        labels, typed = _labels(record.get(column), task), True
+        labels = _labels(record.get(column), task)
     except TypeError as error:
-        labels, typed = [], False
+        labels = []
         bad.append(f"{column} {error}")
-    if not typed:
-        pass
-    elif not labels and task == "multiclass":  # a multi-label clip may hold none of the classes
-        bad.append("empty label")
-    elif known is not None and (unknown := [name for name in labels if name not in known]):
-        bad.append(f"label(s) not among the store's classes: {', '.join(unknown)}")
+    else:
+        if not labels and task == "multiclass":  # a multi-label clip may hold none of the classes
+            bad.append("empty label")
+        elif known is not None and (unknown := [name for name in labels if name not in known]):
+            bad.append(f"label(s) not among the store's classes: {', '.join(unknown)}")
 
     start = _seconds(record.get("start"), "start", bad) or 0.0
     end = _seconds(record.get("end"), "end", bad)

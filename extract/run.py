@@ -520,9 +520,8 @@ def extract(
     warm_up = WarmUp(forward) if target.type == "cuda" and not dry_run else None
     store = batches = None
     try:  # until the first batch: a failure stops the warm-up and the workers, and closes the store
-        effective = "bf16" if precision == "bf16" and target.type == "cuda" else "fp32"  # CPU runs are always fp32
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
-                    shard_size=shard_size, part=part, precision=effective, progress=progress)
+                    shard_size=shard_size, part=part, precision=forward.precision, progress=progress)
         spec = work.spec
         if dry_run:
             return check_existing(work, store_path)

@@ -210,6 +210,18 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
             subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
 
+def refused_at_submission(*args) -> str:
+    """`tokens slurm ARGS --script job.sbatch` in the current folder: it must exit 2 and write no
+    script. Its output."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    result = CliRunner().invoke(app, ["slurm", *map(str, args), "--script", "job.sbatch"])
+    assert result.exit_code == 2, result.output
+    assert not Path("job.sbatch").exists()
+    return result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["probe", "run.zarr", "--out", "r", "--array", "0"], "'--array'"),
     (["probe", "run.zarr", "--out", "r", "--epochs", "x", "--array", "2"], "tokens probe would refuse them: Invalid value for '--epochs'"),
@@ -220,14 +232,10 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
 ])
 def test_arguments_every_task_would_refuse_write_no_script(tmp_path, monkeypatch, args, message):
     """A mistake fails when the script is written, not in each task of the array once it leaves the queue."""
-    from typer.testing import CliRunner
-    from tokens.cli import app
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.zarr").mkdir()
-    result = CliRunner().invoke(app, ["slurm", *args, "--script", "job.sbatch"])
-    assert result.exit_code == 2 and message in result.output, result.output
-    assert not (tmp_path / "job.sbatch").exists()
+    output = refused_at_submission(*args)
+    assert message in output, output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -239,14 +247,10 @@ def test_arguments_every_task_would_refuse_write_no_script(tmp_path, monkeypatch
 ])
 def test_a_sweep_every_task_would_refuse_is_refused_before_its_store_exists(tmp_path, monkeypatch, args, message):
     """Heads, their options and rates are checked even while the store is still being extracted."""
-    from typer.testing import CliRunner
-    from tokens.cli import app
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sweep.toml").write_text("[heads.linear]\n[heads.bogus]\n")
-    result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--script", "job.sbatch", *args])
-    assert result.exit_code == 2 and message in result.output, result.output
-    assert not (tmp_path / "job.sbatch").exists()
+    output = refused_at_submission("probe", "later.zarr", "--out", "r", "--array", "2", *args)
+    assert message in output, output
 
 
 def test_a_script_may_be_written_before_its_store_exists(tmp_path, monkeypatch):
@@ -270,15 +274,12 @@ def test_a_task_outside_a_contiguous_array_is_refused():
 
 def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
     """HDF5 has no concurrent writers; with its file locking off (common on Lustre and NFS) they corrupt the file."""
-    from typer.testing import CliRunner
-    from tokens.cli import app
     from tokens.extract.run import ExtractionError, extract
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("path,label,split\n")
-    result = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.h5", "--array", "3", "--script", "job.sbatch"])
-    assert result.exit_code == 2 and "an HDF5 store takes one writer, so it cannot be filled in 3 parts" in result.output, result.output
-    assert not (tmp_path / "job.sbatch").exists()
+    output = refused_at_submission("extract", "data.csv", "--store", "s.h5", "--array", "3")
+    assert "an HDF5 store takes one writer, so it cannot be filled in 3 parts" in output, output
     with pytest.raises(ExtractionError, match="an HDF5 store takes one writer"):
         extract(tmp_path / "data.csv", tmp_path / "s.h5", part=(2, 3), dry_run=True)
 
@@ -298,8 +299,7 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("path,label,split\n")
-    result = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--array", "2", "--script", "job.sbatch", *args])
-    assert result.exit_code == 2 and "tokens extract would refuse them" in result.output and message in result.output, result.output
-    assert not (tmp_path / "job.sbatch").exists()
+    output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--array", "2", *args)
+    assert "tokens extract would refuse them" in output and message in output, output
     accepted = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--array", "2", "--script", "job.sbatch"])
     assert accepted.exit_code == 0 and (tmp_path / "job.sbatch").exists(), accepted.output

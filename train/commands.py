@@ -25,7 +25,7 @@ from tokens.train import sweep as sweeps
 from tokens.train.data import MODES, Source, usable_items
 from tokens.train.heads import HEADS, build_head
 from tokens.train.losses import LOSSES
-from tokens.train.optim import OPTIMIZERS, SCHEDULES, default_lr
+from tokens.train.optim import OPTIMIZERS, SCHEDULES, default_lr, lr_required
 from tokens.train.report import write_report
 from tokens.train.sweep import SweepError
 
@@ -96,10 +96,10 @@ def resolve_layer(value, store: TokenStore) -> int:
         raise SweepError(str(error), "--layers") from None
 
 
-def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, lr_required: bool = False) -> tuple[dict, str]:
+def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: bool = False) -> tuple[dict, str]:
     """The sweep asked for on the command line or in a --sweep file, checked against the registry
     (head names, their options, learning rates and decays) but not yet against a store; and the
-    option to blame for a mistake in its heads. `lr_required`: heads without a learning rate are
+    option to blame for a mistake in its heads. `require_lr`: heads without a learning rate are
     refused (an optimizer without a default rate)."""
     if sweep_file is not None:
         if heads is not None or option:
@@ -128,18 +128,18 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, lr_required: bo
         for key in ("lr", "wd"):
             check_rates(key, opts.get(key, []), f"{head}.{key}", where)
     without_lr = [head for head, opts in spec["heads"].items() if not opts.get("lr")] if not spec.get("lr") else []
-    if lr_required and without_lr:
+    if require_lr and without_lr:
         raise SweepError(f"this optimizer has no default learning rate: give --lr (or {without_lr[0]}.lr for head "
                          f"{without_lr[0]!r})", "--lr")
     return spec, where
 
 
 def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default_lr: float | None = None,
-                lr_required: bool = False) -> tuple[list, dict]:
+                require_lr: bool = False) -> tuple[list, dict]:
     """The configurations asked for, checked against the registry and the store, and the sweep as a
     record. Heads without a learning rate get `default_lr`, or their own default when it is None;
-    `lr_required`: they are refused instead (see read_sweep)."""
-    spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, lr_required)
+    `require_lr`: they are refused instead (see read_sweep)."""
+    spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr)
     try:
         resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
     except SweepError as error:
@@ -177,7 +177,7 @@ def check_probe_args(*, heads, option, lr, wd, layers, seeds, sweep, optimizer: 
     """The checks of plan_probe that need no store: `tokens slurm probe` runs them while the store
     is still being extracted."""
     _check_data(data)
-    read_sweep(heads, option, lr, wd, layers, seeds, sweep, lr_required=optimizer == "sgd")
+    read_sweep(heads, option, lr, wd, layers, seeds, sweep, lr_required(optimizer))
 
 
 def check_whole_or_parts(out: Path, count: int):
@@ -197,7 +197,7 @@ def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer:
     if loss is not None and loss not in LOSSES[store.task]:
         raise SweepError(f"{loss!r} does not fit this {store.task} store; use {', '.join(LOSSES[store.task])}", "--loss")
     return build_sweep(store, heads, option, lr, wd, layers, seeds, sweep, default_lr(optimizer, batch_size),
-                       lr_required=optimizer == "sgd")
+                       lr_required(optimizer))
 
 
 def probe(

@@ -26,6 +26,11 @@ def default_lr(optimizer: str, batch_size: int) -> float | None:
     return LARS_LR_PER_256 * batch_size / 256 if optimizer == "lars" else None
 
 
+def lr_required(optimizer: str) -> bool:
+    """SGD has no default rate of its own: the sweep must name one for every head."""
+    return optimizer == "sgd"
+
+
 def split_parameters(head: nn.Module) -> tuple[list, list, list]:
     """(weights, prototypes, vectors). Weight decay applies to the weights only, as the protobin
     authors' recipe has it: not to biases, norms and other 1-D parameters (cgp's layer mixture

@@ -155,7 +155,7 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
         state = load_tensors(path)
     except CheckpointError as error:
         raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
-    saved = {"optimizer": "adamw", "schedule": "cosine"} | state["plan"]  # checkpoints from before they could be chosen
+    saved = EARLIER_DEFAULTS | state["plan"]
     if saved != plan:
         differs = [k for k in plan if saved.get(k) != plan[k]]
         raise SweepError(
@@ -168,6 +168,10 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
     return state
 
 
+# What plans of runs from before --optimizer and --schedule trained with (checkpoints, config.json).
+EARLIER_DEFAULTS = {"optimizer": "adamw", "schedule": "cosine"}
+
+
 def check_no_other_results(out: Path, training: dict):
     """A sweep starting afresh in a run directory that holds another sweep's results (its checkpoint
     deleted) would leave that sweep's best/ heads and heads/ records among its own: refuse. A run
@@ -176,8 +180,7 @@ def check_no_other_results(out: Path, training: dict):
     if not results:
         return
     try:
-        earlier = json.loads((out / "config.json").read_text())["training"]
-        earlier = {"optimizer": "adamw", "schedule": "cosine"} | earlier  # from before they could be chosen
+        earlier = EARLIER_DEFAULTS | json.loads((out / "config.json").read_text())["training"]
     except (OSError, ValueError, KeyError, TypeError):  # results whose sweep cannot be told: not ours to mix with
         earlier = None
     if earlier != training:
@@ -263,7 +266,7 @@ def run(
             "store_key": store.meta["cache_key"]}
     checkpoint = out / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, plan)
-    training = plan | {"loss": loss or DEFAULT_LOSS[task]}
+    training = plan | {"loss": loss or DEFAULT_LOSS[task]}  # how every head of this run trains
     if saved is None:
         check_no_other_results(out, training)
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
@@ -332,9 +335,9 @@ def run(
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
     test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 
-    # How every head of this run was trained: runs that differ only in this are told apart in reports.
-    training = (f"{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}"
-                f"/loss={loss or DEFAULT_LOSS[task]}/data_seed={data_seed}")
+    # The training in a line: runs that differ only in it are told apart in reports.
+    trained = "{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}/loss={loss}/data_seed={data_seed}"
+    trained = trained.format(**training)
     rows, records = [], []
     for p, test in zip(probes, test_scores):
         val_metrics, test_metrics = p.val_metrics, compute_metrics(task, test, test_labels)
@@ -342,7 +345,7 @@ def run(
         c = p.config
         row = {"head": c.head, "config": c.id, "params": count_parameters(p.head), "best_epoch": p.best_epoch,
                "layer": c.layer, "lr": c.lr, "wd": c.wd, "seed": c.seed, "options": json.dumps(c.options, sort_keys=True),
-               "store_key": store.meta["cache_key"][:16], "training": training}
+               "store_key": store.meta["cache_key"][:16], "training": trained}
         row.update({f"val_{k}": v for k, v in val_metrics.items() if k != per_class})
         row.update({f"test_{k}": v for k, v in test_metrics.items() if k != per_class})
         rows.append(row)

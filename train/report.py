@@ -249,12 +249,17 @@ def group_id(config: str) -> str:
     return re.sub(r"/seed=[^/]*$", "", config)
 
 
+def _group(row: dict) -> tuple:
+    """What rows of one configuration, up to the seed, share: store, configuration and training."""
+    return row["store_key"], group_id(row["config"]), row["training"]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One row per configuration (and training) up to the seed: mean and sd (ddof 1; none for one
     seed) of every metric."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["store_key"], group_id(row["config"]), row["training"]), []).append(row)
+        groups.setdefault(_group(row), []).append(row)
     summary = []
     for (store_key, config, training), members in groups.items():
         out = {"head": members[0]["head"], "config": config, "params": members[0]["params"],
@@ -288,7 +293,7 @@ def selected_rows(rows: list[dict]) -> dict[str, dict]:
     chosen = {(r["store_key"], r["config"], r["training"]) for r in summary if r["selected"]}
     best = {}
     for row in ranked(rows, primary_of(rows)):
-        if (row["store_key"], group_id(row["config"]), row["training"]) in chosen:
+        if _group(row) in chosen:
             best.setdefault(row["head"], row)
     return best
 
