@@ -12,10 +12,11 @@ is the lower of
       at a time, taking the faster (a cloud disk's short bursts can be faster than what it
       sustains over tens of GB, and one writer at a time can be slower than several),
 and the figure is the end-to-end items/s of the `tokens extract` command, run as a user runs it
-in a fresh process (start-up, dataset check, decode, fbank, forward, write), divided by that
+in a fresh process (start-up, dataset check, decode, fbank and forward on the GPU, write), divided by that
 bound, for one cached layer and for all 12; its rate once the first batch is out is beside it.
-The rate of decoding + fbank alone (the DataLoader workers, on the CPU) is reported beside it: it
-is not part of the bound but is the next limit on machines with few cores per GPU. So is the
+The rate of decoding alone (the DataLoader workers, on the CPU; the fbank runs on the GPU, in the
+forward pass) is reported beside it: it is not part of the bound but is the next limit on machines
+with few cores per GPU. So is the
 disk probe run again (up to 20 GB) while the DataLoader decodes at the bound's rate, as it must
 during an extraction: on a cloud host the disk may give less while the cores decode. The default
 sizes write about 50 GB per run: the disk needs that much free space.
@@ -66,7 +67,8 @@ def encoder_bound(checkpoint_model: AudioMAE, batch: int, layers: list[int], ste
     float16. The best of eager passes and of a CUDA graph replaying them (what `tokens extract`
     does), each after a warm-up and over several repeats: a bound measured low would flatter the ratio."""
     model = checkpoint_model.cuda().eval()
-    inputs = torch.randn(batch, 1, 1024, 128, device="cuda")
+    fbank, model.fbank = model.fbank, torch.nn.Identity()  # the encoder alone, on features already made
+    inputs = torch.randn(batch, 1024, 128, device="cuda")
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
@@ -97,6 +99,7 @@ def encoder_bound(checkpoint_model: AudioMAE, batch: int, layers: list[int], ste
             forward()
         graphed = rate(graph.replay)
     del graph
+    model.fbank = fbank
     model.cpu()
     torch.cuda.empty_cache()
     return max(eager, graphed)
@@ -127,7 +130,7 @@ def command_run(manifest: Path, store: Path, checkpoint: Path, layers: str, args
 
 
 def front_end_loader(manifest: Path, checkpoint: Path, batch: int, workers: int | None, clips: int):
-    """`tokens extract`'s DataLoader (decoding + fbank) over the manifest's first clips, repeated to `clips`."""
+    """`tokens extract`'s DataLoader (decoding, padding; the fbank is on the GPU) over the manifest's first clips, repeated to `clips`."""
     backbone = build_backbone("audiomae", str(checkpoint))
     work = plan(manifest, manifest.parent / "unused.zarr", backbone, layers=None, dtype="float16", fmt="zarr",
                 codec=None, shard_size=0, part=(1, 1))
@@ -139,7 +142,7 @@ def front_end_loader(manifest: Path, checkpoint: Path, batch: int, workers: int 
 
 
 def front_end_rate(manifest: Path, checkpoint: Path, batch: int, workers: int | None, clips: int = 4096) -> float:
-    """Clips/s of decoding + fbank alone in `tokens extract`'s DataLoader (the CPU's share; not in the bound)."""
+    """Clips/s of `tokens extract`'s DataLoader alone (decoding: the CPU's share; not in the bound)."""
     count, started = 0, None
     for number, (positions, *_) in enumerate(front_end_loader(manifest, checkpoint, batch, workers, clips)):
         if number == 2:  # workers started and warm

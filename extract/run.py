@@ -153,7 +153,7 @@ def default_workers() -> int:
     """DataLoader workers: the cores this process may use (its affinity: SLURM's --cpus-per-task),
     shared among the torchrun ranks of the node, less one for the main process.
 
-    The front-end (decode + fbank, a few ms per clip) needs many cores to keep up with a GPU."""
+    Decoding (about 1 ms per 10 s wav clip on one core; images take longer) needs several cores to keep up with a GPU."""
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(MAX_WORKERS, cores - 1))
 

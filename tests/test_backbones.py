@@ -163,11 +163,13 @@ def test_audiomae_matches_timm_vit(audiomae):
     backbone = build_backbone("audiomae", path, **TINY)
     assert (backbone.grid, backbone.dim, backbone.num_prefix) == ((64, 8), 64, 1)
     inputs, mask = batch(backbone, noise(10), noise(3.3, seed=1))
-    assert inputs.shape == (2, 1, 1024, 128)
+    assert inputs.shape == (2, 160000)  # the fbank is made in the forward pass (tests/test_frontends.py)
     assert mask.view(2, 64, 8)[:, :, 0].sum(dim=1).tolist() == [63, 21]  # 998 and 328 frames of audio
     with torch.inference_mode():
         ours = backbone(inputs, [0, -1])
-        reference = vit.forward_intermediates(inputs, indices=[0, 1], return_prefix_tokens=True,
+        features = backbone.fbank(inputs)[:, None]
+        assert features.shape == (2, 1, 1024, 128)
+        reference = vit.forward_intermediates(features, indices=[0, 1], return_prefix_tokens=True,
                                               output_fmt="NLC", intermediates_only=True)
     for layer, (patches, prefix) in zip([0, -1], reference):
         torch.testing.assert_close(ours[layer][0], patches, rtol=1e-4, atol=1e-5)
@@ -182,7 +184,7 @@ def test_audiomae_final_norm_is_timms_norm(audiomae):
     inputs, _ = batch(backbone, noise(2))
     with torch.inference_mode():
         patches, prefix = backbone(inputs, [1])[1]
-        reference = vit.forward_intermediates(inputs, indices=[1], norm=True, return_prefix_tokens=True,
+        reference = vit.forward_intermediates(backbone.fbank(inputs)[:, None], indices=[1], norm=True, return_prefix_tokens=True,
                                               output_fmt="NLC", intermediates_only=True)[0]
     torch.testing.assert_close(patches, reference[0], rtol=1e-4, atol=1e-5)
     assert backbone.config["final_norm"] is True
@@ -267,7 +269,7 @@ def test_eat_is_a_post_norm_transformer_on_fbank_patches(eat, name):
     inputs, _ = batch(backbone, noise(10), noise(1))
     with torch.inference_mode():
         ours = backbone(inputs, [0, 1])
-        reference = eat_reference(parts, inputs)
+        reference = eat_reference(parts, backbone.fbank(inputs)[:, None])
     for layer in (0, 1):
         torch.testing.assert_close(ours[layer][0], reference[layer][:, 1:], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours[layer][1], reference[layer][:, :1], rtol=1e-4, atol=1e-4)
@@ -284,7 +286,7 @@ def test_pickled_checkpoints_are_refused_unless_allowed(eat):
     backbone = build_backbone("eat", folder / "pickled.pt", allow_pickle=True, **TINY)
     inputs, _ = batch(backbone, noise(1))
     with torch.inference_mode():
-        ours, reference = backbone(inputs, [1])[1][0], eat_reference(parts, inputs)[1][:, 1:]
+        ours, reference = backbone(inputs, [1])[1][0], eat_reference(parts, backbone.fbank(inputs)[:, None])[1][:, 1:]
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -346,7 +348,7 @@ def test_beats_loads_its_release_format_and_gives_62_by_8(tmp_path):
     backbone = build_backbone("beats", tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt", dim=64, depth=2)
     assert (backbone.grid, backbone.dim, backbone.depth, backbone.num_prefix) == ((62, 8), 64, 2, 0)
     inputs, mask = batch(backbone, noise(10), noise(4))
-    assert inputs.shape == (2, 992, 128)
+    assert inputs.shape == (2, 160000) and backbone.fbank(inputs).shape == (2, 992, 128)
     assert mask.view(2, 62, 8)[:, :, 0].sum(dim=1).tolist() == [62, 25]
     with torch.inference_mode():
         outputs = backbone(inputs, [0, 1], mask)
@@ -377,7 +379,7 @@ def test_beats_without_deepnorm_or_position_bias_is_a_post_norm_transformer(tmp_
     inputs, _ = batch(backbone, noise(10))
     with torch.inference_mode():
         ours = backbone(inputs, [0, 1])
-        x = nn.functional.conv2d(inputs[:, None], state["patch_embedding.weight"], stride=16).flatten(2).transpose(1, 2)
+        x = nn.functional.conv2d(backbone.fbank(inputs)[:, None], state["patch_embedding.weight"], stride=16).flatten(2).transpose(1, 2)
         x = nn.functional.layer_norm(x, (32,), state["layer_norm.weight"], state["layer_norm.bias"])
         x = nn.functional.linear(x, state["post_extract_proj.weight"], state["post_extract_proj.bias"])
         x = x + nn.functional.gelu(pos_conv(x.transpose(1, 2))[..., :-1]).transpose(1, 2)
@@ -430,7 +432,8 @@ def test_beats_with_its_padding_mask_sees_only_the_clip(tmp_path):
     valid = int(mask.sum())  # 25 time patches of 8 tokens, first in time-major order
     with torch.inference_mode():
         masked = backbone(inputs, [1], mask)[1][0]
-        alone = backbone(inputs[:, : valid // 8 * 16], [1])[1][0]
+        frames = valid // 8 * 16  # the first frames of the clip alone: fbank frames are 400 samples every 160
+        alone = backbone(inputs[:, : 400 + 160 * (frames - 1)], [1])[1][0]
         unmasked = backbone(inputs, [1])[1][0]
     torch.testing.assert_close(masked[:, :valid], alone, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(unmasked[:, :valid], alone, atol=1e-3)

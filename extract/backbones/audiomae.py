@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights
-from ..frontends import AUDIOMAE_FBANK, time_patch_mask
+from ..frontends import AUDIOMAE_FBANK, FbankFeatures, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
 
@@ -26,6 +26,7 @@ class AudioMAE(Backbone):
         super().__init__()
         self.name, self.dim, self.depth, self.final_norm = name, dim, depth, final_norm
         self.grid = (self.frontend.target_frames // PATCH, self.frontend.num_mel_bins // PATCH)
+        self.fbank = FbankFeatures(self.frontend)
         self.patch_embed = PatchEmbed(dim, PATCH)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_tokens, dim))  # fixed sin-cos, from the checkpoint
@@ -34,11 +35,11 @@ class AudioMAE(Backbone):
             self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def preprocess(self, item):
-        features, valid = self.frontend(self._clip(item), self.window_samples)
-        return features[None], time_patch_mask(valid, self.grid, stride=PATCH)
+        clip, valid = self.frontend.prepare(self._clip(item), self.window_samples)
+        return clip, time_patch_mask(valid, self.grid, stride=PATCH)
 
     def block_outputs(self, inputs, mask):
-        x = self.patch_embed(inputs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(self.fbank(inputs)[:, None]) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:

@@ -14,7 +14,10 @@ class Backbone(torch.nn.Module):
 
     Subclasses set the attributes below, implement `preprocess` (CPU, DataLoader workers) and
     `block_outputs` (the full token sequence after each layer); `forward` picks the requested layers,
-    applies the final norm when asked and splits prefix tokens from patch tokens.
+    applies the final norm when asked and splits prefix tokens from patch tokens. Front-end work
+    that is the same for every item and heavy (an fbank, framing) belongs at the start of
+    `block_outputs`, a batch at a time on the device; `preprocess` keeps what depends on the item
+    alone (its length, its mean) and is cheap.
     """
 
     name: str
@@ -47,7 +50,7 @@ class Backbone(torch.nn.Module):
 
     def preprocess(self, item) -> tuple[torch.Tensor, torch.Tensor]:
         """One item (1-D waveform at sample_rate, at most one window; or a PIL image) ->
-        (model input for that item, token validity mask (T*F,) bool)."""
+        (model input for that item, of one shape for every item; token validity mask (T*F,) bool)."""
         raise NotImplementedError
 
     def block_outputs(self, inputs: torch.Tensor, mask: torch.Tensor | None) -> Iterator[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
-from ..frontends import BEATS_FBANK, fbank_frames, time_patch_mask
+from ..frontends import BEATS_FBANK, FbankFeatures, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 
 # BEATsConfig's defaults; a checkpoint's 'cfg' overrides them.
@@ -157,7 +157,8 @@ class BEATs(Backbone):
         super().__init__()
         self.name, self.dim, self.depth = name, cfg["encoder_embed_dim"], cfg["encoder_layers"]
         self.patch = cfg["input_patch_size"]
-        self.grid = (fbank_frames(self.window_samples) // self.patch, self.frontend.num_mel_bins // self.patch)
+        self.grid = (self.frontend.output_frames(self.window_samples) // self.patch, self.frontend.num_mel_bins // self.patch)
+        self.fbank = FbankFeatures(self.frontend)
         self.patch_embedding = nn.Conv2d(1, cfg["embed_dim"], self.patch, stride=self.patch, bias=cfg["conv_bias"])
         self.layer_norm = nn.LayerNorm(cfg["embed_dim"])
         same = cfg["embed_dim"] == self.dim
@@ -165,11 +166,11 @@ class BEATs(Backbone):
         self.encoder = Encoder(cfg)
 
     def preprocess(self, item):
-        features, valid = self.frontend(self._clip(item), self.window_samples)
-        return features, time_patch_mask(valid, self.grid, stride=self.patch)
+        clip, valid = self.frontend.prepare(self._clip(item), self.window_samples)
+        return clip, time_patch_mask(valid, self.grid, stride=self.patch)
 
     def block_outputs(self, inputs, mask):
-        x = self.patch_embedding(inputs[:, None]).flatten(2).transpose(1, 2)  # time-major (T, F) patches
+        x = self.patch_embedding(self.fbank(inputs)[:, None]).flatten(2).transpose(1, 2)  # time-major (T, F) patches
         x = self.post_extract_proj(self.layer_norm(x))
         key_padding = None
         if mask is not None:  # an item with no audio at all attends to everything rather than to nothing

@@ -41,15 +41,16 @@ class Crepe(Backbone):
         self.name, self.capacity, self.window_seconds = name, capacity, float(window_seconds)
         self.net = torchcrepe.Crepe(capacity)
         self.dim = self.net.conv6.out_channels
-        self.grid = (1 + self.window_samples // self.frontend.hop, TOKENS_PER_FRAME)
+        self.grid = (self.frontend.num_frames(self.window_samples), TOKENS_PER_FRAME)
 
     def preprocess(self, item):
-        frames, valid = self.frontend(self._clip(item), self.window_samples)
-        return frames, time_patch_mask(valid, self.grid, stride=1)
+        clip, valid = self.frontend.prepare(self._clip(item), self.window_samples)
+        return clip, time_patch_mask(valid, self.grid, stride=1)
 
     def block_outputs(self, inputs, mask):
-        batch, steps, samples = inputs.shape
-        x = inputs.reshape(batch * steps, 1, samples)
+        frames = self.frontend.frames(inputs)
+        batch, steps, samples = frames.shape
+        x = frames.reshape(batch * steps, 1, samples)
         for block in range(1, 7):
             x = self._conv_block(x, block)
             if block >= FIRST_LAYER_BLOCK:

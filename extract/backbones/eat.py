@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
-from ..frontends import EAT_FBANK, time_patch_mask
+from ..frontends import EAT_FBANK, FbankFeatures, time_patch_mask
 from .base import Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
 
@@ -38,6 +38,7 @@ class EAT(Backbone):
         super().__init__()
         self.name, self.dim, self.depth = name, dim, depth
         self.grid = (self.frontend.target_frames // PATCH, self.frontend.num_mel_bins // PATCH)
+        self.fbank = FbankFeatures(self.frontend)
         self.local_encoder = PatchEmbed(dim, PATCH)
         self.extra_tokens = nn.Parameter(torch.zeros(1, self.num_prefix, dim))
         self.positions = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
@@ -45,11 +46,11 @@ class EAT(Backbone):
         self.blocks = nn.ModuleList(Block(dim, num_heads, post_norm=True) for _ in range(depth))
 
     def preprocess(self, item):
-        features, valid = self.frontend(self._clip(item), self.window_samples)
-        return features[None], time_patch_mask(valid, self.grid, stride=PATCH)
+        clip, valid = self.frontend.prepare(self._clip(item), self.window_samples)
+        return clip, time_patch_mask(valid, self.grid, stride=PATCH)
 
     def block_outputs(self, inputs, mask):
-        x = self.local_encoder(inputs) + self.positions
+        x = self.local_encoder(self.fbank(inputs)[:, None]) + self.positions
         x = torch.cat([self.extra_tokens.expand(len(x), -1, -1), x], dim=1)
         x = self.input_norm(x)
         for block in self.blocks:
