@@ -2,7 +2,7 @@
 
 Read top to bottom: `extract()` builds the backbone, checks the whole dataset, creates (or
 reopens) the store, then streams the shards this process owns through DataLoader workers
-(decoding and front-end), a batched forward pass on the device, a landing thread that copies
+(decoding), a batched forward pass on the device (front-end included), a landing thread that copies
 each batch's tokens into its shards, and writer threads that store complete shards while the
 next batches compute.
 """
@@ -146,7 +146,7 @@ def incomplete_units(store, work: Plan) -> list[tuple[str, int]]:
 
 
 IN_FLIGHT = 2  # batches launched ahead of the one landing: a late batch from the loader does not idle the GPU
-MAX_WORKERS = 32  # beyond this the front-end outruns any disk, and each worker holds batches in memory
+MAX_WORKERS = 32  # beyond this decoding outruns any disk, and each worker holds batches in memory
 
 
 def default_workers() -> int:
@@ -170,7 +170,7 @@ def _lower_priority(worker_id: int):
 
 
 class ItemSource(torch.utils.data.Dataset):
-    """Decoding and front-end for one item, run in DataLoader workers; failures become records."""
+    """Decoding and Backbone.preprocess for one item, run in DataLoader workers; failures become records."""
 
     def __init__(self, backbone: Backbone, items: list[tuple[str, int, Item]]):
         self.backbone = backbone
