@@ -112,12 +112,14 @@ class FbankFeatures(torch.nn.Module):
         s = self.settings
         with torch.autocast(clips.device.type, enabled=False):
             frames = (clips.float() * s.waveform_scale).unfold(1, FRAME_LENGTH, FRAME_SHIFT)
+            past_end = frames.isnan().any(dim=2, keepdim=True)  # (B, frames, 1): see Fbank.prepare
             frames = frames - frames.mean(dim=2, keepdim=True)
             previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)
             spectrum = torch.fft.rfft((frames - PREEMPHASIS * previous) * self.window, n=FFT_SIZE)
             power = spectrum.real.square() + spectrum.imag.square()
             fbank = (power @ self.mel_banks).clamp_min(torch.finfo(torch.float32).eps).log()
-            fbank = fbank.nan_to_num(nan=0.0)  # frames past the clip's end: the recipe's zero padding
+            # the recipe's zero padding past the clip's end; an overflow elsewhere stays visible as non-finite tokens
+            fbank = fbank.masked_fill(past_end, 0.0)
             frames_out = s.output_frames(clips.shape[1])
             fbank = torch.nn.functional.pad(fbank, (0, 0, 0, max(0, frames_out - fbank.shape[1])))[:, :frames_out]
             return (fbank - s.mean) / (2 * s.std)
@@ -147,7 +149,7 @@ class CrepeFrames:
     """CREPE's input as torchcrepe.preprocess makes it: 1024-sample frames every `hop` samples, centred
     on their time step (the clip is zero-padded by 512 on both sides), each mean-removed and scaled to
     unit standard deviation. prepare() runs in the DataLoader workers, frames() on the device: a
-    batch's frames are 16 times the bytes of its audio."""
+    batch's frames are about 6 times the bytes of its audio."""
 
     hop: int = 160
     frame_length: int = 1024

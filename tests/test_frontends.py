@@ -127,3 +127,14 @@ def test_a_batch_of_clips_of_any_length_gives_each_clips_own_recipe(frontend):
     batch, _ = features(frontend, *clips)
     for clip, ours in zip(clips, batch):
         torch.testing.assert_close(ours, kaldi_recipe(frontend, clip), rtol=0, atol=1e-4 / frontend.std)
+
+
+def test_an_overflowing_clip_is_not_taken_for_padding():
+    """Only the samples past a clip's end become the recipe's padding: a finite clip loud enough to
+    overflow float32's power spectrum gives non-finite features (and tokens that verify flags), as
+    kaldi.fbank does, rather than a clip of silence."""
+    loud = torch.randn(WINDOW // 2) * 1e18
+    (features_, ), _ = features(AUDIOMAE_FBANK, loud)
+    assert not features_[:100].isfinite().all()
+    assert features_[-20:].isfinite().all()  # the padding past its end
+    assert not kaldi_recipe(AUDIOMAE_FBANK, loud)[:100].isfinite().all()
