@@ -382,6 +382,28 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     assert (tmp_path / "all" / "leaderboard.csv").exists()
 
 
+def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, monkeypatch):
+    """TF32 matrix products speed up a sweep on a GPU; the process's setting comes back after it, so
+    that a later extraction in the same process (a notebook) is not run in TF32 unasked."""
+    seen = []
+
+    def build_head(name, **kw):
+        head = heads.build_head(name, **kw)
+        forward = head.forward
+        head.forward = lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or forward(*a, **k)
+        return head
+
+    monkeypatch.setattr(recipe, "build_head", build_head)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ok("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "run")
+        assert seen and all(seen)
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("args,option,message", [
     (["--heads", "ep", "--option", "ep.num_queries=0"], "--option", "ep: num_queries must be a positive integer, got 0"),
     (["--heads", "ep", "--option", "ep.num_queries=abc"], "--option", "ep: num_queries must be a positive integer, got 'abc'"),

@@ -13,6 +13,7 @@ started again with the same sweep resumes from it and ends with the same results
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -205,6 +206,21 @@ def versions() -> dict:
             "scikit-learn": importlib.metadata.version("scikit-learn"), "python": platform.python_version()}
 
 
+@contextlib.contextmanager
+def tf32_matmuls():
+    """Float32 matrix products on TF32 tensor cores (float32 accumulation) while a sweep runs on a
+    GPU: a 32-head sweep is bound by the heads' arithmetic, and TF32 is 3-5x faster. The process's
+    own settings come back afterwards, so that later work in the same process (an extraction in a
+    notebook) runs in the precision it asked for. CPUs ignore these settings."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@tf32_matmuls()
 def run(
     store: TokenStore,
     configs: list[Config],
@@ -277,11 +293,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    # Sources and heads. On GPUs, float32 matrix products run on TF32 tensor cores (float32
-    # accumulation): a 32-head sweep is bound by the heads' arithmetic, and TF32 is 3-5x faster.
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # Sources and heads (float32 matrix products on TF32 tensor cores, see tf32_matmuls).
     train_source = Source(train_split, layers, with_cls, mode, device)
     valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device)
     probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
