@@ -195,6 +195,24 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
 
 
+def test_ctrl_c_says_how_to_resume_and_a_run_stopped_while_plotting_is_not_taken_as_finished(store, run, tmp_path, monkeypatch):
+    """Ctrl-C while the last results are written (the plots) leaves no leaderboard, the mark of a
+    finished run that `tokens report` goes by; the rerun writes everything."""
+    out = tmp_path / "stopped"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "plot_val_curves", interrupted)
+        result = invoke("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert result.exit_code == 130 and "run the same command again to resume" in said(result), said(result)
+    assert not (out / "leaderboard.csv").exists()
+    assert "no leaderboard.csv yet" in ok("report", run, out, "--out", tmp_path / "r").output
+    ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert leaderboard(out) == leaderboard(run) and (out / "val_curves.png").stat().st_size
+
+
 def test_lars_with_a_constant_rate_trains_and_is_recorded(store, tmp_path):
     out = tmp_path / "lars"
     ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", "--lr", "2", "--optimizer", "lars",
@@ -241,12 +259,16 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     refused = invoke("report", edited, "--out", tmp_path / "mixed")
     assert refused.exit_code == 2 and "ran another training than part-1-of-2" in said(refused), said(refused)
 
-    # The same heads in another order split into other parts: merged, half the sweep would be missing.
+    # Such a part is refused before any work: the same heads in another order split into other
+    # parts (merged, half the sweep would be missing), other training, or another split of the sweep.
     reordered = tmp_path / "reordered"
     shutil.copytree(parts / "part-1-of-2", reordered / "part-1-of-2")
-    ok("probe", store, "--heads", "protobin,ep,linear", *SWEEP[2:], *FAST, "--part", "2/2", "--out", reordered)
-    refused = invoke("report", reordered, "--out", tmp_path / "reordered-report")
-    assert refused.exit_code == 2 and "ran another sweep than part-1-of-2" in said(refused), said(refused)
+    for args, why in [(["--heads", "protobin,ep,linear", *SWEEP[2:], *FAST, "--part", "2/2"], "ran another sweep"),
+                      ([*SWEEP, *FAST, "--epochs", "2", "--part", "2/2"], "ran another training"),
+                      ([*SWEEP, *FAST, "--part", "2/3"], "holds parts of a sweep split another way (part-1-of-2)")]:
+        refused = invoke("probe", store, *args, "--out", reordered)
+        assert refused.exit_code == 2 and why in said(refused) and "--out" in said(refused), said(refused)
+    assert sorted(p.name for p in reordered.iterdir()) == ["part-1-of-2"]
 
 
 def test_ram_gives_the_results_of_stream(store, run, tmp_path):
@@ -484,6 +506,18 @@ def test_report_refuses_a_csv_that_is_not_a_leaderboard(tmp_path):
     assert result.exit_code == 2 and "Invalid value for RUNS" in said(result), result.output
     assert f"{other} is not a leaderboard.csv written by `tokens probe`" in said(result)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_report_names_the_runs_it_cannot_use(run, tmp_path):
+    """Among several runs, a mistyped folder is refused by name and an unfinished run (no
+    leaderboard yet) is named in a note, rather than a report quietly made of fewer runs."""
+    result = invoke("report", run, tmp_path / "typo", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and f"{tmp_path / 'typo'}: no such run directory" in said(result), said(result)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    result = ok("report", run, unfinished, "--out", tmp_path / "r")
+    assert f"{unfinished}: no leaderboard.csv yet (not finished)" in result.output, result.output
 
 
 def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path):

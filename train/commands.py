@@ -185,8 +185,12 @@ def check_whole_or_parts(out: Path, count: int):
     sweep with parts of another as if they were one."""
     if count > 1 and (out / "config.json").exists():
         raise SweepError(f"{out} holds a whole sweep: its parts go to another --out", "--out")
-    if count == 1 and (parts := sorted(p.name for p in out.glob("part-*-of-*"))):
+    parts = sorted(p.name for p in out.glob("part-*-of-*"))
+    if count == 1 and parts:
         raise SweepError(f"{out} holds parts of a sweep ({', '.join(parts)}): a whole sweep goes to another --out", "--out")
+    if other := [name for name in parts if not name.endswith(f"-of-{count}")]:
+        raise SweepError(f"{out} holds parts of a sweep split another way ({', '.join(other)}): "
+                         f"a sweep in {count} parts goes to another --out", "--out")
 
 
 def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer: str, batch_size: int, loss: str | None,
@@ -268,6 +272,9 @@ def probe(
         )
     except SweepError as error:
         raise _bad(error) from error
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: {out} keeps every finished epoch; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     finally:
         opened.close()
 

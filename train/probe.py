@@ -189,6 +189,22 @@ def check_no_other_results(out: Path, training: dict):
                          f"use another --out, or delete {out} to start over", "--out")
 
 
+def check_other_parts(out: Path, record: dict):
+    """The parts of a split sweep already in the run directory must have run this sweep, on this
+    store, with this training: `tokens report` refuses to merge parts that differ, so a part that
+    would differ is refused now, before any work, naming the part it differs from."""
+    mine = report.part_fields(record)
+    for other in sorted(set(out.parent.glob("part-*-of-*")) - {out}):
+        try:
+            theirs = report.part_fields(json.loads((other / "config.json").read_text()))
+        except (OSError, ValueError):  # not started: nothing to differ from
+            continue
+        differ = [name for name in mine if theirs[name] != mine[name]]
+        if differ:
+            raise SweepError(f"{other} ran another {' and '.join(differ)}: this part would not be comparable with it; "
+                             f"run every part with the same arguments, or use another --out", "--out")
+
+
 def restore(state: dict, probes: list[Probe]) -> int:
     """Put every probe back as it was saved; the number of epochs already done."""
     for probe, saved in zip(probes, state["probes"]):
@@ -290,6 +306,8 @@ def run(
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],
               "training": training,
               "versions": versions()}
+    if part[1] > 1:
+        check_other_parts(out, record)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -77,17 +77,23 @@ def leaderboard_columns(rows: list[dict]) -> list[str]:
 
 
 def write_run(out: Path, rows: list[dict], records: list[dict], metric: str):
-    """Everything a finished run leaves behind, then its leaderboard printed."""
+    """Everything a finished run leaves behind, then its leaderboard printed. The leaderboard is
+    written last: `tokens report` takes a run that has one as finished."""
     rows = ranked(rows, metric)
-    write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     (out / "heads").mkdir(exist_ok=True)
     for record in records:
         text = json.dumps(_nan_to_none(record), indent=2)
         (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
     plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png")
     plot_val_curves(records, metric, out / "val_curves.png")
+    write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
     print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png)")
+
+
+def head_colours(heads) -> dict[str, str]:
+    """One colour per head type, by name: a head has the same colour in every plot of a run."""
+    return {head: f"C{i % 10}" for i, head in enumerate(sorted(set(heads)))}
 
 
 def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None):
@@ -98,12 +104,13 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     markers = "osD^v<>pPX*h"
-    for i, head in enumerate(dict.fromkeys(r["head"] for r in rows)):
+    heads = head_colours(r["head"] for r in rows)
+    for i, (head, colour) in enumerate(heads.items()):
         mine = [r for r in rows if r["head"] == head]
         x = [r["params"] for r in mine]
         y = [r[column] for r in mine]
         err = [r[sd_column] or 0 for r in mine] if sd_column else None
-        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], label=head, capsize=3, alpha=0.8)
+        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], color=colour, label=head, capsize=3, alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
@@ -120,13 +127,11 @@ def plot_val_curves(records: list[dict], metric: str, path: Path):
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    heads = list(dict.fromkeys(r["head"] for r in records))
-    colours = [f"C{i % 10}" for i in range(len(heads))]
+    heads = head_colours(r["head"] for r in records)
     for record in records:
         curve = [np.nan if v is None else v for v in record["val_curve"]]
-        colour = colours[heads.index(record["head"])]
-        ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.6, linewidth=1)
-    for head, colour in zip(heads, colours):
+        ax.plot(range(1, len(curve) + 1), curve, color=heads[record["head"]], alpha=0.6, linewidth=1)
+    for head, colour in heads.items():
         ax.plot([], [], color=colour, label=head)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -303,6 +308,13 @@ def _with_sd(row: dict, column: str) -> str:
     return _cell(mean) if sd is None else f"{_cell(mean)} ± {_cell(sd)}"
 
 
+def part_fields(record: dict) -> dict:
+    """What the parts of one split sweep share, from a part's config.json: the store, the sweep (its
+    ordered list of configurations included) and the training (less each part's own configurations)."""
+    training = {k: v for k, v in (record.get("training") or {}).items() if k != "configs"}
+    return {"store_key": record.get("store_key"), "sweep": record.get("sweep"), "training": training}
+
+
 def check_parts_agree(run: Path):
     """Parts of one split sweep (RUN/part-I-of-N/) must have run the same sweep on the same store
     with the same training: a part resubmitted after an edit of the sweep would otherwise be
@@ -313,8 +325,7 @@ def check_parts_agree(run: Path):
             record = json.loads((part / "config.json").read_text())
         except (OSError, ValueError):  # not started, or not finished writing: missing_parts tells
             continue
-        training = {k: v for k, v in (record.get("training") or {}).items() if k != "configs"}  # each part has its own
-        shown = {"store_key": record.get("store_key"), "sweep": record.get("sweep"), "training": training}
+        shown = part_fields(record)
         if first is None:
             first = (part, shown)
             continue
@@ -328,12 +339,17 @@ def write_report(runs: list[Path], out: Path) -> str:
     """Merge `runs` into `out`; return the summary table as text. Rows of runs on different
     stores would look alike, so the table and report.md then name each row's store."""
     for run in runs:
+        if not Path(run).exists():
+            raise FileNotFoundError(f"{run}: no such run directory or leaderboard.csv")
         check_parts_agree(run)
-    paths = [p for run in runs for p in find_leaderboards(run)]
+    found = {run: find_leaderboards(run) for run in runs}
+    paths = [p for run in runs for p in found[run]]
     if not paths:
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
     rows, notes = merge(paths)
-    notes += [note for run in runs for note in missing_parts(run)]
+    for run in runs:
+        unfinished = missing_parts(run) or ([] if found[run] else [f"{run}: no leaderboard.csv yet (not finished); the report leaves it out"])
+        notes += unfinished
     metric = primary_of(rows)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
