@@ -240,6 +240,11 @@ def open(path: Path, mode: str) -> "ZarrHandle":  # noqa: A001 - the backend's v
     return ZarrHandle(path, mode)
 
 
+def damaged_metadata(folder: Path, error: ValueError) -> StoreError:
+    return StoreError(f"{folder / 'zarr.json'}: damaged metadata, not zarr's JSON ({error}); "
+                      "the store cannot be read as it is: restore the file, or extract again into a new store")
+
+
 class ZarrHandle:
     def __init__(self, path: Path, mode: str):
         self.path = path
@@ -250,6 +255,8 @@ class ZarrHandle:
                 f"{path} is a directory but not a zarr store ({error}); a new store needs a path "
                 "that does not exist yet, or an empty directory"
             ) from error
+        except ValueError as error:  # zarr.json is not JSON, or not zarr's metadata
+            raise damaged_metadata(path, error) from error
         if mode != "r":
             (path / PARTIAL).mkdir(exist_ok=True)  # see _partial
         self.direct = mode != "r" and filesystem_type(path) in DIRECT_FILESYSTEMS  # see _write_direct
@@ -266,6 +273,8 @@ class ZarrHandle:
                 self._arrays[key] = self.root[key]
             except KeyError as error:
                 raise StoreError(f"{self.path}: array {key} is missing") from error
+            except ValueError as error:
+                raise damaged_metadata(self.path / key, error) from error
         return self._arrays[key]
 
     def _partial(self, split: str, name: str, shard: int) -> Path:

@@ -400,6 +400,19 @@ def test_a_complete_shards_missing_column_file_is_reported_and_never_read_as_zer
         assert list(train.column("ids")) == make_items(make_spec(), "train")["ids"]
 
 
+@pytest.mark.parametrize("where", ["zarr.json", "train/tokens/1/zarr.json"])
+def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where):
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec())
+    (path / where).write_text("{")
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and f"{path / where}: damaged metadata" in result.output, result.output
+    assert not isinstance(result.exception, ValueError)
+    with pytest.raises(StoreError, match=re.escape(f"{path / where}: damaged metadata")):
+        with open_store(path) as store:
+            store.split("train").read_tokens(1, [0])
+
+
 def test_verify_catches_nan_and_a_truncated_hdf5_file(tmp_path):
     spec = make_spec()
     path = tmp_path / "s.h5"
