@@ -370,7 +370,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd")
-    lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configurations from {len(paths)} leaderboards"]
+    lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
     if len(chosen) < len(shown):
         lines += ["", f"selected by validation {metric}, one per head{' and store' if len(labels) > 1 else ''}:", table(chosen, shown_columns)]
