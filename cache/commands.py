@@ -116,7 +116,7 @@ def verify(
     if report.ok:
         typer.echo(f"{store}: sound ({report.shards_checked} complete shards checked)")
         return
-    typer.echo(f"{store}: {len(report.problems)} problems", err=True)
+    typer.echo(f"{store}: {len(report.problems)} problem{'s' * (len(report.problems) != 1)}", err=True)
     for problem in report.problems:
         typer.echo(f"  - {problem}", err=True)
     raise typer.Exit(1)

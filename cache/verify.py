@@ -98,6 +98,14 @@ def _check_columns(store: TokenStore, split, shard: int, names: list[str]) -> li
     ok_items = np.array([len(e) == 0 for e in values["errors"]]) if "errors" in values else np.ones(len(rows), bool)
     if "durations" in values and (count := int((ok_items & (values["durations"] == 0)).sum())):
         problems.append(f"{where['durations']}: {count} items that did not fail read as zero seconds long: file missing or damaged")
+    if "labels" in values:
+        labels = values["labels"]
+        if store.task == "multilabel":
+            outside, allowed = (labels > 1).any(axis=1), "0 or 1"
+        else:
+            outside, allowed = (labels < 0) | (labels >= len(store.classes)), f"0..{len(store.classes) - 1}"
+        if count := int(outside.sum()):
+            problems.append(f"{where['labels']}: {count} items hold labels other than {allowed}: file damaged")
     if "mask" in values and "errors" in values:
         if count := int((ok_items & ~values["mask"].any(axis=1)).sum()):
             problems.append(

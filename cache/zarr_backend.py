@@ -401,15 +401,18 @@ class ZarrHandle:
                 try:
                     with path.open("rb") as f:
                         f.seek(-index_bytes, os.SEEK_END)
-                        index = np.frombuffer(f.read(index_bytes - 4), dtype="<u8").reshape(-1, 2)
+                        raw = f.read(index_bytes)
                 except OSError as error:
                     raise DamagedShard(path, f"shard file missing or damaged ({error})") from error
+                index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
                 start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
                 used = index[: stop - start]
                 present = used[:, 0] != MISSING  # an absent inner chunk reads as the fill value, zero
                 file_size = path.stat().st_size
                 if (used[present, 1] != item_bytes).any() or (used[present].sum(axis=1) > file_size).any():
                     raise DamagedShard(path, "shard index does not match the file (truncated or damaged)")
+                if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):  # as zarr itself checks
+                    raise DamagedShard(path, "shard index checksum does not match (damaged)")
                 shard_offsets[shard] = np.where(present, used[:, 0].astype(np.int64), -1)
             return shard_offsets[shard]
 

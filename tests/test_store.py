@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from typer.testing import CliRunner
 
@@ -411,6 +412,40 @@ def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where):
     with pytest.raises(StoreError, match=re.escape(f"{path / where}: damaged metadata")):
         with open_store(path) as store:
             store.split("train").read_tokens(1, [0])
+
+
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_labels_no_writer_stores_are_named_by_verify_and_refused_by_training(tmp_path, task):
+    from tokens.train.data import Source
+
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec(task=task))
+    with open_store(path) as store:
+        labels = store.split("train")._h.chunk_file("train", "labels", 1)
+    data = bytearray(labels.read_bytes())
+    data[:8] = (254).to_bytes(8, "little")  # the first item: 254 as a multi-hot value or as a class index
+    labels.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and f"{labels}: 1 items hold labels other than" in result.output, result.output
+    with open_store(path) as store:
+        with pytest.raises(StoreError, match="train item 8 has labels outside .*run `tokens verify`"):
+            Source(store.split("train"), [0], False, "stream", torch.device("cpu"))
+
+
+def test_a_shard_index_that_fails_its_checksum_is_named_and_not_read(tmp_path):
+    """The trailing entries of a last, short shard's index are unused: damage there changes no
+    offset we read, but zarr refuses the file, so verify and our reader refuse it too."""
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec())
+    with open_store(path) as store:
+        shard = store.split("test")._h.chunk_file("test", "tokens/0", 1)  # items 8-9 of a shard of 8
+    data = bytearray(shard.read_bytes())
+    data[-12:-4] = bytes(8)  # within the last (unused) index entry
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and f"{shard}: shard index checksum does not match" in result.output, result.output
+    with open_store(path) as store, pytest.raises(StoreError, match="checksum does not match"):
+        store.split("test").read_tokens(0, [8])
 
 
 def test_verify_catches_nan_and_a_truncated_hdf5_file(tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokens.cache.store import STORAGE_DTYPE, Split
+from tokens.cache.store import STORAGE_DTYPE, Split, StoreError
 
 BLOCK_ITEMS = 2048  # items shuffled together: whole shards, at least this many items
 MODES = ("auto", "stream", "ram", "gpu")
@@ -104,13 +104,25 @@ def as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def check_labels(split: Split, labels: np.ndarray) -> np.ndarray:
+    """Labels as a writer stores them (0/1 multi-hot, or class indices), or a StoreError: a damaged
+    labels file would otherwise train every head on nonsense targets without a sign."""
+    classes = split.store.classes
+    outside = labels > 1 if labels.ndim == 2 else (labels < 0) | (labels >= len(classes))
+    if outside.any():
+        first = int(np.flatnonzero(outside.reshape(len(labels), -1).any(axis=1))[0])
+        raise StoreError(f"{split.store.path}: {split.name} item {first} has labels outside "
+                         f"{'0/1' if labels.ndim == 2 else f'0..{len(classes) - 1}'} (a damaged file?): run `tokens verify`")
+    return labels
+
+
 class Source:
     """The rows of one split for a fixed set of layers, from disk, RAM or the GPU."""
 
     def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device):
         self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
         self.with_cls = with_cls and split.num_prefix > 0
-        labels = split.column("labels")
+        labels = check_labels(split, split.column("labels"))
         self.labels = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
         self.arrays = None
         if mode in ("ram", "gpu"):
