@@ -520,6 +520,19 @@ def test_a_report_names_the_runs_it_cannot_use(run, tmp_path):
     assert f"{unfinished}: no leaderboard.csv yet (not finished)" in result.output, result.output
 
 
+def test_an_out_path_that_cannot_be_a_folder_and_a_missing_split_name_their_option(store, run, tmp_path):
+    a_file = tmp_path / "notes.csv"
+    a_file.write_text("x\n")
+    for command in (["report", run], ["probe", store, "--heads", "linear", *FAST]):
+        result = invoke(*command, "--out", a_file)
+        assert result.exit_code == 2 and "--out" in said(result) and f"{a_file} is a file" in said(result), said(result)
+    under_a_file = a_file / "report"
+    result = invoke("report", run, "--out", under_a_file)
+    assert result.exit_code == 2 and "--out" in said(result) and "cannot make the folder" in said(result), said(result)
+    result = invoke("predict", store, "--head", run / "best" / "ep.pt", "--split", "val", "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and "--split" in said(result) and "no split 'val'; it has train, valid, test" in said(result)
+
+
 def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path):
     other = make_store(tmp_path / "other.zarr", splits={"train": 40, "valid": 16, "test": 16})
     for name, path in (("a", store), ("b", other)):

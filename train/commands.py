@@ -26,7 +26,7 @@ from tokens.train.data import MODES, Source, usable_items
 from tokens.train.heads import HEADS, build_head
 from tokens.train.losses import LOSSES
 from tokens.train.optim import OPTIMIZERS, SCHEDULES, default_lr, lr_required
-from tokens.train.report import write_report
+from tokens.train.report import OutputError, write_report
 from tokens.train.sweep import SweepError
 
 # Choices as typer checks them when the arguments are parsed (by `tokens slurm` too, before submitting).
@@ -243,6 +243,7 @@ def probe(
     sweep (--part) are merged with `tokens report RUN`.
     """
     compute = device_option(device)
+    check_out_folder(out, "leaderboard.csv, heads/, best/, plots")
     if data == "gpu" and compute.type != "cuda":
         raise typer.BadParameter("gpu mode needs a CUDA device; use ram or stream", param_hint="--data")
     if num_threads:
@@ -287,8 +288,11 @@ def report(
 
     Example: tokens report runs/s1 runs/s2 --out reports/s
     """
+    check_out_folder(out, "report.csv, report.md, report.png")
     try:
         text = write_report(runs, out)
+    except OutputError as error:
+        raise typer.BadParameter(str(error), param_hint="--out") from None
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="RUNS") from error
     typer.echo(text)
@@ -305,6 +309,12 @@ def check_saved_head(path: Path, saved):
                                  param_hint="--head")
     if not isinstance(saved, dict) or not SAVED_HEAD_KEYS <= set(saved):
         raise typer.BadParameter(f"{path} is not a head saved by `tokens probe` (RUN/best/HEAD.pt)", param_hint="--head")
+
+
+def check_out_folder(out: Path, holds: str):
+    """--out must be a folder: a file there is named before any work."""
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file; this writes a folder ({holds}): give a folder path", param_hint="--out")
 
 
 def prepare_output(out: Path):
@@ -340,7 +350,10 @@ def predict(
     except OSError as error:
         raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from None
     check_saved_head(head, saved)
-    opened = open_checked(store, [split], allow_incomplete)
+    opened = open_checked(store, [], allow_incomplete, optional=(split,))
+    if split not in opened.splits:
+        opened.close()
+        raise typer.BadParameter(f"{store} has no split {split!r}; it has {', '.join(opened.splits)}", param_hint="--split")
     with opened:
         build, layer = saved["build"], saved["layer"]
         if opened.meta["dim"] != build["dim"] or opened.classes != saved["classes"]:

@@ -335,6 +335,10 @@ def check_parts_agree(run: Path):
                              f"comparable; rerun it with the same arguments as the other parts")
 
 
+class OutputError(Exception):
+    """The report's folder cannot be made; the message names it."""
+
+
 def write_report(runs: list[Path], out: Path) -> str:
     """Merge `runs` into `out`; return the summary table as text. Rows of runs on different
     stores would look alike, so the table and report.md then name each row's store."""
@@ -351,7 +355,10 @@ def write_report(runs: list[Path], out: Path) -> str:
         unfinished = missing_parts(run) or ([] if found[run] else [f"{run}: no leaderboard.csv yet (not finished); the report leaves it out"])
         notes += unfinished
     metric = primary_of(rows)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot make the folder {out}: {error.strerror or error}") from None
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
     mark_selected(summary)
