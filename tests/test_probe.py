@@ -1,6 +1,7 @@
 """The probe stage on small synthetic stores: sweeps, predict, resume, parts, data modes, refusals."""
 
 import csv
+import dataclasses
 import functools
 import json
 import shutil
@@ -51,7 +52,7 @@ def ok(*args):
     return result
 
 
-def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,)):
+def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,), **spec_changes):
     """Tokens with each item's classes written into a few of its tokens; the tail tokens of some
     items are padding (masked, filled with garbage); the `failed` train items failed extraction."""
     spec = StoreSpec(
@@ -59,6 +60,7 @@ def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=N
         final_norm=False, dtype=dtype, grid=(T, F), dim=D, num_prefix=1, task=task, classes=CLASSES,
         splits=dict(splits), dataset_fingerprint=path.name, masked=True, shard_size=32,
     )
+    spec = dataclasses.replace(spec, **spec_changes)
     rng = np.random.default_rng(0)
     directions = rng.normal(size=(len(CLASSES), D)) * 1.5
     with create_or_open(path, spec) as store:
@@ -485,6 +487,20 @@ def test_predict_refuses_what_is_not_a_saved_head(store, run, tmp_path):
     result = invoke("predict", store, "--head", tmp_path / "other.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "is not a head saved by `tokens probe`" in said(result), result.output
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_predict_refuses_tokens_made_another_way_and_notes_another_dataset(run, tmp_path):
+    """A head trained on final-normed tokens scores nonsense on tokens without the norm (or of
+    another checkpoint): refused, naming the difference. Another dataset of the same encoder is
+    what predict is for: a note, and scores."""
+    head = run / "best" / "ep.pt"
+    normed = make_store(tmp_path / "normed.zarr", final_norm=True)
+    result = invoke("predict", normed, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and "--head" in said(result), said(result)
+    assert "made another way (final_norm False there, True here)" in said(result)
+    other = make_store(tmp_path / "other-dataset.zarr")
+    result = ok("predict", other, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
+    assert "trained on another store" in result.output and (tmp_path / "s.csv").exists()
 
 
 def test_predict_checks_its_output_path_before_scoring(store, run, tmp_path, monkeypatch):

@@ -363,8 +363,15 @@ def predict(
         multi = HEADS[build["name"]].multi_layer
         if (multi and build["num_layers"] != len(opened.layers)) or (not multi and layer not in opened.layers):
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
+        made = saved.get("tokens", {})  # heads saved before it was recorded: only the store key tells
+        if differ := [name for name in made if made[name] != opened.meta.get(name)]:
+            shown = ", ".join(f"{name} {made[name]!r} there, {opened.meta.get(name)!r} here" if name != "backbone_config"
+                              else name for name in differ)
+            raise typer.BadParameter(f"{head} was trained on tokens made another way ({shown}): its scores on {store} "
+                                     "would mean nothing; score a store extracted as the head's was", param_hint="--head")
         if saved["store_key"] != opened.meta["cache_key"][:16]:
-            typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}); scoring anyway")
+            typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}, another dataset or "
+                       "token dtype); scoring anyway")
         prepare_output(out)
         module = build_head(**build)
         module.load_state_dict(saved["state_dict"])

@@ -389,7 +389,7 @@ def run(
     # validation metric over seeds), in the weights of its seed that did best on validation.
     for head, row in report.selected_rows(rows).items():
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
-        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes)
+        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
 
     report.write_run(out, rows, records, metric)
     diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]
@@ -401,9 +401,15 @@ def run(
     return rows
 
 
-def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str]):
+# What makes a store's tokens what they are, apart from the dataset: a head only means something on
+# tokens made the same way (`tokens predict` compares them).
+TOKEN_FIELDS = ("backbone", "backbone_config", "checkpoint_sha256", "frontend", "final_norm")
+
+
+def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict):
     """A head's weights with what `tokens predict` needs to rebuild and feed it (weights_only-loadable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "task": task,
                 "classes": list(classes), "store_key": row["store_key"], "state_dict": _state(probe.head),
+                "tokens": {name: store_meta.get(name) for name in TOKEN_FIELDS},
                 "metrics": {k: v for k, v in row.items() if k.startswith(("val_", "test_"))}}, path)
