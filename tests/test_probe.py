@@ -215,6 +215,14 @@ def test_ctrl_c_says_how_to_resume_and_a_run_stopped_while_plotting_is_not_taken
     assert leaderboard(out) == leaderboard(run) and (out / "val_curves.png").stat().st_size
 
 
+def test_quiet_leaves_progress_bars_out_of_a_log(store, tmp_path):
+    loud = ok("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "loud")
+    quiet = ok("probe", store, "--heads", "linear", *FAST, "--quiet", "--out", tmp_path / "quiet")
+    assert "epochs:" in loud.output and "\r" in loud.output
+    assert "epochs:" not in quiet.output and "\r" not in quiet.output and "results in" in quiet.output
+    assert read_csv(tmp_path / "quiet" / "leaderboard.csv") == read_csv(tmp_path / "loud" / "leaderboard.csv")
+
+
 def test_lars_with_a_constant_rate_trains_and_is_recorded(store, tmp_path):
     out = tmp_path / "lars"
     ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", "--lr", "2", "--optimizer", "lars",

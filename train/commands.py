@@ -227,6 +227,7 @@ def probe(
     num_threads: int = typer.Option(None, "--num-threads", min=1, help="CPU threads for torch."),
     data_seed: int = typer.Option(0, "--data-seed", help="Seed of the batch order (and of the held-out validation items)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on the written shards of an unfinished store."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (for the log files of batch jobs)."),
 ):
     """Train many probe heads on a token store at once: every batch is read once and fed to all heads.
 
@@ -269,7 +270,7 @@ def probe(
             # of one sweep must agree on it (report.check_parts_agree), not only on its heads and values.
             opened, mine, out, sweep=spec | {"configs": [c.id for c in configs]}, part=(index, count), epochs=epochs, batch_size=batch_size,
             warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss, data=data, device=compute,
-            data_seed=data_seed,
+            data_seed=data_seed, progress=not quiet,
         )
     except SweepError as error:
         raise _bad(error) from error

@@ -253,6 +253,7 @@ def run(
     data: str = "auto",
     device: torch.device = torch.device("cpu"),
     data_seed: int = 0,
+    progress: bool = True,
     stop_after: int | None = None,
 ) -> list[dict]:
     """Train `configs` on `store`, write the results to `out`, return the leaderboard rows.
@@ -324,12 +325,12 @@ def run(
     if start:
         tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}")
 
-    for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs):
+    for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=not progress):
         for p in probes:
             p.head.train()
         order = epoch_order(train_items, train_split.shard_size, data_seed, epoch)
         batches = train_source.batches(order, batch_size, drop_last=True)
-        for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", total=steps, leave=False)):
+        for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", total=steps, leave=False, disable=not progress)):
             factor = lr_factor(schedule, epoch * steps + step, total, warmup)
             for p in probes:
                 for group in p.optimizer.param_groups:
