@@ -478,12 +478,15 @@ class Split:
         return self._read(f"tokens/{self.store.resolve_layer(layer)}", indices, (self.num_tokens, self.dim))
 
     def read_prefix(self, layer: int, indices) -> np.ndarray | None:
+        """Prefix tokens (B, P, D) of items `indices` (class, distillation, register tokens), or None
+        for a backbone without them (CREPE, BEATs)."""
         layer = self.store.resolve_layer(layer)
         if not self.num_prefix:
             return None
         return self._read(f"prefix/{layer}", indices, (self.num_prefix, self.dim))
 
     def read_mask(self, indices) -> np.ndarray | None:
+        """Token validity (B, L) bool of items `indices`, or None for a store without a mask (images)."""
         if not self.masked:
             return None
         indices = self._indices(indices)
@@ -493,6 +496,9 @@ class Split:
 
     def _indices(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1:
+            raise TypeError(f"{self.name}: give item indices as a list or 1-D array (e.g. [3] for item 3), "
+                            f"not an array of shape {indices.shape}")
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_items):
             raise IndexError(f"{self.name}: item index out of range 0..{self.num_items - 1}")
         return indices

@@ -448,6 +448,18 @@ def test_a_shard_index_that_fails_its_checksum_is_named_and_not_read(tmp_path):
         store.split("test").read_tokens(0, [8])
 
 
+def test_item_indices_must_be_a_list_and_in_range(tmp_path):
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec())
+    with open_store(path) as store:
+        train = store.split("train")
+        assert train.read_tokens(0, [3]).shape == (1, T * F, D)
+        with pytest.raises(TypeError, match=r"as a list or 1-D array \(e\.g\. \[3\] for item 3\)"):
+            train.read_tokens(0, 3)
+        with pytest.raises(IndexError, match="out of range 0..36"):
+            train.read_mask([37])
+
+
 def test_verify_catches_nan_and_a_truncated_hdf5_file(tmp_path):
     spec = make_spec()
     path = tmp_path / "s.h5"
