@@ -1,6 +1,7 @@
 """Metrics against scikit-learn and hand-computed cases; losses against their formulas."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -73,6 +74,17 @@ def test_multiclass_matches_sklearn():
     assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(labels, predicted))
     for c in range(7):
         assert m["per_class_acc"][c] == pytest.approx((predicted[labels == c] == c).mean())
+
+
+def test_a_class_predicted_but_absent_from_the_split_is_scored_quietly():
+    """Balanced accuracy averages over the classes present (sklearn's definition): predictions of an
+    absent class count as errors, without sklearn's warning on every validation of every head."""
+    labels = np.array([0, 0, 1, 1])
+    scores = np.eye(3)[[0, 2, 1, 1]]  # one prediction of class 2, which the split lacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = compute_metrics("multiclass", scores, labels)
+    assert m["balanced_acc"] == pytest.approx(0.75) and m["per_class_acc"] == [0.5, 1.0, None]
 
 
 def test_unknown_task_is_rejected():

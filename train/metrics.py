@@ -4,6 +4,8 @@ Results are plain Python floats and lists (JSON-ready); a per-class value that i
 (a class without positives, or absent from a multi-class split) is None.
 """
 
+import warnings
+
 import numpy as np
 
 # scikit-learn is imported where a metric is computed: importing it (with scipy) costs about a
@@ -68,5 +70,7 @@ def _multiclass(scores, labels):
     recall = recall_score(
         labels, predicted, labels=np.arange(num_classes), average=None, zero_division=np.nan
     )
-    return (float(accuracy_score(labels, predicted)), float(balanced_accuracy_score(labels, predicted)),
-            [None if np.isnan(r) else float(r) for r in recall])
+    with warnings.catch_warnings():  # as documented: balanced accuracy averages over the classes present
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced = float(balanced_accuracy_score(labels, predicted))
+    return float(accuracy_score(labels, predicted)), balanced, [None if np.isnan(r) else float(r) for r in recall]
