@@ -571,7 +571,7 @@ def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path):
     assert "ml.zarr" in result.output and "other.zarr" in result.output
 
 
-def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_path):
+def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_path, monkeypatch):
     """Per head, the configuration with the best validation mean over seeds, whatever the test
     figures say; computed here from the leaderboard's rows directly."""
     rng = np.random.default_rng(0)
@@ -584,6 +584,8 @@ def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_pat
                              "seed": seed, "options": "{}", "store_key": "k" * 16})
     (tmp_path / "run").mkdir()
     report_module.write_csv(tmp_path / "run" / "leaderboard.csv", rows, list(rows[0]))
+    figures, plot = [], report_module.plot_params_vs_metric
+    monkeypatch.setattr(report_module, "plot_params_vs_metric", lambda *a, **k: figures.append(plot(*a, **k)))
     result = ok("report", tmp_path / "run", "--out", tmp_path / "r")
     expected, by_test = {}, {}
     for head in ("linear", "ep"):
@@ -598,6 +600,9 @@ def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_pat
     selected_md = (tmp_path / "r" / "report.md").read_text().split("## All configurations")[0]
     assert all(config in selected_md for config in expected.values()) and selected_md.count("| linear |") == 1
     assert "selected by validation map" in result.output
+    rings = [c for c in figures[0].axes[0].collections if c.get_label() == "selected on validation"]
+    ringed = sorted(map(tuple, rings[0].get_offsets().tolist()))
+    assert ringed == sorted((10.0, float(row["test_map_mean"])) for row in summary if row["selected"] == "1")
 
 
 def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selects():

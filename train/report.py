@@ -84,7 +84,7 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str):
     for record in records:
         text = json.dumps(_nan_to_none(record), indent=2)
         (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
-    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png")
+    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=list(selected_rows(rows).values()))
     plot_val_curves(records, metric, out / "val_curves.png")
     write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
@@ -96,9 +96,9 @@ def head_colours(heads) -> dict[str, str]:
     return {head: f"C{i % 10}" for i, head in enumerate(sorted(set(heads)))}
 
 
-def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None):
+def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None, chosen: list[dict] = ()):
     """The metric against trainable parameters (log x), one marker per head type; error bars
-    of one sd where `sd_column` is given."""
+    of one sd where `sd_column` is given; the `chosen` rows (selected on validation) ringed."""
     from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
 
     fig = Figure(figsize=(7, 4.5))
@@ -111,6 +111,9 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
         y = [r[column] for r in mine]
         err = [r[sd_column] or 0 for r in mine] if sd_column else None
         ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], color=colour, label=head, capsize=3, alpha=0.8)
+    if chosen:
+        ax.scatter([r["params"] for r in chosen], [r[column] for r in chosen], s=180, facecolors="none",
+                   edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
@@ -118,6 +121,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def plot_val_curves(records: list[dict], metric: str, path: Path):
@@ -376,7 +380,8 @@ def write_report(runs: list[Path], out: Path) -> str:
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
-    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd")
+    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd",
+                          chosen=[r for r in summary if r["selected"]])
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
     if len(chosen) < len(shown):
