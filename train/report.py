@@ -111,6 +111,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
         y = [r[column] for r in mine]
         err = [r[sd_column] or 0 for r in mine] if sd_column else None
         ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], color=colour, label=head, capsize=3, alpha=0.8)
+    chosen = [r for r in chosen if np.isfinite(r[column])]  # a diverged head's NaN has no place on the axes
     if chosen:
         ax.scatter([r["params"] for r in chosen], [r[column] for r in chosen], s=180, facecolors="none",
                    edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
