@@ -116,8 +116,8 @@ def _print_plan(plan, part):
     typer.echo(f"backbone {spec.backbone}: grid {spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, layers {spec.layers}, {spec.dtype}")
     for name, n in spec.splits.items():
         typer.echo(f"  {name:<6} {n:>9} items")
-    typer.echo(f"{total} items x {_size(per_item)} per item = {_size(total * per_item)} on disk "
-               f"({spec.shard_size} items per shard)")
+    typer.echo(f"{total} items x {_size(per_item)} per item, {_size(plan.disk_bytes())} on disk with the per-item "
+               f"columns ({spec.shard_size} items per shard)")
     if part != (1, 1):
         typer.echo(f"this process does part {part[0]}/{part[1]}: {len(plan.units)} shards")
     if plan.complete:

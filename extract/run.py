@@ -64,6 +64,25 @@ class Plan:
         per_layer = (s.num_tokens + s.num_prefix) * s.dim * np.dtype(STORAGE_DTYPE[s.dtype]).itemsize
         return per_layer * len(s.layers) + (s.num_tokens if s.masked else 0)
 
+    def disk_bytes(self) -> int:
+        """What the whole store will take: every item's tokens, and its per-item columns (mask, labels,
+        offsets, durations, ids, sources, errors), which a zarr store pads to whole shards in each
+        split: about 1 MiB per split for CREPE, which a small dataset notices."""
+        s = self.spec
+        mask = s.num_tokens if s.masked else 0
+        columns = mask + (len(s.classes) if s.task == "multilabel" else 8) + 8 + 8 + 3 * 4  # strings: a 4-byte length each
+        token_arrays = len(s.layers) * (2 if s.num_prefix else 1)
+        total = 0
+        for items in self.dataset.splits.values():
+            strings = sum(len(item.id.encode()) + len(item.source.encode()) for item in items)
+            total += len(items) * (self.item_bytes() - mask) + strings
+            if s.extra["format"] == "zarr":  # whole shards of columns, and each token shard file's index
+                shards = -(-len(items) // s.shard_size)
+                total += shards * s.shard_size * columns + shards * token_arrays * (16 * s.shard_size + 4)
+            else:
+                total += len(items) * columns
+        return total
+
 
 def resolve_layers(layers: list[int] | str | None, depth: int) -> list[int]:
     """Block indices as given (negative counts from the end), "all", or by default the last block."""
