@@ -341,8 +341,8 @@ class TokenStore:
         order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
         differing = [name for name in order if name not in unknown and _json(self.meta.get(name)) != _json(new[name])]
         if differing:
-            entries = _differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
-            what = ", ".join(f"{where} is {_short(old)} in the store but {_short(now)} now" for where, old, now in entries[:3])
+            entries = differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
+            what = ", ".join(f"{where} is {short(old)} in the store but {short(now)} now" for where, old, now in entries[:3])
             what += f" and {len(entries) - 3} more entries of {differing[0]}" if len(entries) > 3 else ""
             hint = {"dataset_fingerprint": " (the dataset's items, windows or labels differ)",
                     "precision": " (bf16 is autocast on a GPU; a run on a CPU is always fp32)"}.get(differing[0], "")
@@ -363,15 +363,15 @@ def _json(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _differences(where: str, old, new) -> list[tuple[str, object, object]]:
+def differences(where: str, old, new) -> list[tuple[str, object, object]]:
     """The entries that differ, descending into dicts: [('frontend.hop', 160, 320)]."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return [(where, old, new)]
     keys = [k for k in sorted(set(old) | set(new)) if _json(old.get(k)) != _json(new.get(k))]
-    return [entry for k in keys for entry in _differences(f"{where}.{k}", old.get(k), new.get(k))]
+    return [entry for k in keys for entry in differences(f"{where}.{k}", old.get(k), new.get(k))]
 
 
-def _short(value) -> str:
+def short(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 

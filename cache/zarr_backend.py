@@ -255,7 +255,7 @@ class ZarrHandle:
                 f"{path} is a directory but not a zarr store ({error}); a new store needs a path "
                 "that does not exist yet, or an empty directory"
             ) from error
-        except ValueError as error:  # zarr.json is not JSON, or not zarr's metadata
+        except (ValueError, TypeError, KeyError) as error:  # zarr.json is not JSON, or not zarr's metadata
             raise damaged_metadata(path, error) from error
         if mode != "r":
             (path / PARTIAL).mkdir(exist_ok=True)  # see _partial
@@ -272,8 +272,10 @@ class ZarrHandle:
             try:
                 self._arrays[key] = self.root[key]
             except KeyError as error:
+                if (self.path / key / "zarr.json").exists():  # there, but without a field zarr needs
+                    raise damaged_metadata(self.path / key, error) from error
                 raise StoreError(f"{self.path}: array {key} is missing") from error
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 raise damaged_metadata(self.path / key, error) from error
         return self._arrays[key]
 

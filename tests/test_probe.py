@@ -223,6 +223,17 @@ def test_quiet_leaves_progress_bars_out_of_a_log(store, tmp_path):
     assert read_csv(tmp_path / "quiet" / "leaderboard.csv") == read_csv(tmp_path / "loud" / "leaderboard.csv")
 
 
+def test_damaged_labels_are_refused_before_any_training(store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    with open_store(damaged) as opened:
+        labels = opened.split("test")._h.chunk_file("test", "labels", 0)
+    labels.write_bytes(b"\xfe" + labels.read_bytes()[1:])  # item 0's first class: 254
+    result = invoke("probe", damaged, "--heads", "linear", *FAST, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "test item 0 has labels outside 0/1" in said(result), said(result)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_lars_with_a_constant_rate_trains_and_is_recorded(store, tmp_path):
     out = tmp_path / "lars"
     ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", "--lr", "2", "--optimizer", "lars",
@@ -279,6 +290,23 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
         refused = invoke("probe", store, *args, "--out", reordered)
         assert refused.exit_code == 2 and why in said(refused) and "--out" in said(refused), said(refused)
     assert sorted(p.name for p in reordered.iterdir()) == ["part-1-of-2"]
+
+    # Not refused: a part written by an earlier version (no optimizer or schedule in its record), and
+    # a part that stopped before its first epoch (its config.json alone), whatever it was asked.
+    for name, edit in [("older", lambda training: [training.pop("optimizer"), training.pop("schedule")]),
+                       ("barely-started", lambda training: training.update(epochs=2))]:
+        run_dir = tmp_path / name
+        shutil.copytree(parts / "part-1-of-2", run_dir / "part-1-of-2")
+        record = json.loads((run_dir / "part-1-of-2" / "config.json").read_text())
+        edit(record["training"])
+        (run_dir / "part-1-of-2" / "config.json").write_text(json.dumps(record))
+        if name == "barely-started":  # everything but its config.json
+            for result in (run_dir / "part-1-of-2").iterdir():
+                if result.is_dir():
+                    shutil.rmtree(result)
+                elif result.name != "config.json":
+                    result.unlink()
+        ok("probe", store, *SWEEP, *FAST, "--part", "2/2", "--out", run_dir)
 
 
 def test_ram_gives_the_results_of_stream(store, run, tmp_path):
@@ -422,18 +450,18 @@ def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, 
     def build_head(name, **kw):
         head = heads.build_head(name, **kw)
         forward = head.forward
-        head.forward = lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or forward(*a, **k)
+        head.forward = lambda *a, **k: seen.append(torch.backends.cuda.matmul.fp32_precision) or forward(*a, **k)
         return head
 
     monkeypatch.setattr(recipe, "build_head", build_head)
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # the user's own choice, through the older API
     try:
         ok("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "run")
-        assert seen and all(seen)
-        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+        assert seen and set(seen) == {"tf32"}
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
 
 
 @pytest.mark.parametrize("args,option,message", [
@@ -505,7 +533,7 @@ def test_predict_refuses_tokens_made_another_way_and_notes_another_dataset(run, 
     normed = make_store(tmp_path / "normed.zarr", final_norm=True)
     result = invoke("predict", normed, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "--head" in said(result), said(result)
-    assert "made another way (final_norm False there, True here)" in said(result)
+    assert "made another way (final_norm false there, true here)" in said(result)
     other = make_store(tmp_path / "other-dataset.zarr")
     result = ok("predict", other, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert "trained on another store" in result.output and (tmp_path / "s.csv").exists()

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from typer.testing import CliRunner
 
@@ -401,11 +400,12 @@ def test_a_complete_shards_missing_column_file_is_reported_and_never_read_as_zer
         assert list(train.column("ids")) == make_items(make_spec(), "train")["ids"]
 
 
-@pytest.mark.parametrize("where", ["zarr.json", "train/tokens/1/zarr.json"])
-def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where):
+@pytest.mark.parametrize("where, text", [("zarr.json", "{"), ("zarr.json", "[]"), ("train/tokens/1/zarr.json", "{"),
+                                         ("train/tokens/1/zarr.json", '{"zarr_format": 3, "node_type": "array"}')])
+def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where, text):
     path = tmp_path / "s.zarr"
     fill(path, make_spec())
-    (path / where).write_text("{")
+    (path / where).write_text(text)
     result = CliRunner().invoke(app, ["verify", str(path)])
     assert result.exit_code == 1 and f"{path / where}: damaged metadata" in result.output, result.output
     assert not isinstance(result.exception, ValueError)
@@ -416,7 +416,7 @@ def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where):
 
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
 def test_labels_no_writer_stores_are_named_by_verify_and_refused_by_training(tmp_path, task):
-    from tokens.train.data import Source
+    from tokens.train.data import check_labels
 
     path = tmp_path / "s.zarr"
     fill(path, make_spec(task=task))
@@ -429,7 +429,7 @@ def test_labels_no_writer_stores_are_named_by_verify_and_refused_by_training(tmp
     assert result.exit_code == 1 and f"{labels}: 1 items hold labels other than" in result.output, result.output
     with open_store(path) as store:
         with pytest.raises(StoreError, match="train item 8 has labels outside .*run `tokens verify`"):
-            Source(store.split("train"), [0], False, "stream", torch.device("cpu"))
+            check_labels(store.split("train"), store.split("train").column("labels"))
 
 
 def test_a_shard_index_that_fails_its_checksum_is_named_and_not_read(tmp_path):

@@ -17,7 +17,7 @@ from enum import Enum
 import torch
 import typer
 
-from tokens.cache.store import StoreError, TokenStore, open_store
+from tokens.cache.store import StoreError, TokenStore, differences, open_store, short
 from tokens.cluster import pick_device, resolve_part
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import probe as recipe
@@ -272,10 +272,11 @@ def probe(
             warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss, data=data, device=compute,
             data_seed=data_seed, progress=not quiet,
         )
-    except SweepError as error:
+    except (SweepError, StoreError) as error:
         raise _bad(error) from error
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: {out} keeps every finished epoch; run the same command again to resume", err=True)
+        typer.echo(f"\ninterrupted: run the same command again to resume from {out}'s last finished epoch "
+                   "(or from the start, if none had finished)", err=True)
         raise typer.Exit(130) from None
     finally:
         opened.close()
@@ -365,9 +366,9 @@ def predict(
         if (multi and build["num_layers"] != len(opened.layers)) or (not multi and layer not in opened.layers):
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
         made = saved.get("tokens", {})  # heads saved before it was recorded: only the store key tells
-        if differ := [name for name in made if made[name] != opened.meta.get(name)]:
-            shown = ", ".join(f"{name} {made[name]!r} there, {opened.meta.get(name)!r} here" if name != "backbone_config"
-                              else name for name in differ)
+        changed = [name for name in made if json.dumps(made[name], sort_keys=True) != json.dumps(opened.meta.get(name), sort_keys=True)]
+        if differ := [entry for name in changed for entry in differences(name, made[name], opened.meta.get(name))]:
+            shown = ", ".join(f"{name} {short(there)} there, {short(here)} here" for name, there, here in differ[:3])
             raise typer.BadParameter(f"{head} was trained on tokens made another way ({shown}): its scores on {store} "
                                      "would mean nothing; score a store extracted as the head's was", param_hint="--head")
         if saved["store_key"] != opened.meta["cache_key"][:16]:

@@ -106,7 +106,8 @@ def as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
 
 def check_labels(split: Split, labels: np.ndarray) -> np.ndarray:
     """Labels as a writer stores them (0/1 multi-hot, or class indices), or a StoreError: a damaged
-    labels file would otherwise train every head on nonsense targets without a sign."""
+    labels file would otherwise train every head on nonsense targets without a sign. (Scoring with
+    `tokens predict` does not read them.)"""
     classes = split.store.classes
     outside = labels > 1 if labels.ndim == 2 else (labels < 0) | (labels >= len(classes))
     if outside.any():
@@ -122,7 +123,7 @@ class Source:
     def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device):
         self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
         self.with_cls = with_cls and split.num_prefix > 0
-        labels = check_labels(split, split.column("labels"))
+        labels = split.column("labels")
         self.labels = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
         self.arrays = None
         if mode in ("ram", "gpu"):

@@ -31,7 +31,7 @@ from tokens import __version__
 from tokens.cache.store import TokenStore
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
-from tokens.train.data import Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
+from tokens.train.data import Source, check_labels, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, primary_metric
@@ -156,7 +156,7 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
         state = load_tensors(path)
     except CheckpointError as error:
         raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
-    saved = EARLIER_DEFAULTS | state["plan"]
+    saved = report.EARLIER_DEFAULTS | state["plan"]
     if saved != plan:
         differs = [k for k in plan if saved.get(k) != plan[k]]
         raise SweepError(
@@ -169,9 +169,6 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
     return state
 
 
-# What plans of runs from before --optimizer and --schedule trained with (checkpoints, config.json).
-EARLIER_DEFAULTS = {"optimizer": "adamw", "schedule": "cosine"}
-
 
 def check_no_other_results(out: Path, training: dict):
     """A sweep starting afresh in a run directory that holds another sweep's results (its checkpoint
@@ -181,7 +178,7 @@ def check_no_other_results(out: Path, training: dict):
     if not results:
         return
     try:
-        earlier = EARLIER_DEFAULTS | json.loads((out / "config.json").read_text())["training"]
+        earlier = report.EARLIER_DEFAULTS | json.loads((out / "config.json").read_text())["training"]
     except (OSError, ValueError, KeyError, TypeError):  # results whose sweep cannot be told: not ours to mix with
         earlier = None
     if earlier != training:
@@ -195,6 +192,8 @@ def check_other_parts(out: Path, record: dict):
     would differ is refused now, before any work, naming the part it differs from."""
     mine = report.part_fields(record)
     for other in sorted(set(out.parent.glob("part-*-of-*")) - {out}):
+        if not any((other / name).exists() for name in ("checkpoint.pt", "leaderboard.csv", "best", "heads")):
+            continue  # started, but stopped before its first epoch: no results to be comparable with
         try:
             theirs = report.part_fields(json.loads((other / "config.json").read_text()))
         except (OSError, ValueError):  # not started: nothing to differ from
@@ -227,13 +226,14 @@ def tf32_matmuls():
     """Float32 matrix products on TF32 tensor cores (float32 accumulation) while a sweep runs on a
     GPU: a 32-head sweep is bound by the heads' arithmetic, and TF32 is 3-5x faster. The process's
     own settings come back afterwards, so that later work in the same process (an extraction in a
-    notebook) runs in the precision it asked for. CPUs ignore these settings."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    notebook) runs in the precision it asked for."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # CUDA's own settings: CPUs keep theirs
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 @tf32_matmuls()
@@ -279,6 +279,8 @@ def run(
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split)
+    for split in dict.fromkeys((train_split, valid_split, test_split)):  # before any training, not at the test
+        check_labels(split, split.column("labels"))
     if len(train_items) < 2:  # BatchNorm cannot train on a batch of one, and one item teaches nothing
         raise SweepError(f"{store.path}: train has {len(train_items)} usable item{'' if len(train_items) == 1 else 's'}"
                          f"{held_out}; a probe needs at least 2 (failed items and unwritten shards are left out)", "STORE")

@@ -313,10 +313,14 @@ def _with_sd(row: dict, column: str) -> str:
     return _cell(mean) if sd is None else f"{_cell(mean)} ± {_cell(sd)}"
 
 
+# What plans of runs from before --optimizer and --schedule trained with (checkpoints, config.json).
+EARLIER_DEFAULTS = {"optimizer": "adamw", "schedule": "cosine"}
+
+
 def part_fields(record: dict) -> dict:
     """What the parts of one split sweep share, from a part's config.json: the store, the sweep (its
     ordered list of configurations included) and the training (less each part's own configurations)."""
-    training = {k: v for k, v in (record.get("training") or {}).items() if k != "configs"}
+    training = {k: v for k, v in (EARLIER_DEFAULTS | (record.get("training") or {})).items() if k != "configs"}
     return {"store_key": record.get("store_key"), "sweep": record.get("sweep"), "training": training}
 
 
