@@ -364,11 +364,21 @@ def _json(value) -> str:
 
 
 def differences(where: str, old, new) -> list[tuple[str, object, object]]:
-    """The entries that differ, descending into dicts: [('frontend.hop', 160, 320)]."""
+    """The entries that differ, descending into dicts: [('frontend.hop', 160, 320)]; [] if none."""
+    if _json(old) == _json(new):
+        return []
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return [(where, old, new)]
     keys = [k for k in sorted(set(old) | set(new)) if _json(old.get(k)) != _json(new.get(k))]
     return [entry for k in keys for entry in differences(f"{where}.{k}", old.get(k), new.get(k))]
+
+
+def labels_outside(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Which items (bool per row) hold labels no writer stores: other than 0/1 in multi-hot rows
+    (N, C), or class indices outside 0..C-1 (N,). A damaged labels file shows this way."""
+    if labels.ndim == 2:
+        return (labels > 1).any(axis=1)
+    return (labels < 0) | (labels >= num_classes)
 
 
 def short(value) -> str:

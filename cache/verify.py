@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore
+from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore, labels_outside
 
 COLUMNS = ("ids", "sources", "durations", "offsets", "errors", "labels")
 
@@ -99,12 +99,8 @@ def _check_columns(store: TokenStore, split, shard: int, names: list[str]) -> li
     if "durations" in values and (count := int((ok_items & (values["durations"] == 0)).sum())):
         problems.append(f"{where['durations']}: {count} items that did not fail read as zero seconds long: file missing or damaged")
     if "labels" in values:
-        labels = values["labels"]
-        if store.task == "multilabel":
-            outside, allowed = (labels > 1).any(axis=1), "0 or 1"
-        else:
-            outside, allowed = (labels < 0) | (labels >= len(store.classes)), f"0..{len(store.classes) - 1}"
-        if count := int(outside.sum()):
+        allowed = "0 or 1" if store.task == "multilabel" else f"0..{len(store.classes) - 1}"
+        if count := int(labels_outside(values["labels"], len(store.classes)).sum()):
             problems.append(f"{where['labels']}: {count} items hold labels other than {allowed}: file damaged")
     if "mask" in values and "errors" in values:
         if count := int((ok_items & ~values["mask"].any(axis=1)).sum()):

@@ -240,7 +240,7 @@ def open(path: Path, mode: str) -> "ZarrHandle":  # noqa: A001 - the backend's v
     return ZarrHandle(path, mode)
 
 
-def damaged_metadata(folder: Path, error: ValueError) -> StoreError:
+def damaged_metadata(folder: Path, error: Exception) -> StoreError:
     return StoreError(f"{folder / 'zarr.json'}: damaged metadata, not zarr's JSON ({error}); "
                       "the store cannot be read as it is: restore the file, or extract again into a new store")
 

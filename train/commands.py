@@ -366,8 +366,7 @@ def predict(
         if (multi and build["num_layers"] != len(opened.layers)) or (not multi and layer not in opened.layers):
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
         made = saved.get("tokens", {})  # heads saved before it was recorded: only the store key tells
-        changed = [name for name in made if json.dumps(made[name], sort_keys=True) != json.dumps(opened.meta.get(name), sort_keys=True)]
-        if differ := [entry for name in changed for entry in differences(name, made[name], opened.meta.get(name))]:
+        if differ := [entry for name in made for entry in differences(name, made[name], opened.meta.get(name))]:
             shown = ", ".join(f"{name} {short(there)} there, {short(here)} here" for name, there, here in differ[:3])
             raise typer.BadParameter(f"{head} was trained on tokens made another way ({shown}): its scores on {store} "
                                      "would mean nothing; score a store extracted as the head's was", param_hint="--head")

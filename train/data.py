@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokens.cache.store import STORAGE_DTYPE, Split, StoreError
+from tokens.cache.store import STORAGE_DTYPE, Split, StoreError, labels_outside
 
 BLOCK_ITEMS = 2048  # items shuffled together: whole shards, at least this many items
 MODES = ("auto", "stream", "ram", "gpu")
@@ -109,10 +109,9 @@ def check_labels(split: Split, labels: np.ndarray) -> np.ndarray:
     labels file would otherwise train every head on nonsense targets without a sign. (Scoring with
     `tokens predict` does not read them.)"""
     classes = split.store.classes
-    outside = labels > 1 if labels.ndim == 2 else (labels < 0) | (labels >= len(classes))
+    outside = labels_outside(labels, len(classes))
     if outside.any():
-        first = int(np.flatnonzero(outside.reshape(len(labels), -1).any(axis=1))[0])
-        raise StoreError(f"{split.store.path}: {split.name} item {first} has labels outside "
+        raise StoreError(f"{split.store.path}: {split.name} item {int(np.flatnonzero(outside)[0])} has labels outside "
                          f"{'0/1' if labels.ndim == 2 else f'0..{len(classes) - 1}'} (a damaged file?): run `tokens verify`")
     return labels
 

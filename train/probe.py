@@ -170,11 +170,14 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
 
 
 
+RESULTS = ("leaderboard.csv", "best", "heads")  # what a run directory holds once a sweep has finished
+
+
 def check_no_other_results(out: Path, training: dict):
     """A sweep starting afresh in a run directory that holds another sweep's results (its checkpoint
     deleted) would leave that sweep's best/ heads and heads/ records among its own: refuse. A run
     that stopped before any result (only its config.json) is no obstacle."""
-    results = [name for name in ("leaderboard.csv", "best", "heads") if (out / name).exists()]
+    results = [name for name in RESULTS if (out / name).exists()]
     if not results:
         return
     try:
@@ -192,11 +195,11 @@ def check_other_parts(out: Path, record: dict):
     would differ is refused now, before any work, naming the part it differs from."""
     mine = report.part_fields(record)
     for other in sorted(set(out.parent.glob("part-*-of-*")) - {out}):
-        if not any((other / name).exists() for name in ("checkpoint.pt", "leaderboard.csv", "best", "heads")):
+        if not any((other / name).exists() for name in ("checkpoint.pt", *RESULTS)):
             continue  # started, but stopped before its first epoch: no results to be comparable with
         try:
             theirs = report.part_fields(json.loads((other / "config.json").read_text()))
-        except (OSError, ValueError):  # not started: nothing to differ from
+        except (OSError, ValueError):  # no readable record: nothing to compare with
             continue
         differ = [name for name in mine if theirs[name] != mine[name]]
         if differ:
@@ -390,11 +393,12 @@ def run(
 
     # The best configuration of each head type as a report of this run selects it (the best mean
     # validation metric over seeds), in the weights of its seed that did best on validation.
-    for head, row in report.selected_rows(rows).items():
+    selected = report.selected_rows(rows)
+    for head, row in selected.items():
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
         save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
 
-    report.write_run(out, rows, records, metric)
+    report.write_run(out, rows, records, metric, list(selected.values()))
     diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]
     if diverged:
         tqdm.write(f"warning: {len(diverged)} of {len(probes)} heads gave NaN or Inf scores (ranked last): {', '.join(diverged)}")

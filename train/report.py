@@ -76,15 +76,16 @@ def leaderboard_columns(rows: list[dict]) -> list[str]:
     return FIRST_COLUMNS + metric_columns(rows) + LAST_COLUMNS
 
 
-def write_run(out: Path, rows: list[dict], records: list[dict], metric: str):
-    """Everything a finished run leaves behind, then its leaderboard printed. The leaderboard is
-    written last: `tokens report` takes a run that has one as finished."""
+def write_run(out: Path, rows: list[dict], records: list[dict], metric: str, selected: list[dict]):
+    """Everything a finished run leaves behind, then its leaderboard printed; `selected`: the rows
+    of its best/ heads (selected_rows). The leaderboard is written last: `tokens report` takes a
+    run that has one as finished."""
     rows = ranked(rows, metric)
     (out / "heads").mkdir(exist_ok=True)
     for record in records:
         text = json.dumps(_nan_to_none(record), indent=2)
         (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
-    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=list(selected_rows(rows).values()))
+    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=selected)
     plot_val_curves(records, metric, out / "val_curves.png")
     write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
