@@ -7,6 +7,7 @@ from the environment: a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 from pathlib import Path
@@ -73,6 +74,23 @@ def pick_device(name: str):
             raise ValueError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) are visible here (cuda:0..)")
         torch.cuda.set_device(device)
     return device
+
+
+@contextlib.contextmanager
+def cuda_float32(precision: str):
+    """CUDA's float32 matrix products and convolutions in `precision` while the block runs: "tf32"
+    (TF32 tensor cores, float32 accumulation) or "ieee" (full float32; cuDNN's convolutions are TF32
+    by default). The process's own settings come back afterwards, whatever API set them. CPUs keep
+    theirs: these are CUDA's settings only."""
+    import torch
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def sbatch_script(

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from tokens.cluster import cuda_float32
 from tokens.extract.backbones import Backbone
 
 TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -116,7 +117,10 @@ class Forward:
     def _eager(self, inputs: torch.Tensor, masks: torch.Tensor) -> dict:
         # no weight-cast cache: a graph must cast inside itself, and one forward pass uses each weight once
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.bf16 else nullcontext()
-        with autocast:
+        # What runs in float32 (all of an fp32 run; the fbank of a bf16 one) is IEEE float32, not cuDNN's
+        # default TF32 convolutions: the store records fp32. A graph keeps the kernels chosen at capture.
+        float32 = cuda_float32("ieee") if self.device.type == "cuda" else nullcontext()
+        with autocast, float32:
             outputs = self.model(inputs, self.layers, masks)
         return {layer: (patch.to(self.dtype), None if prefix is None else prefix.to(self.dtype))
                 for layer, (patch, prefix) in outputs.items()}

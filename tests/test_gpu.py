@@ -210,3 +210,33 @@ def test_a_forward_that_waits_for_the_gpu_runs_eagerly_and_says_why():
     host, landed = forward(inputs, masks)
     landed.synchronize()
     torch.testing.assert_close(host[1][0], want.cpu())
+
+
+def test_an_fp32_forward_is_ieee_float32_whatever_the_process_set():
+    """--precision fp32 is IEEE float32 on the GPU, as the store records: cuDNN's default TF32
+    convolutions (the patch embedding) or TF32 matrix products a user turned on would be off by about
+    1e-3. The process's settings come back afterwards."""
+    from tokens.extract.forward import Forward
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32"
+    try:
+        torch.manual_seed(0)
+        model = AudioMAE(**SMALL)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        on_cpu = AudioMAE(**SMALL).eval()
+        on_cpu.load_state_dict(model.state_dict())
+        forward = Forward(model, torch.device("cuda", 0), [1], "float32", "fp32", batch_size=4)
+        forward.warm_up()
+        inputs, masks = random_batch(on_cpu, 4, seed=4)
+        host, landed = forward(inputs, masks)
+        landed.synchronize()
+        with torch.inference_mode():
+            want = on_cpu(inputs, [1], masks)[1][0]
+        # On the H200: 1.1e-5 at most in IEEE float32, 1.2e-4 with TF32 (tokens up to 1.4)
+        torch.testing.assert_close(host[1][0], want, rtol=0, atol=4e-5)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

@@ -13,7 +13,6 @@ started again with the same sweep resumes from it and ends with the same results
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import math
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from tokens import __version__
 from tokens.cache.store import TokenStore
+from tokens.cluster import cuda_float32
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
 from tokens.train.data import Source, check_labels, choose_mode, epoch_order, hold_out, split_bytes, usable_items
@@ -224,22 +224,9 @@ def versions() -> dict:
             "scikit-learn": importlib.metadata.version("scikit-learn"), "python": platform.python_version()}
 
 
-@contextlib.contextmanager
-def tf32_matmuls():
-    """Float32 matrix products on TF32 tensor cores (float32 accumulation) while a sweep runs on a
-    GPU: a 32-head sweep is bound by the heads' arithmetic, and TF32 is 3-5x faster. The process's
-    own settings come back afterwards, so that later work in the same process (an extraction in a
-    notebook) runs in the precision it asked for."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # CUDA's own settings: CPUs keep theirs
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
-
-
-@tf32_matmuls()
+# Float32 matrix products on TF32 tensor cores while a sweep runs on a GPU: a 32-head sweep is bound
+# by the heads' arithmetic, and TF32 is 3-5x faster. The process's own setting comes back afterwards.
+@cuda_float32("tf32")
 def run(
     store: TokenStore,
     configs: list[Config],
@@ -317,7 +304,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    # Sources and heads (float32 matrix products on TF32 tensor cores, see tf32_matmuls).
+    # Sources and heads (float32 matrix products on TF32 tensor cores, see run's decorator).
     train_source = Source(train_split, layers, with_cls, mode, device)
     valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device)
     probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
