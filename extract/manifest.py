@@ -21,7 +21,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
@@ -38,6 +38,11 @@ MIN_LAST_WINDOW = 0.1
 # processes, CHUNK_ROWS at a time. On the 2-core machine 8 192 rows take 0.47 s that way against 0.65 s
 # in one process, and 2 048 rows the same either way: below PARALLEL_ROWS it is not worth it.
 PARALLEL_ROWS = 4096
+# In class folders, the files the decoders read, by suffix, as torchvision's ImageFolder picks its
+# files: notes, label lists or cover pictures kept beside the clips are skipped (and counted), not
+# made into failed items. Images: every format Pillow opens.
+AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
+                            ".au", ".snd", ".caf", ".w64", ".rf64"})
 CHUNK_ROWS = 1024
 
 
@@ -72,6 +77,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, list[Item]]  # only the splits that have items, in SPLITS order
     sample_rate: int | None  # the rate audio items are decoded at; None for images
+    skipped: list[str] = field(default_factory=list)  # class-folder files of other kinds, relative to root
 
     def fingerprint(self) -> str:
         """SHA-256 of everything that decides what is stored and how it is labelled (cache key)."""
@@ -123,7 +129,7 @@ def read_dataset(
     if window_seconds is not None and window_seconds <= 0:
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
-    columns, records, problems = _read(source, store)
+    columns, records, problems, skipped = _read(source, store, _suffixes(modality))
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
@@ -146,19 +152,29 @@ def read_dataset(
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
-    return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate)
+    return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, skipped)
 
 
-def _read(source: Path, store: str | Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
-    """Columns, (location, record) pairs and reading problems of any supported source."""
+def _suffixes(modality: str) -> frozenset[str]:
+    """The file suffixes a class folder's items may have."""
+    if modality == "audio":
+        return AUDIO_SUFFIXES
+    from PIL import Image
+
+    Image.init()
+    return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+
+
+def _read(source: Path, store: str | Path | None, suffixes: frozenset[str]) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
+    """Columns, (location, record) pairs, reading problems and skipped files of any supported source."""
     if source.is_dir():
-        return _read_folders(source, store)
+        return _read_folders(source, store, suffixes)
     if not source.is_file():
         raise ManifestError(source, ["no such file or folder"])
     if source.suffix.lower() == ".csv":
-        return _read_csv(source)
+        return *_read_csv(source), []
     if source.suffix.lower() in (".jsonl", ".ndjson"):
-        return _read_jsonl(source)
+        return *_read_jsonl(source), []
     raise ManifestError(source, ["not a .csv or .jsonl manifest, nor a folder of <split>/<class>/ files"])
 
 
@@ -214,10 +230,11 @@ def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
     return list(columns), records, problems
 
 
-def _read_folders(root: Path, store: str | Path | None) -> tuple[list[str], list[tuple[str, dict]], list[str]]:
+def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
     """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries, and
-    the store being filled if it lies inside, are skipped."""
-    records, problems, split_dirs = [], [], []
+    the store being filled if it lies inside, are left out; files without one of `suffixes` are
+    returned apart."""
+    records, problems, split_dirs, other_files = [], [], [], []
     store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
 
     def holds_store(path: Path) -> bool:
@@ -244,11 +261,21 @@ def _read_folders(root: Path, store: str | Path | None) -> tuple[list[str], list
                     continue
                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts):
                     rel = file.relative_to(root).as_posix()
+                    if file.suffix.lower() not in suffixes:
+                        other_files.append(rel)
+                        continue
                     records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
     if not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
-    return ["path", "label", "split"], records, problems
+    if other_files and not records and not problems:
+        problems.append(f"none of the {len(other_files)} files in the class folders has a suffix read here "
+                        f"({_listed(sorted(suffixes))}), e.g. {other_files[0]}")
+    return ["path", "label", "split"], records, problems, other_files
+
+
+def _listed(names: list[str], most: int = 12) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _within(path: str, folder: str) -> bool:

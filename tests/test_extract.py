@@ -218,6 +218,19 @@ def test_a_store_kept_inside_its_class_folders_resumes(tmp_path, store):
     assert first.items_written == 3 and again.items_written == 0 and again.shards_skipped == first.shards_written
 
 
+def test_files_of_other_kinds_in_class_folders_are_left_out_with_a_note(tmp_path):
+    root = tmp_path / "folders"
+    (root / "train/low").mkdir(parents=True)
+    tone(root / "train/low/a.wav", 0.5, 220)
+    for name in ("notes.txt", "labels.txt", "list.csv"):
+        (root / "train/low" / name).write_text("not audio")
+    result = CliRunner().invoke(app, ["extract", str(root), "--store", str(tmp_path / "s.zarr"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert ("note: 3 files in the class folders are not audio files read here and are left out (2 .txt, 1 .csv; "
+            "e.g. train/low/labels.txt)") in result.output
+    assert re.search(r"train\s+1 items", result.output), result.output
+
+
 def test_a_store_under_a_file_is_refused_before_any_work(dataset, tmp_path):
     result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(dataset / "sub" / "s.zarr")])
     assert result.exit_code == 2 and f"{dataset} is a file, not a folder" in result.output, result.output

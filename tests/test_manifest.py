@@ -108,12 +108,13 @@ def test_a_store_kept_inside_the_class_folders_is_not_part_of_the_dataset(tmp_pa
     else:
         where.write_bytes(b"\x89HDF\r\n\x1a\n")
     ds = audio(tmp_path, store=where)
-    assert ds.classes == ["dog"] and [it.id for it in ds.splits["train"]] == ["train/dog/1.wav"]
-    try:  # without being told which path is the store, it is data: a bad split, a class or items
-        unaware = [it.id for it in audio(tmp_path).splits["train"]]
+    assert ds.classes == ["dog"] and [it.id for it in ds.splits["train"]] == ["train/dog/1.wav"] and ds.skipped == []
+    try:  # without being told which path is the store, it is data: a bad split, a class, items or skipped files
+        unaware = audio(tmp_path)
+        seen = [it.id for it in unaware.splits["train"]], unaware.skipped
     except ManifestError:
-        unaware = None
-    assert unaware != ["train/dog/1.wav"]
+        seen = None
+    assert seen != (["train/dog/1.wav"], [])
 
 
 def test_a_last_window_of_exactly_the_minimum_is_kept_whatever_the_length(tmp_path):
