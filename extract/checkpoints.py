@@ -117,10 +117,12 @@ def pickle_refused(path: str | Path, err: pickle.UnpicklingError) -> CheckpointE
     return CheckpointError(f"{refusal}{ALLOW_PICKLE}") if isinstance(refusal, PickledObjects) else refusal
 
 
-def expect(path: str | Path, key: str, what: str, expected, found) -> None:
-    """Raise a CheckpointError when a checkpoint disagrees with the configuration."""
+def expect(path: str | Path, key: str, what: str, expected, found, option: str | None = None) -> None:
+    """Raise a CheckpointError when a checkpoint disagrees with the configuration; `option`: the
+    backbone option that sets it, for a checkpoint of another size of the family."""
     if expected != found:
-        raise CheckpointError(f"{path}: {key} gives {what} {found}, the configuration expects {expected}")
+        fix = f"; for a checkpoint of another size, pass --backbone-option {option}={found}" if option else ""
+        raise CheckpointError(f"{path}: {key} gives {what} {found}, the configuration expects {expected}{fix}")
 
 
 def count_indexed(state: dict, prefix: str) -> int:

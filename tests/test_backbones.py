@@ -5,6 +5,7 @@ torch's own transformer layer)."""
 import hashlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,34 @@ def test_registry_lists_every_family_and_the_default_is_offline():
         build_backbone("crepe-tiny", window=2.0)
     with pytest.raises(ValueError, match="audiomae takes the options .*; not model_name"):
         build_backbone("audiomae:vit_base", "audiomae.pth")
+
+
+def test_tokens_backbones_lists_each_backbones_options():
+    from typer.testing import CliRunner
+
+    from tokens.cli import app
+
+    result = CliRunner().invoke(app, ["backbones"])
+    assert result.exit_code == 0, result.output
+    listing = result.output.split("\naudiomae\n")[1].split("\neat")[0]
+    assert "options (-o KEY=VALUE): dim=768, depth=12, num_heads=12" in listing
+    assert "options (-o KEY=VALUE): window_seconds=1.0" in result.output.split("\ncrepe-full")[0]
+    assert "but not num_heads" in result.output
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_heads": 4.5}, "audiomae option num_heads=4.5 is not a whole number"),
+    ({"depth": 0}, "audiomae option depth=0 must be positive"),
+    ({"dim": True}, "audiomae option dim=True is not a number"),
+    ({"num_heads": 3}, "num_heads 3 does not divide dim 64"),
+])
+def test_backbone_options_are_checked_before_any_forward_pass(audiomae, options, message):
+    """A size that cannot work is named when the backbone is built, not as a reshape error inside the
+    first batch, after the store was made with it."""
+    path, _ = audiomae
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_backbone("audiomae", path, **{**TINY, **options})
+    assert build_backbone("audiomae", path, **{**TINY, "num_heads": 4.0}).config["num_heads"] == 4  # 4.0 is 4
 
 
 @pytest.mark.parametrize("name, make, grid", [
@@ -192,9 +221,11 @@ def test_audiomae_final_norm_is_timms_norm(audiomae):
 
 def test_checkpoint_mismatches_name_the_file_key_and_numbers(audiomae, tmp_path):
     path, _ = audiomae
-    with pytest.raises(CheckpointError, match=r"audiomae\.pth: 'blocks\.N\.\*' gives depth 2, .* expects 12"):
+    with pytest.raises(CheckpointError, match=r"audiomae\.pth: 'blocks\.N\.\*' gives depth 2, .* expects 12; "
+                                              r"for a checkpoint of another size, pass --backbone-option depth=2"):
         build_backbone("audiomae", path)
-    with pytest.raises(CheckpointError, match=r"'patch_embed\.proj\.weight' gives embedding size 64, .* expects 32"):
+    with pytest.raises(CheckpointError, match=r"'patch_embed\.proj\.weight' gives embedding size 64, .* expects 32; "
+                                              r".* pass --backbone-option dim=64"):
         build_backbone("audiomae", path, dim=32, depth=2, num_heads=4)
     saved = torch.load(path, weights_only=True)
     del saved["model"]["blocks.1.mlp.fc1.weight"]

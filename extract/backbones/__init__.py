@@ -14,7 +14,13 @@ from .base import BACKBONES, Backbone, Entry
 
 DEFAULT_BACKBONE = "crepe-tiny"
 
-__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "Entry", "build_backbone"]
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "Entry", "build_backbone", "options_of"]
+
+
+def options_of(entry: Entry) -> dict[str, inspect.Parameter]:
+    """The options a backbone's builder takes (`--backbone-option KEY=VALUE`), with their defaults."""
+    return {p.name: p for p in inspect.signature(entry.build).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name != "allow_pickle"}
 
 
 def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bool = False, **options) -> Backbone:
@@ -31,14 +37,19 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
     if model_name:
         options["model_name"] = model_name
-    parameters = {p.name: p for p in inspect.signature(entry.build).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY and p.name != "allow_pickle"}
+    parameters = options_of(entry)
     unknown = sorted(set(options) - set(parameters))
     if unknown:
         raise ValueError(f"{family} takes the options {', '.join(parameters)}; not {', '.join(unknown)}")
     for key, value in options.items():  # the CLI passes what is not a number as text
         default = parameters[key].default
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
-            raise ValueError(f"{family} option {key}={value!r} is not a number")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):  # sizes and lengths
+            if isinstance(value, str) or isinstance(value, bool):
+                raise ValueError(f"{family} option {key}={value!r} is not a number")
+            if isinstance(default, int) and value != int(value):
+                raise ValueError(f"{family} option {key}={value!r} is not a whole number")
+            if value <= 0:
+                raise ValueError(f"{family} option {key}={value!r} must be positive")
+            options[key] = type(default)(value)
     model = entry.build(name, checkpoint, allow_pickle=allow_pickle, **options)
     return model.eval().requires_grad_(False)

@@ -69,8 +69,8 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm
         pickled = sorted(path.glob("*.bin"))
         raise pickle_refused(pickled[0] if len(pickled) == 1 else path, err) from None
     config = model.config
-    expect(path, "config.json hidden_size", "embedding size", dim, config.hidden_size)
-    expect(path, "config.json num_hidden_layers", "depth", depth, config.num_hidden_layers)
+    expect(path, "config.json hidden_size", "embedding size", dim, config.hidden_size, "dim")
+    expect(path, "config.json num_hidden_layers", "depth", depth, config.num_hidden_layers, "depth")
     if (path / "preprocessor_config.json").is_file():
         features = ASTFeatureExtractor.from_pretrained(path, local_files_only=True)
     else:

@@ -211,8 +211,8 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm
     unsupported = {k: cfg[k] for k, ours in (("layer_norm_first", False), ("activation_fn", "gelu")) if cfg[k] != ours}
     if unsupported:
         raise CheckpointError(f"{path}: BEATs with cfg {unsupported} is not supported (released models use neither)")
-    expect(path, "cfg['encoder_embed_dim']", "embedding size", dim, cfg["encoder_embed_dim"])
-    expect(path, "cfg['encoder_layers']", "depth", depth, cfg["encoder_layers"])
+    expect(path, "cfg['encoder_embed_dim']", "embedding size", dim, cfg["encoder_embed_dim"], "dim")
+    expect(path, "cfg['encoder_layers']", "depth", depth, cfg["encoder_layers"], "depth")
     expect(path, "cfg['input_patch_size']", "patch size", 16, cfg["input_patch_size"])
     state = our_keys(saved["model"])
     expect(path, "'encoder.layers.N.*'", "depth", depth, count_indexed(state, "encoder.layers."))

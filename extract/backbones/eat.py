@@ -81,10 +81,10 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
         model = EAT(dim, depth, num_heads, name=name)
     state = our_keys(state, path, model.num_tokens)
-    expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."))
+    expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."), "depth")
     if "local_encoder.proj.weight" in state:
         expect(path, f"'{ENCODER}local_encoder.proj.weight'", "embedding size", dim,
-               state["local_encoder.proj.weight"].shape[0])
+               state["local_encoder.proj.weight"].shape[0], "dim")
     if "extra_tokens" in state:
         expect(path, f"'{ENCODER}extra_tokens'", "class tokens", EAT.num_prefix, state["extra_tokens"].shape[1])
     load_weights(model, state, path)

@@ -22,6 +22,8 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads {num_heads} does not divide dim {dim}: the heads split the embedding evenly")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
