@@ -47,7 +47,7 @@ def extract(
     backbone: str = typer.Option("crepe-tiny", "--backbone", "-b", help="Backbone name; `tokens backbones` lists them. Image ViTs: timm:<model name>."),
     checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (or HF directory for ast) in the backbone's original format."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow checkpoints that need full unpickling (e.g. fairseq). Only for files you trust: unpickling can run code."),
-    backbone_option: list[str] = typer.Option([], "--backbone-option", "-o", help="KEY=VALUE passed to the backbone (repeatable), e.g. -o window_seconds=2."),
+    backbone_option: list[str] = typer.Option([], "--backbone-option", "-o", help="KEY=VALUE passed to the backbone (repeatable), e.g. -o window_seconds=2 or -o num_heads=6; `tokens backbones` lists each backbone's options."),
     layers: str = typer.Option("-1", "--layers", "-l", help="Blocks to cache, comma-separated (negative counts from the end), or 'all'."),
     final_norm: bool = typer.Option(False, "--final-norm", help="Apply the encoder's final norm to the cached tokens (default: raw block outputs, as the EP protocol uses)."),
     fmt: str = typer.Option(None, "--format", help="Store format: zarr or hdf5 (default: hdf5 for a .h5/.hdf5 store, else zarr)."),
