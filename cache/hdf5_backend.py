@@ -118,7 +118,14 @@ class HDF5Handle:
         self._failed = False
 
     def meta(self) -> dict:
-        return json.loads(self.file.attrs["meta"])
+        """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so)."""
+        if "meta" not in self.file.attrs:
+            return {}
+        try:
+            return json.loads(self.file.attrs["meta"])
+        except (TypeError, ValueError) as error:
+            raise StoreError(f"{self.path}: its metadata is not readable JSON ({error}): the file is damaged, "
+                             "or not a store tokens wrote") from None
 
     def dataset(self, split: str, name: str) -> h5py.Dataset:
         key = f"{split}/{name}"

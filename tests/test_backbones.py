@@ -508,6 +508,12 @@ def test_ast_matches_transformers_hidden_states_reordered_time_major(tmp_path):
 # --- timm ViTs ----------------------------------------------------------------------------------------
 
 
+def test_an_unknown_timm_model_is_named():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match=r"timm \S+ has no model 'vit_nosuch'; .*list_models"):
+        build_backbone("timm:vit_nosuch", "unused.pth")
+
+
 @pytest.mark.parametrize("model_name, layout", [("deit_tiny_distilled_patch16_224", "model.pth"),
                                                  ("vit_tiny_patch16_224", "model.safetensors")])
 def test_timm_vit_matches_forward_intermediates(tmp_path, model_name, layout):

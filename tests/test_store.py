@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import h5py
 import numpy as np
 import pytest
 import zarr
@@ -577,7 +578,11 @@ def test_a_path_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
     full_dir = tmp_path / "results"
     full_dir.mkdir()
     (full_dir / "notes.txt").write_text("mine")
-    for path, problem in [(not_hdf5, f"{not_hdf5} is not a store"), (full_dir, f"{full_dir} is a directory but not a zarr store")]:
+    foreign = tmp_path / "other.h5"  # HDF5 that another program wrote
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2]
+    for path, problem in [(not_hdf5, f"{not_hdf5} is not a store"), (full_dir, f"{full_dir} is a directory but not a zarr store"),
+                          (foreign, f"{foreign} is not a tokens store")]:
         before = snapshot(path)
         with pytest.raises(StoreError, match=re.escape(problem)):
             open_store(path)
@@ -586,7 +591,9 @@ def test_a_path_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
                 create_or_open(path, make_spec(), fmt)
         info = CliRunner().invoke(app, ["info", str(path)])
         assert info.exit_code != 0 and problem in " ".join(info.output.split())
-        assert snapshot(path) == before and sorted(os.listdir(path.parent)) == ["data.csv", "results"]
+        verify = CliRunner().invoke(app, ["verify", str(path)])
+        assert verify.exit_code != 0 and problem in " ".join(verify.output.split()), verify.output
+        assert snapshot(path) == before and sorted(os.listdir(path.parent)) == ["data.csv", "other.h5", "results"]
 
 
 def test_an_empty_directory_becomes_a_new_zarr_store(tmp_path):

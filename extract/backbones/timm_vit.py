@@ -47,6 +47,9 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     if not model_name:
         raise ValueError("name the timm model: timm:<model_name>, e.g. timm:vit_base_patch16_224.mae")
     path = need_checkpoint(name, checkpoint)
+    if not timm.is_model(model_name):
+        raise ValueError(f"timm {timm.__version__} has no model {model_name!r}; "
+                         "python -c \"import timm; print(timm.list_models('*vit*'))\" lists its ViTs")
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
