@@ -116,6 +116,8 @@ def plan(
     if store_exists(store_path):
         with open_store(store_path) as store:
             existing_classes = store.classes
+            if not shard_size:  # resuming without --shard-size: the store's, not what the default would be now
+                shard_size = int(store.meta["shard_size"])
     dataset = read_dataset(
         dataset_source, window_seconds=backbone.window_seconds, sample_rate=backbone.sample_rate,
         modality=backbone.modality, classes=existing_classes, progress=progress, store=store_path,

@@ -246,6 +246,10 @@ def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_
         run(dataset, store_path, backbone="crepe-full")
     again = run(dataset, store_path)
     assert again.items_written == 0 and again.shards_skipped == 5
+    with pytest.raises(StoreError, match="shard_size is 2 in the store but 3 now"):
+        run(dataset, store_path, shard_size=3)
+    default = run(dataset, store_path, shard_size=0)  # left out: the store's, not the size the default gives
+    assert default.items_written == 0 and default.shards_skipped == 5
 
 
 KILLED_RUN = """
