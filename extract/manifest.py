@@ -21,8 +21,9 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import soundfile as sf
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from tokens.cluster import usable_cores
 
 SPLITS = ("train", "valid", "test")
+COLUMNS = ("path", "labels", "label", "split", "id", "start", "end")  # what a manifest's rows may say
 # A recording's last partial window becomes an item only if it holds at least this fraction of a
 # window: a 0.3 s tail padded to 10 s is mostly padding and adds little but cost. A recording
 # shorter than one window is always kept whole.
@@ -77,7 +79,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, list[Item]]  # only the splits that have items, in SPLITS order
     sample_rate: int | None  # the rate audio items are decoded at; None for images
-    skipped: list[str] = field(default_factory=list)  # class-folder files of other kinds, relative to root
+    notes: list[str] = field(default_factory=list)  # what was left out without being a problem, for the user to see
 
     def fingerprint(self) -> str:
         """SHA-256 of everything that decides what is stored and how it is labelled (cache key)."""
@@ -129,7 +131,11 @@ def read_dataset(
     if window_seconds is not None and window_seconds <= 0:
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
-    columns, records, problems, skipped = _read(source, store, _suffixes(modality))
+    columns, records, problems, notes = _read(source, store, _suffixes(modality))
+    if unread := [name for name in columns if name not in COLUMNS]:
+        known = {name.lower(): name for name in COLUMNS}
+        meant = [f"{name!r} (not {known[name.lower()]!r}?)" if name.lower() in known else repr(name) for name in unread]
+        notes.append(f"column(s) {', '.join(meant)} not read: the columns read are {', '.join(COLUMNS)}")
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
@@ -152,7 +158,7 @@ def read_dataset(
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
-    return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, skipped)
+    return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, notes)
 
 
 def _suffixes(modality: str) -> frozenset[str]:
@@ -166,7 +172,7 @@ def _suffixes(modality: str) -> frozenset[str]:
 
 
 def _read(source: Path, store: str | Path | None, suffixes: frozenset[str]) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
-    """Columns, (location, record) pairs, reading problems and skipped files of any supported source."""
+    """Columns, (location, record) pairs, reading problems and notes of any supported source."""
     if source.is_dir():
         return _read_folders(source, store, suffixes)
     if not source.is_file():
@@ -232,8 +238,8 @@ def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
 
 def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
     """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries, and
-    the store being filled if it lies inside, are left out; files without one of `suffixes` are
-    returned apart."""
+    the store being filled if it lies inside, are left out; so are files without one of `suffixes`,
+    with a note that counts them."""
     records, problems, split_dirs, other_files = [], [], [], []
     store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
 
@@ -268,10 +274,15 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
     if not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
+    notes = []
     if other_files and not records and not problems:
         problems.append(f"none of the {len(other_files)} files in the class folders has a suffix read here "
                         f"({_listed(sorted(suffixes))}), e.g. {other_files[0]}")
-    return ["path", "label", "split"], records, problems, other_files
+    elif other_files:
+        kinds = Counter(PurePosixPath(rel).suffix.lower() or "suffix-less" for rel in other_files)
+        notes.append(f"{len(other_files)} files in the class folders are of other kinds than those read here and are left "
+                     f"out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
+    return ["path", "label", "split"], records, problems, notes
 
 
 def _listed(names: list[str], most: int = 12) -> str:

@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,10 +544,8 @@ def extract(
         work = plan(Path(dataset_source), store_path, model, layers=layers, dtype=dtype, fmt=fmt, codec=codec,
                     shard_size=shard_size, part=part, precision=forward.precision, progress=progress)
         spec = work.spec
-        if skipped := work.dataset.skipped:
-            kinds = Counter(Path(rel).suffix.lower() or "suffix-less" for rel in skipped)
-            log(f"note: {len(skipped)} files in the class folders are not {model.modality} files read here and are left out "
-                f"({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {skipped[0]})")
+        for note in work.dataset.notes:
+            log(f"note: {note}")
         if dry_run:
             return check_existing(work, store_path)
         summary = Summary(store_path)

@@ -93,6 +93,44 @@ def test_class_folders(tmp_path):
         ("train/dog/deeper/2.wav", [1]),
     ]
     assert [it.id for it in ds.splits["test"]] == ["test/cat/4.wav"]
+    assert ds.notes == []
+
+
+def test_class_folders_take_the_files_their_decoder_reads(tmp_path):
+    """Notes, label lists and pictures kept beside the clips are left out and counted, as torchvision's
+    ImageFolder leaves them, rather than made into items that fail; an audio suffix in capitals is audio."""
+    wav(tmp_path / "train/dog/1.wav", 1)
+    sf.write(tmp_path / "train/dog/2.FLAC", np.zeros(800, np.float32), 8000)
+    (tmp_path / "train/dog/notes.txt").write_text("recorded in the park")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train/dog/cover.jpg")
+    (tmp_path / "train/dog/no-suffix").write_bytes(b"??")
+    ds = audio(tmp_path)
+    assert [it.id for it in ds.splits["train"]] == ["train/dog/1.wav", "train/dog/2.FLAC"]
+    assert ds.notes == ["3 files in the class folders are of other kinds than those read here and are left out "
+                        "(1 .jpg, 1 suffix-less, 1 .txt; e.g. train/dog/cover.jpg)"]
+    images = read_dataset(tmp_path, window_seconds=None, sample_rate=None, modality="image")
+    assert [it.id for it in images.splits["train"]] == ["train/dog/cover.jpg"]
+
+
+def test_class_folders_with_no_file_read_here_say_so(tmp_path):
+    for name in ("1.m4a", "2.m4a"):
+        (tmp_path / "train/dog" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train/dog" / name).write_bytes(b"not read")
+    with pytest.raises(ManifestError) as e:
+        audio(tmp_path)
+    assert len(e.value.problems) == 1
+    assert e.value.problems[0].startswith("none of the 2 files in the class folders has a suffix read here (.aif, .aifc,")
+    assert e.value.problems[0].endswith("and 3 more), e.g. train/dog/1.m4a")
+
+
+def test_columns_that_are_not_read_are_named_in_a_note(tmp_path):
+    """A typo ('strat') or a column in other case ('ID') would otherwise be dropped without a word."""
+    wav(tmp_path / "a.wav", 2)
+    ds = audio(csv_file(tmp_path / "m.csv", "path,label,split,strat,ID,notes\na.wav,x,train,1,myid,loud\n"))
+    assert ds.notes == ["column(s) 'strat', 'ID' (not 'id'?), 'notes' not read: the columns read are path, labels, label, "
+                        "split, id, start, end"]
+    assert ds.splits["train"][0].id == "a.wav" and ds.splits["train"][0].offset == 0.0
+    assert audio(csv_file(tmp_path / "ok.csv", "path,label,split,id,start\na.wav,x,train,c,0.5\n")).notes == []
 
 
 @pytest.mark.parametrize("store", ["tokens.zarr", "train/tokens.zarr", "train/dog/tokens.zarr", "train/dog/tokens.h5"])
@@ -108,10 +146,10 @@ def test_a_store_kept_inside_the_class_folders_is_not_part_of_the_dataset(tmp_pa
     else:
         where.write_bytes(b"\x89HDF\r\n\x1a\n")
     ds = audio(tmp_path, store=where)
-    assert ds.classes == ["dog"] and [it.id for it in ds.splits["train"]] == ["train/dog/1.wav"] and ds.skipped == []
+    assert ds.classes == ["dog"] and [it.id for it in ds.splits["train"]] == ["train/dog/1.wav"] and ds.notes == []
     try:  # without being told which path is the store, it is data: a bad split, a class, items or skipped files
         unaware = audio(tmp_path)
-        seen = [it.id for it in unaware.splits["train"]], unaware.skipped
+        seen = [it.id for it in unaware.splits["train"]], unaware.notes
     except ManifestError:
         seen = None
     assert seen != (["train/dog/1.wav"], [])
