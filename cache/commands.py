@@ -90,17 +90,37 @@ def render(info: dict) -> str:
     return "\n".join(lines)
 
 
+def failed_items(store: TokenStore) -> list[dict]:
+    """The items an extraction recorded as failed, with the reason, in the shards written so far."""
+    found = []
+    for split in store.splits.values():
+        if not split.complete_mask().any():
+            continue
+        for item_id, source, reason in zip(split.column("ids"), split.column("sources"), split.column("errors")):
+            if reason:
+                found.append({"split": split.name, "id": item_id, "source": source, "reason": reason})
+    return found
+
+
 def info(
     store: Path = typer.Argument(..., help="A store: a .zarr directory or a .h5 file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for other programs instead of the summary."),
+    failed: bool = typer.Option(False, "--failed", help="List the items that failed to decode, with the reason, instead of the summary."),
 ):
     """Summarise a store: splits, items, completeness, grid, dim, layers, classes, size, provenance."""
     try:
         with open_store(store) as opened:
-            summary = describe(opened)
+            summary = failed_items(opened) if failed else describe(opened)
     except StoreError as error:
-        raise typer.BadParameter(str(error), param_hint="STORE") from error
-    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    elif failed:
+        for item in summary:
+            typer.echo(f"{item['split']}\t{item['id']}\t{item['reason']}")
+    else:
+        typer.echo(render(summary))
 
 
 def verify(

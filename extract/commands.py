@@ -104,7 +104,14 @@ def extract(
         for item_id, reason in result.failed[:20]:
             typer.echo(f"  {item_id}: {reason}", err=True)
         if len(result.failed) > 20:
-            typer.echo(f"  ... and {len(result.failed) - 20} more (see the store's `errors` column)", err=True)
+            typer.echo(f"  ... and {len(result.failed) - 20} more: `tokens info {store} --failed` lists them all", err=True)
+        if len(result.failed) == result.items_written:  # a dataset of the other modality, or of a format not read here
+            from tokens.extract.backbones import BACKBONES
+
+            modality = "images" if BACKBONES[backbone.partition(":")[0]].config["modality"] == "image" else "audio"
+            typer.echo(f"error: every item of this run failed: {backbone} reads {modality}; is that what {dataset} holds, "
+                       "in a format read here?", err=True)
+            raise typer.Exit(1)
 
 
 def _print_plan(plan, part):

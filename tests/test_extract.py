@@ -79,6 +79,26 @@ def test_stored_tokens_equal_a_direct_forward_pass(dataset, tmp_path, suffix):
         assert train.read_mask([5])[0].mean() == pytest.approx(0.5, abs=0.05)  # half of the last window is padding
 
 
+def test_a_run_where_every_item_failed_exits_with_an_error(tmp_path):
+    """Images given to an audio backbone: each item is recorded as failed, and the command fails too,
+    saying what the backbone reads; a run where some items fail succeeds."""
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(data / name)
+    (data / "m.csv").write_text("path,label,split\na.png,x,train\nb.png,y,train\n")
+    result = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "s.zarr"), "-q", "--num-workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert "2 items failed" in result.output
+    assert f"every item of this run failed: crepe-tiny reads audio; is that what {data / 'm.csv'} holds" in " ".join(result.output.split())
+    tone(data / "c.wav", 0.5)
+    (data / "m.csv").write_text("path,label,split\na.png,x,train\nc.wav,y,train\n")
+    result = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "t.zarr"), "-q", "--num-workers", "0"])
+    assert result.exit_code == 0 and "1 items failed" in result.output and "every item" not in result.output, result.output
+
+
 def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
     data = dataset.parent
     (data / "empty.wav").write_bytes(b"")
@@ -95,6 +115,11 @@ def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
         bad = list(train.column("ids")).index("text.wav")
         assert not train.read_tokens(2, [bad]).any() and not train.read_mask([bad]).any()
         assert "NaN" in store.split("test").column("errors")[1]
+    listed = CliRunner().invoke(app, ["info", str(tmp_path / "s.zarr"), "--failed"])
+    assert listed.exit_code == 0, listed.output
+    reasons = dict(summary.failed)  # what the run said, against what the store kept
+    assert [line.split("\t") for line in listed.output.splitlines()] == [
+        [split, item, reasons[item]] for split, item in [("train", "empty.wav"), ("train", "text.wav"), ("test", "nan.wav")]]
     with pytest.raises(ExtractionError, match="--strict") as raised:
         run(dataset, tmp_path / "strict.zarr", strict=True, num_workers=2)
     assert multiprocessing.active_children() == [], raised.traceback  # the workers stopped with the run
