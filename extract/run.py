@@ -209,6 +209,9 @@ class ItemSource(torch.utils.data.Dataset):
                 raw = load_image(item.path)
             inputs, mask = self.backbone.preprocess(raw)
             error = ""
+            if mask is not None and not mask.any():  # shorter than the front-end's first frame (25 ms for an fbank)
+                inputs, mask = None, None
+                error = f"too short: {len(raw) / self.backbone.sample_rate * 1000:.0f} ms of audio gives no token"
         except (BadAudio, BadImage) as bad:
             inputs, mask, error = None, None, bad.reason
         except Exception as bad:  # a front-end failure on odd input is one bad item, not a dead run

@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from tokens.cache import StoreError, open_store
+from tokens.cache.verify import verify
 from tokens.cli import app
 from tokens.extract.audio import load_window
 from tokens.extract.backbones import build_backbone
@@ -97,6 +98,26 @@ def test_a_run_where_every_item_failed_exits_with_an_error(tmp_path):
     (data / "m.csv").write_text("path,label,split\na.png,x,train\nc.wav,y,train\n")
     result = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "t.zarr"), "-q", "--num-workers", "0"])
     assert result.exit_code == 0 and "1 items failed" in result.output and "every item" not in result.output, result.output
+
+
+def test_a_clip_shorter_than_an_fbank_frame_is_a_failed_item(tmp_path):
+    """10 ms fill no 25 ms fbank frame: no token would hold audio, so the item fails with the reason
+    rather than being stored as a good item of padding (which `tokens verify` would call damaged)."""
+    from tokens.extract.backbones.audiomae import AudioMAE
+
+    torch.manual_seed(0)
+    torch.save({"model": AudioMAE(dim=64, depth=2, num_heads=4).state_dict()}, tmp_path / "am.pth")
+    data = tmp_path / "data"
+    data.mkdir()
+    tone(data / "blip.wav", 0.01)
+    tone(data / "short.wav", 0.03)  # one frame: the first token holds audio
+    (data / "m.csv").write_text("path,label,split\nblip.wav,x,train\nshort.wav,x,train\n")
+    summary = run(data / "m.csv", tmp_path / "s.zarr", backbone="audiomae", checkpoint=str(tmp_path / "am.pth"),
+                  backbone_options={"dim": 64, "depth": 2, "num_heads": 4}, layers=[-1])
+    assert summary.failed == [("blip.wav", "too short: 10 ms of audio gives no token")]
+    with open_store(tmp_path / "s.zarr") as store:
+        assert store.split("train").read_mask([1])[0].sum() == 8  # the first time step: 8 frequency tokens
+        assert verify(store, progress=False).ok
 
 
 def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
