@@ -125,11 +125,18 @@ def info(
 
 def verify(
     store: Path = typer.Argument(..., help="A store: a .zarr directory or a .h5 file."),
+    unmark_damaged: bool = typer.Option(
+        False, "--unmark-damaged", help="Mark the complete shards found damaged as not complete, so that rerunning "
+        "the extraction that made the store writes them again."),
 ):
     """Check completeness, shapes, dtypes and NaN/Inf; name damaged shards. Exit 0 only if sound."""
     try:
-        with open_store(store) as opened:
+        with open_store(store, mode="a" if unmark_damaged else "r") as opened:
             report = verify_store(opened)
+            if unmark_damaged:
+                for split, shard in report.damaged:
+                    opened.split(split).mark_incomplete(shard)
+            command = opened.meta.get("extra", {}).get("argv")
     except StoreError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
@@ -139,4 +146,14 @@ def verify(
     typer.echo(f"{store}: {len(report.problems)} problem{'s' * (len(report.problems) != 1)}", err=True)
     for problem in report.problems:
         typer.echo(f"  - {problem}", err=True)
+    if report.damaged:
+        shards = "; ".join(f"{split} {', '.join(str(shard) for s, shard in report.damaged if s == split)}"
+                           for split in dict.fromkeys(s for s, _ in report.damaged))
+        rerun = f": {shlex.join(command)}" if command and command[1:2] == ["extract"] else ""  # not from Python
+        if unmark_damaged:
+            typer.echo(f"marked {len(report.damaged)} damaged shards not complete ({shards}); rerun the extraction to "
+                       f"write them again{rerun}", err=True)
+        else:
+            typer.echo(f"to write the damaged shards ({shards}) again: tokens verify {shlex.quote(str(store))} "
+                       "--unmark-damaged, then rerun the extraction that made the store", err=True)
     raise typer.Exit(1)

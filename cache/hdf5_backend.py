@@ -139,6 +139,11 @@ class HDF5Handle:
     def complete(self, split: str, num_shards: int) -> np.ndarray:
         return self.dataset(split, "complete")[:].astype(bool)
 
+    def mark_incomplete(self, split: str, shard: int):
+        with self._lock:
+            self.dataset(split, "complete")[shard] = 0
+            self.file.flush()
+
     def discard_partial(self, split: str, shards: set[int]):
         """Nothing to do: shards are written in place, and an incomplete one is simply written again."""
 

@@ -426,6 +426,11 @@ class Split:
         return bool(self.complete_mask().all())
 
     # -- writing ----------------------------------------------------------------------------
+    def mark_incomplete(self, shard: int):
+        """Call a complete shard incomplete (one `tokens verify` found damaged): the next extraction
+        into the store writes it again."""
+        self._h.mark_incomplete(self.name, shard)
+
     def discard_partial_writes(self, shards):
         """Delete what killed writers left half-written of these shards, which are about to be written again."""
         self._h.discard_partial(self.name, set(shards))

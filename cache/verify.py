@@ -16,6 +16,7 @@ COLUMNS = ("ids", "sources", "durations", "offsets", "errors", "labels")
 class Report:
     problems: list[str] = field(default_factory=list)
     shards_checked: int = 0
+    damaged: list[tuple[str, int]] = field(default_factory=list)  # (split, shard): complete shards with a problem
 
     @property
     def ok(self) -> bool:
@@ -41,6 +42,7 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
         missing_set = set(missing)  # once, not per shard: a large store has tens of thousands
         complete = [s for s in range(split.num_shards) if s not in missing_set]
         for shard in tqdm(complete, desc=f"verify {split.name}", unit="shard", disable=not progress, leave=False):
+            found_before = len(report.problems)
             start, stop = split.shard_range(shard)
             gone = _missing_files(store, split, names + columns, shard)
             report.problems += [f"{_shard_name(store, split, name, shard)}: file missing" for name in gone]
@@ -67,6 +69,8 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
                     report.problems.append(f"{where}: {bad} items hold NaN or Inf")
             report.problems += _check_columns(store, split, shard, [name for name in columns if name not in gone])
             report.shards_checked += 1
+            if len(report.problems) > found_before:
+                report.damaged.append((split.name, shard))
     return report
 
 

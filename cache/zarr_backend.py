@@ -318,6 +318,10 @@ class ZarrHandle:
     def complete(self, split: str, num_shards: int) -> np.ndarray:
         return self.array(split, "complete")[:].astype(bool)
 
+    def mark_incomplete(self, split: str, shard: int):
+        """Its complete flag is a file of its own: without it the flag reads as zarr's fill value, 0."""
+        self.chunk_file(split, "complete", shard).unlink(missing_ok=True)
+
     def write_shard(self, split: str, shard: int, start: int, arrays: dict):
         """Every array's file of the shard, then its complete flag. A failed write (full disk,
         read-only directory) raises a StoreError naming the file; the shard stays incomplete and

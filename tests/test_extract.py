@@ -277,6 +277,36 @@ def test_files_of_other_kinds_in_class_folders_are_left_out_with_a_note(tmp_path
     assert re.search(r"train\s+1 items", result.output), result.output
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_shards_verify_finds_damaged_are_written_again_once_unmarked(dataset, tmp_path, suffix):
+    """A deleted token file (zarr) or NaN written over tokens (HDF5): verify names the shard and how to
+    redo it; --unmark-damaged marks it not complete, and the same extraction writes it again, giving
+    the store an undamaged run made, and nothing else is rewritten."""
+    reference, store_path = tmp_path / f"reference{suffix}", tmp_path / f"s{suffix}"
+    run(dataset, reference)
+    run(dataset, store_path)
+    if suffix == ".zarr":
+        with open_store(store_path) as store:
+            store.split("train")._h.chunk_file("train", "tokens/2", 1).unlink()
+    else:
+        import h5py
+
+        with h5py.File(store_path, "r+") as f:
+            f["train/tokens/2"][2] = np.nan  # an item of shard 1
+    found = CliRunner().invoke(app, ["verify", str(store_path)])
+    assert found.exit_code == 1 and "to write the damaged shards (train 1) again" in " ".join(found.output.split()), found.output
+    unmarked = CliRunner().invoke(app, ["verify", str(store_path), "--unmark-damaged"])
+    assert unmarked.exit_code == 1 and "marked 1 damaged shards not complete (train 1)" in " ".join(unmarked.output.split())
+    with open_store(store_path) as store:
+        assert store.split("train").missing_shards() == [1]
+    again = run(dataset, store_path)
+    assert again.items_written == 2 and again.shards_skipped == 4
+    assert CliRunner().invoke(app, ["verify", str(store_path)]).exit_code == 0
+    with open_store(store_path) as store, open_store(reference) as want:
+        for layer in store.meta["layers"]:
+            np.testing.assert_array_equal(store.split("train").load(layer), want.split("train").load(layer))
+
+
 def test_a_store_under_a_file_is_refused_before_any_work(dataset, tmp_path):
     result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(dataset / "sub" / "s.zarr")])
     assert result.exit_code == 2 and f"{dataset} is a file, not a folder" in result.output, result.output
