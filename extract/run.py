@@ -32,7 +32,7 @@ from tokens.extract.audio import BadAudio, load_window
 from tokens.extract.backbones import Backbone, build_backbone
 from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
-from tokens.extract.manifest import Dataset, Item, read_dataset
+from tokens.extract.manifest import SPLITS, Dataset, Item, read_dataset
 
 
 class ExtractionError(Exception):
@@ -58,6 +58,7 @@ class Plan:
     dataset: Dataset
     units: list[tuple[str, int]]
     complete: int = 0  # of these units, shards an earlier run already wrote (known after check_existing)
+    dataset_change: str = ""  # how the dataset differs from the one the existing store was made from
 
     def item_bytes(self) -> int:
         s = self.spec
@@ -112,8 +113,9 @@ def plan(
     precision: str = "fp32",
     progress: bool = False,
 ) -> Plan:
+    existing = store_exists(store_path)
     existing_classes = None
-    if store_exists(store_path):
+    if existing:
         with open_store(store_path) as store:
             existing_classes = store.classes
             if not shard_size:  # resuming without --shard-size: the store's, not what the default would be now
@@ -122,6 +124,11 @@ def plan(
         dataset_source, window_seconds=backbone.window_seconds, sample_rate=backbone.sample_rate,
         modality=backbone.modality, classes=existing_classes, progress=progress, store=store_path,
     )
+    change = ""
+    if existing:
+        with open_store(store_path) as store:
+            if store.meta["dataset_fingerprint"] != dataset.fingerprint():
+                change = dataset_change(store, dataset)
     spec = StoreSpec(
         backbone=backbone.name,
         backbone_config=backbone.config,
@@ -145,7 +152,41 @@ def plan(
     )
     units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
     index, count = part
-    return Plan(spec, dataset, units[index - 1::count])
+    return Plan(spec, dataset, units[index - 1::count], dataset_change=change)
+
+
+def dataset_change(store, dataset: Dataset) -> str:
+    """The first difference between the items a store holds and those the dataset gives now, as a
+    user would look for it: a split's size, then item by item (in the shards written so far) its id,
+    file, window and labels. "" when none shows there."""
+    for name in SPLITS:
+        held, now = store.splits[name].num_items if name in store.splits else 0, len(dataset.splits.get(name, []))
+        if held != now:
+            return f"{name} has {held} items in the store, {now} now"
+    for name, items in dataset.splits.items():
+        split = store.split(name)
+        complete = np.repeat(split.complete_mask(), split.shard_size)[:len(items)]
+        if not complete.any():
+            continue
+        ids, sources, offsets, durations, labels = (split.column(column) for column in ("ids", "sources", "offsets", "durations", "labels"))
+        for row in np.flatnonzero(complete):
+            item = items[row]
+            held = sorted(np.flatnonzero(labels[row])) if labels.ndim == 2 else [int(labels[row])]
+            where = f"{name} item {row}"
+            if ids[row] != item.id:
+                moved = " (the same items in another order: were the manifest's rows reordered?)" if (
+                    set(ids[complete]) <= {it.id for it in items}) else ""
+                return f"{where} is {ids[row]!r} in the store but {item.id!r} now{moved}"
+            if sources[row] != item.source:
+                return f"{where} ({item.id}) is read from {sources[row]} in the store but {item.source} now"
+            duration = np.nan if item.duration is None else item.duration
+            if offsets[row] != item.offset or not np.array_equal(durations[row], duration, equal_nan=True):
+                return (f"{where} ({item.id}) is {durations[row]:g} s from {offsets[row]:g} s in the store, "
+                        f"{duration:g} s from {item.offset:g} s now")
+            if held != sorted(item.labels):
+                named = lambda indices: ";".join(dataset.classes[i] for i in indices) or "none"  # noqa: E731
+                return f"{where} ({item.id}) is labelled {named(held)} in the store but {named(item.labels)} now"
+    return ""
 
 
 def check_existing(work: Plan, store_path: Path) -> Plan:
@@ -155,7 +196,7 @@ def check_existing(work: Plan, store_path: Path) -> Plan:
     if not store_exists(store_path):
         return work
     with open_store(store_path) as store:
-        store.check_compatible(work.spec, unknown=("precision",))
+        store.check_compatible(work.spec, unknown=("precision",), dataset_change=work.dataset_change)
         work.complete = len(work.units) - len(incomplete_units(store, work))
     return work
 
@@ -554,7 +595,7 @@ def extract(
         summary = Summary(store_path)
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).
-        store = create_or_open(store_path, spec, fmt)
+        store = create_or_open(store_path, spec, fmt, dataset_change=work.dataset_change)
         todo = incomplete_units(store, work)
         summary.shards_skipped = len(work.units) - len(todo)
         items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo

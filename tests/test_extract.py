@@ -328,6 +328,26 @@ def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_
     assert default.items_written == 0 and default.shards_skipped == 5
 
 
+def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_path):
+    """The fingerprint only tells that the dataset differs; the refusal says where, as a user would look."""
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path)
+    rows = dataset.read_text().splitlines()
+    tone(dataset.parent / "c5.wav", 1.0)
+    changes = {
+        "added": (rows + ["c5.wav,low,test"], "test has 1 items in the store, 2 now"),
+        "reordered": ([rows[0], rows[2], rows[1], *rows[3:]], "train item 0 is 'c0.wav' in the store but 'c1.wav' now "
+                      "(the same items in another order: were the manifest's rows reordered?)"),
+        "relabelled": ([rows[0], "c0.wav,high,train", *rows[2:]], "train item 0 (c0.wav) is labelled low in the store but high now"),
+    }
+    for name, (lines, said) in changes.items():
+        manifest = dataset.parent / f"{name}.csv"
+        manifest.write_text("\n".join(lines) + "\n")
+        with pytest.raises(StoreError) as refused:
+            run(manifest, store_path)
+        assert f"the dataset differs: {said}" in str(refused.value), (name, str(refused.value))
+
+
 KILLED_RUN = """
 import sys, time
 import tokens.cache.store as store
