@@ -20,6 +20,8 @@ def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
             index, count = (int(x) for x in option.split("/"))
         except ValueError:
             raise ValueError(f"{option!r} is not of the form I/N, e.g. 1/4") from None
+        if count < 1:
+            raise ValueError(f"{option!r}: N, the number of parts, must be at least 1")
         if not 1 <= index <= count:
             raise ValueError(f"{option!r}: I must be between 1 and N")
         return index, count
@@ -67,7 +69,7 @@ def pick_device(name: str):
         raise ValueError(f"{name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("no CUDA device is visible here; use --device cpu")
+            raise ValueError(f"{name}: no CUDA device is visible here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_device_index() or 0)
         if device.index >= torch.cuda.device_count():

@@ -36,6 +36,8 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
     try:
         with sf.SoundFile(path) as f:
             native = f.samplerate
+            if f.frames == 0:
+                raise BadAudio("empty: the file holds no audio frames")
             start = round(offset * native)
             if start >= f.frames:
                 raise BadAudio(f"offset {offset:g} s is not before the end of the file ({f.frames / native:g} s)")

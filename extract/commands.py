@@ -12,14 +12,17 @@ from tokens.extract.manifest import ManifestError
 
 
 def _layers(text: str | None) -> list[int] | str | None:
-    if not text:
+    if text is None:
         return None
     if text.strip() == "all":
         return "all"
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
+        layers = []
+    if not layers:
         raise typer.BadParameter(f"{text!r} is not 'all' or a comma-separated list of integers, e.g. -1 or 0,4,8,11", param_hint="--layers") from None
+    return layers
 
 
 def _options(pairs: list[str]) -> dict:

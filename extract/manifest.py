@@ -357,6 +357,8 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
         bad.append(f"path {raw_path!r} contains a NUL character")
     elif not (full + os.sep).startswith(inside) or not (_real(full) + os.sep).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
+    elif os.path.isdir(full):
+        bad.append(f"{raw_path} is a folder, not a file")
     elif not os.path.isfile(full):
         if "\n" in raw_path or "\r" in raw_path:  # what a CSV quote never closed swallows
             bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")

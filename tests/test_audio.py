@@ -139,6 +139,12 @@ def test_a_wav_cut_in_its_data_gives_what_survives(tmp_path):
         load_window(tmp_path / "cut.wav", 2.0, 1.0, SR)
 
 
+def test_a_recording_with_no_frames_is_called_empty(tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), SR)
+    with pytest.raises(BadAudio, match="^empty: the file holds no audio frames$"):
+        load_window(tmp_path / "empty.wav", 0.0, None, SR)
+
+
 def test_window_past_the_end_says_so(tmp_path):
     sf.write(tmp_path / "a.wav", noise(SR, 1), SR)
     with pytest.raises(BadAudio, match=r"offset 5 s is not before the end of the file \(1 s\)"):

@@ -440,6 +440,8 @@ def test_bad_options_of_the_python_api_are_refused_before_the_dataset_is_read(tm
     (["--shard-size", "-1"], "--shard-size -1: use 0 or more"),
     (["-o", "window_seconds=abc"], "crepe-tiny option window_seconds='abc' is not a number"),
     (["--codec", "bogus", "--dry-run"], "codec 'bogus' is not available for zarr stores"),
+    (["--layers", ""], "'' is not 'all' or a comma-separated list of integers"),
+    (["-o", "window_seconds=0"], "crepe-tiny option window_seconds=0 must be positive"),
 ])
 def test_bad_numbers_are_refused_by_name_and_leave_no_store(dataset, tmp_path, args, message):
     """A store left behind by a refused run would make the corrected rerun look like another configuration."""
@@ -451,7 +453,7 @@ def test_bad_numbers_are_refused_by_name_and_leave_no_store(dataset, tmp_path, a
 
 @pytest.mark.parametrize("device, message", [
     ("tpu", "use auto, cpu, cuda or cuda:N"),
-    ("cuda:99", "CUDA device(s) are visible here" if torch.cuda.is_available() else "no CUDA device is visible"),
+    ("cuda:99", "CUDA device(s) are visible here" if torch.cuda.is_available() else "--device cuda:99: no CUDA device is visible"),
 ])
 def test_an_unusable_device_is_refused_before_any_work(dataset, tmp_path, device, message):
     store_path = tmp_path / "s.zarr"

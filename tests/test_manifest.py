@@ -261,6 +261,7 @@ def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path, checking)
         wav(data / name, 1)
     wav(tmp_path / "outside.wav", 1)
     (data / "link.wav").symlink_to(tmp_path / "outside.wav")
+    (data / "sub").mkdir()
     manifest = csv_file(
         data / "m.csv",
         f"""
@@ -276,6 +277,7 @@ link.wav,dog,train,,,
 "a.wav",dog,valid,,3,2
 "a.wav",dog,valid,,-1,
 gone.wav,dog,test,,,
+sub,dog,test,,,
 """,
     )
     with pytest.raises(ManifestError) as e:
@@ -290,6 +292,7 @@ gone.wav,dog,test,,,
         "line 10: start 3 is not before end 2",
         "line 11: start -1 is not a finite, non-negative number of seconds",
         "line 12: file not found: gone.wav",
+        "line 13: sub is a folder, not a file",
         "line 6: duplicate id 'x' (also line 2)",
     ]
     assert "line 12: file not found: gone.wav" in str(e.value)

@@ -263,6 +263,15 @@ def test_a_script_may_be_written_before_its_store_exists(tmp_path, monkeypatch):
     assert "#SBATCH --array=1-2" in (tmp_path / "job.sbatch").read_text()
 
 
+@pytest.mark.parametrize("option, message", [("1/0", "N, the number of parts, must be at least 1"), ("3/2", "I must be between 1 and N"),
+                                             ("a/2", "is not of the form I/N")])
+def test_a_part_given_by_hand_that_cannot_be_is_named(option, message):
+    from tokens.cluster import resolve_part
+
+    with pytest.raises(ValueError, match=message):
+        resolve_part(option, {})
+
+
 def test_a_task_outside_a_contiguous_array_is_refused():
     """A stepped array (--array=1-9:2) numbers its 5 tasks 1, 3, ..., 9: parts would overlap and leave shards unowned."""
     from tokens.cluster import resolve_part
