@@ -91,6 +91,10 @@ def extract(
     except (ManifestError, StoreError, ExtractionError, ValueError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the shards already complete in {store} are kept; run the same command again "
+                   "to write the others", err=True)
+        raise typer.Exit(130) from None
     if dry_run:
         _print_plan(result, part)
         return

@@ -348,6 +348,29 @@ def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_p
         assert f"the dataset differs: {said}" in str(refused.value), (name, str(refused.value))
 
 
+def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_path, monkeypatch):
+    import tokens.cache.store as store_module
+
+    store_path = tmp_path / "s.zarr"
+    command = ["extract", str(dataset), "--store", str(store_path), "-q", "--num-workers", "0", "--shard-size", "2", "-l", "all"]
+    written = store_module.Split.write_shard
+
+    def stopped_at_the_second(self, shard, **kw):
+        if self.name == "train" and shard == 1:
+            raise KeyboardInterrupt
+        written(self, shard, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.Split, "write_shard", stopped_at_the_second)
+        result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: the shards already complete in {store_path} are kept; run the same command again" in " ".join(result.output.split())
+    with open_store(store_path) as store:
+        assert store.split("train").complete_mask().tolist()[:2] == [True, False]
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0 and "(1 already complete)" in again.output, again.output
+
+
 KILLED_RUN = """
 import sys, time
 import tokens.cache.store as store
