@@ -158,7 +158,34 @@ def read_dataset(
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
+    notes += _leaks(splits) + _unlearnable(splits, names)
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, notes)
+
+
+def _leaks(splits: dict[str, list[Item]]) -> list[str]:
+    """A note naming recordings with items in more than one split: a probe would be scored on parts of
+    recordings it was trained on. (Rows may cut one file on purpose, so it is not a problem.)"""
+    found: dict[str, list[str]] = {}
+    for name, items in splits.items():
+        for item in items:
+            where = found.setdefault(item.source, [])
+            if name not in where:
+                where.append(name)
+    shared = {source: names for source, names in found.items() if len(names) > 1}
+    if not shared:
+        return []
+    source, names = next(iter(shared.items()))
+    return [f"{len(shared)} recording(s) have items in more than one split (e.g. {source} in {' and '.join(names)}): "
+            "a probe would be scored on parts of recordings it was trained on"]
+
+
+def _unlearnable(splits: dict[str, list[Item]], classes: list[str]) -> list[str]:
+    """A note naming classes that no train item holds: a probe cannot learn them."""
+    if not splits["train"]:
+        return []
+    seen = {label for item in splits["train"] for label in item.labels}
+    missing = [name for i, name in enumerate(classes) if i not in seen]
+    return [f"class(es) {_listed(missing)} have no train item: a probe cannot learn them"] if missing else []
 
 
 def _suffixes(modality: str) -> frozenset[str]:

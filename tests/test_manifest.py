@@ -112,6 +112,23 @@ def test_class_folders_take_the_files_their_decoder_reads(tmp_path):
     assert [it.id for it in images.splits["train"]] == ["train/dog/cover.jpg"]
 
 
+def test_a_recording_in_two_splits_and_a_class_no_train_item_holds_are_noted(tmp_path):
+    """Both are legitimate (one file cut into spans; a class kept for later) but usually mistakes."""
+    wav(tmp_path / "long.wav", 4)
+    wav(tmp_path / "b.wav", 1)
+    ds = audio(csv_file(tmp_path / "m.csv", """
+path,labels,split,start,end
+long.wav,dog,train,0,2
+long.wav,dog;cat,test,2,4
+b.wav,bird,valid,,
+"""))
+    assert ds.notes == [
+        "1 recording(s) have items in more than one split (e.g. long.wav in train and test): a probe would be scored "
+        "on parts of recordings it was trained on",
+        "class(es) bird, cat have no train item: a probe cannot learn them",
+    ]
+
+
 def test_class_folders_with_no_file_read_here_say_so(tmp_path):
     for name in ("1.m4a", "2.m4a"):
         (tmp_path / "train/dog" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +341,7 @@ def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
         '{"path": ".", "label": "x", "split": "train"}\n{"path": "a\\u0000b.wav", "label": "x", "split": "train"}\n')
     with pytest.raises(ManifestError) as e:
         audio(tmp_path / "m.jsonl")
-    assert e.value.problems == ["line 1: file not found: .", "line 2: path 'a\\x00b.wav' contains a NUL character"]
+    assert e.value.problems == ["line 1: . is a folder, not a file", "line 2: path 'a\\x00b.wav' contains a NUL character"]
 
 
 def test_duplicate_paths_are_duplicate_ids(tmp_path):
