@@ -175,7 +175,8 @@ class HDF5Handle:
         needed = ROOM_MARGIN + sum(sizes.values())
         disk = os.statvfs(self.path)
         if disk.f_bavail * disk.f_frsize < needed:
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {_mib(disk.f_bavail * disk.f_frsize)} free, a shard needs {_mib(needed)}")
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {_mib(disk.f_bavail * disk.f_frsize)} free, a shard needs "
+                                        f"{_mib(needed - ROOM_MARGIN)} and HDF5 {_mib(ROOM_MARGIN)} more for its own records")
         growth = ROOM_MARGIN + sum(size for name, size in sizes.items()
                                    if arrays[name].dtype == object or self.dataset(split, name).chunks is not None)
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
