@@ -72,7 +72,8 @@ def render(info: dict) -> str:
         f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or 'none (built-in weights)')[:16]}",
         f"tokens     grid {T}x{F} = {info['num_tokens']} tokens x {info['dim']} dims, "
         f"{info['num_prefix']} prefix tokens, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}"
-        f"{', forward pass in ' + info['precision'] if info['precision'] else ''}",
+        f"{', forward pass in ' + info['precision'] if info['precision'] else ''}"
+        f"{', compressed with ' + info['codec'] if info['codec'] else ''}",
         f"layers     {', '.join(map(str, info['layers']))}",
         f"task       {info['task']}, {len(classes)} classes: {shown}",
         "splits",

@@ -489,7 +489,10 @@ def test_info_json_reports_splits_and_completeness(tmp_path):
     assert info["splits"]["train"] == {"items": N_TRAIN, "complete": False, "shards": 5, "shards_complete": 2, "failed_items": 3}
     assert info["splits"]["test"]["complete"] is False
     text = CliRunner().invoke(app, ["info", str(path)]).output
-    assert "INCOMPLETE (2/5 shards)" in text
+    assert "INCOMPLETE (2/5 shards)" in text and "compressed" not in text
+    compressed = tmp_path / "c.zarr"
+    create_or_open(compressed, make_spec(codec="zstd")).close()
+    assert ", compressed with zstd" in CliRunner().invoke(app, ["info", str(compressed)]).output
 
 
 SIZE_LIMITED_WRITER = """
