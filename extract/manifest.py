@@ -42,9 +42,10 @@ MIN_LAST_WINDOW = 0.1
 PARALLEL_ROWS = 4096
 # In class folders, the files the decoders read, by suffix, as torchvision's ImageFolder picks its
 # files: notes, label lists or cover pictures kept beside the clips are skipped (and counted), not
-# made into failed items. Images: every format Pillow opens.
-AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
-                            ".au", ".snd", ".caf", ".w64", ".rf64"})
+# made into failed items. Audio: each format libsndfile reads under its own name, and the other
+# suffixes those formats go by (RAW has no header to read); images: every format Pillow opens.
+AUDIO_SUFFIXES = frozenset({f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
+                           | {".wave", ".aif", ".aifc", ".snd", ".oga", ".opus", ".sph", ".sf", ".mat", ".8svx", ".iff"})
 CHUNK_ROWS = 1024
 
 
@@ -132,10 +133,12 @@ def read_dataset(
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
     columns, records, problems, notes = _read(source, store, _suffixes(modality))
-    if unread := [name for name in columns if name not in COLUMNS]:
-        known = {name.lower(): name for name in COLUMNS}
-        meant = [f"{name!r} (not {known[name.lower()]!r}?)" if name.lower() in known else repr(name) for name in unread]
-        notes.append(f"column(s) {', '.join(meant)} not read: the columns read are {', '.join(COLUMNS)}")
+    known = {name.lower(): name for name in COLUMNS}
+    unread = [name for name in columns if name not in COLUMNS and name]  # '': a spreadsheet's index column
+    if miscased := [name for name in unread if name.lower() in known and known[name.lower()] not in columns]:
+        problems += [f"column {name!r} is not read: the column is {known[name.lower()]!r} (lower case)" for name in miscased]
+    elif unread:
+        notes.append(f"column(s) {', '.join(map(repr, unread))} not read: the columns read are {', '.join(COLUMNS)}")
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
@@ -384,10 +387,10 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
         bad.append(f"path {raw_path!r} contains a NUL character")
     elif not (full + os.sep).startswith(inside) or not (_real(full) + os.sep).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
-    elif os.path.isdir(full):
-        bad.append(f"{raw_path} is a folder, not a file")
     elif not os.path.isfile(full):
-        if "\n" in raw_path or "\r" in raw_path:  # what a CSV quote never closed swallows
+        if os.path.isdir(full):
+            bad.append(f"{raw_path} is a folder, not a file")
+        elif "\n" in raw_path or "\r" in raw_path:  # what a CSV quote never closed swallows
             bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")
         else:
             bad.append(f"file not found: {raw_path}")

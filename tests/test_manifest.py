@@ -101,11 +101,12 @@ def test_class_folders_take_the_files_their_decoder_reads(tmp_path):
     ImageFolder leaves them, rather than made into items that fail; an audio suffix in capitals is audio."""
     wav(tmp_path / "train/dog/1.wav", 1)
     sf.write(tmp_path / "train/dog/2.FLAC", np.zeros(800, np.float32), 8000)
+    sf.write(tmp_path / "train/dog/3.sph", np.zeros(800, np.float32), 8000, format="NIST", subtype="PCM_16")
     (tmp_path / "train/dog/notes.txt").write_text("recorded in the park")
     Image.new("RGB", (8, 8)).save(tmp_path / "train/dog/cover.jpg")
     (tmp_path / "train/dog/no-suffix").write_bytes(b"??")
     ds = audio(tmp_path)
-    assert [it.id for it in ds.splits["train"]] == ["train/dog/1.wav", "train/dog/2.FLAC"]
+    assert [it.id for it in ds.splits["train"]] == ["train/dog/1.wav", "train/dog/2.FLAC", "train/dog/3.sph"]
     assert ds.notes == ["3 files in the class folders are of other kinds than those read here and are left out "
                         "(1 .jpg, 1 suffix-less, 1 .txt; e.g. train/dog/cover.jpg)"]
     images = read_dataset(tmp_path, window_seconds=None, sample_rate=None, modality="image")
@@ -136,18 +137,22 @@ def test_class_folders_with_no_file_read_here_say_so(tmp_path):
     with pytest.raises(ManifestError) as e:
         audio(tmp_path)
     assert len(e.value.problems) == 1
-    assert e.value.problems[0].startswith("none of the 2 files in the class folders has a suffix read here (.aif, .aifc,")
-    assert e.value.problems[0].endswith("and 3 more), e.g. train/dog/1.m4a")
+    assert e.value.problems[0].startswith("none of the 2 files in the class folders has a suffix read here (.8svx, .aif, .aifc,")
+    assert e.value.problems[0].endswith(f"and {len(manifest_module.AUDIO_SUFFIXES) - 12} more), e.g. train/dog/1.m4a")
 
 
-def test_columns_that_are_not_read_are_named_in_a_note(tmp_path):
-    """A typo ('strat') or a column in other case ('ID') would otherwise be dropped without a word."""
+def test_columns_that_are_not_read_are_named(tmp_path):
+    """A typo ('strat') or a kept column is named in a note; one of ours in other case ('Start', 'ID')
+    would change the items if read, so it is a problem. A spreadsheet's unnamed index column is not news."""
     wav(tmp_path / "a.wav", 2)
-    ds = audio(csv_file(tmp_path / "m.csv", "path,label,split,strat,ID,notes\na.wav,x,train,1,myid,loud\n"))
-    assert ds.notes == ["column(s) 'strat', 'ID' (not 'id'?), 'notes' not read: the columns read are path, labels, label, "
-                        "split, id, start, end"]
+    ds = audio(csv_file(tmp_path / "m.csv", ",path,label,split,strat,notes\n0,a.wav,x,train,1,loud\n"))
+    assert ds.notes == ["column(s) 'strat', 'notes' not read: the columns read are path, labels, label, split, id, start, end"]
     assert ds.splits["train"][0].id == "a.wav" and ds.splits["train"][0].offset == 0.0
     assert audio(csv_file(tmp_path / "ok.csv", "path,label,split,id,start\na.wav,x,train,c,0.5\n")).notes == []
+    with pytest.raises(ManifestError) as e:
+        audio(csv_file(tmp_path / "cased.csv", "path,label,split,ID,Start\na.wav,x,train,c,0.5\n"))
+    assert e.value.problems == ["column 'ID' is not read: the column is 'id' (lower case)",
+                                "column 'Start' is not read: the column is 'start' (lower case)"]
 
 
 @pytest.mark.parametrize("store", ["tokens.zarr", "train/tokens.zarr", "train/dog/tokens.zarr", "train/dog/tokens.h5"])
