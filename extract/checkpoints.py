@@ -117,11 +117,15 @@ def pickle_refused(path: str | Path, err: pickle.UnpicklingError) -> CheckpointE
     return CheckpointError(f"{refusal}{ALLOW_PICKLE}") if isinstance(refusal, PickledObjects) else refusal
 
 
-def expect(path: str | Path, key: str, what: str, expected, found, option: str | None = None) -> None:
+def expect(path: str | Path, key: str, what: str, expected, found, option: str | None = None, heads: bool = False) -> None:
     """Raise a CheckpointError when a checkpoint disagrees with the configuration; `option`: the
-    backbone option that sets it, for a checkpoint of another size of the family."""
+    backbone option that sets it, for a checkpoint of another size of the family; `heads`: that
+    option is a ViT's dim, which comes with a number of heads its checkpoint does not hold."""
     if expected != found:
         fix = f"; for a checkpoint of another size, pass --backbone-option {option}={found}" if option else ""
+        if heads:
+            fix += (f" and --backbone-option num_heads=N, its number of attention heads, which the weights do not show "
+                    f"(a standard ViT's heads are 64 dims: N={found // 64})")
         raise CheckpointError(f"{path}: {key} gives {what} {found}, the configuration expects {expected}{fix}")
 
 

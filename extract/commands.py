@@ -156,4 +156,4 @@ def backbones():
         typer.echo(f"{name}{default}\n    {'; '.join(facts + [entry.help])}"
                    + (f"\n    options (-o KEY=VALUE): {', '.join(options)}" if options else ""))
     typer.echo("\nA checkpoint of another size needs its sizes as options, e.g. -o dim=384 -o depth=12 -o num_heads=6 "
-               "for a ViT-S: checkpoints record dim and depth (a mismatch is refused) but not num_heads (ViT-S 6, ViT-B 12, ViT-L 16).")
+               "for a ViT-S: the weights show dim and depth (a mismatch is refused) but not num_heads (ViT-S 6, ViT-B 12, ViT-L 16).")

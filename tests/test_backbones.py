@@ -95,6 +95,8 @@ def test_tokens_backbones_lists_each_backbones_options():
     ({"num_heads": 4.5}, "audiomae option num_heads=4.5 is not a whole number"),
     ({"depth": 0}, "audiomae option depth=0 must be positive"),
     ({"dim": True}, "audiomae option dim=True is not a number"),
+    ({"depth": float("inf")}, "audiomae option depth=inf is not a number"),
+    ({"depth": float("nan")}, "audiomae option depth=nan is not a number"),
     ({"num_heads": 3}, "num_heads 3 does not divide dim 64"),
 ])
 def test_backbone_options_are_checked_before_any_forward_pass(audiomae, options, message):
@@ -225,7 +227,7 @@ def test_checkpoint_mismatches_name_the_file_key_and_numbers(audiomae, tmp_path)
                                               r"for a checkpoint of another size, pass --backbone-option depth=2"):
         build_backbone("audiomae", path)
     with pytest.raises(CheckpointError, match=r"'patch_embed\.proj\.weight' gives embedding size 64, .* expects 32; "
-                                              r".* pass --backbone-option dim=64"):
+                                              r".* pass --backbone-option dim=64 and --backbone-option num_heads=N, .* N=1\)"):
         build_backbone("audiomae", path, dim=32, depth=2, num_heads=4)
     saved = torch.load(path, weights_only=True)
     del saved["model"]["blocks.1.mlp.fc1.weight"]
@@ -512,6 +514,8 @@ def test_an_unknown_timm_model_is_named():
     pytest.importorskip("timm")
     with pytest.raises(ValueError, match=r"timm \S+ has no model 'vit_nosuch'; .*list_models"):
         build_backbone("timm:vit_nosuch", "unused.pth")
+    with pytest.raises(ValueError, match=r"timm:vit_tiny_patch16_224.nosuchtag: .*nosuchtag"):
+        build_backbone("timm:vit_tiny_patch16_224.nosuchtag", "unused.pth")
 
 
 @pytest.mark.parametrize("model_name, layout", [("deit_tiny_distilled_patch16_224", "model.pth"),

@@ -8,6 +8,7 @@ libraries (transformers, timm) are imported only when their backbone is built.
 from __future__ import annotations
 
 import inspect
+import math
 
 from . import crepe, audiomae, eat, beats, ast, timm_vit  # noqa: F401  (they register themselves; default first)
 from .base import BACKBONES, Backbone, Entry
@@ -44,7 +45,7 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
     for key, value in options.items():  # the CLI passes what is not a number as text
         default = parameters[key].default
         if isinstance(default, (int, float)) and not isinstance(default, bool):  # sizes and lengths
-            if isinstance(value, str) or isinstance(value, bool):
+            if isinstance(value, str) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{family} option {key}={value!r} is not a number")
             if isinstance(default, int) and value != int(value):
                 raise ValueError(f"{family} option {key}={value!r} is not a whole number")

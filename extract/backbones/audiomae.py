@@ -59,7 +59,7 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=
     state = state.get("model", state)
     expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."), "depth")
     if "patch_embed.proj.weight" in state:
-        expect(path, "'patch_embed.proj.weight'", "embedding size", dim, state["patch_embed.proj.weight"].shape[0], "dim")
+        expect(path, "'patch_embed.proj.weight'", "embedding size", dim, state["patch_embed.proj.weight"].shape[0], "dim", heads=True)
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
         model = AudioMAE(dim, depth, num_heads, has_norm="norm.weight" in state, final_norm=final_norm, name=name)
     if "pos_embed" in state:

@@ -84,7 +84,7 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=
     expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."), "depth")
     if "local_encoder.proj.weight" in state:
         expect(path, f"'{ENCODER}local_encoder.proj.weight'", "embedding size", dim,
-               state["local_encoder.proj.weight"].shape[0], "dim")
+               state["local_encoder.proj.weight"].shape[0], "dim", heads=True)
     if "extra_tokens" in state:
         expect(path, f"'{ENCODER}extra_tokens'", "class tokens", EAT.num_prefix, state["extra_tokens"].shape[1])
     load_weights(model, state, path)

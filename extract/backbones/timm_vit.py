@@ -50,7 +50,10 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     if not timm.is_model(model_name):
         raise ValueError(f"timm {timm.__version__} has no model {model_name!r}; "
                          "python -c \"import timm; print(timm.list_models('*vit*'))\" lists its ViTs")
-    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    try:
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except RuntimeError as error:  # a tag timm does not know (vit_base_patch16_224.nosuchtag)
+        raise ValueError(f"timm:{model_name}: {error}") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
     state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
