@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,7 +223,8 @@ def _backend(fmt: str):
     raise StoreError(f"unknown store format {fmt!r}: use 'zarr' or 'hdf5'")
 
 
-def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None, dataset_change: str = "") -> "TokenStore":
+def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
+                   dataset_change: Callable[["TokenStore"], str] | None = None) -> "TokenStore":
     """Open `path` for writing, creating it if needed (an empty directory counts as not there yet);
     refuse a store made with another config (see check_compatible), or of another format than `fmt`.
 
@@ -327,10 +329,12 @@ class TokenStore:
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
-    def check_compatible(self, spec: StoreSpec, unknown: tuple[str, ...] = (), dataset_change: str = ""):
+    def check_compatible(self, spec: StoreSpec, unknown: tuple[str, ...] = (),
+                         dataset_change: Callable[["TokenStore"], str] | None = None):
         """Refuse to write tokens of another configuration into this store, naming what differs;
-        `unknown`: fields this caller cannot know yet (not compared); `dataset_change`: what differs
-        in the dataset, when the caller could tell (the fingerprint alone says only that it does).
+        `unknown`: fields this caller cannot know yet (not compared); `dataset_change`: says what
+        differs in the dataset, given this store, when that is the first difference (the fingerprint
+        alone says only that it does).
 
         The field nearest the cause is named first, down to the differing entry (e.g. frontend.hop):
         backbone_config repeats the checkpoint hash and the front-end, and the window it holds also
@@ -345,9 +349,10 @@ class TokenStore:
             entries = differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
             what = ", ".join(f"{where} is {short(old)} in the store but {short(now)} now" for where, old, now in entries[:3])
             what += f" and {len(entries) - 3} more entries of {differing[0]}" if len(entries) > 3 else ""
-            if differing[0] == "dataset_fingerprint" and dataset_change:
-                what = f"the dataset differs: {dataset_change}"
-            hint = {"dataset_fingerprint": "" if dataset_change else " (the dataset's items, windows or labels differ)",
+            change = dataset_change(self) if differing[0] == "dataset_fingerprint" and dataset_change else ""
+            if change:
+                what = f"the dataset differs: {change}"
+            hint = {"dataset_fingerprint": "" if change else " (the dataset's items, windows or labels differ)",
                     "precision": " (bf16 is autocast on a GPU; a run on a CPU is always fp32)"}.get(differing[0], "")
             also = f" (also different: {', '.join(differing[1:])})" if len(differing) > 1 else ""
             raise StoreError(

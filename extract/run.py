@@ -9,6 +9,7 @@ next batches compute.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import socket
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE, check_codec, check_writable, detect_format, store_exists
+from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, store_exists
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
@@ -58,7 +59,6 @@ class Plan:
     dataset: Dataset
     units: list[tuple[str, int]]
     complete: int = 0  # of these units, shards an earlier run already wrote (known after check_existing)
-    dataset_change: str = ""  # how the dataset differs from the one the existing store was made from
 
     def item_bytes(self) -> int:
         s = self.spec
@@ -113,9 +113,8 @@ def plan(
     precision: str = "fp32",
     progress: bool = False,
 ) -> Plan:
-    existing = store_exists(store_path)
     existing_classes = None
-    if existing:
+    if store_exists(store_path):
         with open_store(store_path) as store:
             existing_classes = store.classes
             if not shard_size:  # resuming without --shard-size: the store's, not what the default would be now
@@ -124,11 +123,6 @@ def plan(
         dataset_source, window_seconds=backbone.window_seconds, sample_rate=backbone.sample_rate,
         modality=backbone.modality, classes=existing_classes, progress=progress, store=store_path,
     )
-    change = ""
-    if existing:
-        with open_store(store_path) as store:
-            if store.meta["dataset_fingerprint"] != dataset.fingerprint():
-                change = dataset_change(store, dataset)
     spec = StoreSpec(
         backbone=backbone.name,
         backbone_config=backbone.config,
@@ -152,41 +146,69 @@ def plan(
     )
     units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
     index, count = part
-    return Plan(spec, dataset, units[index - 1::count], dataset_change=change)
+    return Plan(spec, dataset, units[index - 1::count])
 
 
-def dataset_change(store, dataset: Dataset) -> str:
+def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
     """The first difference between the items a store holds and those the dataset gives now, as a
     user would look for it: a split's size, then item by item (in the shards written so far) its id,
-    file, window and labels. "" when none shows there."""
+    file, window and labels. "" when none shows there, or the store's columns cannot be read."""
     for name in SPLITS:
         held, now = store.splits[name].num_items if name in store.splits else 0, len(dataset.splits.get(name, []))
         if held != now:
             return f"{name} has {held} items in the store, {now} now"
-    for name, items in dataset.splits.items():
-        split = store.split(name)
-        complete = np.repeat(split.complete_mask(), split.shard_size)[:len(items)]
-        if not complete.any():
-            continue
-        ids, sources, offsets, durations, labels = (split.column(column) for column in ("ids", "sources", "offsets", "durations", "labels"))
-        for row in np.flatnonzero(complete):
-            item = items[row]
-            held = sorted(np.flatnonzero(labels[row])) if labels.ndim == 2 else [int(labels[row])]
-            where = f"{name} item {row}"
-            if ids[row] != item.id:
-                moved = " (the same items in another order: were the manifest's rows reordered?)" if (
-                    set(ids[complete]) <= {it.id for it in items}) else ""
-                return f"{where} is {ids[row]!r} in the store but {item.id!r} now{moved}"
-            if sources[row] != item.source:
-                return f"{where} ({item.id}) is read from {sources[row]} in the store but {item.source} now"
-            duration = np.nan if item.duration is None else item.duration
-            if offsets[row] != item.offset or not np.array_equal(durations[row], duration, equal_nan=True):
-                return (f"{where} ({item.id}) is {durations[row]:g} s from {offsets[row]:g} s in the store, "
-                        f"{duration:g} s from {item.offset:g} s now")
-            if held != sorted(item.labels):
-                named = lambda indices: ";".join(dataset.classes[i] for i in indices) or "none"  # noqa: E731
-                return f"{where} ({item.id}) is labelled {named(held)} in the store but {named(item.labels)} now"
+    try:
+        for name, items in dataset.splits.items():
+            split = store.split(name)
+            complete = np.repeat(split.complete_mask(), split.shard_size)[:len(items)]
+            for first in range(0, len(items), rows_at_once):  # a column of millions of rows is read in parts
+                rows = np.flatnonzero(complete[first:first + rows_at_once]) + first
+                if len(rows):
+                    found = _first_item_change(store, split, dataset, items, rows, complete)
+                    if found:
+                        return found
+    except (StoreError, OSError, ValueError):  # a damaged column: the refusal stays the fingerprint's
+        return ""
     return ""
+
+
+def _first_item_change(store, split, dataset: Dataset, items: list[Item], rows: np.ndarray, complete: np.ndarray) -> str:
+    """dataset_change() for some rows of a split: each column compared as a whole, the first row named."""
+    held = {name: split._h.read_rows(split.name, name, rows) for name in ("ids", "sources", "offsets", "durations", "labels")}
+    planned = [items[row] for row in rows]
+    labels = held["labels"]
+    wanted = np.zeros_like(labels)
+    if labels.ndim == 2:
+        for n, item in enumerate(planned):
+            wanted[n, item.labels] = 1
+    else:
+        wanted[:] = [item.labels[0] for item in planned]
+    durations = np.array([np.nan if item.duration is None else item.duration for item in planned])
+    differs = {  # in the order a user would look
+        "id": np.asarray(held["ids"], object) != np.array([item.id for item in planned], object),
+        "file": np.asarray(held["sources"], object) != np.array([item.source for item in planned], object),
+        "window": (held["offsets"] != np.array([item.offset for item in planned]))
+                  | ~((held["durations"] == durations) | (np.isnan(held["durations"]) & np.isnan(durations))),
+        "labels": (labels != wanted).reshape(len(rows), -1).any(axis=1),
+    }
+    anywhere = np.logical_or.reduce(list(differs.values()))
+    if not anywhere.any():
+        return ""
+    n = int(np.argmax(anywhere))
+    what = next(name for name, found in differs.items() if found[n])
+    item, where = planned[n], f"{split.name} item {int(rows[n])}"
+    if what == "id":
+        reordered = set(split.column("ids")[complete]) <= {it.id for it in items}
+        return (f"{where} is {held['ids'][n]!r} in the store but {item.id!r} now"
+                + (" (the same items in another order: were the manifest's rows reordered?)" if reordered else ""))
+    if what == "file":
+        return f"{where} ({item.id}) is read from {held['sources'][n]} in the store but {item.source} now"
+    if what == "window":
+        return (f"{where} ({item.id}) is {held['durations'][n]:g} s from {held['offsets'][n]:g} s in the store, "
+                f"{durations[n]:g} s from {item.offset:g} s now")
+    stored = np.flatnonzero(labels[n]) if labels.ndim == 2 else [int(labels[n])]
+    named = lambda indices: ";".join(dataset.classes[i] for i in indices) or "none"  # noqa: E731
+    return f"{where} ({item.id}) is labelled {named(stored)} in the store but {named(item.labels)} now"
 
 
 def check_existing(work: Plan, store_path: Path) -> Plan:
@@ -196,7 +218,7 @@ def check_existing(work: Plan, store_path: Path) -> Plan:
     if not store_exists(store_path):
         return work
     with open_store(store_path) as store:
-        store.check_compatible(work.spec, unknown=("precision",), dataset_change=work.dataset_change)
+        store.check_compatible(work.spec, unknown=("precision",), dataset_change=functools.partial(dataset_change, dataset=work.dataset))
         work.complete = len(work.units) - len(incomplete_units(store, work))
     return work
 
@@ -595,7 +617,7 @@ def extract(
         summary = Summary(store_path)
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).
-        store = create_or_open(store_path, spec, fmt, dataset_change=work.dataset_change)
+        store = create_or_open(store_path, spec, fmt, dataset_change=functools.partial(dataset_change, dataset=work.dataset))
         todo = incomplete_units(store, work)
         summary.shards_skipped = len(work.units) - len(todo)
         items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo

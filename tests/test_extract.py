@@ -371,6 +371,25 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_pat
     assert again.exit_code == 0 and "(1 already complete)" in again.output, again.output
 
 
+def test_a_changed_file_window_or_class_of_an_item_is_named(tmp_path):
+    """Ids given in the manifest stay when an item's file, window or (multi-class) label changes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, freq in (("a.wav", 220), ("b.wav", 440)):
+        tone(data / name, 1.0, freq)
+    rows = {"first": "a.wav,x,train,one,\nb.wav,y,train,two,",
+            "swapped": ("b.wav,x,train,one,\na.wav,y,train,two,", "train item 0 (one) is read from a.wav in the store but b.wav now"),
+            "later": ("a.wav,x,train,one,0.5\nb.wav,y,train,two,", "train item 0 (one) is 1 s from 0 s in the store, 0.5 s from 0.5 s now"),
+            "renamed": ("a.wav,x,train,one,\nb.wav,x,train,two,", "train item 1 (two) is labelled y in the store but x now")}
+    header = "path,label,split,id,start\n"
+    (data / "first.csv").write_text(header + rows.pop("first") + "\n")
+    run(data / "first.csv", tmp_path / "s.zarr")
+    for name, (text, said) in rows.items():
+        (data / f"{name}.csv").write_text(header + text + "\n")
+        with pytest.raises(StoreError, match=re.escape(f"the dataset differs: {said}")):
+            run(data / f"{name}.csv", tmp_path / "s.zarr")
+
+
 KILLED_RUN = """
 import sys, time
 import tokens.cache.store as store
