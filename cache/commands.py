@@ -92,14 +92,15 @@ def render(info: dict) -> str:
 
 
 def failed_items(store: TokenStore) -> list[dict]:
-    """The items an extraction recorded as failed, with the reason, in the shards written so far."""
+    """The items an extraction recorded as failed, with the reason, in the shards complete so far."""
     found = []
     for split in store.splits.values():
-        if not split.complete_mask().any():
+        complete = np.repeat(split.complete_mask(), split.shard_size)[:split.num_items]
+        if not complete.any():
             continue
-        for item_id, source, reason in zip(split.column("ids"), split.column("sources"), split.column("errors")):
-            if reason:
-                found.append({"split": split.name, "id": item_id, "source": source, "reason": reason})
+        columns = zip(split.column("ids"), split.column("sources"), split.column("errors"), complete)
+        found += [{"split": split.name, "id": item_id, "source": source, "reason": reason}
+                  for item_id, source, reason, done in columns if reason and done]
     return found
 
 
@@ -137,7 +138,6 @@ def verify(
             if unmark_damaged:
                 for split, shard in report.damaged:
                     opened.split(split).mark_incomplete(shard)
-            command = opened.meta.get("extra", {}).get("argv")
     except StoreError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
@@ -150,11 +150,14 @@ def verify(
     if report.damaged:
         shards = "; ".join(f"{split} {', '.join(str(shard) for s, shard in report.damaged if s == split)}"
                            for split in dict.fromkeys(s for s, _ in report.damaged))
-        rerun = f": {shlex.join(command)}" if command and command[1:2] == ["extract"] else ""  # not from Python
-        if unmark_damaged:
-            typer.echo(f"marked {len(report.damaged)} damaged shards not complete ({shards}); rerun the extraction to "
-                       f"write them again{rerun}", err=True)
+        count = f"{len(report.damaged)} damaged shard{'s' * (len(report.damaged) != 1)}"
+        if unmark_damaged:  # (`tokens info` shows the first run's command, from the folder it ran in)
+            typer.echo(f"marked {count} not complete ({shards}); rerun the extraction that made the store to write "
+                       "them again", err=True)
         else:
-            typer.echo(f"to write the damaged shards ({shards}) again: tokens verify {shlex.quote(str(store))} "
+            typer.echo(f"to write the {count} ({shards}) again: tokens verify {shlex.quote(str(store))} "
                        "--unmark-damaged, then rerun the extraction that made the store", err=True)
+        if any("NaN or Inf" in problem for problem in report.problems):
+            typer.echo("NaN or Inf that the model itself gives come back when written again: store --dtype bfloat16 "
+                       "or float32 tokens, whose range float16's overflow does not limit", err=True)
     raise typer.Exit(1)

@@ -92,8 +92,10 @@ def extract(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: the shards already complete in {store} are kept; run the same command again "
-                   "to write the others", err=True)
+        from tokens.cache.store import store_exists
+
+        kept = f"the shards already complete in {store} are kept; " if store_exists(store) else ""
+        typer.echo(f"\ninterrupted: {kept}run the same command again to go on", err=True)
         raise typer.Exit(130) from None
     if dry_run:
         _print_plan(result, part)
