@@ -139,6 +139,8 @@ def read_dataset(
         problems += [f"column {name!r} is not read: the column is {known[name.lower()]!r} (lower case)" for name in miscased]
     elif unread:
         notes.append(f"column(s) {', '.join(map(repr, unread))} not read: the columns read are {', '.join(COLUMNS)}")
+    if modality == "image" and (spans := [name for name in ("start", "end") if name in columns]):
+        notes.append(f"column(s) {', '.join(spans)} not read: spans of time are for audio, and an image is taken whole")
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:

@@ -149,6 +149,10 @@ def test_columns_that_are_not_read_are_named(tmp_path):
     assert ds.notes == ["column(s) 'strat', 'notes' not read: the columns read are path, labels, label, split, id, start, end"]
     assert ds.splits["train"][0].id == "a.wav" and ds.splits["train"][0].offset == 0.0
     assert audio(csv_file(tmp_path / "ok.csv", "path,label,split,id,start\na.wav,x,train,c,0.5\n")).notes == []
+    Image.new("RGB", (8, 8)).save(tmp_path / "p.png")
+    images = read_dataset(csv_file(tmp_path / "i.csv", "path,label,split,start\np.png,x,train,1\n"),
+                          window_seconds=None, sample_rate=None, modality="image")
+    assert images.notes == ["column(s) start not read: spans of time are for audio, and an image is taken whole"]
     with pytest.raises(ManifestError) as e:
         audio(csv_file(tmp_path / "cased.csv", "path,label,split,ID,Start\na.wav,x,train,c,0.5\n"))
     assert e.value.problems == ["column 'ID' is not read: the column is 'id' (lower case)",
