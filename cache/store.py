@@ -39,7 +39,12 @@ KEY_FIELDS = (
 LATER_KEY_FIELDS = ("precision",)
 # Fields that fix the on-disk layout; a resume must agree on them too.
 LAYOUT_FIELDS = ("grid", "dim", "num_prefix", "masked", "shard_size", "codec", "splits")
+# A shard (the unit of writing and resuming) holds about 128 MiB of each cached layer, and at least
+# 384 MiB in all: each shard also writes a few small per-item files, fsync'd, and with one ViT-B layer
+# shards of 512 items streamed 10% faster than shards of 170 on the H200 host's disk (4 interleaved
+# pairs of 65 536-clip commands: 2 299, 2 475, 2 003, 2 190 against 2 098, 2 026, 1 976, 2 046 clips/s).
 TARGET_SHARD_BYTES = 128 * 2**20
+TARGET_SHARD_TOTAL_BYTES = 384 * 2**20
 STRING_COLUMNS = ("ids", "sources", "errors")
 
 
@@ -128,7 +133,7 @@ class StoreSpec:
     dataset_fingerprint: str
     masked: bool = True
     precision: str = "fp32"  # of the forward pass: "bf16" (autocast, on a GPU) or "fp32"; it changes the tokens
-    shard_size: int = 0  # 0: chosen so that one shard of one layer is about 128 MiB
+    shard_size: int = 0  # 0: chosen from TARGET_SHARD_BYTES and TARGET_SHARD_TOTAL_BYTES
     codec: str | None = None  # None, "zstd" or "blosc-lz4"
     extra: dict = field(default_factory=dict)  # provenance that does not change tokens
 
@@ -140,8 +145,9 @@ class StoreSpec:
         self.grid = tuple(int(g) for g in self.grid)
         self.layers = [int(layer) for layer in self.layers]
         if not self.shard_size:
-            item_bytes = self.grid[0] * self.grid[1] * self.dim * np.dtype(STORAGE_DTYPE[self.dtype]).itemsize
-            self.shard_size = int(np.clip(TARGET_SHARD_BYTES // max(item_bytes, 1), 16, 4096))
+            item_bytes = max(self.grid[0] * self.grid[1] * self.dim * np.dtype(STORAGE_DTYPE[self.dtype]).itemsize, 1)
+            items = max(TARGET_SHARD_BYTES // item_bytes, TARGET_SHARD_TOTAL_BYTES // (item_bytes * len(self.layers)))
+            self.shard_size = int(np.clip(items, 16, 4096))
 
     @property
     def num_tokens(self) -> int:

@@ -56,7 +56,7 @@ def extract(
     fmt: str = typer.Option(None, "--format", help="Store format: zarr or hdf5 (default: hdf5 for a .h5/.hdf5 store, else zarr)."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored token dtype: float16, bfloat16 or float32."),
     codec: str = typer.Option(None, "--codec", help="Lossless codec (zarr: zstd, gzip, blosc-lz4; hdf5: gzip, lzf). Off by default: float16 activations gain under 10%."),
-    shard_size: int = typer.Option(0, "--shard-size", help="Items per shard, the unit of writing and resuming (0: about 128 MiB per layer, or the store's own when resuming)."),
+    shard_size: int = typer.Option(0, "--shard-size", help="Items per shard, the unit of writing and resuming (0: about 128 MiB per layer and 384 MiB in all, or the store's own when resuming)."),
     precision: str = typer.Option("bf16", "--precision", help="Forward pass on GPU: bf16 (autocast) or fp32. CPU runs are always fp32."),
     batch_size: int = typer.Option(32, "--batch-size", help="Items per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),

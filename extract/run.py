@@ -502,8 +502,8 @@ class ShardWriter:
     faster than four (an earlier form of benchmarks/shard_writers.py, one pass each), and the disk probe with 8
     files in flight beat 4 in every run. The short queue stops the forward pass from
     running further ahead of the disk. Each shard being written, queued or filled holds a
-    buffer of about 128 MiB per cached layer (see shards_in_flight): 15 of them at batches of 128,
-    1.9 GiB with one ViT-B layer and 23 GiB with all twelve.
+    buffer of about 128 MiB per cached layer and 384 MiB at least (see shards_in_flight): 13 of
+    them at batches of 128, 4.9 GiB with one ViT-B layer; 15, 23 GiB, with all twelve.
     """
 
     THREADS, DEPTH = 8, 2
