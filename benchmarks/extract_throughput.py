@@ -105,7 +105,7 @@ def encoder_bound(checkpoint_model: AudioMAE, batch: int, layers: list[int], ste
     return max(eager, graphed)
 
 
-SUMMARY = re.compile(r"wrote (\d+) items .* in ([\d.]+) s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
+SUMMARY = re.compile(r"wrote (\d+) items? .* in ([\d.]+) s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
 
 
 def summaries(stdout: str) -> list[dict]:

@@ -105,11 +105,12 @@ def extract(
         startup = result.seconds - result.streaming_seconds
         pace = f" ({startup:.1f} s to the first batch, then {result.items_written / result.streaming_seconds:.0f} items/s)"
     typer.echo(
-        f"{result.store}: wrote {result.items_written} items in {result.shards_written} shards "
+        f"{result.store}: wrote {_count(result.items_written, 'item')} in {_count(result.shards_written, 'shard')} "
         f"({result.shards_skipped} already complete) in {result.seconds:.1f} s{pace}"
     )
     if result.failed:
-        typer.echo(f"{len(result.failed)} items failed and are recorded in the store with their reason:", err=True)
+        failed = _count(len(result.failed), "item") + (" failed and is" if len(result.failed) == 1 else " failed and are")
+        typer.echo(f"{failed} recorded in the store with the reason:", err=True)
         for item_id, reason in result.failed[:20]:
             typer.echo(f"  {item_id}: {reason}", err=True)
         if len(result.failed) > 20:
@@ -121,6 +122,10 @@ def extract(
             typer.echo(f"error: every item of this run failed: {backbone} reads {modality}; is that what {dataset} holds, "
                        "in a format read here?", err=True)
             raise typer.Exit(1)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _print_plan(plan, part):

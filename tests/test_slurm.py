@@ -173,7 +173,7 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
                {"train": (True, 6, 0), "valid": (True, 2, 0), "test": (True, 2, 0)}, info["splits"]
         # Each task did its own third of the shards and no more: 10 shards as 4 + 3 + 3, 20 items in all.
         task_logs = [tmp_path / "slurm-logs" / f"tokens-extract-{jobs[0]}_{i}.out" for i in (1, 2, 3)]
-        written = [re.search(r"wrote (\d+) items in (\d+) shards \((\d+) already", p.read_text()) for p in task_logs]
+        written = [re.search(r"wrote (\d+) items? in (\d+) shards? \((\d+) already", p.read_text()) for p in task_logs]
         assert all(written), logs(tmp_path, jobs[0])
         assert sorted(int(m[2]) + int(m[3]) for m in written) == [3, 3, 4] and sum(int(m[1]) for m in written) == 20, \
             logs(tmp_path, jobs[0])
