@@ -585,18 +585,28 @@ def test_an_out_path_that_cannot_be_a_folder_and_a_missing_split_name_their_opti
     assert result.exit_code == 2 and "--split" in said(result) and "no split 'val'; it has train, valid, test" in said(result)
 
 
-def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path):
+def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path, monkeypatch):
+    """In the tables, and in report.png as one panel per store: two encoders' points are never drawn
+    as one another's."""
     other = make_store(tmp_path / "other.zarr", splits={"train": 40, "valid": 16, "test": 16})
     for name, path in (("a", store), ("b", other)):
         ok("probe", path, "--heads", "mean", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / name)
+    figures, plot = [], report_module.plot_params_vs_metric
+    monkeypatch.setattr(report_module, "plot_params_vs_metric", lambda *a, **k: figures.append(plot(*a, **k)))
     result = ok("report", tmp_path / "a", "--out", tmp_path / "one")
     assert "| store |" not in (tmp_path / "one" / "report.md").read_text()
+    assert [ax.get_title() for ax in figures[-1].axes if ax.get_visible()] == [""]
     result = ok("report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "two")
     md = (tmp_path / "two" / "report.md").read_text().split("## All configurations")[1].strip().splitlines()
     assert md[0].startswith("| head | config | store | params |")
     rows = {line.split(" | ")[2] for line in md[2:]}
     assert rows == {"ml.zarr", "other.zarr"}
     assert "ml.zarr" in result.output and "other.zarr" in result.output
+    panels = {ax.get_title(): ax for ax in figures[-1].axes if ax.get_visible()}
+    assert sorted(panels) == ["ml.zarr", "other.zarr"]
+    for name, run in (("ml.zarr", "a"), ("other.zarr", "b")):
+        drawn = [y for bars in panels[name].containers if bars.get_label() == "mean" for y in bars.lines[0].get_ydata()]
+        assert drawn == pytest.approx([float(r["test_map"]) for r in read_csv(tmp_path / run / "leaderboard.csv")])
 
 
 def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_path, monkeypatch):

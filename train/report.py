@@ -97,30 +97,44 @@ def head_colours(heads) -> dict[str, str]:
     return {head: f"C{i % 10}" for i, head in enumerate(sorted(set(heads)))}
 
 
-def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None, chosen: list[dict] = ()):
+def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None, chosen: list[dict] = (),
+                          panel_of=None):
     """The metric against trainable parameters (log x), one marker per head type; error bars
-    of one sd where `sd_column` is given; the `chosen` rows (selected on validation) ringed."""
+    of one sd where `sd_column` is given; the `chosen` rows (selected on validation) ringed.
+    `panel_of(row)` names the panel a row goes in (the store and training setup of a merged report),
+    so that points of two encoders are never read as one another's; panels share the y axis."""
     from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
 
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
+    panels = list(dict.fromkeys(panel_of(r) for r in rows)) if panel_of else [None]
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    fig = Figure(figsize=(7 if columns == 1 else 4.2 * columns, 4.5 if lines == 1 else 3.6 * lines))
+    axes = fig.subplots(lines, columns, sharey=True, squeeze=False).ravel()
     markers = "osD^v<>pPX*h"
     heads = head_colours(r["head"] for r in rows)
-    for i, (head, colour) in enumerate(heads.items()):
-        mine = [r for r in rows if r["head"] == head]
-        x = [r["params"] for r in mine]
-        y = [r[column] for r in mine]
-        err = [r[sd_column] or 0 for r in mine] if sd_column else None
-        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], color=colour, label=head, capsize=3, alpha=0.8)
     chosen = [r for r in chosen if np.isfinite(r[column])]  # a diverged head's NaN has no place on the axes
-    if chosen:
-        ax.scatter([r["params"] for r in chosen], [r[column] for r in chosen], s=180, facecolors="none",
-                   edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    for ax, panel in zip(axes, panels):
+        here = [r for r in rows if panel_of is None or panel_of(r) == panel]
+        for i, (head, colour) in enumerate(heads.items()):
+            mine = [r for r in here if r["head"] == head]
+            if not mine:
+                continue
+            err = [r[sd_column] or 0 for r in mine] if sd_column else None
+            ax.errorbar([r["params"] for r in mine], [r[column] for r in mine], yerr=err, fmt=markers[i % len(markers)],
+                        color=colour, label=head, capsize=3, alpha=0.8)
+        ringed = [r for r in chosen if panel_of is None or panel_of(r) == panel]
+        if ringed:
+            ax.scatter([r["params"] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
+                       edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        if panel is not None:
+            ax.set_title(panel, fontsize="medium")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
@@ -386,8 +400,12 @@ def write_report(runs: list[Path], out: Path) -> str:
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
+    def panel_of(row: dict) -> str | None:  # a store, and a training setup, per panel where there are several
+        parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([row["training"]] if len(trainings) > 1 else [])
+        return ", ".join(parts) or None
+
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd",
-                          chosen=[r for r in summary if r["selected"]])
+                          chosen=[r for r in summary if r["selected"]], panel_of=panel_of)
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
     if len(chosen) < len(shown):
