@@ -153,7 +153,7 @@ def verify(
         count = f"{len(report.damaged)} damaged shard{'s' * (len(report.damaged) != 1)}"
         if unmark_damaged:  # (`tokens info` shows the first run's command, from the folder it ran in)
             typer.echo(f"marked {count} not complete ({shards}); rerun the extraction that made the store to write "
-                       "them again", err=True)
+                       f"{'it' if len(report.damaged) == 1 else 'them'} again", err=True)
         else:
             typer.echo(f"to write the {count} ({shards}) again: tokens verify {shlex.quote(str(store))} "
                        "--unmark-damaged, then rerun the extraction that made the store", err=True)

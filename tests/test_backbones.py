@@ -510,6 +510,13 @@ def test_ast_matches_transformers_hidden_states_reordered_time_major(tmp_path):
 # --- timm ViTs ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name, package", [("timm:vit_tiny_patch16_224", "timm"), ("ast", "transformers")])
+def test_a_backbone_whose_package_is_missing_says_how_to_install_it(monkeypatch, name, package):
+    monkeypatch.setitem(sys.modules, package, None)  # what an import finds when the package is not installed
+    with pytest.raises(ValueError, match=re.escape("pip install 'tokencache[models]'")):
+        build_backbone(name, "unused")
+
+
 def test_an_unknown_timm_model_is_named():
     pytest.importorskip("timm")
     with pytest.raises(ValueError, match=r"timm \S+ has no model 'vit_nosuch'; .*list_models"):

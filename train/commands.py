@@ -358,8 +358,12 @@ def predict(
         raise typer.BadParameter(f"{store} has no split {split!r}; it has {', '.join(opened.splits)}", param_hint="--split")
     with opened:
         build, layer = saved["build"], saved["layer"]
-        if opened.meta["dim"] != build["dim"] or opened.classes != saved["classes"]:
-            raise typer.BadParameter(f"{head} was trained on tokens of another dim or class list than {store}'s", param_hint="--head")
+        if opened.meta["dim"] != build["dim"]:
+            raise typer.BadParameter(f"{head} was trained on tokens of {build['dim']} dims; {store}'s have {opened.meta['dim']}",
+                                     param_hint="--head")
+        if opened.classes != saved["classes"]:
+            raise typer.BadParameter(f"{head} was trained on the classes {short(saved['classes'])}; {store} has "
+                                     f"{short(opened.classes)}: a head scores the classes it was trained on", param_hint="--head")
         if saved["task"] != opened.task:  # its scores would be sigmoids for a softmax task, or the reverse
             raise typer.BadParameter(f"{head} was trained for a {saved['task']} task; {store} is {opened.task}", param_hint="--head")
         multi = HEADS[build["name"]].multi_layer

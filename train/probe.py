@@ -265,7 +265,8 @@ def run(
     else:
         valid_split = train_split
         train_items, valid_items = hold_out(train_items, HOLD_OUT, data_seed)
-        validation = f"no valid split: {len(valid_items)} train items ({HOLD_OUT:.0%}, data seed {data_seed}) held out"
+        validation = (f"no valid split: {len(valid_items)} train item{'s' * (len(valid_items) != 1)} ({HOLD_OUT:.0%}, "
+                      f"data seed {data_seed}) held out")
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split)

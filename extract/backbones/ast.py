@@ -58,7 +58,10 @@ class AST(Backbone):
     modality="audio", dim=768, depth=12, grid=(101, 12), num_prefix=2, window_seconds=10.0,
 )
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm=False):
-    from transformers import ASTFeatureExtractor, ASTModel
+    try:
+        from transformers import ASTFeatureExtractor, ASTModel
+    except ImportError as error:
+        raise ValueError(f"{name} needs transformers: pip install 'tokencache[models]' ({error})") from None
 
     path = Path(need_checkpoint(name, checkpoint))
     if not (path / "config.json").is_file():

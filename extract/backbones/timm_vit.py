@@ -40,7 +40,10 @@ class TimmViT(Backbone):
     modality="image",
 )
 def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=False):
-    import timm
+    try:
+        import timm
+    except ImportError as error:
+        raise ValueError(f"timm:<model> needs timm: pip install 'tokencache[models]' ({error})") from None
     from timm.data import create_transform, resolve_data_config
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
