@@ -164,7 +164,7 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
             for first in range(0, len(items), rows_at_once):  # a column of millions of rows is read in parts
                 rows = np.flatnonzero(complete[first:first + rows_at_once]) + first
                 if len(rows):
-                    found = _first_item_change(store, split, dataset, items, rows, complete)
+                    found = _first_item_change(split, dataset, items, rows, complete)
                     if found:
                         return found
     except (StoreError, OSError, ValueError):  # a damaged column: the refusal stays the fingerprint's
@@ -172,7 +172,7 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
     return ""
 
 
-def _first_item_change(store, split, dataset: Dataset, items: list[Item], rows: np.ndarray, complete: np.ndarray) -> str:
+def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndarray, complete: np.ndarray) -> str:
     """dataset_change() for some rows of a split: each column compared as a whole, the first row named."""
     held = {name: split._h.read_rows(split.name, name, rows) for name in ("ids", "sources", "offsets", "durations", "labels")}
     planned = [items[row] for row in rows]
@@ -206,8 +206,10 @@ def _first_item_change(store, split, dataset: Dataset, items: list[Item], rows: 
     if what == "window":
         return (f"{where} ({item.id}) is {held['durations'][n]:g} s from {held['offsets'][n]:g} s in the store, "
                 f"{durations[n]:g} s from {item.offset:g} s now")
+    def named(indices) -> str:
+        return ";".join(dataset.classes[i] for i in indices) or "none"
+
     stored = np.flatnonzero(labels[n]) if labels.ndim == 2 else [int(labels[n])]
-    named = lambda indices: ";".join(dataset.classes[i] for i in indices) or "none"  # noqa: E731
     return f"{where} ({item.id}) is labelled {named(stored)} in the store but {named(item.labels)} now"
 
 
