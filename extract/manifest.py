@@ -19,9 +19,9 @@ import json
 import math
 import multiprocessing
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -40,13 +40,13 @@ MIN_LAST_WINDOW = 0.1
 # processes, CHUNK_ROWS at a time. On the 2-core machine 8 192 rows take 0.47 s that way against 0.65 s
 # in one process, and 2 048 rows the same either way: below PARALLEL_ROWS it is not worth it.
 PARALLEL_ROWS = 4096
+CHUNK_ROWS = 1024
 # In class folders, the files the decoders read, by suffix, as torchvision's ImageFolder picks its
 # files: notes, label lists or cover pictures kept beside the clips are skipped (and counted), not
 # made into failed items. Audio: each format libsndfile reads under its own name, and the other
 # suffixes those formats go by (RAW has no header to read); images: every format Pillow opens.
 AUDIO_SUFFIXES = frozenset({f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
                            | {".wave", ".aif", ".aifc", ".snd", ".oga", ".opus", ".sph", ".sf", ".mat", ".8svx", ".iff"})
-CHUNK_ROWS = 1024
 
 
 class ManifestError(ValueError):
@@ -133,14 +133,7 @@ def read_dataset(
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
     columns, records, problems, notes = _read(source, store, _suffixes(modality))
-    known = {name.lower(): name for name in COLUMNS}
-    unread = [name for name in columns if name not in COLUMNS and name]  # '': a spreadsheet's index column
-    if miscased := [name for name in unread if name.lower() in known and known[name.lower()] not in columns]:
-        problems += [f"column {name!r} is not read: the column is {known[name.lower()]!r} (lower case)" for name in miscased]
-    elif unread:
-        notes.append(f"column(s) {', '.join(map(repr, unread))} not read: the columns read are {', '.join(COLUMNS)}")
-    if modality == "image" and (spans := [name for name in ("start", "end") if name in columns]):
-        notes.append(f"column(s) {', '.join(spans)} not read: spans of time are for audio, and an image is taken whole")
+    _check_columns(columns, modality, problems, notes)
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
@@ -165,6 +158,19 @@ def read_dataset(
         raise ManifestError(source, problems)
     notes += _leaks(splits) + _unlearnable(splits, names)
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, notes)
+
+
+def _check_columns(columns: list[str], modality: str, problems: list[str], notes: list[str]):
+    """Columns that are not read: one of ours in other case ('Start') is a problem, since reading it
+    would change the items; others (a typo, metadata kept in the manifest) get a note."""
+    known = {name.lower(): name for name in COLUMNS}
+    unread = [name for name in columns if name not in COLUMNS and name]  # '': a spreadsheet's index column
+    if miscased := [name for name in unread if name.lower() in known and known[name.lower()] not in columns]:
+        problems += [f"column {name!r} is not read: the column is {known[name.lower()]!r} (lower case)" for name in miscased]
+    elif unread:
+        notes.append(f"column(s) {', '.join(map(repr, unread))} not read: the columns read are {', '.join(COLUMNS)}")
+    if modality == "image" and (spans := [name for name in ("start", "end") if name in columns]):
+        notes.append(f"column(s) {', '.join(spans)} not read: spans of time are for audio, and an image is taken whole")
 
 
 def _leaks(splits: dict[str, list[Item]]) -> list[str]:
