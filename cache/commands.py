@@ -95,7 +95,7 @@ def failed_items(store: TokenStore) -> list[dict]:
     """The items an extraction recorded as failed, with the reason, in the shards complete so far."""
     found = []
     for split in store.splits.values():
-        complete = np.repeat(split.complete_mask(), split.shard_size)[:split.num_items]
+        complete = split.complete_items()
         if not complete.any():
             continue
         columns = zip(split.column("ids"), split.column("sources"), split.column("errors"), complete)
@@ -157,7 +157,7 @@ def verify(
         else:
             typer.echo(f"to write the {count} ({shards}) again: tokens verify {shlex.quote(str(store))} "
                        "--unmark-damaged, then rerun the extraction that made the store", err=True)
-        if any("NaN or Inf" in problem for problem in report.problems):
+        if report.nonfinite:
             typer.echo("NaN or Inf that the model itself gives come back when written again: store --dtype bfloat16 "
                        "or float32 tokens, whose range float16's overflow does not limit", err=True)
     raise typer.Exit(1)

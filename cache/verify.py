@@ -17,6 +17,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     shards_checked: int = 0
     damaged: list[tuple[str, int]] = field(default_factory=list)  # (split, shard): complete shards with a problem
+    nonfinite: bool = False  # some tokens are NaN or Inf: the model's own would come back if written again
 
     @property
     def ok(self) -> bool:
@@ -67,6 +68,7 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
                     bad = int((~np.isfinite(data)).any(axis=(1, 2)).sum())
                 if bad:
                     report.problems.append(f"{where}: {bad} items hold NaN or Inf")
+                    report.nonfinite = True
             report.problems += _check_columns(store, split, shard, [name for name in columns if name not in gone])
             report.shards_checked += 1
             if len(report.problems) > found_before:

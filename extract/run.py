@@ -160,7 +160,7 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
     try:
         for name, items in dataset.splits.items():
             split = store.split(name)
-            complete = np.repeat(split.complete_mask(), split.shard_size)[:len(items)]
+            complete = split.complete_items()  # as many as items: the split sizes agree
             for first in range(0, len(items), rows_at_once):  # a column of millions of rows is read in parts
                 rows = np.flatnonzero(complete[first:first + rows_at_once]) + first
                 if len(rows):
@@ -206,6 +206,7 @@ def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndar
     if what == "window":
         return (f"{where} ({item.id}) is {held['durations'][n]:g} s from {held['offsets'][n]:g} s in the store, "
                 f"{durations[n]:g} s from {item.offset:g} s now")
+
     def named(indices) -> str:
         return ";".join(dataset.classes[i] for i in indices) or "none"
 

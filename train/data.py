@@ -44,7 +44,7 @@ class Batch:
 
 def usable_items(split: Split) -> np.ndarray:
     """Items in complete shards whose extraction did not fail, sorted: the only items ever used."""
-    complete = np.repeat(split.complete_mask(), split.shard_size)[: split.num_items]
+    complete = split.complete_items()
     if not complete.any():
         return np.zeros(0, dtype=np.int64)
     failed = np.fromiter((bool(e) for e in split.column("errors")), bool, split.num_items)
@@ -119,10 +119,12 @@ def check_labels(split: Split, labels: np.ndarray) -> np.ndarray:
 class Source:
     """The rows of one split for a fixed set of layers, from disk, RAM or the GPU."""
 
-    def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device):
+    def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device,
+                 labels: np.ndarray | None = None):
+        """`labels`: the split's labels column, when the caller has read it already (to check it)."""
         self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
         self.with_cls = with_cls and split.num_prefix > 0
-        labels = split.column("labels")
+        labels = split.column("labels") if labels is None else labels
         self.labels = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
         self.arrays = None
         if mode in ("ram", "gpu"):

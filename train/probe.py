@@ -169,7 +169,6 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
     return state
 
 
-
 RESULTS = ("leaderboard.csv", "best", "heads")  # what a run directory holds once a sweep has finished
 
 
@@ -270,8 +269,9 @@ def run(
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split)
-    for split in dict.fromkeys((train_split, valid_split, test_split)):  # before any training, not at the test
-        check_labels(split, split.column("labels"))
+    # read once, and checked before any training rather than at the test
+    labels = {split.name: check_labels(split, split.column("labels"))
+              for split in dict.fromkeys((train_split, valid_split, test_split))}
     if len(train_items) < 2:  # BatchNorm cannot train on a batch of one, and one item teaches nothing
         raise SweepError(f"{store.path}: train has {len(train_items)} usable item{'' if len(train_items) == 1 else 's'}"
                          f"{held_out}; a probe needs at least 2 (failed items and unwritten shards are left out)", "STORE")
@@ -306,8 +306,8 @@ def run(
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # Sources and heads (float32 matrix products on TF32 tensor cores, see run's decorator).
-    train_source = Source(train_split, layers, with_cls, mode, device)
-    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device)
+    train_source = Source(train_split, layers, with_cls, mode, device, labels["train"])
+    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device, labels["valid"])
     probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
     loss_fn = make_loss(task, loss)
     valid_labels = valid_source.labels[torch.from_numpy(valid_items).to(valid_source.labels.device)].cpu().numpy()
@@ -355,7 +355,7 @@ def run(
     for p in probes:
         if p.best_state is not None:
             p.head.load_state_dict(p.best_state)
-    test_source = Source(test_split, layers, with_cls, mode, device)
+    test_source = Source(test_split, layers, with_cls, mode, device, labels.pop("test"))
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
     test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 

@@ -105,7 +105,8 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     so that points of two encoders are never read as one another's; panels share the y axis."""
     from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
 
-    panels = list(dict.fromkeys(panel_of(r) for r in rows)) if panel_of else [None]
+    panel_of = panel_of or (lambda row: None)
+    panels = list(dict.fromkeys(map(panel_of, rows))) or [None]
     columns = min(len(panels), 3)
     lines = -(-len(panels) // columns)
     fig = Figure(figsize=(7 if columns == 1 else 4.2 * columns, 4.5 if lines == 1 else 3.6 * lines))
@@ -114,7 +115,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     heads = head_colours(r["head"] for r in rows)
     chosen = [r for r in chosen if np.isfinite(r[column])]  # a diverged head's NaN has no place on the axes
     for ax, panel in zip(axes, panels):
-        here = [r for r in rows if panel_of is None or panel_of(r) == panel]
+        here = [r for r in rows if panel_of(r) == panel]
         for i, (head, colour) in enumerate(heads.items()):
             mine = [r for r in here if r["head"] == head]
             if not mine:
@@ -122,7 +123,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
             err = [r[sd_column] or 0 for r in mine] if sd_column else None
             ax.errorbar([r["params"] for r in mine], [r[column] for r in mine], yerr=err, fmt=markers[i % len(markers)],
                         color=colour, label=head, capsize=3, alpha=0.8)
-        ringed = [r for r in chosen if panel_of is None or panel_of(r) == panel]
+        ringed = [r for r in chosen if panel_of(r) == panel]
         if ringed:
             ax.scatter([r["params"] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
                        edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
@@ -400,6 +401,7 @@ def write_report(runs: list[Path], out: Path) -> str:
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
+
     def panel_of(row: dict) -> str | None:  # a store, and a training setup, per panel where there are several
         parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([row["training"]] if len(trainings) > 1 else [])
         return ", ".join(parts) or None
