@@ -686,3 +686,14 @@ def test_the_filesystem_of_a_path_is_that_of_its_deepest_mount():
     assert filesystem_type("/no-such-root/scratch/s.zarr", mounts) == "lustre"
     assert filesystem_type("/no-such-root/home", mounts) == "nfs4"
     assert filesystem_type("/elsewhere", "") == ""
+
+
+@pytest.mark.parametrize("layers, grid, dim, expected", [
+    ([0], (64, 8), 768, 512),  # one ViT-B layer: 384 MiB in all, not 128 MiB (170 items)
+    ([0, 1], (64, 8), 768, 256),
+    (list(range(12)), (64, 8), 768, 170),  # 128 MiB per layer already passes 384 MiB in all
+    ([0], (101, 4), 64, 4096),  # small items: the cap
+])
+def test_the_default_shard_holds_128_mib_per_layer_and_384_mib_in_all(layers, grid, dim, expected):
+    spec = make_spec(layers=layers, grid=grid, dim=dim, shard_size=0)
+    assert spec.shard_size == expected
