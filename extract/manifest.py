@@ -137,7 +137,7 @@ def read_dataset(
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
-        task, rows = _check(root, columns, records, classes, problems, modality == "audio", window, bar)
+        task, rows = _check(root, columns, records, classes, problems, notes, modality == "audio", window, bar)
 
     names = list(classes) if classes is not None else sorted({name for row, _ in rows for name in row.labels})
     if rows and not names:
@@ -334,10 +334,10 @@ def _within(path: str, folder: str) -> bool:
 
 def _check(
     root: Path, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str],
-    audio: bool, window: float | None, bar: tqdm,
+    notes: list[str], audio: bool, window: float | None, bar: tqdm,
 ) -> tuple[str, list[tuple[_Row, list]]]:
     """The task and the rows without problems with their (offset, duration) windows; every problem
-    found is appended to `problems`."""
+    found is appended to `problems`, and a note on rows whose `end` lies past their file's to `notes`."""
     if not records and not problems:
         problems.append("no rows: the dataset is empty")
         return "", []
@@ -355,7 +355,7 @@ def _check(
     check = functools.partial(_check_records, root, task, known, audio, window)
     chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
     workers = min(usable_cores(), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
-    rows = []
+    rows, cut = [], []
     # fork, not spawn or forkserver: those re-run the top level of the user's script in every child
     # (a script that calls extract() without a __main__ guard would start its extraction again).
     # The extractor's GPU warm-up thread may run meanwhile; the children only read file headers and
@@ -363,23 +363,30 @@ def _check(
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else nullcontext() as pool:
         for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):
-            for row, row_problems, windows in chunk:
+            for row, row_problems, windows, past_the_end in chunk:
                 problems += [f"{row.where}: {p}" for p in row_problems]
                 if not row_problems:
                     rows.append((row, windows))
+                if past_the_end:
+                    cut.append(f"{row.where}: {past_the_end}")
             bar.update(len(chunk))
+    if cut:  # often a whole manifest's times in another unit, or files other than those annotated
+        notes.append(f"{len(cut)} row(s) end past the end of their file and are cut there (e.g. {cut[0]})")
     return task, rows
 
 
 def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, window: float | None,
-                   records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list]]:
-    """(row, its problems, its windows) of each record; runs in worker processes for large datasets."""
+                   records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list, str | None]]:
+    """(row, its problems, its windows, how its `end` lies past its file's if it does) of each
+    record; runs in worker processes for large datasets."""
     _real_folder.cache_clear()  # symbolic links may have changed since the last check
     checked = []
     for where, record in records:
         row, problems = _check_row(root, where, record, task, known)
-        windows = [] if problems else _windows(row, window, problems) if audio else [(0.0, None)]
-        checked.append((row, problems, windows))
+        windows, past_the_end = [], None
+        if not problems:
+            windows, past_the_end = _windows(row, window, problems) if audio else ([(0.0, None)], None)
+        checked.append((row, problems, windows, past_the_end))
     return checked
 
 
@@ -472,32 +479,35 @@ def _seconds(value, name: str, bad: list[str]) -> float | None:
     return seconds
 
 
-def _windows(row: _Row, window: float | None, bad: list[str]) -> list[tuple[float, float | None]]:
-    """(offset, duration) pairs covering the row's span of its file, from the file's header only.
+def _windows(row: _Row, window: float | None, bad: list[str]) -> tuple[list[tuple[float, float | None]], str | None]:
+    """(offset, duration) pairs covering the row's span of its file, from the file's header only,
+    and, when the row's `end` lies past the file's end, which it is clipped to, a phrase that says so.
 
     A file soundfile cannot open becomes one item, so that its failure is recorded once, later. A
     `start` at or past the file's end is a mistake in the row, appended to `bad` now rather than
     failing at extraction (the same test as load_window's, in frames); an empty recording with no
-    `start` stays an item that fails. An `end` past the file's end is clipped to it.
+    `start` stays an item that fails.
     """
     try:
         with sf.SoundFile(str(row.path)) as audio:  # the header only; sf.info also formats names we do not use
             file_seconds = audio.frames / audio.samplerate
-            past_the_end = row.start > 0 and round(row.start * audio.samplerate) >= audio.frames
+            starts_past = row.start > 0 and round(row.start * audio.samplerate) >= audio.frames
+            ends_past = row.end is not None and round(row.end * audio.samplerate) > audio.frames
     except sf.SoundFileError:
-        return [(row.start, None if row.end is None else row.end - row.start)]
-    if past_the_end:
+        return [(row.start, None if row.end is None else row.end - row.start)], None
+    if starts_past:
         bad.append(f"start {row.start:g} is not before the end of {row.rel} ({file_seconds:g} s)")
-        return []
+        return [], None
+    past_the_end = f"end {row.end:g} is past the end of {row.rel} ({file_seconds:g} s)" if ends_past else None
     length = max(min(file_seconds, math.inf if row.end is None else row.end) - row.start, 0.0)
     if window is None:
-        return [(row.start, round(length, 6))]
+        return [(row.start, round(length, 6))], past_the_end
     full = math.floor(length / window + 1e-9)
     spans = [(row.start + k * window, window) for k in range(full)]
     rest = length - full * window
     if full == 0 or rest >= MIN_LAST_WINDOW * window - 1e-9:  # 4.1 - 4 is 0.0999...: a tenth, as 2.1 - 2 is
         spans.append((row.start + full * window, rest))
-    return [(round(offset, 6), round(duration, 6)) for offset, duration in spans]
+    return [(round(offset, 6), round(duration, 6)) for offset, duration in spans], past_the_end
 
 
 def _item_id(row: _Row, offset: float, first: bool) -> str:

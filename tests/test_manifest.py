@@ -424,10 +424,18 @@ def test_long_recording_is_cut_into_windows(tmp_path, checking):
     ]
 
 
-def test_end_past_the_file_is_clipped_to_the_file(tmp_path):
+def test_end_past_the_file_is_clipped_to_the_file_with_a_note(tmp_path, checking):
+    """Clipped, since annotations often round up, but said: ends past the files are also what a
+    manifest in milliseconds, or files other than those annotated, look like. An end at the file's
+    last sample is no note."""
     wav(tmp_path / "a.wav", 9.5)
-    manifest = csv_file(tmp_path / "m.csv", "path,label,split,start,end\na.wav,x,train,0,10.5\n")
-    assert [(it.offset, it.duration) for it in audio(manifest).splits["train"]] == [(0.0, 9.5)]
+    manifest = csv_file(tmp_path / "m.csv", "path,label,split,id,start,end\na.wav,x,train,c,0,10.5\n"
+                        "a.wav,x,train,d,1,9.5\na.wav,x,train,e,2,12\n")
+    ds = audio(manifest, window=None)
+    assert [(it.offset, it.duration) for it in ds.splits["train"]] == [(0.0, 9.5), (1.0, 8.5), (2.0, 7.5)]
+    assert ds.notes == ["2 row(s) end past the end of their file and are cut there (e.g. line 2: end 10.5 is past the end "
+                        "of a.wav (9.5 s))"]
+    assert audio(csv_file(manifest, "path,label,split,start,end\na.wav,x,train,0,9.5\n")).notes == []
 
 
 def test_start_past_the_end_of_the_file_is_a_manifest_problem(tmp_path, checking):
