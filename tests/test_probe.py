@@ -575,6 +575,29 @@ def test_a_report_names_the_runs_it_cannot_use(run, tmp_path):
     assert f"{unfinished}: no leaderboard.csv yet (not finished)" in result.output, result.output
 
 
+def test_a_report_never_replaces_a_runs_leaderboard_nor_reads_one_kept_inside_a_run(store, run, tmp_path):
+    """A report's leaderboard.csv in a run's folder would pass for the run's own (its heads/ and best/
+    no longer matching); a report kept inside a run is not one of the run's parts."""
+    other = tmp_path / "other"
+    ok("probe", store, "--heads", "mean", *FAST, "--batch-size", "16", "--device", "cpu", "--out", other)
+    before = (other / "leaderboard.csv").read_bytes()
+    split_sweep = tmp_path / "split"
+    (split_sweep / "part-1-of-2").mkdir(parents=True)
+    for out in (other, split_sweep):
+        result = invoke("report", run, other, "--out", out)
+        assert result.exit_code == 2 and "--out" in said(result) and "is a probe run" in said(result), said(result)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / "leaderboard.csv").write_bytes(before)
+    result = invoke("report", copied / "leaderboard.csv", run, "--out", copied)
+    assert result.exit_code == 2 and "holds" in said(result) and "would replace" in said(result), said(result)
+    assert (other / "leaderboard.csv").read_bytes() == before == (copied / "leaderboard.csv").read_bytes()
+    ok("report", other, run, "--out", other / "merged")
+    result = ok("report", other, "--out", tmp_path / "alone")
+    assert "appears in" not in result.output
+    assert read_csv(tmp_path / "alone" / "leaderboard.csv") == read_csv(other / "leaderboard.csv")
+
+
 def test_an_out_path_that_cannot_be_a_folder_and_a_missing_split_name_their_option(store, run, tmp_path):
     a_file = tmp_path / "notes.csv"
     a_file.write_text("x\n")

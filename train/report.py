@@ -25,6 +25,7 @@ FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
 LAST_COLUMNS = ["layer", "lr", "wd", "seed", "options", "store_key", "training"]
 OPTIONAL_COLUMNS = {"training": ""}  # absent from leaderboards of earlier versions
 INTEGERS = {"params", "best_epoch", "seed"}
+PART = re.compile(r"part-(\d+)-of-(\d+)")  # the folder of one part of a split sweep
 
 
 def _nan_to_none(value):
@@ -184,18 +185,19 @@ def table(rows: list[dict], columns: list[str], markdown: bool = False) -> str:
 
 
 def find_leaderboards(path: Path) -> list[Path]:
-    """A leaderboard.csv itself, a run's, or those of the parts (RUN/part-*/) inside it."""
+    """A leaderboard.csv itself, a run's, or those of the parts (RUN/part-I-of-N/) inside it. Other
+    folders inside a run are not its results: a report kept there may merge other runs."""
     path = Path(path)
     if path.is_file():
         return [path]
     found = [path / "leaderboard.csv"] if (path / "leaderboard.csv").exists() else []
-    return found + sorted(path.glob("*/leaderboard.csv"))
+    return found + sorted(p for p in path.glob("part-*-of-*/leaderboard.csv") if PART.fullmatch(p.parent.name))
 
 
 def missing_parts(run: Path) -> list[str]:
     """Notes on parts of a split sweep (RUN/part-I-of-N/) that have no leaderboard yet."""
     notes = []
-    for count in {int(m[2]) for p in Path(run).glob("part-*-of-*") if (m := re.fullmatch(r"part-(\d+)-of-(\d+)", p.name))}:
+    for count in {int(m[2]) for p in Path(run).glob("part-*-of-*") if (m := PART.fullmatch(p.name))}:
         missing = [i for i in range(1, count + 1) if not (Path(run) / f"part-{i}-of-{count}" / "leaderboard.csv").exists()]
         if missing:
             notes.append(f"{run}: part {', '.join(map(str, missing))} of {count} not finished; the report lacks its configurations")
@@ -361,7 +363,17 @@ def check_parts_agree(run: Path):
 
 
 class OutputError(Exception):
-    """The report's folder cannot be made; the message names it."""
+    """The report's folder cannot be made, or is a run's; the message names it."""
+
+
+def check_report_folder(runs: list[Path], out: Path):
+    """A report's leaderboard.csv would replace a run's own, which its heads/ and best/ match."""
+    if (out / "config.json").exists() or any(PART.fullmatch(p.name) for p in out.glob("part-*-of-*")):
+        raise OutputError(f"{out} is a probe run: the report would replace its leaderboard.csv; give the report a folder of its own")
+    for run in runs:
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        if folder.exists() and out.exists() and out.samefile(folder):
+            raise OutputError(f"{out} holds {run}'s leaderboard.csv, which the report would replace; give the report a folder of its own")
 
 
 def write_report(runs: list[Path], out: Path) -> str:
@@ -371,6 +383,7 @@ def write_report(runs: list[Path], out: Path) -> str:
         if not Path(run).exists():
             raise FileNotFoundError(f"{run}: no such run directory or leaderboard.csv")
         check_parts_agree(run)
+    check_report_folder(runs, out)
     found = {run: find_leaderboards(run) for run in runs}
     paths = [p for run in runs for p in found[run]]
     if not paths:
