@@ -474,8 +474,11 @@ def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, 
     (["--heads", "cgp", "--option", "cgp.num_layers=5"], "--option", "so num_layers must be 2 (or left out), got 5"),
     (["--heads", "ep", "--option", "ep.dropout=2"], "--option", "ep: dropout must be a number from 0 to 1, got 2"),
     (["--heads", "ep", "--option", "ep.lr=abc"], "--option", "ep.lr: 'abc' is not a number"),
-    (["--heads", "ep", "--option", "ep.lr=-1e-3"], "--option", "ep.lr must be positive, got -0.001"),
-    (["--heads", "ep", "--option", "ep.wd=-1"], "--option", "ep.wd must be zero or more, got -1"),
+    (["--heads", "ep", "--option", "ep.lr=-1e-3"], "--option", "ep.lr must be positive and finite, got -0.001"),
+    (["--heads", "ep", "--option", "ep.wd=-1"], "--option", "ep.wd must be zero or more and finite, got -1"),
+    (["--heads", "ep", "--lr", "nan"], "--lr", "--lr must be positive and finite, got nan"),
+    (["--heads", "ep", "--lr", "1e-3,inf"], "--lr", "--lr must be positive and finite, got inf"),
+    (["--heads", "ep", "--wd", "nan"], "--wd", "--wd must be zero or more and finite, got nan"),
     (["--batch-size", "1"], "--batch-size", "greater than or equal to 2"),  # BatchNorm cannot train on one item
 ])
 def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args, option, message):
@@ -487,7 +490,8 @@ def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args
 
 @pytest.mark.parametrize("text,message", [
     ('lr = "abc"\n[heads.ep]\n', "lr: 'abc' is not a number"),
-    ("lr = -1\n[heads.ep]\n", "lr must be positive, got -1"),
+    ("lr = -1\n[heads.ep]\n", "lr must be positive and finite, got -1"),
+    ("wd = [inf]\n[heads.ep]\n", "wd must be zero or more and finite, got inf"),
     ('seeds = [0, "one"]\n[heads.ep]\n', "seeds: 'one' is not an integer"),
     ("seeds = []\n[heads.ep]\n", "seeds is an empty list"),
     ("[heads.ep]\nnum_queries = []\n", "heads.ep.num_queries is an empty list"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 
@@ -81,11 +82,12 @@ def check_options(head: str, options: dict, where: str):
 
 
 def check_rates(key: str, values: list, name: str, where: str):
-    """Refuse an lr that is not positive or a wd below zero now, not when AdamW is built."""
+    """Refuse an lr that is not positive or a wd below zero now, not when AdamW is built; nan and inf
+    too, which pass those tests and would train every head to NaN."""
     sweeps.check_kind(values, sweeps.KINDS[key], name, where)
     for v in values:
-        if v <= 0 if key == "lr" else v < 0:
-            raise SweepError(f"{name} must be {'positive' if key == 'lr' else 'zero or more'}, got {v!r}", where)
+        if not math.isfinite(v) or (v <= 0 if key == "lr" else v < 0):
+            raise SweepError(f"{name} must be {'positive' if key == 'lr' else 'zero or more'} and finite, got {v!r}", where)
 
 
 def resolve_layer(value, store: TokenStore) -> int:
