@@ -193,7 +193,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
     assert other.exit_code == 2 and "--out" in said(other) and "batch_size" in said(other)
     other = invoke("probe", store, *SWEEP, *FAST, "--optimizer", "lars", "--out", out)
-    assert other.exit_code == 2 and "optimizer differ" in said(other)
+    assert other.exit_code == 2 and "optimizer 'adamw' there, 'lars' here" in said(other), said(other)
     assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
 
 
@@ -855,7 +855,11 @@ def test_a_run_directory_is_not_shared_by_two_sweeps(store, tmp_path):
     out = tmp_path / "run"
     ok("probe", store, "--heads", "ep,protobin", *FAST, "--out", out)
     refused = invoke("probe", store, "--heads", "linear", *FAST, "--out", out)
-    assert refused.exit_code == 2 and "belongs to another sweep" in said(refused) and f"delete {out} to start over" in said(refused)
+    assert refused.exit_code == 2 and "belongs to another sweep (its configurations)" in said(refused), said(refused)
+    assert f"delete {out} to start over" in said(refused)
+    refused = invoke("probe", store, "--heads", "ep,protobin", *FAST, "--loss", "asl", "--out", out)
+    assert "belongs to another sweep (loss 'bce' there, 'asl' here)" in said(refused), said(refused)
+    ok("probe", store, "--heads", "ep,protobin", *FAST, "--loss", "bce", "--out", out)  # the default, given: the same sweep
     (out / "checkpoint.pt").unlink()
     refused = invoke("probe", store, "--heads", "linear", *FAST, "--out", out)
     assert refused.exit_code == 2 and f"{out} holds the results of another sweep" in said(refused), said(refused)

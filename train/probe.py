@@ -148,7 +148,7 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path, plan: dict) -> dict | None:
+def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
     """The saved state of this sweep, None if there is none; refuse one left by another sweep."""
     if not path.exists():
         return None
@@ -157,10 +157,13 @@ def read_checkpoint(path: Path, plan: dict) -> dict | None:
     except CheckpointError as error:
         raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
     saved = report.EARLIER_DEFAULTS | state["plan"]
+    if saved.get("loss") == "":  # earlier versions saved the default loss as ""
+        saved["loss"] = DEFAULT_LOSS[task]
     if saved != plan:
-        differs = [k for k in plan if saved.get(k) != plan[k]]
+        differs = [f"{k} {saved.get(k)!r} there, {plan[k]!r} here" if k != "configs" else "its configurations"
+                   for k in plan if saved.get(k) != plan[k]]
         raise SweepError(
-            f"{path} belongs to another sweep ({', '.join(differs)} differ); "
+            f"{path} belongs to another sweep ({'; '.join(differs)}); "
             f"use another --out, or delete {path.parent} to start over",
             "--out",
         )
@@ -288,17 +291,16 @@ def run(
 
     # What a checkpoint must agree on to be resumed (the data mode and device may change).
     plan = {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
-            "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule, "loss": loss or "", "data_seed": data_seed,
-            "store_key": store.meta["cache_key"]}
+            "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule, "loss": loss or DEFAULT_LOSS[task],
+            "data_seed": data_seed, "store_key": store.meta["cache_key"]}
     checkpoint = out / "checkpoint.pt"
-    saved = read_checkpoint(checkpoint, plan)
-    training = plan | {"loss": loss or DEFAULT_LOSS[task]}  # how every head of this run trains
+    saved = read_checkpoint(checkpoint, plan, task)
     if saved is None:
-        check_no_other_results(out, training)
+        check_no_other_results(out, plan)
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
               "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],
-              "training": training,
+              "training": plan,  # how every head of this run trains
               "versions": versions()}
     if part[1] > 1:
         check_other_parts(out, record)
@@ -361,7 +363,7 @@ def run(
 
     # The training in a line: runs that differ only in it are told apart in reports.
     trained = "{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}/loss={loss}/data_seed={data_seed}"
-    trained = trained.format(**training)
+    trained = trained.format(**plan)
     rows, records = [], []
     for p, test in zip(probes, test_scores):
         val_metrics, test_metrics = p.val_metrics, compute_metrics(task, test, test_labels)
