@@ -72,7 +72,7 @@ def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=N
                 labels = rng.integers(0, len(CLASSES), n)
                 present = np.eye(len(CLASSES), dtype=bool)[labels]
             tokens = {}
-            for layer, strength in ((3, 0.5), (6, 1.0)):
+            for layer, strength in zip(spec.layers, (0.5, 1.0)):
                 x = rng.normal(size=(n, T * F, D))
                 for i in range(n):
                     for c in np.flatnonzero(present[i]):
@@ -534,16 +534,36 @@ def test_predict_refuses_tokens_made_another_way_and_notes_another_dataset(run, 
     another checkpoint): refused, naming the difference. Another dataset of the same encoder is
     what predict is for: a note, and scores."""
     head = run / "best" / "ep.pt"
-    normed = make_store(tmp_path / "normed.zarr", final_norm=True)
-    result = invoke("predict", normed, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
-    assert result.exit_code == 2 and "--head" in said(result), said(result)
-    assert "made another way (final_norm false there, true here)" in said(result)
+    for normed in (make_store(tmp_path / "normed.zarr", final_norm=True),
+                   # also recorded as a backbone option, as `tokens extract` records it: said once
+                   make_store(tmp_path / "normed-2.zarr", final_norm=True, backbone_config={"final_norm": True})):
+        result = invoke("predict", normed, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
+        assert result.exit_code == 2 and "--head" in said(result), said(result)
+        assert "made another way (final_norm false there, true here):" in said(result), said(result)
     renamed = make_store(tmp_path / "renamed.zarr", classes=[f"{name}-2" for name in CLASSES])
     result = invoke("predict", renamed, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and f"was trained on the classes {json.dumps(CLASSES)}" in said(result), said(result)
     other = make_store(tmp_path / "other-dataset.zarr")
     result = ok("predict", other, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert "trained on another store" in result.output and (tmp_path / "s.csv").exists()
+
+
+def test_predict_refuses_a_multi_layer_head_on_other_layers_and_a_split_with_nothing_to_score(store, run, tmp_path):
+    """cgp weighs each layer it was trained on: two other layers are not them, though as many. A
+    split of an unfinished store with no shard written has nothing to score: said, naming it."""
+    out = tmp_path / "cgp"
+    ok("probe", store, "--heads", "cgp", "--option", "cgp.num_prototypes=8", *FAST, "--out", out)
+    other_layers = make_store(tmp_path / "layers-4-6.zarr", layers=[4, 6])
+    result = invoke("predict", other_layers, "--head", out / "best" / "cgp.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and "--head" in said(result), said(result)
+    assert "reads the layers [3, 6];" in said(result) and "caches [4, 6]" in said(result), said(result)
+    ok("predict", make_store(tmp_path / "same-layers.zarr"), "--head", out / "best" / "cgp.pt", "--device", "cpu",
+       "--out", tmp_path / "s.csv")
+    unwritten = make_store(tmp_path / "unwritten.zarr", written=())
+    result = invoke("predict", unwritten, "--head", run / "best" / "ep.pt", "--allow-incomplete", "--device", "cpu",
+                    "--out", tmp_path / "t.csv")
+    assert result.exit_code == 2 and "--split" in said(result), said(result)
+    assert "has no usable test items (all failed or in unwritten shards)" in said(result), said(result)
 
 
 def test_predict_checks_its_output_path_before_scoring(store, run, tmp_path, monkeypatch):

@@ -369,22 +369,31 @@ def predict(
         if saved["task"] != opened.task:  # its scores would be sigmoids for a softmax task, or the reverse
             raise typer.BadParameter(f"{head} was trained for a {saved['task']} task; {store} is {opened.task}", param_hint="--head")
         multi = HEADS[build["name"]].multi_layer
-        if (multi and build["num_layers"] != len(opened.layers)) or (not multi and layer not in opened.layers):
+        if multi and (saved.get("layers", opened.layers) != opened.layers or build["num_layers"] != len(opened.layers)):
+            # a multi-layer head weighs each layer it was trained on: other layers, even as many, are not them
+            read = saved.get("layers", f"{build['num_layers']} layers")
+            raise typer.BadParameter(f"{head} reads the layers {read}; {store} caches {opened.layers}", param_hint="--head")
+        if not multi and layer not in opened.layers:
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
         made = saved.get("tokens", {})  # heads saved before it was recorded: only the store key tells
-        if differ := [entry for name in made for entry in differences(name, made[name], opened.meta.get(name))]:
+        differ = [entry for name in made for entry in differences(name, made[name], opened.meta.get(name))]
+        if any(name == "final_norm" for name, _, _ in differ):  # also an option in backbone_config: said once
+            differ = [entry for entry in differ if entry[0] != "backbone_config.final_norm"]
+        if differ:
             shown = ", ".join(f"{name} {short(there)} there, {short(here)} here" for name, there, here in differ[:3])
             raise typer.BadParameter(f"{head} was trained on tokens made another way ({shown}): its scores on {store} "
                                      "would mean nothing; score a store extracted as the head's was", param_hint="--head")
         if saved["store_key"] != opened.meta["cache_key"][:16]:
-            typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}, another dataset or "
-                       "token dtype); scoring anyway")
+            typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}: another dataset, other "
+                       "cached layers, precision or token dtype); scoring anyway")
         prepare_output(out)
         module = build_head(**build)
         module.load_state_dict(saved["state_dict"])
         module.to(compute)
         the_split = opened.split(split)
         items = usable_items(the_split)
+        if not len(items):
+            raise typer.BadParameter(f"{store} has no usable {split} items (all failed or in unwritten shards)", param_hint="--split")
         layers = opened.layers if multi else [layer]
         source = Source(the_split, layers, module.uses_cls, "stream", compute)
         (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])

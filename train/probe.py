@@ -386,7 +386,7 @@ def run(
     selected = report.selected_rows(rows)
     for head, row in selected.items():
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
-        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
+        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta, store.layers)
 
     report.write_run(out, rows, records, metric, list(selected.values()))
     diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]
@@ -403,10 +403,12 @@ def run(
 TOKEN_FIELDS = ("backbone", "backbone_config", "checkpoint_sha256", "frontend", "final_norm")
 
 
-def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict):
-    """A head's weights with what `tokens predict` needs to rebuild and feed it (weights_only-loadable)."""
+def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict, store_layers: list[int]):
+    """A head's weights with what `tokens predict` needs to rebuild and feed it (weights_only-loadable):
+    `layers`, the layers it reads, in order (a multi-layer head reads all the store's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "task": task,
+    layers = list(store_layers) if HEADS[probe.config.head].multi_layer else [probe.config.layer]
+    torch.save({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "layers": layers, "task": task,
                 "classes": list(classes), "store_key": row["store_key"], "state_dict": _state(probe.head),
                 "tokens": {name: store_meta.get(name) for name in TOKEN_FIELDS},
                 "metrics": {k: v for k, v in row.items() if k.startswith(("val_", "test_"))}}, path)
