@@ -412,10 +412,21 @@ def test_missing_and_incomplete_splits_are_refused(tmp_path):
     partial = make_store(tmp_path / "b.zarr", splits={"train": 96, "test": 40}, written=[0, 1])
     result = invoke("probe", partial, "--device", "cpu", "--out", tmp_path / "y")
     assert result.exit_code == 2 and "--allow-incomplete" in said(result)
-    ok("probe", partial, "--heads", "mean", "--allow-incomplete", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / "y")
+    result = ok("probe", partial, "--heads", "mean", "--allow-incomplete", *FAST[:2], "--batch-size", "16", "--device", "cpu",
+                "--out", tmp_path / "y")
+    assert "warning: unfinished store, only the shards written so far are used (train 2 of 3 shards)" in result.output
     with open_store(partial) as opened:
         config = json.loads((tmp_path / "y" / "config.json").read_text())
     assert "train items" in config["validation"] and opened.split("train").num_items == 96
+    assert config["training"]["unfinished"] == {"train": [2, 3]}
+    (row,) = read_csv(tmp_path / "y" / "leaderboard.csv")
+    assert row["training"].endswith("/unfinished=train:2of3")
+    # The finished store's run of the same configuration is another row of a report, not a duplicate.
+    finished = make_store(tmp_path / "c.zarr", splits={"train": 96, "test": 40}, dataset_fingerprint="b.zarr")
+    ok("probe", finished, "--heads", "mean", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / "z")
+    assert read_csv(tmp_path / "z" / "leaderboard.csv")[0]["store_key"] == row["store_key"]
+    result = ok("report", tmp_path / "y", tmp_path / "z", "--out", tmp_path / "r")
+    assert "appears in" not in result.output and len(read_csv(tmp_path / "r" / "leaderboard.csv")) == 2
 
 
 def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):

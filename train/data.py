@@ -197,7 +197,7 @@ class Source:
 
 
 def epoch_order(items: np.ndarray, shard_size: int, seed: int, epoch: int) -> np.ndarray:
-    """The training order of `items` in an epoch: a function of (seed, epoch) only.
+    """The training order of `items` in an epoch: a function of (seed, epoch) and the shard size.
 
     Shards are shuffled, grouped into blocks of at least BLOCK_ITEMS items, and items are
     shuffled within each block, so a streamed epoch reads a few shard files at a time.

@@ -4,8 +4,9 @@ Each batch is read once from the store (every layer any head needs) and fed to e
 turn. Heads share nothing else: each has its own optimizer and learning-rate schedule, its
 own random state (seeded by its config's seed before it is built, and swapped in around its own
 steps, so dropout draws do not depend on the other heads), and its own best epoch on the
-validation split. The batch order depends only on the data seed and the epoch. So a head ends
-with the same weights whether it trains alone or in a sweep, and whichever data mode feeds it.
+validation split. The batch order depends only on the data seed, the epoch and the store's shard
+size. So a head ends with the same weights whether it trains alone or in a sweep, and whichever
+data mode feeds it.
 
 After every epoch the whole state is written to RUN/checkpoint.pt (atomically), and a run
 started again with the same sweep resumes from it and ends with the same results.
@@ -281,6 +282,14 @@ def run(
     for name, items in (("validation", valid_items), ("test", test_items)):
         if not len(items):
             raise SweepError(f"{store.path}: no usable {name} items (all failed or in unwritten shards)", "STORE")
+    # With --allow-incomplete: the figures are of the shards written so far, and not comparable with
+    # a finished store's; a resume must find the same shards.
+    unfinished = {split.name: [split.num_shards - len(split.missing_shards()), split.num_shards]
+                  for split in dict.fromkeys((train_split, valid_split, test_split)) if not split.is_complete}
+    if unfinished:
+        tqdm.write(f"warning: unfinished store, only the shards written so far are used "
+                   f"({', '.join(f'{name} {w} of {n} shards' for name, (w, n) in unfinished.items())}): the figures will "
+                   "not be comparable with those of the finished store")
     multi = any(HEADS[c.head].multi_layer for c in configs)
     layers = list(store.layers) if multi else [l for l in store.layers if any(c.layer == l for c in configs)]
     with_cls = any(HEADS[c.head].uses_cls for c in configs)
@@ -292,7 +301,7 @@ def run(
     # What a checkpoint must agree on to be resumed (the data mode and device may change).
     plan = {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
             "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule, "loss": loss or DEFAULT_LOSS[task],
-            "data_seed": data_seed, "store_key": store.meta["cache_key"]}
+            "data_seed": data_seed, "store_key": store.meta["cache_key"]} | ({"unfinished": unfinished} if unfinished else {})
     checkpoint = out / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, plan, task)
     if saved is None:
@@ -364,6 +373,8 @@ def run(
     # The training in a line: runs that differ only in it are told apart in reports.
     trained = "{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}/loss={loss}/data_seed={data_seed}"
     trained = trained.format(**plan)
+    if unfinished:  # told apart from the finished store's runs in reports
+        trained += f"/unfinished={','.join(f'{name}:{w}of{n}' for name, (w, n) in unfinished.items())}"
     rows, records = [], []
     for p, test in zip(probes, test_scores):
         val_metrics, test_metrics = p.val_metrics, compute_metrics(task, test, test_labels)
