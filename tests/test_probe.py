@@ -584,6 +584,8 @@ def test_predict_checks_its_output_path_before_scoring(store, run, tmp_path, mon
     (tmp_path / "file").write_text("")
     result = invoke("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "file" / "s.csv")
     assert result.exit_code == 2 and "Invalid value for --out" in said(result) and "cannot make the folder" in said(result)
+    result = invoke("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", "/proc/tokens-scores.csv")
+    assert result.exit_code == 2 and "/proc takes no new folders" in said(result), said(result)
     monkeypatch.undo()
     ok("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "new" / "dir" / "s.csv")
     assert len(read_csv(tmp_path / "new" / "dir" / "s.csv")) == SIZES["test"]
@@ -640,8 +642,11 @@ def test_an_out_path_that_cannot_be_a_folder_and_a_missing_split_name_their_opti
         result = invoke(*command, "--out", a_file)
         assert result.exit_code == 2 and "--out" in said(result) and f"{a_file} is a file" in said(result), said(result)
     under_a_file = a_file / "report"
-    result = invoke("report", run, "--out", under_a_file)
-    assert result.exit_code == 2 and "--out" in said(result) and "cannot make the folder" in said(result), said(result)
+    for command in (["report", run], ["probe", store, "--heads", "linear", *FAST]):
+        result = invoke(*command, "--out", under_a_file)
+        assert result.exit_code == 2 and "--out" in said(result) and "cannot make the folder" in said(result), said(result)
+        result = invoke(*command, "--out", "/proc/tokens-run")  # a place that takes no writes, even as root
+        assert result.exit_code == 2 and "--out" in said(result) and "/proc takes no new folders" in said(result), said(result)
     result = invoke("predict", store, "--head", run / "best" / "ep.pt", "--split", "val", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "--split" in said(result) and "no split 'val'; it has train, valid, test" in said(result)
 

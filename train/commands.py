@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from enum import Enum
@@ -316,18 +317,30 @@ def check_saved_head(path: Path, saved):
 
 
 def check_out_folder(out: Path, holds: str):
-    """--out must be a folder: a file there is named before any work."""
+    """--out must be a folder that can be made and written: a file in its place or on its path, or
+    a place that takes no writes (read-only, /proc), is named before any work. Nothing is left there."""
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} is a file; this writes a folder ({holds}): give a folder path", param_hint="--out")
+    check_can_make(out)
+
+
+def check_can_make(folder: Path):
+    """The folder exists or can be made, and takes new files: tried with an empty folder, removed."""
+    there = folder if folder.exists() else next(p for p in folder.absolute().parents if p.exists())
+    if not there.is_dir():
+        raise typer.BadParameter(f"cannot make the folder {folder}: {there} is a file", param_hint="--out")
+    try:
+        tempfile.TemporaryDirectory(dir=there, prefix=".tokens-check-").cleanup()
+    except OSError as error:
+        raise typer.BadParameter(f"cannot make the folder {folder}: {there} takes no new folders ({error.strerror})",
+                                 param_hint="--out") from None
 
 
 def prepare_output(out: Path):
-    """Make --out's folder now, so that a bad path fails before scoring rather than after it."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise typer.BadParameter(f"cannot make the folder of {out}: {error}", param_hint="--out") from None
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+    """Make the folder of --out's file now, so that a bad path fails before scoring rather than after it."""
+    check_can_make(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not os.access(out, os.W_OK):
         raise typer.BadParameter(f"{out} cannot be written (permission denied)", param_hint="--out")
 
 
