@@ -251,10 +251,9 @@ class ZarrHandle:
         try:
             self.root = zarr.open_group(path, mode="r" if mode == "r" else "r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
-            raise StoreError(
-                f"{path} is a directory but not a zarr store ({error}); a new store needs a path "
-                "that does not exist yet, or an empty directory"
-            ) from error
+            advice = ("give the folder of a store made by `tokens extract`, the one that holds its zarr.json" if mode == "r"
+                      else "a new store needs a path that does not exist yet, or an empty directory")
+            raise StoreError(f"{path} is a directory but not a zarr store ({error}); {advice}") from error
         except (ValueError, TypeError, KeyError) as error:  # zarr.json is not JSON, or not zarr's metadata
             raise damaged_metadata(path, error) from error
         if mode != "r":

@@ -518,6 +518,15 @@ def test_sweep_file_mistakes_name_the_file_and_key(store, tmp_path, text, messag
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("given", [["--heads", "ep"], ["--option", "ep.num_queries=2"]])
+def test_heads_or_options_beside_a_sweep_file_are_refused_naming_the_option_given(store, tmp_path, given):
+    path = tmp_path / "sweep.toml"
+    path.write_text("[heads.ep]\n")
+    result = invoke("probe", store, "--sweep", path, *given, "--device", "cpu", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and f"Invalid value for {given[0]}: {given[0]} with --sweep" in said(result), said(result)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("splits,failed,why", [
     ({"train": 6, "valid": 8, "test": 8}, range(1, 6), "train has 1 usable item;"),
     ({"train": 2, "test": 8}, (), "train has 1 usable item after 1 held out for validation;"),

@@ -587,8 +587,9 @@ def test_a_path_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
     for path, problem in [(not_hdf5, f"{not_hdf5} is not a store"), (full_dir, f"{full_dir} is a directory but not a zarr store"),
                           (foreign, f"{foreign} is not a tokens store")]:
         before = snapshot(path)
-        with pytest.raises(StoreError, match=re.escape(problem)):
+        with pytest.raises(StoreError, match=re.escape(problem)) as reading:
             open_store(path)
+        assert "a new store needs" not in str(reading.value)  # extract's advice, not a reader's
         for fmt in (None, "zarr", "hdf5"):
             with pytest.raises(StoreError, match=re.escape(str(path))):
                 create_or_open(path, make_spec(), fmt)

@@ -106,7 +106,9 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: boo
     refused (an optimizer without a default rate)."""
     if sweep_file is not None:
         if heads is not None or option:
-            raise SweepError("give heads and their options in the --sweep file or on the command line, not both", "--heads")
+            given = "--heads" if heads is not None else "--option"
+            raise SweepError(f"{given} with --sweep: give heads and their options in the --sweep file or on the command "
+                             "line, not both", given)
         spec = sweeps.read_sweep_file(sweep_file)
         where = "--sweep"
     else:
