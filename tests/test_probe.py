@@ -742,10 +742,15 @@ def test_on_a_tie_the_run_and_its_report_select_the_same_configuration(store, tm
     assert selected == [report_module.group_id(best)] == ["linear/lr=0.003/wd=0.0001/layer=6"]
 
 
-def test_runs_that_differ_only_in_training_are_both_reported(store, tmp_path):
-    for optimizer in ("adamw", "sgd"):
-        ok("probe", store, "--heads", "linear", "--lr", "0.01", "--optimizer", optimizer, *FAST, "--out", tmp_path / optimizer)
+def test_runs_that_differ_only_in_training_are_both_reported(store, tmp_path, monkeypatch):
+    """In report.png too, one panel each, titled by what their training does not share."""
+    for optimizer, epochs in (("adamw", "4"), ("sgd", "3")):
+        ok("probe", store, "--heads", "linear", "--lr", "0.01", "--optimizer", optimizer, *FAST, "--epochs", epochs,
+           "--out", tmp_path / optimizer)
+    figures, plot = [], report_module.plot_params_vs_metric
+    monkeypatch.setattr(report_module, "plot_params_vs_metric", lambda *a, **k: figures.append(plot(*a, **k)))
     result = ok("report", tmp_path / "adamw", tmp_path / "sgd", "--out", tmp_path / "r")
+    assert sorted(ax.get_title() for ax in figures[-1].axes if ax.get_visible()) == ["adamw, epochs=4", "sgd, epochs=3"]
     summary = read_csv(tmp_path / "r" / "report.csv")
     assert sorted(row["training"].split("/")[0] for row in summary) == ["adamw", "sgd"]
     assert sum(row["selected"] == "1" for row in summary) == 1 and "appears in" not in result.output

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import re
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     `panel_of(row)` names the panel a row goes in (the store and training setup of a merged report),
     so that points of two encoders are never read as one another's; panels share the y axis."""
     from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
+    from matplotlib.ticker import LogFormatter
 
     panel_of = panel_of or (lambda row: None)
     panels = list(dict.fromkeys(map(panel_of, rows))) or [None]
@@ -129,11 +131,14 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
             ax.scatter([r["params"] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
                        edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
         ax.set_xscale("log")
+        # 300 rather than 3×10²: the labels of a decade's minor ticks fit side by side in a panel
+        ax.xaxis.set_major_formatter(LogFormatter())
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         ax.set_xlabel("trainable parameters")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
         if panel is not None:
-            ax.set_title(panel, fontsize="medium")
+            ax.set_title(textwrap.fill(panel, 45 if columns > 1 else 80), fontsize="medium")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[0].set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
@@ -415,8 +420,13 @@ def write_report(runs: list[Path], out: Path) -> str:
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
 
-    def panel_of(row: dict) -> str | None:  # a store, and a training setup, per panel where there are several
-        parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([row["training"]] if len(trainings) > 1 else [])
+    # A store, and a training setup, per panel where there are several; of the setup, a panel's title
+    # shows what not all of them share (epochs=3 against epochs=12), not the whole line.
+    shared = set.intersection(*(set(training.split("/")) for training in trainings))
+    setup = {training: ", ".join(field for field in training.split("/") if field not in shared) for training in trainings}
+
+    def panel_of(row: dict) -> str | None:
+        parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([setup[row["training"]]] if len(trainings) > 1 else [])
         return ", ".join(parts) or None
 
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd",
