@@ -970,3 +970,23 @@ def test_a_run_that_stopped_before_any_result_may_be_started_again_otherwise(sto
     shutil.rmtree(out / "best")
     shutil.rmtree(out / "heads")
     ok("probe", store, "--heads", "linear", *FAST, "--batch-size", "8", "--out", out)
+
+
+def test_two_copies_of_a_part_save_their_checkpoints_side_by_side(tmp_path):
+    """A part resubmitted while its old task still runs: both save after every epoch, into one folder.
+    Neither may fail on the other's temporary file, and what is left is a whole checkpoint."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "checkpoint.pt"
+    weights = torch.nn.Linear(256, 256)
+    probe = recipe.Probe(config=None, head=weights, build={}, optimizer=torch.optim.AdamW(weights.parameters()),
+                         rng=torch.get_rng_state(), val_metrics={})
+
+    def save(copy):
+        for epoch in range(30):
+            recipe.save_checkpoint(path, {"copy": copy}, epoch, [probe])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(save, range(2)))
+    assert torch.load(path, weights_only=True)["epoch"] == 29
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,9 +145,14 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
             for p in probes
         ],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # A name of its own: a part resubmitted while its old task still runs saves beside it.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
