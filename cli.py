@@ -62,7 +62,7 @@ def slurm(
     _check_forwarded(verb, ctx.args, submit, array)
     text = sbatch_script(
         verb, ctx.args, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
-        partition=partition, python=sys.executable,
+        partition=partition, python=sys.executable, workdir=Path.cwd(),
     )
     path = script or Path(f"tokens-{verb}.sbatch")
     path.write_text(text)
@@ -84,19 +84,24 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         params = command.make_context(f"tokens {verb}", list(args)).params
     except typer.TyperException as error:  # a usage error: unknown option, bad value, missing argument
         raise typer.BadParameter(f"tokens {verb} would refuse them: {error.format_message()}", param_hint="ARGS") from None
-    if verb == "probe":  # what can be checked before the store exists: heads, their options, rates, --data
+    if verb == "probe":  # what can be checked before the store exists: heads, their options, rates, --data, --out
         try:
             train_commands.check_probe_args(optimizer=params["optimizer"].value, **{key: params[key] for key in (
                 "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "data")})
+            train_commands.check_out_folder(params["out"], "the parts' results")
+            train_commands.check_whole_or_parts(params["out"], array)
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
-    if verb == "extract":
-        from tokens.extract.run import ExtractionError, check_options
+    if verb == "extract":  # the options, then the backbone as each task will load it: name, options, checkpoint, layers
+        from tokens.extract.run import ExtractionError, check_options, load_backbone
 
         try:
             check_options(params["store"], part=(1, array), **{key: params[key] for key in (
                 "fmt", "dtype", "precision", "codec", "batch_size", "num_workers", "shard_size")})
-        except (ExtractionError, StoreError) as error:
+            load_backbone(params["backbone"], params["checkpoint"], params["allow_pickle"],
+                          extract_commands.parse_backbone_options(params["backbone_option"]), params["final_norm"],
+                          extract_commands.parse_layers(params["layers"]))
+        except (ExtractionError, StoreError, ValueError, FileNotFoundError) as error:
             raise typer.BadParameter(f"tokens extract would refuse them: {error}", param_hint="ARGS") from None
     needed = params["store"] if verb == "probe" else params["dataset"]
     if not needed.exists():

@@ -2,7 +2,8 @@
 
 A job is split into N parts numbered 1..N. The part comes from `--shard I/N` / `--part I/N`, or
 from the environment: a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or torchrun
-(RANK, WORLD_SIZE). No coordinator of our own: each part owns whole shards or configurations.
+(RANK, WORLD_SIZE); torchrun inside a part splits that part among its ranks. No coordinator of our
+own: each part owns whole shards or configurations.
 """
 
 from __future__ import annotations
@@ -14,7 +15,24 @@ from pathlib import Path
 
 
 def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
-    """`"2/4"` -> (2, 4); None -> the scheduler's task, or (1, 1) when run by hand."""
+    """`"2/4"` -> (2, 4); None -> the SLURM array's task, or (1, 1) when run by hand. Under torchrun
+    (RANK, WORLD_SIZE) each rank takes its own share of that part: rank r of W in part I of N does
+    part (I-1)·W + r + 1 of N·W, so that the ranks never do the same work twice."""
+    index, count = _part(option, environ)
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world = _whole(environ, "RANK"), _whole(environ, "WORLD_SIZE")
+        index, count = (index - 1) * world + rank + 1, count * world
+    return index, count
+
+
+def _whole(environ, name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ValueError(f"the environment's {name}={environ[name]!r} is not a whole number") from None
+
+
+def _part(option: str | None, environ) -> tuple[int, int]:
     if option:
         try:
             index, count = (int(x) for x in option.split("/"))
@@ -26,16 +44,14 @@ def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
             raise ValueError(f"{option!r}: I must be between 1 and N")
         return index, count
     if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        index, count = int(environ["SLURM_ARRAY_TASK_ID"]) - first + 1, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        first = _whole(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
+        index, count = _whole(environ, "SLURM_ARRAY_TASK_ID") - first + 1, _whole(environ, "SLURM_ARRAY_TASK_COUNT")
         if not 1 <= index <= count:  # a stepped or listed array: parts would overlap and leave shards unowned
             raise ValueError(
                 f"SLURM_ARRAY_TASK_ID {environ['SLURM_ARRAY_TASK_ID']} is not within the {count} tasks counted from "
                 f"{first}: submit a contiguous array (--array=1-N, as `tokens slurm` writes), or give the part as I/N"
             )
         return index, count
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return int(environ["RANK"]) + 1, int(environ["WORLD_SIZE"])
     return 1, 1
 
 
@@ -106,15 +122,20 @@ def sbatch_script(
     mem: str | None = None,
     time: str | None = None,
     partition: str | None = None,
+    workdir: Path,
     logs: Path = Path("slurm-logs"),
     python: str | None = None,
 ) -> str:
-    """An sbatch script that runs `tokens VERB ARGS` as an N-task job array, one part per task."""
+    """An sbatch script that runs `tokens VERB ARGS` as an N-task job array, one part per task.
+
+    The tasks run in `workdir` (absolute), where ARGS's relative paths and `logs` were meant, from
+    wherever the script is submitted; sbatch reads the directive's shell quoting."""
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
         f"#SBATCH --array=1-{array}",
         f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --chdir={shlex.quote(str(workdir))}",
         f"#SBATCH --output={logs}/%x-%A_%a.out",
     ]
     if gpus:
@@ -125,7 +146,9 @@ def sbatch_script(
         lines.append(f"#SBATCH --time={time}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
-    command = [python, "-m", "tokens"] if python else ["tokens"]
+    # -P: the working directory is not put first on the import path, where a folder named tokens/
+    # (of token stores, say) would shadow the package.
+    command = [python, "-P", "-m", "tokens"] if python else ["tokens"]
     # The part count is written out rather than read from SLURM_ARRAY_TASK_COUNT: resubmitting one
     # task (`sbatch --array=2 SCRIPT`) gives it a count of 1, and it would then do the whole job.
     part = {"extract": "--shard", "probe": "--part"}[verb]

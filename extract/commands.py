@@ -11,7 +11,7 @@ from tokens.cluster import resolve_part
 from tokens.extract.manifest import ManifestError
 
 
-def _layers(text: str | None) -> list[int] | str | None:
+def parse_layers(text: str | None) -> list[int] | str | None:
     if text is None:
         return None
     if text.strip() == "all":
@@ -25,7 +25,7 @@ def _layers(text: str | None) -> list[int] | str | None:
     return layers
 
 
-def _options(pairs: list[str]) -> dict:
+def parse_backbone_options(pairs: list[str]) -> dict:
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -83,7 +83,7 @@ def extract(
     try:
         result = run_extract(
             dataset, store, backbone=backbone, checkpoint=checkpoint, allow_pickle=allow_pickle,
-            backbone_options=_options(backbone_option), layers=_layers(layers), final_norm=final_norm,
+            backbone_options=parse_backbone_options(backbone_option), layers=parse_layers(layers), final_norm=final_norm,
             fmt=fmt, dtype=dtype, codec=codec, shard_size=shard_size, precision=precision, batch_size=batch_size,
             device=device, num_workers=num_workers, part=part, strict=strict, dry_run=dry_run, progress=not quiet,
             log=typer.echo,

@@ -85,6 +85,16 @@ class Plan:
         return total
 
 
+def load_backbone(backbone: str, checkpoint: str | None, allow_pickle: bool, backbone_options: dict | None,
+                  final_norm: bool, layers: list[int] | str | None) -> tuple[Backbone, list[int]]:
+    """The backbone with its checkpoint loaded and checked, and the blocks to cache; `tokens slurm`
+    loads it too, so that a bad name, option, checkpoint or layer fails before the array is queued."""
+    if "final_norm" in (backbone_options or {}):
+        raise ExtractionError("--backbone-option final_norm: use --final-norm (final_norm=True in Python)")
+    model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
+    return model, resolve_layers(layers, model.depth)
+
+
 def resolve_layers(layers: list[int] | str | None, depth: int) -> list[int]:
     """Block indices as given (negative counts from the end), "all", or by default the last block."""
     if layers == "all":
@@ -602,10 +612,7 @@ def extract(
         target = pick_device(device)
     except ValueError as error:
         raise ExtractionError(f"--device {error}") from None
-    if "final_norm" in (backbone_options or {}):
-        raise ExtractionError("--backbone-option final_norm: use --final-norm (final_norm=True in Python)")
-    model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
-    layers = resolve_layers(layers, model.depth)
+    model, layers = load_backbone(backbone, checkpoint, allow_pickle, backbone_options, final_norm, layers)
     forward = Forward(model, target, layers, dtype, precision, batch_size, slots=IN_FLIGHT + 1)
     warm_up = WarmUp(forward) if target.type == "cuda" and not dry_run else None
     store = batches = None

@@ -24,7 +24,7 @@ from tokens.cache import open_store
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds, for any one command or job
 SR = 16000
-TOKENS = [sys.executable, "-m", "tokens"]  # what the generated sbatch scripts run too
+TOKENS = [sys.executable, "-P", "-m", "tokens"]  # what the generated sbatch scripts run too
 # Variables that would make a process pick a part by itself: the single-process references and the
 # submissions must not inherit them from a pytest that itself runs under SLURM or torchrun.
 PART_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT",
@@ -92,7 +92,7 @@ def make_dataset(root: Path) -> Path:
 
 
 def logs(cwd: Path, job: str = "") -> str:
-    found = sorted((cwd / "slurm-logs").glob(f"*{job}*.out"))
+    found = sorted((cwd / "slurm-logs").glob(f"*{job}*.out" if job else "*.out"))
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in found) or "(no slurm-logs)"
 
 
@@ -164,8 +164,12 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
         sh([*TOKENS, "slurm", "extract", *extract_args, "--store", "slurm.zarr", "--array", "3", "--gpus", "0",
             "--cpus", "1", "--script", "extract.sbatch"], tmp_path)
         script = (tmp_path / "extract.sbatch").read_text()
-        assert "#SBATCH --array=1-3" in script and f"{sys.executable} -m tokens extract" in script, script
-        jobs.append(sh(["sbatch", "--parsable", "extract.sbatch"], tmp_path).strip().split(";")[0])
+        assert "#SBATCH --array=1-3" in script and f"{sys.executable} -P -m tokens extract" in script, script
+        # Submitted from another folder, which the script's relative paths and logs must not follow,
+        # beside a folder named tokens/ (of stores, say), which must not shadow the package.
+        (tmp_path / "tokens").mkdir()
+        (tmp_path / "elsewhere").mkdir()
+        jobs.append(sh(["sbatch", "--parsable", tmp_path / "extract.sbatch"], tmp_path / "elsewhere").strip().split(";")[0])
         wait_for(jobs[-1], tmp_path)  # polls every 0.5 s; `sbatch --wait` polls at 2, 10, 42 s, ...
 
         info = json.loads(sh([*TOKENS, "info", "slurm.zarr", "--json"], tmp_path))
@@ -229,11 +233,16 @@ def refused_at_submission(*args) -> str:
     (["probe", "run.zarr", "--out", "r", "--heads", "ep,bogus", "--array", "2"], "unknown head 'bogus'"),
     (["extract", "data.csv", "--array", "2"], "tokens extract would refuse them: Missing option '--store'"),
     (["probe", "missing.zarr", "--out", "r", "--array", "2", "--submit"], "missing.zarr does not exist"),
+    (["probe", "run.zarr", "--out", "whole", "--array", "2"], "whole holds a whole sweep: its parts go to another --out"),
+    (["probe", "run.zarr", "--out", "thirds", "--array", "2"], "thirds holds parts of a sweep split another way"),
 ])
 def test_arguments_every_task_would_refuse_write_no_script(tmp_path, monkeypatch, args, message):
     """A mistake fails when the script is written, not in each task of the array once it leaves the queue."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.zarr").mkdir()
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "config.json").write_text("{}")  # a whole sweep's run folder
+    (tmp_path / "thirds" / "part-1-of-3").mkdir(parents=True)
     output = refused_at_submission(*args)
     assert message in output, output
 
@@ -281,6 +290,21 @@ def test_a_task_outside_a_contiguous_array_is_refused():
         resolve_part(None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_MIN": "1"})
 
 
+def test_torchrun_inside_a_part_splits_the_part_among_its_ranks():
+    """Every (task, rank) pair gets a part of its own, and together they are all the parts: before,
+    the ranks of an array task each did the task's whole part."""
+    from tokens.cluster import resolve_part
+
+    array = {"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    got = [resolve_part(option, {**array, "SLURM_ARRAY_TASK_ID": str(task), "RANK": str(rank), "WORLD_SIZE": "2"})
+           for option in (None, "") for task in (1, 2, 3) for rank in (0, 1)]
+    assert got[:6] == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)] and got[6:] == got[:6]
+    assert [resolve_part("2/3", {"RANK": str(rank), "WORLD_SIZE": "2"}) for rank in (0, 1)] == [(3, 6), (4, 6)]
+    assert resolve_part(None, {"RANK": "1", "WORLD_SIZE": "4"}) == (2, 4)  # torchrun alone, as before
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID='abc' is not a whole number"):
+        resolve_part(None, {**array, "SLURM_ARRAY_TASK_ID": "abc"})
+
+
 def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
     """HDF5 has no concurrent writers; with its file locking off (common on Lustre and NFS) they corrupt the file."""
     from tokens.extract.run import ExtractionError, extract
@@ -300,6 +324,10 @@ def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
     (["--precision", "fp16"], "precision 'fp16'"),
     (["--format", "parquet"], "--format 'parquet'"),
     (["--codec", "lzf"], "codec 'lzf' is not available for zarr stores"),
+    (["-b", "bogus"], "unknown backbone 'bogus'"),
+    (["--layers", "99"], "--layers: 99 is not a block of this backbone"),
+    (["-o", "foo=1"], "takes the options"),
+    (["-b", "audiomae", "-c", "missing.pth"], "missing.pth: no such checkpoint file"),
 ])
 def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_path, monkeypatch, args, message):
     """The same rules as `tokens extract` applies, before a job array waits hours in the queue to fail in every task."""
