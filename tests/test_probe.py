@@ -260,8 +260,10 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     ok("probe", store, *SWEEP, *FAST, "--part", "1/2", "--out", parts)
     assert len(read_csv(parts / "part-1-of-2" / "leaderboard.csv")) == 3
     assert "part 2 of 2 not finished" in said(ok("report", parts, "--out", tmp_path / "half"))
+    assert (tmp_path / "half" / "report.md").read_text().startswith(f"## Selected by validation\n\n**Unfinished:** {parts}: part 2 of 2")
     ok("probe", store, *SWEEP, *FAST, "--part", "2/2", "--out", parts)
     ok("report", parts, "--out", tmp_path / "from_parts")
+    assert "Unfinished" not in (tmp_path / "from_parts" / "report.md").read_text()
     result = ok("report", run, "--out", tmp_path / "from_run")
     assert read_csv(tmp_path / "from_parts" / "leaderboard.csv") == read_csv(run / "leaderboard.csv")
     assert read_csv(tmp_path / "from_parts" / "report.csv") == read_csv(tmp_path / "from_run" / "report.csv")

@@ -394,9 +394,9 @@ def write_report(runs: list[Path], out: Path) -> str:
     if not paths:
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
     rows, notes = merge(paths)
-    for run in runs:
-        unfinished = missing_parts(run) or ([] if found[run] else [f"{run}: no leaderboard.csv yet (not finished); the report leaves it out"])
-        notes += unfinished
+    unfinished = [note for run in runs for note in missing_parts(run) or
+                  ([] if found[run] else [f"{run}: no leaderboard.csv yet (not finished); the report leaves it out"])]
+    notes += unfinished
     metric = primary_of(rows)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +417,8 @@ def write_report(runs: list[Path], out: Path) -> str:
                      + ["params", "seeds"] + metrics)
     why = (f"One configuration per head{' and store' if len(labels) > 1 else ''}: the best mean validation {metric}. "
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
+    if unfinished:  # in the file too: a report read later must not pass for the finished sweep's
+        why = f"**Unfinished:** {'; '.join(unfinished)}. The selection may change once they finish.\n\n{why}"
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
 
