@@ -4,8 +4,9 @@ import csv
 import dataclasses
 import functools
 import json
-import shutil
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,8 +267,16 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     assert "Unfinished" not in (tmp_path / "from_parts" / "report.md").read_text()
     result = ok("report", run, "--out", tmp_path / "from_run")
     assert read_csv(tmp_path / "from_parts" / "leaderboard.csv") == read_csv(run / "leaderboard.csv")
-    assert read_csv(tmp_path / "from_parts" / "report.csv") == read_csv(tmp_path / "from_run" / "report.csv")
-    summary = read_csv(tmp_path / "from_run" / "report.csv")
+    from_parts, summary = read_csv(tmp_path / "from_parts" / "report.csv"), read_csv(tmp_path / "from_run" / "report.csv")
+    saved = {row["head"]: (row.pop("saved_head"), other.pop("saved_head")) for row, other in zip(from_parts, summary)}
+    assert from_parts == summary
+    # The file of each selected configuration's best seed: the run's best/HEAD.pt, or the part's that holds the same head.
+    for head, (in_parts, in_run) in saved.items():
+        assert in_run == str(run / "best" / f"{head}.pt") and in_parts.startswith(str(parts / "part-")), saved
+        assert torch.load(in_parts, weights_only=True)["config"] == torch.load(in_run, weights_only=True)["config"]
+    Path(saved["ep"][0]).unlink()  # a part whose own best ep is another configuration: the report says so
+    lines = ok("report", parts, "--out", tmp_path / "unsaved").output
+    assert re.search(r"ep: ep\[num_queries=4\]/lr=0.001/wd=0.0001/layer=6/seed=\d was not saved", lines), lines
     assert len(summary) == 3 and all(row["seeds"] == "2" for row in summary)
     assert "ep[num_queries=4]/lr=0.001/wd=0.0001/layer=6" in {row["config"] for row in summary}
     assert "±" in (tmp_path / "from_run" / "report.md").read_text() and "±" in result.output

@@ -367,6 +367,45 @@ def check_parts_agree(run: Path):
                              f"comparable; rerun it with the same arguments as the other parts")
 
 
+def saved_heads(leaderboards: list[Path]) -> dict[tuple, Path]:
+    """(store key, configuration with its seed, training) -> the file of each head saved in the
+    best/ folder beside a leaderboard: a run's, or each part's, which holds the best of its own
+    configurations only."""
+    from tokens.extract.checkpoints import CheckpointError, load_tensors  # torch: only when there are heads
+
+    found = {}
+    for board in leaderboards:
+        files = sorted((board.parent / "best").glob("*.pt"))
+        training = read_leaderboard(board)[0]["training"] if files else None
+        for path in files:
+            try:
+                saved = load_tensors(path)
+            except (CheckpointError, OSError):  # not a head of ours: nothing to point at
+                continue
+            if isinstance(saved, dict) and {"store_key", "config"} <= set(saved):
+                found.setdefault((saved["store_key"], saved["config"], training), path)
+    return found
+
+
+def point_at_saved_heads(summary: list[dict], rows: list[dict], files: dict[tuple, Path]) -> list[str]:
+    """Set each selected configuration's `saved_head`: the file holding its best seed by validation,
+    as a run's best/HEAD.pt holds it, or "" where no run or part saved it; lines that say which."""
+    ranking = ranked(rows, primary_of(rows))
+    lines = []
+    for row in summary:
+        row["saved_head"] = ""
+        if not row["selected"]:
+            continue
+        best = next(r for r in ranking if _group(r) == (row["store_key"], row["config"], row["training"]))
+        if path := files.get((best["store_key"], best["config"], best["training"])):
+            row["saved_head"] = str(path)
+            lines.append(f"{row['head']}: {path} ({best['config']})")
+        else:
+            lines.append(f"{row['head']}: {best['config']} was not saved (each part of a split sweep saves the best of its "
+                         "own configurations): train it alone, with the values its name gives")
+    return lines
+
+
 class OutputError(Exception):
     """The report's folder cannot be made, or is a run's; the message names it."""
 
@@ -405,8 +444,10 @@ def write_report(runs: list[Path], out: Path) -> str:
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
     mark_selected(summary)
+    heads_to_use = point_at_saved_heads(summary, rows, saved_heads(paths))
     metrics = metric_columns(rows)
-    columns = ["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["store_key", "training"]
+    columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
+               + ["store_key", "training", "saved_head"])
     write_csv(out / "report.csv", summary, columns)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
     shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "training": r["training"],
@@ -419,8 +460,9 @@ def write_report(runs: list[Path], out: Path) -> str:
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     if unfinished:  # in the file too: a report read later must not pass for the finished sweep's
         why = f"**Unfinished:** {'; '.join(unfinished)}. The selection may change once they finish.\n\n{why}"
+    saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use)
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
-                                   f"## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
+                                   f"{saved}\n\n## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
 
     # A store, and a training setup, per panel where there are several; of the setup, a panel's title
     # shows what not all of them share (epochs=3 against epochs=12), not the whole line.
@@ -437,4 +479,5 @@ def write_report(runs: list[Path], out: Path) -> str:
     lines.append(table(shown, shown_columns))
     if len(chosen) < len(shown):
         lines += ["", f"selected by validation {metric}, one per head{' and store' if len(labels) > 1 else ''}:", table(chosen, shown_columns)]
+    lines += ["", "saved weights of each one's best seed:"] + [f"  {line}" for line in heads_to_use]
     return "\n".join(lines)
