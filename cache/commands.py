@@ -134,7 +134,7 @@ def verify(
     """Check completeness, shapes, dtypes and NaN/Inf; name damaged shards. Exit 0 only if sound."""
     try:
         with open_store(store, mode="a" if unmark_damaged else "r") as opened:
-            report = verify_store(opened)
+            report, dtype = verify_store(opened), opened.meta["dtype"]
             if unmark_damaged:
                 for split, shard in report.damaged:
                     opened.split(split).mark_incomplete(shard)
@@ -158,6 +158,7 @@ def verify(
             typer.echo(f"to write the {count} ({shards}) again: tokens verify {shlex.quote(str(store))} "
                        "--unmark-damaged, then rerun the extraction that made the store", err=True)
         if report.nonfinite:
-            typer.echo("NaN or Inf that the model itself gives come back when written again: store --dtype bfloat16 "
-                       "or float32 tokens, whose range float16's overflow does not limit", err=True)
+            cure = ("store --dtype bfloat16 or float32 tokens, whose range float16's overflow does not limit" if dtype == "float16"
+                    else f"in {dtype} tokens, they are the model's own: try --precision fp32, or check the checkpoint")
+            typer.echo(f"NaN or Inf that the model itself gives come back when written again: {cure}", err=True)
     raise typer.Exit(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -296,6 +297,7 @@ class TokenStore:
                 f"{SCHEMA_VERSION}; this store was written by another version of tokens"
             )
         self.splits = {name: Split(self, name, n) for name, n in self.meta["splits"].items()}
+        self.closed = False
 
     def __enter__(self):
         return self
@@ -304,7 +306,11 @@ class TokenStore:
         self.close()
 
     def close(self):
+        """Close the files, and the raw readers' descriptors and threads; reads after it are refused."""
+        for split in self.splits.values():
+            split.close_readers()
         self._handle.close()
+        self.closed = True
 
     def split(self, name: str) -> "Split":
         if name not in self.splits:
@@ -318,10 +324,14 @@ class TokenStore:
     def resolve_layer(self, layer: int) -> int:
         """A cached layer as stored; a negative one counts the cached layers from the end (-1: the
         last). Any other is refused, naming the cached layers."""
-        if layer in self.layers:
-            return int(layer)
-        if isinstance(layer, int) and -len(self.layers) <= layer < 0:
-            return self.layers[layer]
+        try:
+            index = None if isinstance(layer, (bool, np.bool_)) else operator.index(layer)  # numpy's integers too
+        except TypeError:
+            index = None
+        if index in self.layers:
+            return index
+        if index is not None and -len(self.layers) <= index < 0:
+            return self.layers[index]
         raise StoreError(
             f"{self.path}: layer {layer!r} is not cached in this store; it caches layers "
             f"{', '.join(map(str, self.layers))} (or -1 for the last)"
@@ -387,6 +397,18 @@ def differences(where: str, old, new) -> list[tuple[str, object, object]]:
     return [entry for k in keys for entry in differences(f"{where}.{k}", old.get(k), new.get(k))]
 
 
+def ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' so a long list of missing shards stays readable."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
 def labels_outside(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Which items (bool per row) hold labels no writer stores: other than 0/1 in multi-hot rows
     (N, C), or class indices outside 0..C-1 (N,). A damaged labels file shows this way."""
@@ -416,6 +438,13 @@ class Split:
         self.dtype = meta["dtype"]
         self.masked = bool(meta["masked"])
         self._raw = {}
+        self._complete = None  # completion marks as last read: shards only become complete while a store is read
+
+    def close_readers(self):
+        for raw in self._raw.values():
+            if raw is not None:
+                raw.close()
+        self._raw.clear()
 
     def __len__(self):
         return self.num_items
@@ -528,12 +557,33 @@ class Split:
         return self._h.read_rows(self.name, "mask", indices)
 
     def _indices(self, indices) -> np.ndarray:
-        indices = np.asarray(indices, dtype=np.int64)
+        """Item indices as int64, from a list, an integer array, a slice or a boolean mask over the
+        split; refused when out of range, or in a shard not written yet (which would read as zeros)."""
+        if self.store.closed:
+            raise StoreError(f"{self.store.path} is closed")
+        if isinstance(indices, slice):
+            indices = np.arange(self.num_items)[indices]
+        indices = np.asarray(indices)
         if indices.ndim != 1:
-            raise TypeError(f"{self.name}: give item indices as a list or 1-D array (e.g. [3] for item 3), "
+            raise TypeError(f"{self.name}: give item indices as a list, a 1-D array or a slice (e.g. [3] for item 3), "
                             f"not an array of shape {indices.shape}")
+        if indices.dtype == np.bool_:
+            if len(indices) != self.num_items:
+                raise IndexError(f"{self.name}: a boolean selection needs one value per item ({self.num_items}), not {len(indices)}")
+            indices = np.flatnonzero(indices)
+        elif indices.size and not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"{self.name}: item indices must be integers, not {indices.dtype} ({indices[0]!r}, ...)")
+        indices = indices.astype(np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_items):
             raise IndexError(f"{self.name}: item index out of range 0..{self.num_items - 1}")
+        shards = indices // self.shard_size
+        if self._complete is None or not self._complete[shards].all():
+            self._complete = self.complete_mask()
+            if unwritten := np.unique(shards[~self._complete[shards]]).tolist():
+                raise StoreError(f"{self.store.path}: {self.name} items {indices[~self._complete[shards]][:3].tolist()}"
+                                 f"{' ...' if (~self._complete[shards]).sum() > 3 else ''} are in shards not written yet "
+                                 f"(shard{'s' * (len(unwritten) > 1)} {ranges(unwritten)}; {int(self._complete.sum())} of {self.num_shards} complete): "
+                                 "finish the extraction, or read complete_items() only")
         return indices
 
     def _read(self, name: str, indices, item_shape) -> np.ndarray:
@@ -580,8 +630,24 @@ class RawItems:
     def __init__(self, locate, item_bytes: int, threads: int = 4):
         self.locate = locate
         self.item_bytes = item_bytes
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._threads = threads
+        self._pool, self._pool_pid = None, None
         self._fds: dict[str, int] = {}
+
+    def _reading_threads(self) -> ThreadPoolExecutor | None:
+        """This process's pool: one made before a fork (DataLoader workers) names threads that do
+        not exist in the child, and reads handed to it would wait forever."""
+        if self._pool_pid != os.getpid() and self._threads > 1:
+            self._pool, self._pool_pid = ThreadPoolExecutor(self._threads), os.getpid()
+        return self._pool
+
+    def close(self):
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown()
+        self._pool = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -608,7 +674,8 @@ class RawItems:
                     raise StoreError(f"{paths[which[row]]}: short read at byte {offsets[row]} (file damaged?)")
 
         rows = np.lexsort((offsets, which))  # file by file, in offset order: helps readahead
-        if len(rows) < 32 or self._pool is None:
+        pool = self._reading_threads() if len(rows) >= 32 else None
+        if pool is None:
             read(rows)
         else:
-            list(self._pool.map(read, np.array_split(rows, self._pool._max_workers)))
+            list(pool.map(read, np.array_split(rows, self._threads)))

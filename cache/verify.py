@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore, labels_outside
+from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore, labels_outside, ranges
 
 COLUMNS = ("ids", "sources", "durations", "offsets", "errors", "labels")
 
@@ -30,7 +30,7 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
     for split in store.splits.values():
         missing = split.missing_shards()
         if missing:
-            report.problems.append(f"{split.name}: {len(missing)} of {split.num_shards} shards not complete: {_ranges(missing)}")
+            report.problems.append(f"{split.name}: {len(missing)} of {split.num_shards} shards not complete: {ranges(missing)}")
         names = [f"tokens/{layer}" for layer in split.layers]
         names += [f"prefix/{layer}" for layer in split.layers] if split.num_prefix else []
         expected_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
@@ -123,14 +123,3 @@ def _shard_name(store: TokenStore, split, name: str, shard: int) -> str:
     start, stop = split.shard_range(shard)
     return f"{store.path}:{split.name}/{name} items {start}-{stop - 1} (shard {shard})"
 
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' so a long list of missing shards stays readable."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(parts)

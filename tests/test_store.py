@@ -455,21 +455,65 @@ def test_item_indices_must_be_a_list_and_in_range(tmp_path):
     with open_store(path) as store:
         train = store.split("train")
         assert train.read_tokens(0, [3]).shape == (1, T * F, D)
-        with pytest.raises(TypeError, match=r"as a list or 1-D array \(e\.g\. \[3\] for item 3\)"):
+        with pytest.raises(TypeError, match=r"as a list, a 1-D array or a slice \(e\.g\. \[3\] for item 3\)"):
             train.read_tokens(0, 3)
         with pytest.raises(IndexError, match="out of range 0..36"):
             train.read_mask([37])
 
 
-def test_verify_catches_nan_and_a_truncated_hdf5_file(tmp_path):
+@pytest.mark.parametrize("fmt,suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_items_are_read_by_slice_or_boolean_selection_and_layers_by_numpy_integers(tmp_path, fmt, suffix):
+    """A boolean selection is a selection, never the indices 0 and 1; a fraction is not an index."""
     spec = make_spec()
-    path = tmp_path / "s.h5"
-    with create_or_open(path, spec) as store:
-        items = make_items(spec, "train")
-        items["tokens"][0][9, 3, 2] = np.nan
-        write_shards(store, "train", items, range(store.split("train").num_shards))
-    result = CliRunner().invoke(app, ["verify", str(path)])
-    assert result.exit_code == 1 and "items 8-15" in result.output and "NaN" in result.output
+    fill(tmp_path / f"s{suffix}", spec, fmt)
+    items = make_items(spec, "train")
+    with open_store(tmp_path / f"s{suffix}") as store:
+        train = store.split("train")
+        chosen = items["labels"][:, 0] == 1
+        np.testing.assert_array_equal(train.read_tokens(1, chosen), items["tokens"][1][chosen])
+        np.testing.assert_array_equal(train.read_mask(chosen), items["mask"][chosen])
+        np.testing.assert_array_equal(train.read_tokens(np.int64(-1), slice(30, None, 2)), items["tokens"][1][30::2])
+        with pytest.raises(IndexError, match="one value per item"):
+            train.read_tokens(0, [True, False])
+        with pytest.raises(TypeError, match="item indices must be integers, not float64"):
+            train.read_tokens(0, [1.7])
+        with pytest.raises(StoreError, match="layer True is not cached"):
+            train.read_tokens(True, [0])
+
+
+@pytest.mark.parametrize("fmt,suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_items_of_unwritten_shards_and_reads_of_a_closed_store_are_refused(tmp_path, fmt, suffix):
+    """Unwritten shards read as zeros (HDF5) or as missing files (zarr): neither is what the items hold."""
+    spec = make_spec()
+    path = tmp_path / f"s{suffix}"
+    items = make_items(spec, "train")
+    with create_or_open(path, spec, fmt) as store:
+        write_shards(store, "train", items, [0, 2])
+    with open_store(path) as store:
+        train = store.split("train")
+        np.testing.assert_array_equal(train.read_tokens(0, [1, 17]), items["tokens"][0][[1, 17]])
+        for read in (lambda: train.read_tokens(0, [2, 9, 10]), lambda: train.read_mask([8]), lambda: train.read_prefix(1, [12])):
+            with pytest.raises(StoreError, match=r"train items \[(9, 10|8|12)\] are in shards not written yet \(shard 1; 2 of 5 complete\)"):
+                read()
+        with pytest.raises(StoreError, match=r"items \[9, 25, 26\] ... are in shards not written yet \(shards 1, 3-4; 2 of 5"):
+            train.read_tokens(0, [9, 25, 26, 33])
+        assert train.read_tokens(0, np.flatnonzero(train.complete_items())).shape[0] == 16
+    with pytest.raises(StoreError, match="is closed"):
+        train.read_tokens(0, [1])
+
+
+def test_verify_catches_nan_and_a_truncated_hdf5_file(tmp_path):
+    """And advises what fits the store's dtype: float16 overflows, bfloat16's NaN are the model's own."""
+    for dtype, cure in (("bfloat16", "try --precision fp32"), ("float16", "store --dtype bfloat16 or float32")):
+        spec = make_spec(dtype=dtype)
+        path = tmp_path / f"{dtype}.h5"
+        with create_or_open(path, spec) as store:
+            items = make_items(spec, "train")
+            items["tokens"][0][9, 3, 2] = 0x7FC0 if dtype == "bfloat16" else np.nan  # bfloat16's NaN bits
+            write_shards(store, "train", items, range(store.split("train").num_shards))
+        result = CliRunner().invoke(app, ["verify", str(path)])
+        assert result.exit_code == 1 and "items 8-15" in result.output and "NaN" in result.output
+        assert cure in " ".join(result.output.split()), result.output
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 3)
     result = CliRunner().invoke(app, ["verify", str(path)])
@@ -698,3 +742,44 @@ def test_the_filesystem_of_a_path_is_that_of_its_deepest_mount():
 def test_the_default_shard_holds_128_mib_per_layer_and_384_mib_in_all(layers, grid, dim, expected):
     spec = make_spec(layers=layers, grid=grid, dim=dim, shard_size=0)
     assert spec.shard_size == expected
+
+
+def _read_in_a_forked_child(split, indices, answer):
+    answer.put(split.read_tokens(0, indices).sum(dtype=np.float64))
+
+
+@pytest.mark.parametrize("fmt,suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_a_store_read_before_a_fork_reads_in_the_child(tmp_path, fmt, suffix):
+    """DataLoader workers fork after the parent has read (a sanity check, a first batch): the parent's
+    reading threads do not exist in the child, and reads handed to them used to wait forever."""
+    import multiprocessing
+
+    spec = make_spec(splits={"train": 96, "test": 8})
+    fill(tmp_path / f"s{suffix}", spec, fmt)
+    everything = np.arange(96)  # 32 items or more: read by the thread pool
+    with open_store(tmp_path / f"s{suffix}") as store:
+        train = store.split("train")
+        expected = train.read_tokens(0, everything).sum(dtype=np.float64)
+        context = multiprocessing.get_context("fork")
+        answer = context.Queue()
+        child = context.Process(target=_read_in_a_forked_child, args=(train, everything, answer))
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("the forked child's read did not finish in 60 s")
+        assert child.exitcode == 0 and answer.get(timeout=5) == expected
+
+
+@pytest.mark.parametrize("fmt,suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_closing_a_store_releases_its_files_and_threads(tmp_path, fmt, suffix):
+    import threading
+
+    fill(tmp_path / f"s{suffix}", make_spec(splits={"train": 96, "test": 8}), fmt)
+    open_files, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    for _ in range(5):
+        with open_store(tmp_path / f"s{suffix}") as store:
+            for name, split in store.splits.items():
+                for layer in split.layers:
+                    split.read_tokens(layer, np.arange(split.num_items))
+    assert (len(os.listdir("/proc/self/fd")), threading.active_count()) == (open_files, threads)
