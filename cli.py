@@ -88,8 +88,7 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         try:
             train_commands.check_probe_args(optimizer=params["optimizer"].value, **{key: params[key] for key in (
                 "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "data")})
-            train_commands.check_out_folder(params["out"], "the parts' results")
-            train_commands.check_whole_or_parts(params["out"], array)
+            train_commands.check_whole_or_parts(params["out"], array)  # what it holds; it may not be made yet
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
     if verb == "extract":  # the options, then the backbone as each task will load it: name, options, checkpoint, layers
@@ -98,9 +97,13 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         try:
             check_options(params["store"], part=(1, array), **{key: params[key] for key in (
                 "fmt", "dtype", "precision", "codec", "batch_size", "num_workers", "shard_size")})
-            load_backbone(params["backbone"], params["checkpoint"], params["allow_pickle"],
-                          extract_commands.parse_backbone_options(params["backbone_option"]), params["final_norm"],
-                          extract_commands.parse_layers(params["layers"]))
+            checkpoint = params["checkpoint"]
+            if checkpoint and not Path(checkpoint).exists() and not submit:  # as the dataset: it may come later
+                typer.echo(f"note: {checkpoint} does not exist yet; the tasks need it when they start", err=True)
+            else:
+                load_backbone(params["backbone"], checkpoint, params["allow_pickle"],
+                              extract_commands.parse_backbone_options(params["backbone_option"]), params["final_norm"],
+                              extract_commands.parse_layers(params["layers"]))
         except (ExtractionError, StoreError, ValueError, FileNotFoundError) as error:
             raise typer.BadParameter(f"tokens extract would refuse them: {error}", param_hint="ARGS") from None
     needed = params["store"] if verb == "probe" else params["dataset"]

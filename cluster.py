@@ -1,9 +1,10 @@
 """Running on the schedulers users have: which part of the work this process does, and sbatch scripts.
 
-A job is split into N parts numbered 1..N. The part comes from `--shard I/N` / `--part I/N`, or
-from the environment: a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or torchrun
-(RANK, WORLD_SIZE); torchrun inside a part splits that part among its ranks. No coordinator of our
-own: each part owns whole shards or configurations.
+A job is split into N parts numbered 1..N; part I owns every N-th shard or configuration from the
+I-th. The part comes from `--shard I/N` / `--part I/N`, or from the environment: a SLURM job array
+(SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or torchrun (RANK, WORLD_SIZE), and torchrun inside an array
+task splits the task's part among its ranks. No coordinator of our own: each part owns whole
+shards or configurations.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from pathlib import Path
 
 
 def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
-    """`"2/4"` -> (2, 4); None -> the SLURM array's task, or (1, 1) when run by hand. Under torchrun
-    (RANK, WORLD_SIZE) each rank takes its own share of that part: rank r of W in part I of N does
-    part (I-1)·W + r + 1 of N·W, so that the ranks never do the same work twice."""
-    index, count = _part(option, environ)
+    """`"2/4"` -> (2, 4), as given; None -> the SLURM array's task, or torchrun's rank, or (1, 1)
+    when run by hand. Under torchrun inside an array task, rank r of W in task I of N does part
+    I + N·r of N·W: every N-th of those is part I's, so the ranks share the task's part, never
+    another task's (a task resubmitted without torchrun overlaps only itself)."""
+    if option:
+        return _part(option, environ)
+    index, count = _part(None, environ)
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world = _whole(environ, "RANK"), _whole(environ, "WORLD_SIZE")
-        index, count = (index - 1) * world + rank + 1, count * world
+        index, count = index + count * rank, count * world
     return index, count
 
 

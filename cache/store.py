@@ -438,7 +438,7 @@ class Split:
         self.dtype = meta["dtype"]
         self.masked = bool(meta["masked"])
         self._raw = {}
-        self._complete = None  # completion marks as last read: shards only become complete while a store is read
+        self._complete = None  # completion marks as last read: another process only adds to them while it is read
 
     def close_readers(self):
         for raw in self._raw.values():
@@ -477,10 +477,12 @@ class Split:
         """Call a complete shard incomplete (one `tokens verify` found damaged): the next extraction
         into the store writes it again."""
         self._h.mark_incomplete(self.name, shard)
+        self._complete = None
 
     def discard_partial_writes(self, shards):
         """Delete what killed writers left half-written of these shards, which are about to be written again."""
         self._h.discard_partial(self.name, set(shards))
+        self._complete = None
 
     def write_shard(
         self,

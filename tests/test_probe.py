@@ -276,7 +276,7 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
         assert torch.load(in_parts, weights_only=True)["config"] == torch.load(in_run, weights_only=True)["config"]
     Path(saved["ep"][0]).unlink()  # a part whose own best ep is another configuration: the report says so
     lines = ok("report", parts, "--out", tmp_path / "unsaved").output
-    assert re.search(r"ep: ep\[num_queries=4\]/lr=0.001/wd=0.0001/layer=6/seed=\d was not saved", lines), lines
+    assert re.search(r"ep: ep\[num_queries=4\]/lr=0.001/wd=0.0001/layer=6/seed=\d is in no best/ folder of these runs", lines), lines
     assert len(summary) == 3 and all(row["seeds"] == "2" for row in summary)
     assert "ep[num_queries=4]/lr=0.001/wd=0.0001/layer=6" in {row["config"] for row in summary}
     assert "±" in (tmp_path / "from_run" / "report.md").read_text() and "±" in result.output
@@ -416,7 +416,7 @@ def test_mistakes_name_the_option_at_fault(store, tmp_path, args, option, monkey
         assert result.exit_code == 2 and option in said(result) and not (tmp_path / "job.sbatch").exists(), result.output
 
 
-def test_missing_and_incomplete_splits_are_refused(tmp_path):
+def test_missing_and_incomplete_splits_are_refused(tmp_path, monkeypatch):
     no_test = make_store(tmp_path / "a.zarr", splits={"train": 40})
     result = invoke("probe", no_test, "--device", "cpu", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "no split 'test'" in said(result)
@@ -436,8 +436,12 @@ def test_missing_and_incomplete_splits_are_refused(tmp_path):
     finished = make_store(tmp_path / "c.zarr", splits={"train": 96, "test": 40}, dataset_fingerprint="b.zarr")
     ok("probe", finished, "--heads", "mean", *FAST[:2], "--batch-size", "16", "--device", "cpu", "--out", tmp_path / "z")
     assert read_csv(tmp_path / "z" / "leaderboard.csv")[0]["store_key"] == row["store_key"]
+    figures, plot = [], report_module.plot_params_vs_metric
+    monkeypatch.setattr(report_module, "plot_params_vs_metric", lambda *a, **k: figures.append(plot(*a, **k)))
     result = ok("report", tmp_path / "y", tmp_path / "z", "--out", tmp_path / "r")
     assert "appears in" not in result.output and len(read_csv(tmp_path / "r" / "leaderboard.csv")) == 2
+    titles = sorted(ax.get_title().replace("\n", "") for ax in figures[-1].axes if ax.get_visible())
+    assert titles == sorted(["unfinished=train:2of3", row["training"].removesuffix("/unfinished=train:2of3")]), titles
 
 
 def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
@@ -592,8 +596,8 @@ def test_predict_refuses_a_multi_layer_head_on_other_layers_and_a_split_with_not
        "--out", tmp_path / "s.csv")
     unwritten = make_store(tmp_path / "unwritten.zarr", written=())
     result = invoke("predict", unwritten, "--head", run / "best" / "ep.pt", "--allow-incomplete", "--device", "cpu",
-                    "--out", tmp_path / "t.csv")
-    assert result.exit_code == 2 and "--split" in said(result), said(result)
+                    "--out", tmp_path / "new" / "t.csv")
+    assert result.exit_code == 2 and "--split" in said(result) and not (tmp_path / "new").exists(), said(result)
     assert "has no usable test items (all failed or in unwritten shards)" in said(result), said(result)
 
 

@@ -290,16 +290,20 @@ def test_a_task_outside_a_contiguous_array_is_refused():
         resolve_part(None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_MIN": "1"})
 
 
-def test_torchrun_inside_a_part_splits_the_part_among_its_ranks():
-    """Every (task, rank) pair gets a part of its own, and together they are all the parts: before,
-    the ranks of an array task each did the task's whole part."""
+def test_torchrun_inside_an_array_task_splits_the_tasks_part_among_its_ranks():
+    """The ranks of a task do exactly the task's units between them, each once: before, every rank
+    did the whole part. A part given by hand is taken as given (a wrapper may compute it per rank)."""
     from tokens.cluster import resolve_part
 
-    array = {"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
-    got = [resolve_part(option, {**array, "SLURM_ARRAY_TASK_ID": str(task), "RANK": str(rank), "WORLD_SIZE": "2"})
-           for option in (None, "") for task in (1, 2, 3) for rank in (0, 1)]
-    assert got[:6] == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)] and got[6:] == got[:6]
-    assert [resolve_part("2/3", {"RANK": str(rank), "WORLD_SIZE": "2"}) for rank in (0, 1)] == [(3, 6), (4, 6)]
+    units, tasks, ranks = list(range(20)), 3, 2
+    array = {"SLURM_ARRAY_TASK_COUNT": str(tasks), "SLURM_ARRAY_TASK_MIN": "1"}
+    for task in range(1, tasks + 1):
+        shares = []
+        for rank in range(ranks):
+            index, count = resolve_part(None, {**array, "SLURM_ARRAY_TASK_ID": str(task), "RANK": str(rank), "WORLD_SIZE": str(ranks)})
+            shares += units[index - 1::count]  # how extraction and sweeps take a part
+        assert sorted(shares) == units[task - 1::tasks]
+    assert [resolve_part("2/3", {"RANK": str(rank), "WORLD_SIZE": "2"}) for rank in (0, 1)] == [(2, 3), (2, 3)]
     assert resolve_part(None, {"RANK": "1", "WORLD_SIZE": "4"}) == (2, 4)  # torchrun alone, as before
     with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID='abc' is not a whole number"):
         resolve_part(None, {**array, "SLURM_ARRAY_TASK_ID": "abc"})
@@ -327,7 +331,7 @@ def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
     (["-b", "bogus"], "unknown backbone 'bogus'"),
     (["--layers", "99"], "--layers: 99 is not a block of this backbone"),
     (["-o", "foo=1"], "takes the options"),
-    (["-b", "audiomae", "-c", "missing.pth"], "missing.pth: no such checkpoint file"),
+    (["-b", "audiomae", "-c", "missing.pth", "--submit"], "missing.pth: no such checkpoint file"),
 ])
 def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_path, monkeypatch, args, message):
     """The same rules as `tokens extract` applies, before a job array waits hours in the queue to fail in every task."""
@@ -340,3 +344,7 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     assert "tokens extract would refuse them" in output and message in output, output
     accepted = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--array", "2", "--script", "job.sbatch"])
     assert accepted.exit_code == 0 and (tmp_path / "job.sbatch").exists(), accepted.output
+    # Without --submit, a checkpoint still to come is a note, as a dataset still to come is.
+    later = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "-b", "audiomae", "-c", "later.pth",
+                                     "--array", "2", "--script", "later.sbatch"])
+    assert later.exit_code == 0 and "note: later.pth does not exist yet" in later.output, later.output

@@ -401,14 +401,14 @@ def predict(
         if saved["store_key"] != opened.meta["cache_key"][:16]:
             typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}: another dataset, other "
                        "cached layers, precision or token dtype); scoring anyway")
-        prepare_output(out)
-        module = build_head(**build)
-        module.load_state_dict(saved["state_dict"])
-        module.to(compute)
         the_split = opened.split(split)
         items = usable_items(the_split)
         if not len(items):
             raise typer.BadParameter(f"{store} has no usable {split} items (all failed or in unwritten shards)", param_hint="--split")
+        prepare_output(out)
+        module = build_head(**build)
+        module.load_state_dict(saved["state_dict"])
+        module.to(compute)
         layers = opened.layers if multi else [layer]
         source = Source(the_split, layers, module.uses_cls, "stream", compute)
         (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])

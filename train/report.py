@@ -401,8 +401,8 @@ def point_at_saved_heads(summary: list[dict], rows: list[dict], files: dict[tupl
             row["saved_head"] = str(path)
             lines.append(f"{row['head']}: {path} ({best['config']})")
         else:
-            lines.append(f"{row['head']}: {best['config']} was not saved (each part of a split sweep saves the best of its "
-                         "own configurations): train it alone, with the values its name gives")
+            lines.append(f"{row['head']}: {best['config']} is in no best/ folder of these runs (each run or part saves the best "
+                         "of its own configurations only): train it alone, with the values its name gives")
     return lines
 
 
@@ -467,11 +467,12 @@ def write_report(runs: list[Path], out: Path) -> str:
     # A store, and a training setup, per panel where there are several; of the setup, a panel's title
     # shows what not all of them share (epochs=3 against epochs=12), not the whole line.
     shared = set.intersection(*(set(training.split("/")) for training in trainings))
-    setup = {training: ", ".join(field for field in training.split("/") if field not in shared) for training in trainings}
+    # a setup with nothing of its own (the others add fields to it) is shown whole
+    setup = {training: ", ".join(field for field in training.split("/") if field not in shared) or training for training in trainings}
 
     def panel_of(row: dict) -> str | None:
         parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([setup[row["training"]]] if len(trainings) > 1 else [])
-        return ", ".join(parts) or None
+        return ", ".join(part for part in parts if part) or None
 
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd",
                           chosen=[r for r in summary if r["selected"]], panel_of=panel_of)
