@@ -162,5 +162,7 @@ def backbones():
                    if key not in ("model_name", "final_norm")]  # the name follows timm:, --final-norm is its own flag
         typer.echo(f"{name}{default}\n    {'; '.join(facts + [entry.help])}"
                    + (f"\n    options (-o KEY=VALUE): {', '.join(options)}" if options else ""))
-    typer.echo("\nA checkpoint of another size needs its sizes as options, e.g. -o dim=384 -o depth=12 -o num_heads=6 "
-               "for a ViT-S: the weights show dim and depth (a mismatch is refused) but not num_heads (ViT-S 6, ViT-B 12, ViT-L 16).")
+    sized = [name for name, entry in BACKBONES.items() if "dim" in options_of(entry)]
+    typer.echo(f"\nA checkpoint of another size of {', '.join(sized)} needs its sizes as options, e.g. -o dim=384 -o depth=12 "
+               "-o num_heads=6 for a ViT-S: the weights show dim and depth (a mismatch is refused) but not num_heads (ViT-S 6, "
+               "ViT-B 12, ViT-L 16). A timm model's size comes with its name.")

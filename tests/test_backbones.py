@@ -72,8 +72,10 @@ def test_registry_lists_every_family_and_the_default_is_offline():
         build_backbone("nope")
     with pytest.raises(ValueError, match="audiomae needs a checkpoint"):
         build_backbone("audiomae")
-    with pytest.raises(ValueError, match="crepe-tiny takes the options window_seconds, final_norm; not window"):
+    with pytest.raises(ValueError, match="crepe-tiny takes the options window_seconds; not window"):
         build_backbone("crepe-tiny", window=2.0)
+    with pytest.raises(ValueError, match=r"timm: give the model as timm:<model_name>, not as the option model_name"):
+        build_backbone("timm:vit_tiny_patch16_224", "unused.pth", model_name="deit_tiny_patch16_224")
     with pytest.raises(ValueError, match="audiomae takes the options .*; not model_name"):
         build_backbone("audiomae:vit_base", "audiomae.pth")
 
@@ -523,6 +525,45 @@ def test_an_unknown_timm_model_is_named():
         build_backbone("timm:vit_nosuch", "unused.pth")
     with pytest.raises(ValueError, match=r"timm:vit_tiny_patch16_224.nosuchtag: .*nosuchtag"):
         build_backbone("timm:vit_tiny_patch16_224.nosuchtag", "unused.pth")
+
+
+def test_final_norm_is_refused_for_a_timm_vit_that_normalises_after_pooling():
+    """global_pool='avg' ViTs (vit_base_patch16_rpn_224, EVA) keep an Identity as their norm and
+    normalise the pooled vector (fc_norm): --final-norm would store raw tokens marked as normed."""
+    timm = pytest.importorskip("timm")
+    from tokens.extract.backbones.timm_vit import TimmViT
+
+    pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, global_pool="avg")
+    with pytest.raises(ValueError, match="has no final norm"):
+        TimmViT(pooled, None, final_norm=True, name="timm:pooled")._finish(None)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    TimmViT(plain, None, final_norm=True, name="timm:plain")._finish(None)
+
+
+def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any_layout(tmp_path):
+    """timm's filter would resample the patch kernel and the position embedding without a word (an
+    OpenAI CLIP B/32 given to a B/16 ran as a B/16); a position slot for the class token, as DINOv2's
+    releases keep for registers models, is not another resolution."""
+    pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    cases = [("vit_base_patch16_clip_224.openai", {"visual.conv1.weight": torch.zeros(768, 3, 32, 32)},
+              r"the patch embedding gives patches of \(32, 32\), the configuration expects \(16, 16\)"),
+             ("vit_base_patch16_clip_224.openai", {"visual.positional_embedding": torch.zeros(577, 768)},
+              r"position embedding has 577 positions, not this model's 14x14 patches"),
+             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 50, 192)}, "has 50 positions")]
+    for model_name, state, message in cases:
+        torch.save(state, tmp_path / "c.pth")
+        with pytest.raises(CheckpointError, match=message):
+            build_backbone(f"timm:{model_name}", str(tmp_path / "c.pth"))
+    torch.save({"pos_embed": torch.zeros(1, 1370, 384), "patch_embed.proj.weight": torch.zeros(384, 3, 14, 14),
+                "mask_token": torch.zeros(1, 384), "register_tokens": torch.zeros(1, 4, 384)}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError) as other:  # past the geometry: this file has no blocks
+        build_backbone("timm:vit_small_patch14_reg4_dinov2", str(tmp_path / "c.pth"))
+    assert "position" not in str(other.value) and "patches of" not in str(other.value)
+    torch.save({f"module.{k}": v for k, v in {"blocks.0.norm1.weight": torch.ones(192)}.items()}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match="its weights sit under 'module.'"):
+        build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
 
 
 @pytest.mark.parametrize("model_name, layout", [("deit_tiny_distilled_patch16_224", "model.pth"),

@@ -36,12 +36,15 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
     entry = BACKBONES.get(family)
     if entry is None:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
+    if "model_name" in options:  # it would be overridden by, or stand in for, the name after timm:
+        raise ValueError(f"{family}: give the model as timm:<model_name>, not as the option model_name")
     if model_name:
         options["model_name"] = model_name
     parameters = options_of(entry)
     unknown = sorted(set(options) - set(parameters))
     if unknown:
-        raise ValueError(f"{family} takes the options {', '.join(parameters)}; not {', '.join(unknown)}")
+        takes = [key for key in parameters if key not in ("model_name", "final_norm")]  # the name and --final-norm
+        raise ValueError(f"{family} takes {'the options ' + ', '.join(takes) if takes else 'no options'}; not {', '.join(unknown)}")
     for key, value in options.items():  # the CLI passes what is not a number as text
         default = parameters[key].default
         if isinstance(default, (int, float)) and not isinstance(default, bool):  # sizes and lengths

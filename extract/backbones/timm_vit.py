@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights
+from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
 from .base import Backbone, need_checkpoint, register
 
 
@@ -20,7 +20,8 @@ class TimmViT(Backbone):
         self.name, self.model, self.transform, self.final_norm = name, model, transform, final_norm
         self.dim, self.depth, self.num_prefix = model.embed_dim, len(model.blocks), model.num_prefix_tokens
         self.grid = tuple(model.patch_embed.grid_size)  # (rows, columns) of patches
-        self.norm = model.norm
+        # Pooling ViTs (global_pool='avg') normalise after pooling (fc_norm): their tokens have no final norm
+        self.norm = None if isinstance(model.norm, torch.nn.Identity) else model.norm
 
     def preprocess(self, item):
         return self.transform(item.convert("RGB")), torch.ones(self.num_tokens, dtype=torch.bool)
@@ -63,9 +64,14 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     for wrapper in ("model", "state_dict"):  # MAE and DeiT release {'model': ...}, others {'state_dict': ...}
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    if "pos_embed" in state:  # timm would resample it silently; a different grid means a different model
-        expect(path, "'pos_embed'", "shape", tuple(model.pos_embed.shape), tuple(state["pos_embed"].shape))
-    state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
+    check_geometry(path, state, model)
+    try:
+        state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: timm cannot convert it into {model_name}'s weights ({error})") from None
+    if not count_indexed(state, "blocks.") and (prefix := _wrapping_prefix(state)):
+        raise CheckpointError(f"{path}: its weights sit under {prefix!r} (a training wrapper's keys); save the "
+                              f"state dict of the model inside, with the keys that follow {prefix!r}")
     expect(path, "'blocks.N.*'", "depth", len(model.blocks), count_indexed(state, "blocks."))
     load_weights(model, state, path)
     data = resolve_data_config(model=model)
@@ -75,3 +81,32 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
     )
     return backbone
+
+
+# Where the checkpoint layouts timm converts keep the patch kernel and the position embedding.
+PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight", "conv1.weight")
+POSITIONS = ("pos_embed", "visual.positional_embedding", "positional_embedding")
+
+
+def check_geometry(path, state: dict, model):
+    """Refuse a checkpoint of another patch size or resolution, in any layout: timm's filter would
+    resample its patch kernel and position embedding to this model's without a word, and the tokens
+    would come from another model. A position embedding may hold a slot for each prefix token (DINOv2
+    keeps the class token's, which timm drops) or none."""
+    kernel = next((state[key] for key in PATCH_KERNELS if key in state), None)
+    if kernel is not None:
+        expect(path, "the patch embedding", "patches of", tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(kernel.shape[-2:]))
+    positions = next((state[key] for key in POSITIONS if key in state), None)
+    if positions is not None:
+        slots, patches = positions.shape[-2], model.patch_embed.num_patches
+        if slots - patches not in {0, 1, model.num_prefix_tokens}:
+            rows, columns = model.patch_embed.grid_size
+            raise CheckpointError(f"{path}: its position embedding has {slots} positions, not this model's {rows}x{columns} "
+                                  f"patches (and {model.num_prefix_tokens} prefix tokens): a checkpoint of another resolution; "
+                                  "give the timm model of that resolution")
+
+
+def _wrapping_prefix(state: dict) -> str | None:
+    """'module.' (DDP) or 'teacher.backbone.' (DINOv2 training): the part before 'blocks.' of the keys."""
+    found = {key.split("blocks.")[0] for key in state if ".blocks." in f".{key}"}
+    return next(iter(found)) if len(found) == 1 else None
