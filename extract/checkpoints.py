@@ -135,17 +135,19 @@ def count_indexed(state: dict, prefix: str) -> int:
     return len({m.group(1) for key in state if (m := pattern.match(key))})
 
 
-def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path, unused: tuple[str, ...] = ()) -> None:
     """Load every weight the module needs, checking shapes; keys it does not need (decoders, EMA
-    teachers, classifier heads: parts of training we do not run) are ignored.
+    teachers, classifier heads: parts of training we do not run) are ignored. `unused`: prefixes of
+    the module's own weights that never touch the cached tokens, which a checkpoint may lack (a
+    fine-tuned MAE has fc_norm instead of norm); the module keeps its own values there.
 
     The checkpoint's tensors become the module's (in its dtype), so a module built on the meta
     device, without paying for a random initialisation, comes out whole."""
-    own = module.state_dict()
+    own = {key: tensor for key, tensor in module.state_dict().items() if key in state or not key.startswith(unused)}
     missing = [key for key in own if key not in state]
     if missing:
         shown = ", ".join(repr(k) for k in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise CheckpointError(f"{path}: missing weights {shown}; is this a checkpoint of the right model?")
     for key, tensor in own.items():
         expect(path, f"key {key!r}", "shape", tuple(tensor.shape), tuple(state[key].shape))
-    module.load_state_dict({key: state[key].to(tensor.dtype) for key, tensor in own.items()}, assign=True)
+    module.load_state_dict({key: state[key].to(tensor.dtype) for key, tensor in own.items()}, assign=True, strict=not unused)

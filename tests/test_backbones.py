@@ -540,6 +540,25 @@ def test_final_norm_is_refused_for_a_timm_vit_that_normalises_after_pooling():
     TimmViT(plain, None, final_norm=True, name="timm:plain")._finish(None)
 
 
+def test_a_timm_checkpoint_without_the_final_norm_loads_unless_the_norm_is_asked_for(tmp_path):
+    """A fine-tuned MAE release has fc_norm, not norm: the block outputs need neither."""
+    timm = pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    torch.manual_seed(5)
+    vit = jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0))
+    state = {k: v for k, v in vit.state_dict().items() if not k.startswith("norm.")}
+    torch.save({"model": state | {"fc_norm.weight": torch.ones(192), "fc_norm.bias": torch.zeros(192)}}, tmp_path / "ft.pth")
+    backbone = build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "ft.pth"))
+    inputs = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        ours = backbone(inputs, [-1])[-1][0]
+        reference = vit.forward_intermediates(inputs, indices=[11], output_fmt="NLC", intermediates_only=True)[0]
+    torch.testing.assert_close(ours, reference)
+    with pytest.raises(CheckpointError, match="missing weights 'norm.weight', 'norm.bias'"):
+        build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "ft.pth"), final_norm=True)
+
+
 def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any_layout(tmp_path):
     """timm's filter would resample the patch kernel and the position embedding without a word (an
     OpenAI CLIP B/32 given to a B/16 ran as a B/16); a position slot for the class token, as DINOv2's

@@ -73,7 +73,8 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
         raise CheckpointError(f"{path}: its weights sit under {prefix!r} (a training wrapper's keys); save the "
                               f"state dict of the model inside, with the keys that follow {prefix!r}")
     expect(path, "'blocks.N.*'", "depth", len(model.blocks), count_indexed(state, "blocks."))
-    load_weights(model, state, path)
+    # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
+    load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)))
     data = resolve_data_config(model=model)
     backbone = TimmViT(model, create_transform(**data), final_norm=final_norm, name=name)
     backbone._finish(
