@@ -580,6 +580,9 @@ def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any
     with pytest.raises(CheckpointError) as other:  # past the geometry: this file has no blocks
         build_backbone("timm:vit_small_patch14_reg4_dinov2", str(tmp_path / "c.pth"))
     assert "position" not in str(other.value) and "patches of" not in str(other.value)
+    torch.save({"pos_embed": torch.zeros(1, 1370, 384)}, tmp_path / "c.pth")  # a class slot, but not DINOv2's layout
+    with pytest.raises(CheckpointError, match="timm cannot convert it into vit_small_patch14_reg4_dinov2's weights"):
+        build_backbone("timm:vit_small_patch14_reg4_dinov2", str(tmp_path / "c.pth"))
     torch.save({f"module.{k}": v for k, v in {"blocks.0.norm1.weight": torch.ones(192)}.items()}, tmp_path / "c.pth")
     with pytest.raises(CheckpointError, match="its weights sit under 'module.'"):
         build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
