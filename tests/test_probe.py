@@ -772,11 +772,12 @@ def test_runs_that_differ_only_in_training_are_both_reported(store, tmp_path, mo
     assert "| training |" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_a_checkpoint_from_before_the_optimizer_could_be_chosen_resumes(store, run, tmp_path):
+def test_a_checkpoint_from_before_the_optimizer_or_the_resolved_loss_resumes(store, run, tmp_path):
     out = tmp_path / "before"
     out.mkdir()
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     del state["plan"]["optimizer"], state["plan"]["schedule"]
+    state["plan"]["loss"] = ""  # as versions before the resolved loss saved the default
     torch.save(state, out / "checkpoint.pt")
     assert "resuming" in ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out).output
     assert leaderboard(out) == leaderboard(run)
