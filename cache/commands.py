@@ -98,9 +98,11 @@ def failed_items(store: TokenStore) -> list[dict]:
         complete = split.complete_items()
         if not complete.any():
             continue
-        columns = zip(split.column("ids"), split.column("sources"), split.column("errors"), complete)
-        found += [{"split": split.name, "id": item_id, "source": source, "reason": reason}
-                  for item_id, source, reason, done in columns if reason and done]
+        errors = split.column("errors")
+        rows = [i for i in np.flatnonzero(complete) if errors[i]]
+        if rows:  # the ids and sources, large string columns, only when something failed
+            ids, sources = split.column("ids"), split.column("sources")
+            found += [{"split": split.name, "id": ids[i], "source": sources[i], "reason": errors[i]} for i in rows]
     return found
 
 

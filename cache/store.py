@@ -461,9 +461,11 @@ class Split:
         """One bool per shard: true once the shard is fully written."""
         return self._h.complete(self.name, self.num_shards)
 
-    def complete_items(self) -> np.ndarray:
-        """One bool per item: true where its shard is complete (the only items whose columns hold values)."""
-        return np.repeat(self.complete_mask(), self.shard_size)[:self.num_items]
+    def complete_items(self, shards_done: np.ndarray | None = None) -> np.ndarray:
+        """One bool per item: true where its shard is complete (the only items whose columns hold values);
+        `shards_done`: the complete_mask() a caller already read, so that both describe one moment."""
+        done = self.complete_mask() if shards_done is None else shards_done
+        return np.repeat(done, self.shard_size)[:self.num_items]
 
     def missing_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.complete_mask())]

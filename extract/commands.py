@@ -148,7 +148,7 @@ def _print_plan(plan, part):
 
 def backbones():
     """List the registered backbones with their grid, dim, depth and checkpoint format."""
-    from tokens.extract.backbones import BACKBONES, DEFAULT_BACKBONE, options_of
+    from tokens.extract.backbones import BACKBONES, DEFAULT_BACKBONE, settable_options
 
     for name, entry in BACKBONES.items():
         config = entry.config
@@ -158,11 +158,10 @@ def backbones():
         if "dim" in config:
             facts.append(f"dim {config['dim']}, {config['depth']} layers")
         default = " (default)" if name == DEFAULT_BACKBONE else ""
-        options = [f"{key}={option.default}" for key, option in options_of(entry).items()
-                   if key not in ("model_name", "final_norm")]  # the name follows timm:, --final-norm is its own flag
+        options = [f"{key}={option.default}" for key, option in settable_options(entry).items()]
         typer.echo(f"{name}{default}\n    {'; '.join(facts + [entry.help])}"
                    + (f"\n    options (-o KEY=VALUE): {', '.join(options)}" if options else ""))
-    sized = [name for name, entry in BACKBONES.items() if "dim" in options_of(entry)]
+    sized = [name for name, entry in BACKBONES.items() if "dim" in settable_options(entry)]
     typer.echo(f"\nA checkpoint of another size of {', '.join(sized)} needs its sizes as options, e.g. -o dim=384 -o depth=12 "
                "-o num_heads=6 for a ViT-S: the weights show dim and depth (a mismatch is refused) but not num_heads (ViT-S 6, "
                "ViT-B 12, ViT-L 16). A timm model's size comes with its name.")

@@ -132,7 +132,7 @@ def read_dataset(
     if window_seconds is not None and window_seconds <= 0:
         raise ValueError(f"window_seconds must be positive, not {window_seconds}")
     source = Path(source).absolute()
-    columns, records, problems, notes = _read(source, store, _suffixes(modality))
+    columns, records, problems, notes = _read(source, store, modality)
     _check_columns(columns, modality, problems, notes)
     root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
@@ -209,10 +209,10 @@ def _suffixes(modality: str) -> frozenset[str]:
     return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN)
 
 
-def _read(source: Path, store: str | Path | None, suffixes: frozenset[str]) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
+def _read(source: Path, store: str | Path | None, modality: str) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
     """Columns, (location, record) pairs, reading problems and notes of any supported source."""
     if source.is_dir():
-        return _read_folders(source, store, suffixes)
+        return _read_folders(source, store, _suffixes(modality))
     if not source.is_file():
         raise ManifestError(source, ["no such file or folder"])
     if source.suffix.lower() == ".csv":

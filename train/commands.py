@@ -391,9 +391,9 @@ def predict(
         if not multi and layer not in opened.layers:
             raise typer.BadParameter(f"{head} reads layer {layer}, which {store} does not cache ({opened.layers})", param_hint="--head")
         made = saved.get("tokens", {})  # heads saved before it was recorded: only the store key tells
-        differ = [entry for name in made for entry in differences(name, made[name], opened.meta.get(name))]
-        if any(name == "final_norm" for name, _, _ in differ):  # also an option in backbone_config: said once
-            differ = [entry for entry in differ if entry[0] != "backbone_config.final_norm"]
+        # backbone_config repeats fields recorded on their own (final_norm, the checkpoint hash): each said once
+        differ = [entry for name in made for entry in differences(name, made[name], opened.meta.get(name))
+                  if entry[0].partition("backbone_config.")[2] not in made]
         if differ:
             shown = ", ".join(f"{name} {short(there)} there, {short(here)} here" for name, there, here in differ[:3])
             raise typer.BadParameter(f"{head} was trained on tokens made another way ({shown}): its scores on {store} "

@@ -42,9 +42,10 @@ class Batch:
         return self._stacked
 
 
-def usable_items(split: Split) -> np.ndarray:
-    """Items in complete shards whose extraction did not fail, sorted: the only items ever used."""
-    complete = split.complete_items()
+def usable_items(split: Split, shards_done: np.ndarray | None = None) -> np.ndarray:
+    """Items in complete shards whose extraction did not fail, sorted: the only items ever used
+    (`shards_done`: see Split.complete_items)."""
+    complete = split.complete_items(shards_done)
     if not complete.any():
         return np.zeros(0, dtype=np.int64)
     failed = np.fromiter((bool(e) for e in split.column("errors")), bool, split.num_items)

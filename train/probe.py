@@ -264,12 +264,14 @@ def run(
     task, classes = store.task, store.classes
     metric = primary_metric(task)
 
-    # Plan: which items train and validate, and which layers every batch must carry.
+    # Plan: which items train and validate, and which layers every batch must carry. The shards
+    # written are read once: with --allow-incomplete an extraction may be adding to them meanwhile.
+    done = {name: store.split(name).complete_mask() for name in ("train", "valid", "test") if name in store.splits}
     train_split = store.split("train")
-    train_items = usable_items(train_split)
+    train_items = usable_items(train_split, done["train"])
     held_out = ""
     if "valid" in store.splits:
-        valid_split, valid_items = store.split("valid"), usable_items(store.split("valid"))
+        valid_split, valid_items = store.split("valid"), usable_items(store.split("valid"), done["valid"])
         validation = f"valid split ({len(valid_items)} items)"
     else:
         valid_split = train_split
@@ -278,7 +280,7 @@ def run(
                       f"data seed {data_seed}) held out")
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
-    test_items = usable_items(test_split)
+    test_items = usable_items(test_split, done["test"])
     # read once, and checked before any training rather than at the test
     labels = {split.name: check_labels(split, split.column("labels"))
               for split in dict.fromkeys((train_split, valid_split, test_split))}
@@ -290,8 +292,7 @@ def run(
             raise SweepError(f"{store.path}: no usable {name} items (all failed or in unwritten shards)", "STORE")
     # With --allow-incomplete: the figures are of the shards written so far, and not comparable with
     # a finished store's; a resume must find the same shards.
-    unfinished = {split.name: [split.num_shards - len(split.missing_shards()), split.num_shards]
-                  for split in dict.fromkeys((train_split, valid_split, test_split)) if not split.is_complete}
+    unfinished = {name: [int(shards.sum()), len(shards)] for name, shards in done.items() if not shards.all()}
     if unfinished:
         tqdm.write(f"warning: unfinished store, only the shards written so far are used "
                    f"({', '.join(f'{name} {w} of {n} shards' for name, (w, n) in unfinished.items())}): the figures will "
@@ -403,7 +404,7 @@ def run(
     selected = report.selected_rows(rows)
     for head, row in selected.items():
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
-        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta, store.layers)
+        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
 
     report.write_run(out, rows, records, metric, list(selected.values()))
     diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]
@@ -420,11 +421,11 @@ def run(
 TOKEN_FIELDS = ("backbone", "backbone_config", "checkpoint_sha256", "frontend", "final_norm")
 
 
-def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict, store_layers: list[int]):
+def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict):
     """A head's weights with what `tokens predict` needs to rebuild and feed it (weights_only-loadable):
     `layers`, the layers it reads, in order (a multi-layer head reads all the store's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    layers = list(store_layers) if HEADS[probe.config.head].multi_layer else [probe.config.layer]
+    layers = list(store_meta["layers"]) if HEADS[probe.config.head].multi_layer else [probe.config.layer]
     torch.save({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "layers": layers, "task": task,
                 "classes": list(classes), "store_key": row["store_key"], "state_dict": _state(probe.head),
                 "tokens": {name: store_meta.get(name) for name in TOKEN_FIELDS},

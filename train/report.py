@@ -196,13 +196,18 @@ def find_leaderboards(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     found = [path / "leaderboard.csv"] if (path / "leaderboard.csv").exists() else []
-    return found + sorted(p for p in path.glob("part-*-of-*/leaderboard.csv") if PART.fullmatch(p.parent.name))
+    return found + [part / "leaderboard.csv" for part in part_folders(path) if (part / "leaderboard.csv").exists()]
+
+
+def part_folders(run: Path) -> list[Path]:
+    """The RUN/part-I-of-N/ folders of a split sweep, sorted."""
+    return sorted(p for p in Path(run).glob("part-*-of-*") if PART.fullmatch(p.name))
 
 
 def missing_parts(run: Path) -> list[str]:
     """Notes on parts of a split sweep (RUN/part-I-of-N/) that have no leaderboard yet."""
     notes = []
-    for count in {int(m[2]) for p in Path(run).glob("part-*-of-*") if (m := PART.fullmatch(p.name))}:
+    for count in {int(PART.fullmatch(p.name)[2]) for p in part_folders(run)}:
         missing = [i for i in range(1, count + 1) if not (Path(run) / f"part-{i}-of-{count}" / "leaderboard.csv").exists()]
         if missing:
             notes.append(f"{run}: part {', '.join(map(str, missing))} of {count} not finished; the report lacks its configurations")
@@ -259,8 +264,9 @@ def store_labels(paths: list[Path], keys: list[str]) -> dict[str, str]:
     return labels
 
 
-def merge(paths: list[Path]) -> tuple[list[dict], list[str]]:
-    """All rows of all leaderboards, one per (store, configuration, training); notes on what was dropped."""
+def merge(paths: list[Path]) -> tuple[list[dict], list[str], dict[tuple, Path]]:
+    """All rows of all leaderboards, one per (store, configuration, training); notes on what was
+    dropped; and the leaderboard each row was kept from."""
     rows, notes, seen, columns = [], [], {}, None
     for path in paths:
         for row in read_leaderboard(path):
@@ -275,7 +281,7 @@ def merge(paths: list[Path]) -> tuple[list[dict], list[str]]:
                                  "a report cannot mix multi-label and multi-class runs")
             seen[key] = path
             rows.append(row)
-    return rows, notes
+    return rows, notes, seen
 
 
 def group_id(config: str) -> str:
@@ -318,17 +324,22 @@ def mark_selected(summary: list[dict]):
         seen.add(key)
 
 
+def best_seeds(summary: list[dict], rows: list[dict]) -> dict[tuple, dict]:
+    """Of each configuration the summary marks selected, keyed as _group, the seed that did best on validation."""
+    chosen = {(r["store_key"], r["config"], r["training"]) for r in summary if r["selected"]}
+    best = {}
+    for row in ranked(rows, primary_of(rows)):
+        if _group(row) in chosen:
+            best.setdefault(_group(row), row)
+    return best
+
+
 def selected_rows(rows: list[dict]) -> dict[str, dict]:
     """For each head, of the configuration a report selects (mark_selected: the best mean validation
     over its seeds), the seed that did best on validation: the head a run saves as best/HEAD.pt."""
     summary = summarize(rows)
     mark_selected(summary)
-    chosen = {(r["store_key"], r["config"], r["training"]) for r in summary if r["selected"]}
-    best = {}
-    for row in ranked(rows, primary_of(rows)):
-        if _group(row) in chosen:
-            best.setdefault(row["head"], row)
-    return best
+    return {row["head"]: row for row in best_seeds(summary, rows).values()}
 
 
 def _with_sd(row: dict, column: str) -> str:
@@ -367,37 +378,32 @@ def check_parts_agree(run: Path):
                              f"comparable; rerun it with the same arguments as the other parts")
 
 
-def saved_heads(leaderboards: list[Path]) -> dict[tuple, Path]:
-    """(store key, configuration with its seed, training) -> the file of each head saved in the
-    best/ folder beside a leaderboard: a run's, or each part's, which holds the best of its own
-    configurations only."""
+def saved_head(leaderboard: Path, row: dict) -> Path | None:
+    """The file beside `leaderboard` that holds `row`'s weights: its run's (or part's) best/HEAD.pt,
+    if that is the best of this configuration rather than of another of the run's."""
     from tokens.extract.checkpoints import CheckpointError, load_tensors  # torch: only when there are heads
 
-    found = {}
-    for board in leaderboards:
-        files = sorted((board.parent / "best").glob("*.pt"))
-        training = read_leaderboard(board)[0]["training"] if files else None
-        for path in files:
-            try:
-                saved = load_tensors(path)
-            except (CheckpointError, OSError):  # not a head of ours: nothing to point at
-                continue
-            if isinstance(saved, dict) and {"store_key", "config"} <= set(saved):
-                found.setdefault((saved["store_key"], saved["config"], training), path)
-    return found
+    path = leaderboard.parent / "best" / f"{row['head']}.pt"
+    try:
+        saved = load_tensors(path)
+    except (CheckpointError, OSError):  # none, or not a head of ours
+        return None
+    ours = isinstance(saved, dict) and (saved.get("store_key"), saved.get("config")) == (row["store_key"], row["config"])
+    return path if ours else None
 
 
-def point_at_saved_heads(summary: list[dict], rows: list[dict], files: dict[tuple, Path]) -> list[str]:
+def point_at_saved_heads(summary: list[dict], rows: list[dict], origins: dict[tuple, Path]) -> list[str]:
     """Set each selected configuration's `saved_head`: the file holding its best seed by validation,
-    as a run's best/HEAD.pt holds it, or "" where no run or part saved it; lines that say which."""
-    ranking = ranked(rows, primary_of(rows))
+    as a run's best/HEAD.pt holds it, or "" where no run or part saved it; lines that say which.
+    `origins`: the leaderboard each row came from (merge)."""
+    best_of = best_seeds(summary, rows)
     lines = []
     for row in summary:
         row["saved_head"] = ""
         if not row["selected"]:
             continue
-        best = next(r for r in ranking if _group(r) == (row["store_key"], row["config"], row["training"]))
-        if path := files.get((best["store_key"], best["config"], best["training"])):
+        best = best_of[(row["store_key"], row["config"], row["training"])]
+        if path := saved_head(origins[(best["store_key"], best["config"], best["training"])], best):
             row["saved_head"] = str(path)
             lines.append(f"{row['head']}: {path} ({best['config']})")
         else:
@@ -412,7 +418,7 @@ class OutputError(Exception):
 
 def check_report_folder(runs: list[Path], out: Path):
     """A report's leaderboard.csv would replace a run's own, which its heads/ and best/ match."""
-    if (out / "config.json").exists() or any(PART.fullmatch(p.name) for p in out.glob("part-*-of-*")):
+    if (out / "config.json").exists() or part_folders(out):
         raise OutputError(f"{out} is a probe run: the report would replace its leaderboard.csv; give the report a folder of its own")
     for run in runs:
         folder = Path(run) if Path(run).is_dir() else Path(run).parent
@@ -432,7 +438,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     paths = [p for run in runs for p in found[run]]
     if not paths:
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
-    rows, notes = merge(paths)
+    rows, notes, origins = merge(paths)
     unfinished = [note for run in runs for note in missing_parts(run) or
                   ([] if found[run] else [f"{run}: no leaderboard.csv yet (not finished); the report leaves it out"])]
     notes += unfinished
@@ -444,7 +450,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
     mark_selected(summary)
-    heads_to_use = point_at_saved_heads(summary, rows, saved_heads(paths))
+    heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
     columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
                + ["store_key", "training", "saved_head"])

@@ -24,6 +24,11 @@ def options_of(entry: Entry) -> dict[str, inspect.Parameter]:
             if p.kind is p.KEYWORD_ONLY and p.name != "allow_pickle"}
 
 
+def settable_options(entry: Entry) -> dict[str, inspect.Parameter]:
+    """The options given as -o KEY=VALUE: a timm model's name follows `timm:`, and the final norm is --final-norm."""
+    return {name: p for name, p in options_of(entry).items() if name not in ("model_name", "final_norm")}
+
+
 def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bool = False, **options) -> Backbone:
     """Build a registered backbone in eval mode with frozen weights.
 
@@ -43,7 +48,7 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
     parameters = options_of(entry)
     unknown = sorted(set(options) - set(parameters))
     if unknown:
-        takes = [key for key in parameters if key not in ("model_name", "final_norm")]  # the name and --final-norm
+        takes = list(settable_options(entry))
         raise ValueError(f"{family} takes {'the options ' + ', '.join(takes) if takes else 'no options'}; not {', '.join(unknown)}")
     for key, value in options.items():  # the CLI passes what is not a number as text
         default = parameters[key].default
