@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -77,6 +78,8 @@ class Forward:
         Such an operation cannot be captured, and a capture that fails on one reports a later error
         instead of it and keeps the memory it had taken (torch 2.11), so it is looked for first.
         """
+        # torch warns that this mode is a prototype, on every run: the user has nothing to act on
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype", category=UserWarning)
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:

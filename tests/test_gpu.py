@@ -240,3 +240,17 @@ def test_an_fp32_forward_is_ieee_float32_whatever_the_process_set():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_the_command_on_a_gpu_prints_no_warning_of_torch_s(dataset, tmp_path):
+    """Looking for operations that cannot be captured turns on torch's sync debug mode, which warns
+    that it is a prototype: nothing a user can act on, so it must not reach the command's output."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tokens", "extract", str(dataset / "manifest.csv"), "--store", str(tmp_path / "s.zarr"),
+               "--backbone", "audiomae", "--checkpoint", str(dataset / "audiomae.pth"), "--device", "cuda", "--quiet",
+               "--batch-size", "3", "--num-workers", "2"] + [arg for key, value in SMALL.items() for arg in ("-o", f"{key}={value}")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr
