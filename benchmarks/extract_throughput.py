@@ -136,7 +136,7 @@ def front_end_loader(manifest: Path, checkpoint: Path, batch: int, workers: int 
                 codec=None, shard_size=0, part=(1, 1))
     listed = work.dataset.splits["train"]
     items = [("train", i, listed[i % len(listed)]) for i in range(clips)]
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(backbone) if workers is None else workers
     return torch.utils.data.DataLoader(ItemSource(backbone, items), batch_size=batch, num_workers=workers,
                                        collate_fn=collate, pin_memory=True, prefetch_factor=4)
 

@@ -246,13 +246,12 @@ IN_FLIGHT = 2  # batches launched ahead of the one landing: a late batch from th
 MAX_WORKERS = 32  # beyond this decoding outruns any disk, and each worker holds batches in memory
 
 
-def default_workers() -> int:
+def default_workers(backbone: Backbone) -> int:
     """DataLoader workers: the cores this process may use (its affinity: SLURM's --cpus-per-task),
-    shared among the torchrun ranks of the node, less one for the main process.
-
-    Decoding (about 1 ms per 10 s wav clip on one core; images take longer) needs several cores to keep up with a GPU."""
+    shared among the torchrun ranks of the node, less one for the main process; no more than the
+    backbone needs when its workers only decode (more took from the disk's writes)."""
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(MAX_WORKERS, cores - 1))
+    return max(1, min(backbone.enough_workers or MAX_WORKERS, cores - 1))
 
 
 WORKER_NICENESS = 10
@@ -645,7 +644,7 @@ def extract(
 
         if warm_up is None:
             forward.place()  # on a GPU, WarmUp does it
-        workers = default_workers() if num_workers is None else num_workers
+        workers = default_workers(model) if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
             ItemSource(model, items), batch_sampler=loader_batches(len(items), batch_size, workers), num_workers=workers, collate_fn=collate,
             pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,

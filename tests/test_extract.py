@@ -229,6 +229,22 @@ def test_the_decoding_workers_run_at_a_lower_priority_than_the_run(dataset, tmp_
     assert set(workers.values()) == {os.getpriority(os.PRIO_PROCESS, 0) + run_module.WORKER_NICENESS}
 
 
+@pytest.mark.parametrize("backbone, cores, ranks, workers", [
+    ("audiomae", 32, 1, 8), ("eat", 32, 1, 8), ("beats", 32, 1, 8), ("crepe", 32, 1, 8),  # only decoding: 8 are enough
+    ("audiomae", 6, 1, 5), ("audiomae", 32, 8, 3),  # fewer cores, or cores shared among torchrun ranks
+    ("ast", 32, 1, 31), ("timm", 32, 1, 31), ("timm", 64, 1, 32),  # fbank or image transforms on the CPU: every core
+])
+def test_decoding_workers_default_to_the_cores_unless_the_backbone_needs_fewer(backbone, cores, ranks, workers, monkeypatch):
+    import tokens.extract.run as run_module
+    from tokens.extract.backbones import ast, audiomae, beats, crepe, eat, timm_vit
+
+    classes = {"audiomae": audiomae.AudioMAE, "eat": eat.EAT, "beats": beats.BEATs, "crepe": crepe.Crepe,
+               "ast": ast.AST, "timm": timm_vit.TimmViT}
+    monkeypatch.setattr(run_module, "usable_cores", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert run_module.default_workers(classes[backbone]) == workers
+
+
 def test_the_store_records_the_forward_passs_precision_and_a_store_from_before_still_resumes(dataset, tmp_path):
     """bf16 asked for on a CPU runs (and is recorded) in fp32. A store made before the precision was
     recorded resumes: nothing says how it was made, so nothing is refused."""

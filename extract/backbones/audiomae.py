@@ -8,7 +8,7 @@ from torch import nn
 
 from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights
 from ..frontends import AUDIOMAE_FBANK, FbankFeatures, time_patch_mask
-from .base import Backbone, need_checkpoint, register
+from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
 
 PATCH = 16
@@ -20,6 +20,7 @@ class AudioMAE(Backbone):
     window_seconds = 10.0
     num_prefix = 1
     frontend = AUDIOMAE_FBANK
+    enough_workers = DECODING_WORKERS
 
     def __init__(self, dim: int = 768, depth: int = 12, num_heads: int = 12, *, has_norm: bool = True,
                  final_norm: bool = False, name: str = "audiomae"):

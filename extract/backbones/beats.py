@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
 from ..frontends import BEATS_FBANK, FbankFeatures, time_patch_mask
-from .base import Backbone, need_checkpoint, register
+from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 
 # BEATsConfig's defaults; a checkpoint's 'cfg' overrides them.
 DEFAULTS = dict(
@@ -152,6 +152,7 @@ class BEATs(Backbone):
     sample_rate = 16000
     window_seconds = 10.0
     frontend = BEATS_FBANK
+    enough_workers = DECODING_WORKERS
 
     def __init__(self, cfg: dict = RELEASED, *, name: str = "beats"):
         super().__init__()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import load_checkpoint, load_weights
 from ..frontends import CrepeFrames, time_patch_mask
-from .base import Backbone, register
+from .base import DECODING_WORKERS, Backbone, register
 
 FIRST_LAYER_BLOCK = 4  # layer 0 is the output of conv block 4
 TOKENS_PER_FRAME = 4
@@ -33,6 +33,7 @@ class Crepe(Backbone):
     sample_rate = 16000
     depth = 3
     frontend = CrepeFrames()
+    enough_workers = DECODING_WORKERS
 
     def __init__(self, capacity: str = "tiny", *, window_seconds: float = 1.0, name: str = "crepe-tiny"):
         import torchcrepe

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
 from ..frontends import EAT_FBANK, FbankFeatures, time_patch_mask
-from .base import Backbone, need_checkpoint, register
+from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
 
 PATCH = 16
@@ -33,6 +33,7 @@ class EAT(Backbone):
     window_seconds = 10.0
     num_prefix = 1  # the class token, fairseq's one "extra token"
     frontend = EAT_FBANK
+    enough_workers = DECODING_WORKERS
 
     def __init__(self, dim: int = 768, depth: int = 12, num_heads: int = 12, *, name: str = "eat"):
         super().__init__()
