@@ -60,7 +60,7 @@ def extract(
     precision: str = typer.Option("bf16", "--precision", help="Forward pass on GPU: bf16 (autocast) or fp32. CPU runs are always fp32."),
     batch_size: int = typer.Option(32, "--batch-size", help="Items per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
-    num_workers: int = typer.Option(None, "--num-workers", help="DataLoader workers that decode the audio or images, at a lower priority (default: CPU cores - 1; at most 8 for audio encoders whose fbank runs on the GPU, where more slowed the disk)."),
+    num_workers: int = typer.Option(None, "--num-workers", help="DataLoader workers that decode the audio or images, at a lower priority (default: one per usable core but one, shared among a node's torchrun ranks, at most 32; at most 8 for audio encoders whose fbank runs on the GPU, where more slowed the disk)."),
     shard: str = typer.Option(None, "--shard", help="Do part I of N (I/N, 1-based) of the work; defaults to the SLURM array task or torchrun rank."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad item instead of recording it and going on."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print items, bytes per item and size on disk, then stop."),
