@@ -91,19 +91,26 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
             train_commands.check_whole_or_parts(params["out"], array)  # what it holds; it may not be made yet
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
-    if verb == "extract":  # the options, then the backbone as each task will load it: name, options, checkpoint, layers
-        from tokens.extract.run import ExtractionError, check_options, load_backbone
+    if verb == "extract":  # the options, the backbone as each task will load it, then the dataset it will read
+        from tokens.extract.run import ExtractionError, check_options, load_backbone, plan
 
         try:
-            check_options(params["store"], part=(1, array), **{key: params[key] for key in (
+            fmt = check_options(params["store"], part=(1, array), **{key: params[key] for key in (
                 "fmt", "dtype", "precision", "codec", "batch_size", "num_workers", "shard_size")})
             checkpoint = params["checkpoint"]
             if checkpoint and not Path(checkpoint).exists() and not submit:  # as the dataset: it may come later
                 typer.echo(f"note: {checkpoint} does not exist yet; the tasks need it when they start", err=True)
             else:
-                load_backbone(params["backbone"], checkpoint, params["allow_pickle"],
-                              extract_commands.parse_backbone_options(params["backbone_option"]), params["final_norm"],
-                              extract_commands.parse_layers(params["layers"]))
+                model, layers = load_backbone(params["backbone"], checkpoint, params["allow_pickle"],
+                                              extract_commands.parse_backbone_options(params["backbone_option"]),
+                                              params["final_norm"], extract_commands.parse_layers(params["layers"]))
+                if params["dataset"].exists():
+                    work = plan(params["dataset"], params["store"], model, layers=layers, dtype=params["dtype"], fmt=fmt,
+                                codec=params["codec"], shard_size=params["shard_size"], part=(1, 1))
+                    if array > work.shard_count():
+                        raise typer.BadParameter(
+                            f"{array} tasks for a dataset of {work.shard_count()} shards (of up to {work.spec.shard_size} "
+                            f"items): use --array {work.shard_count()} or fewer", param_hint="--array")
         except (ExtractionError, StoreError, ValueError, FileNotFoundError) as error:
             raise typer.BadParameter(f"tokens extract would refuse them: {error}", param_hint="ARGS") from None
     needed = params["store"] if verb == "probe" else params["dataset"]

@@ -93,7 +93,9 @@ def demo(
     ]
     for step in steps:
         typer.echo(f"\n$ tokens {' '.join(step)}")
-        app(step, standalone_mode=False)
+        code = app(step, standalone_mode=False)  # a step's error or Ctrl-C: its message is out, its code ends the demo
+        if code:
+            raise typer.Exit(code)
     typer.echo(
         f"\nThe events last {EVENT_SECONDS:g} s of each {CLIP_SECONDS:g} s clip: heads that read the token map "
         "(protobin, ep, mhca) find them, pooling the map first (linear, mean) loses them.\n"

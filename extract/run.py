@@ -60,6 +60,10 @@ class Plan:
     units: list[tuple[str, int]]
     complete: int = 0  # of these units, shards an earlier run already wrote (known after check_existing)
 
+    def shard_count(self) -> int:
+        """Shards of the whole dataset, every part's."""
+        return sum(-(-n // self.spec.shard_size) for n in self.spec.splits.values())
+
     def item_bytes(self) -> int:
         s = self.spec
         per_layer = (s.num_tokens + s.num_prefix) * s.dim * np.dtype(STORAGE_DTYPE[s.dtype]).itemsize
@@ -621,6 +625,9 @@ def extract(
         spec = work.spec
         for note in work.dataset.notes:
             log(f"note: {note}")
+        if not work.units:
+            log(f"note: part {part[0]}/{part[1]} has no shard to write: the dataset makes {work.shard_count()} "
+                f"(of up to {spec.shard_size} items); {work.shard_count()} parts or fewer give each part one")
         if dry_run:
             return check_existing(work, store_path)
         summary = Summary(store_path)

@@ -1069,6 +1069,20 @@ def test_a_file_the_command_cannot_write_is_named_without_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_the_demo_stops_at_the_first_step_that_fails_with_its_exit_code(tmp_path):
+    """A failed or interrupted step ends the demo: the next steps would fail on what it left, and a
+    Ctrl-C during training ended with exit code 0 and a pointer to plots never drawn."""
+    from typer.testing import CliRunner
+
+    from tokens.cli import app
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("path,labels,split\n")  # a dataset without a row: extract refuses it
+    result = CliRunner().invoke(app, ["demo", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "$ tokens extract" in result.output and "$ tokens info" not in result.output and "Plots:" not in result.output
+
+
 def test_a_demo_with_other_epochs_trains_into_its_own_run_folder(tmp_path, monkeypatch):
     """Resuming the first demo's run with other epochs is refused, so another --epochs gets its own folder."""
     import tokens.cli

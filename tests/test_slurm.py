@@ -321,6 +321,33 @@ def test_an_hdf5_store_is_not_split_among_tasks(tmp_path, monkeypatch):
         extract(tmp_path / "data.csv", tmp_path / "s.h5", part=(2, 3), dry_run=True)
 
 
+def write_clips(folder: Path, count: int):
+    """`count` half-second clips and data.csv listing them, all in the train split."""
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for i in range(count):
+        sf.write(folder / f"{i}.wav", (0.1 * rng.standard_normal(SR // 2)).astype(np.float32), SR)
+        rows.append(f"{i}.wav,{'ab'[i % 2]},train")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_says_so(tmp_path, monkeypatch):
+    """Tasks beyond the dataset's shards would start, load the backbone and write nothing."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    write_clips(tmp_path, 3)
+    output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--array", "4")
+    assert "4 tasks for a dataset of 3 shards (of up to 1 items): use --array 3 or fewer" in output, output
+    (tmp_path / "empty.csv").write_text("path,label,split\n")
+    output = refused_at_submission("extract", "empty.csv", "--store", "s.zarr", "--array", "2")
+    assert "tokens extract would refuse them: " in output and "no rows: the dataset is empty" in output, output  # the dataset is read at submission
+    by_hand = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--shard", "4/5"])
+    assert by_hand.exit_code == 0, by_hand.output
+    assert "note: part 4/5 has no shard to write: the dataset makes 3 (of up to 1 items)" in by_hand.output, by_hand.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "--batch-size 0: use 1 or more"),
     (["--num-workers", "-1"], "--num-workers -1: use 0 or more"),
@@ -339,10 +366,11 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     from tokens.cli import app
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data.csv").write_text("path,label,split\n")
+    write_clips(tmp_path, 3)
     output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--array", "2", *args)
     assert "tokens extract would refuse them" in output and message in output, output
-    accepted = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--array", "2", "--script", "job.sbatch"])
+    accepted = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--array", "2",
+                                        "--script", "job.sbatch"])
     assert accepted.exit_code == 0 and (tmp_path / "job.sbatch").exists(), accepted.output
     # Without --submit, a checkpoint still to come is a note, as a dataset still to come is.
     later = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "-b", "audiomae", "-c", "later.pth",
