@@ -54,4 +54,6 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
         raise BadAudio("NaN or infinite samples")
     if native != sample_rate:
         mono = torchaudio.functional.resample(torch.from_numpy(mono), native, sample_rate).numpy()
+        if duration is not None:  # both roundings, at the file's rate and at ours, can add a sample past the window
+            mono = mono[:round(duration * sample_rate)]
     return mono

@@ -168,3 +168,13 @@ def test_compressed_formats_round_trip(tmp_path, suffix, format, subtype):
     assert np.sqrt(np.mean(x**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
     if suffix == "flac":
         np.testing.assert_allclose(x, reference(path, 1.0, 1.0, SR), atol=1e-5)
+
+
+@pytest.mark.parametrize("native, window", [(11025, 0.95), (11025, 1.5), (22050, 0.333), (44100, 0.975), (48000, 0.9999)])
+def test_a_resampled_window_never_holds_more_samples_than_the_window(tmp_path, native, window):
+    """Rounded once at the file's rate and once at ours, a window came back a sample too long, and
+    the backbone then refused every such item as longer than its window."""
+    path = tmp_path / "a.wav"
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(3 * native)).astype(np.float32), native)
+    for k in range(int(3 / window)):
+        assert len(load_window(path, k * window, window, SR)) <= round(window * SR), k

@@ -74,6 +74,8 @@ def test_registry_lists_every_family_and_the_default_is_offline():
         build_backbone("audiomae")
     with pytest.raises(ValueError, match="crepe-tiny takes the options window_seconds; not window"):
         build_backbone("crepe-tiny", window=2.0)
+    with pytest.raises(ValueError, match=r"window_seconds=1e-09 is shorter than one CREPE frame \(0.064 s\)"):
+        build_backbone("crepe-tiny", window_seconds=1e-9)  # a 1 ms file was cut into countless windows, and memory ran out
     with pytest.raises(ValueError, match=r"timm: give the model as timm:<model_name>, not as the option model_name"):
         build_backbone("timm:vit_tiny_patch16_224", "unused.pth", model_name="deit_tiny_patch16_224")
     with pytest.raises(ValueError, match="audiomae takes the options .*; not model_name"):

@@ -6,7 +6,9 @@ and 6 hold the same number of values per frame: 16, 8 and 4 positions of 16, 32,
 128, 256, 512 in full). Grouping adjacent positions gives all three one token shape: F = 4 tokens per
 frame, each D = 64 (tiny) or 512 (full) values ordered (position in group, channel). Layers 0, 1, 2
 are blocks 4, 5, 6. The window defaults to 1 s (T = 101 frames); frames never see past their own 64 ms,
-so the window length only sets how recordings are cut, not what a frame's tokens are.
+so the window length sets how recordings are cut and little else: the frames within 32 ms of a
+window's edges see its zero padding instead of the audio beyond it (as at a recording's own ends),
+and the last frame of a window and the first of the next are centred on the same instant.
 
 CREPE has no final norm of its own. Its tokens are small (norm about 0.7), too small for heads
 that attend with raw dot products (EP's softmax stays uniform), so `final_norm=True` standardises
@@ -40,6 +42,9 @@ class Crepe(Backbone):
 
         super().__init__()
         self.name, self.capacity, self.window_seconds = name, capacity, float(window_seconds)
+        if self.window_samples < self.frontend.frame_length:  # shorter, recordings would be cut into countless windows
+            shortest = self.frontend.frame_length / self.sample_rate
+            raise ValueError(f"{name} option window_seconds={window_seconds!r} is shorter than one CREPE frame ({shortest:g} s)")
         self.net = torchcrepe.Crepe(capacity)
         self.dim = self.net.conv6.out_channels
         self.grid = (self.frontend.num_frames(self.window_samples), TOKENS_PER_FRAME)
