@@ -57,8 +57,8 @@ def slurm(
     """
     if verb not in ("extract", "probe"):
         raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")
-    if any(arg in ("--shard", "--part") or arg.startswith(("--shard=", "--part=")) for arg in ctx.args):
-        raise typer.BadParameter("each array task picks its own part; leave out --shard/--part", param_hint="ARGS")
+    if any(arg == "--part" or arg.startswith("--part=") for arg in ctx.args):
+        raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
     _check_forwarded(verb, ctx.args, submit, array)
     text = sbatch_script(
         verb, ctx.args, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,

@@ -1,7 +1,7 @@
 """Running on the schedulers users have: which part of the work this process does, and sbatch scripts.
 
 A job is split into N parts numbered 1..N; part I owns every N-th shard or configuration from the
-I-th. The part comes from `--shard I/N` / `--part I/N`, or from the environment: a SLURM job array
+I-th. The part comes from `--part I/N`, or from the environment: a SLURM job array
 (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or torchrun (RANK, WORLD_SIZE), and torchrun inside an array
 task splits the task's part among its ranks. No coordinator of our own: each part owns whole
 shards or configurations.
@@ -155,11 +155,10 @@ def sbatch_script(
     command = [python, "-P", "-m", "tokens"] if python else ["tokens"]
     # The part count is written out rather than read from SLURM_ARRAY_TASK_COUNT: resubmitting one
     # task (`sbatch --array=2 SCRIPT`) gives it a count of 1, and it would then do the whole job.
-    part = {"extract": "--shard", "probe": "--part"}[verb]
     lines += [
         "set -euo pipefail",
         f"# Task I does part I of {array}. Resubmit all tasks, or some (sbatch --array=2,5 SCRIPT): finished work is skipped.",
-        shlex.join(command + [verb] + list(args)) + f' {part} "$SLURM_ARRAY_TASK_ID/{array}"',
+        shlex.join(command + [verb] + list(args)) + f' --part "$SLURM_ARRAY_TASK_ID/{array}"',
         "",
     ]
     return "\n".join(lines)

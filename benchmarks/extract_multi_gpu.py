@@ -2,7 +2,7 @@
 
     python benchmarks/extract_multi_gpu.py --clips 4096 --gpus 2 --dir /tmp/bench-multi
 
-Each torchrun rank takes every N-th shard (`--shard` defaults to RANK+1/WORLD_SIZE) on its own
+Each torchrun rank takes every N-th shard (`--part` defaults to RANK+1/WORLD_SIZE) on its own
 GPU (LOCAL_RANK) and writes into the one shared zarr store, which all ranks create at once.
 AudioMAE ViT-B/16 with random weights in AudioMAE's checkpoint format, 10 s clips, fp32 forward
 by default so that the GPUs, not the disk, set the pace (bf16 at one layer is disk-bound, see

@@ -61,8 +61,9 @@ def extract(
     batch_size: int = typer.Option(32, "--batch-size", help="Items per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     num_workers: int = typer.Option(None, "--num-workers", help="DataLoader workers that decode the audio or images, at a lower priority (default: one per usable core but one, shared among a node's torchrun ranks, at most 32; at most 8 for audio encoders whose fbank runs on the GPU, where more slowed the disk)."),
-    shard: str = typer.Option(None, "--shard", help="Do part I of N (I/N, 1-based) of the work; defaults to the SLURM array task or torchrun rank."),
+    part: str = typer.Option(None, "--part", help="Do part I of N (I/N, 1-based) of the shards; defaults to the SLURM array task or torchrun rank."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad item instead of recording it and going on."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Extract again the items an earlier run recorded as failed (once their files are fixed): their shards are written again."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print items, bytes per item and size on disk, then stop."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -77,15 +78,15 @@ def extract(
     from tokens.extract.run import ExtractionError, extract as run_extract
 
     try:
-        part = resolve_part(shard)
+        part_of_work = resolve_part(part)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--shard") from None
+        raise typer.BadParameter(str(error), param_hint="--part") from None
     try:
         result = run_extract(
             dataset, store, backbone=backbone, checkpoint=checkpoint, allow_pickle=allow_pickle,
             backbone_options=parse_backbone_options(backbone_option), layers=parse_layers(layers), final_norm=final_norm,
             fmt=fmt, dtype=dtype, codec=codec, shard_size=shard_size, precision=precision, batch_size=batch_size,
-            device=device, num_workers=num_workers, part=part, strict=strict, dry_run=dry_run, progress=not quiet,
+            device=device, num_workers=num_workers, part=part_of_work, strict=strict, retry_failed=retry_failed, dry_run=dry_run, progress=not quiet,
             log=typer.echo,
         )
     except (ManifestError, StoreError, ExtractionError, ValueError, FileNotFoundError) as error:
@@ -98,7 +99,7 @@ def extract(
         typer.echo(f"\ninterrupted: {kept}run the same command again to go on", err=True)
         raise typer.Exit(130) from None
     if dry_run:
-        _print_plan(result, part)
+        _print_plan(result, part_of_work)
         return
     pace = ""
     if result.streaming_seconds > 0:
@@ -115,13 +116,19 @@ def extract(
             typer.echo(f"  {item_id}: {reason}", err=True)
         if len(result.failed) > 20:
             typer.echo(f"  ... and {len(result.failed) - 20} more: `tokens info {store} --failed` lists them all", err=True)
-        if len(result.failed) == result.items_written:  # a dataset of the other modality, or of a format not read here
-            from tokens.extract.backbones import BACKBONES
+    if result.failed_before:
+        typer.echo(f"note: {_count(result.failed_before, 'item')} that an earlier run recorded as failed "
+                   f"{'stays' if result.failed_before == 1 else 'stay'} so (`tokens info {store} --failed` lists them); "
+                   "--retry-failed extracts them again once their files are fixed", err=True)
+    good = result.items_written - len(result.failed) + result.good_before
+    if not good and (result.failed or result.failed_before):  # a dataset of the other modality, or of a format not read here
+        from tokens.extract.backbones import BACKBONES
 
-            modality = "images" if BACKBONES[backbone.partition(":")[0]].config["modality"] == "image" else "audio"
-            typer.echo(f"error: every item of this run failed: {backbone} reads {modality}; is that what {dataset} holds, "
-                       "in a format read here?", err=True)
-            raise typer.Exit(1)
+        modality = "images" if BACKBONES[backbone.partition(":")[0]].config["modality"] == "image" else "audio"
+        which = "of this run" if result.items_written else "in the store's shards"
+        typer.echo(f"error: every item {which} failed: {backbone} reads {modality}; is that what {dataset} holds, "
+                   "in a format read here?", err=True)
+        raise typer.Exit(1)
 
 
 def _count(n: int, noun: str) -> str:

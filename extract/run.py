@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokens.cache import StoreSpec, create_or_open, open_store
+from tokens.cache import StoreSpec, TokenStore, create_or_open, open_store
 from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, store_exists
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
@@ -47,6 +47,9 @@ class Summary:
     shards_written: int = 0
     shards_skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (item id, reason)
+    retried: int = 0  # failed items whose shards this run writes again (retry_failed)
+    good_before: int = 0  # items of the shards already complete, by outcome
+    failed_before: int = 0
     seconds: float = 0.0  # the whole run, planning and start-up included
     streaming_seconds: float = 0.0  # from the first batch out of the loader to the last shard written
 
@@ -127,37 +130,42 @@ def plan(
     precision: str = "fp32",
     progress: bool = False,
 ) -> Plan:
+    def spec_with(**dataset_fields) -> StoreSpec:
+        return StoreSpec(
+            backbone=backbone.name,
+            backbone_config=backbone.config,
+            checkpoint_sha256=backbone.checkpoint_sha256,
+            frontend=backbone.config.get("frontend", {}),
+            layers=resolve_layers(layers, backbone.depth),
+            final_norm=backbone.final_norm,
+            dtype=dtype,
+            grid=backbone.grid,
+            dim=backbone.dim,
+            num_prefix=backbone.num_prefix,
+            masked=backbone.modality == "audio",
+            precision=precision,
+            shard_size=shard_size,
+            codec=codec,
+            extra={"dataset": str(Path(dataset_source).absolute()), "format": fmt, **provenance()},
+            **dataset_fields,
+        )
+
     existing_classes = None
     if store_exists(store_path):
         with open_store(store_path) as store:
             existing_classes = store.classes
             if not shard_size:  # resuming without --shard-size: the store's, not what the default would be now
                 shard_size = int(store.meta["shard_size"])
+            # The encoder's settings before the dataset is read: a store of another backbone or task
+            # would otherwise be blamed on every row whose labels it lacks.
+            unread = {"task": store.task, "classes": store.classes, "splits": {}, "dataset_fingerprint": ""}
+            store.check_compatible(spec_with(**unread), unknown=(*unread, "precision"))
     dataset = read_dataset(
         dataset_source, window_seconds=backbone.window_seconds, sample_rate=backbone.sample_rate,
         modality=backbone.modality, classes=existing_classes, progress=progress, store=store_path,
     )
-    spec = StoreSpec(
-        backbone=backbone.name,
-        backbone_config=backbone.config,
-        checkpoint_sha256=backbone.checkpoint_sha256,
-        frontend=backbone.config.get("frontend", {}),
-        layers=resolve_layers(layers, backbone.depth),
-        final_norm=backbone.final_norm,
-        dtype=dtype,
-        grid=backbone.grid,
-        dim=backbone.dim,
-        num_prefix=backbone.num_prefix,
-        task=dataset.task,
-        classes=dataset.classes,
-        splits={name: len(items) for name, items in dataset.splits.items()},
-        dataset_fingerprint=dataset.fingerprint(),
-        masked=backbone.modality == "audio",
-        precision=precision,
-        shard_size=shard_size,
-        codec=codec,
-        extra={"dataset": str(Path(dataset_source).absolute()), "format": fmt, **provenance()},
-    )
+    spec = spec_with(task=dataset.task, classes=dataset.classes, dataset_fingerprint=dataset.fingerprint(),
+                     splits={name: len(items) for name, items in dataset.splits.items()})
     units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
     index, count = part
     return Plan(spec, dataset, units[index - 1::count])
@@ -244,6 +252,18 @@ def incomplete_units(store, work: Plan) -> list[tuple[str, int]]:
     """The (split, shard) units of this run that the store does not hold complete yet."""
     done = {name: store.split(name).complete_mask() for name in work.spec.splits}
     return [(split, shard) for split, shard in work.units if not done[split][shard]]
+
+
+def failed_in_complete_shards(store: TokenStore, work: Plan) -> dict[tuple[str, int], int]:
+    """For each of this run's shards that an earlier run completed, how many of its items failed."""
+    counts = {}
+    for name in dict.fromkeys(split for split, _ in work.units):
+        split = store.split(name)
+        done, errors = split.complete_mask(), split.column("errors")
+        for shard in (shard for unit, shard in work.units if unit == name and done[shard]):
+            rows = _shard_items(work.spec, name, shard)
+            counts[(name, shard)] = sum(bool(error) for error in errors[rows.start:rows.stop])
+    return counts
 
 
 IN_FLIGHT = 2  # batches launched ahead of the one landing: a late batch from the loader does not idle the GPU
@@ -573,7 +593,7 @@ def check_options(store_path: Path, *, fmt: str | None, dtype: str, precision: s
     check_codec(fmt, codec)
     if fmt == "hdf5" and part[1] > 1:  # HDF5 has no concurrent writers; with its file locking off, they corrupt it
         raise ExtractionError(f"{store_path}: an HDF5 store takes one writer, so it cannot be filled in {part[1]} parts "
-                              "(--shard, a job array, torchrun): use a zarr store")
+                              "(--part, a job array, torchrun): use a zarr store")
     for option, value, least in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0), ("--shard-size", shard_size, 0)):
         if value is not None and value < least:
             raise ExtractionError(f"{option} {value}: use {least} or more")
@@ -600,6 +620,7 @@ def extract(
     num_workers: int | None = None,
     part: tuple[int, int] = (1, 1),
     strict: bool = False,
+    retry_failed: bool = False,
     dry_run: bool = False,
     progress: bool = True,
     log=print,
@@ -634,6 +655,15 @@ def extract(
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).
         store = create_or_open(store_path, spec, fmt, dataset_change=functools.partial(dataset_change, dataset=work.dataset))
+        failed_in = failed_in_complete_shards(store, work)
+        if retry_failed:  # the shards holding failed items are written again, whole
+            for split, shard in [unit for unit, count in failed_in.items() if count]:
+                store.split(split).mark_incomplete(shard)
+                summary.retried += failed_in.pop((split, shard))
+            if summary.retried:
+                log(f"retrying {summary.retried} failed items: their shards are written again")
+        summary.failed_before = sum(failed_in.values())
+        summary.good_before = sum(len(_shard_items(spec, *unit)) for unit in failed_in) - summary.failed_before
         todo = incomplete_units(store, work)
         summary.shards_skipped = len(work.units) - len(todo)
         items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo

@@ -94,6 +94,10 @@ def test_a_run_where_every_item_failed_exits_with_an_error(tmp_path):
     assert result.exit_code == 1, result.output
     assert "2 items failed and are recorded" in result.output
     assert f"every item of this run failed: crepe-tiny reads audio; is that what {data / 'm.csv'} holds" in " ".join(result.output.split())
+    again = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "s.zarr"), "-q", "--num-workers", "0"])
+    assert again.exit_code == 1, again.output  # a retry (a requeued job) does not turn the failure into success
+    assert "2 items that an earlier run recorded as failed stay so" in again.output
+    assert "every item in the store's shards failed" in " ".join(again.output.split())
     tone(data / "c.wav", 0.5)
     (data / "m.csv").write_text("path,label,split\na.png,x,train\nc.wav,y,train\n")
     result = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "t.zarr"), "-q", "--num-workers", "0"])
@@ -146,6 +150,32 @@ def test_bad_items_are_recorded_and_the_run_goes_on(dataset, tmp_path):
     assert multiprocessing.active_children() == [], raised.traceback  # the workers stopped with the run
     with open_store(tmp_path / "strict.zarr") as store:  # the batches before the bad item are kept
         assert store.split("train").complete_mask().tolist() == [True, True, True, False]
+
+
+def test_failed_items_stay_failed_on_resume_and_retry_failed_extracts_them_once_fixed(dataset, tmp_path):
+    """A resume keeps complete shards as they are, failed items included, and says so; --retry-failed
+    writes again the shards that hold failed items, and a fixed file is then stored like any other."""
+    data = dataset.parent
+    good = np.sin(2 * np.pi * 300 * np.arange(SR) / SR).astype(np.float32)
+    sf.write(data / "nan.wav", np.where(np.arange(SR) == 5, np.nan, good).astype(np.float32), SR, subtype="FLOAT")
+    with dataset.open("a") as f:
+        f.write("nan.wav,low,test\n")
+    store_path = tmp_path / "s.zarr"
+    assert [item for item, _ in run(dataset, store_path).failed] == ["nan.wav"]
+    sf.write(data / "nan.wav", good, SR, subtype="FLOAT")  # fixed, the same length
+    args = ["extract", str(dataset), "--store", str(store_path), "-q", "--num-workers", "0", "--shard-size", "2", "-l", "all"]
+    kept = CliRunner().invoke(app, args)
+    assert kept.exit_code == 0 and "1 item that an earlier run recorded as failed stays so" in kept.output, kept.output
+    retried = run(dataset, store_path, retry_failed=True)
+    assert retried.retried == 1 and retried.failed == [] and retried.shards_written == 1 and retried.failed_before == 0
+    with open_store(store_path) as store:
+        test = store.split("test")
+        row = list(test.column("ids")).index("nan.wav")
+        assert test.column("errors")[row] == "" and test.read_mask([row])[0].all()
+        assert verify(store, progress=False).ok
+    with open_store(store_path) as store, open_store(run(dataset, tmp_path / "fresh.zarr").store) as fresh:
+        for layer in store.layers:  # the same tokens as a store extracted from the fixed files at once
+            np.testing.assert_array_equal(store.split("test").read_tokens(layer, [row]), fresh.split("test").read_tokens(layer, [row]))
 
 
 @pytest.mark.parametrize("count,batch_size,workers,sizes", [
@@ -343,6 +373,11 @@ def test_another_configuration_is_refused_and_the_same_one_resumes(dataset, tmp_
         run(dataset, store_path, shard_size=3)
     default = run(dataset, store_path, shard_size=0)  # left out: the store's, not the size the default gives
     assert default.items_written == 0 and default.shards_skipped == 5
+    # Another backbone over a dataset of other labels: the store's backbone is named, not every row's labels.
+    relabelled = dataset.with_name("relabelled.csv")
+    relabelled.write_text(dataset.read_text().replace("low", "bass"))
+    with pytest.raises(StoreError, match='backbone is "crepe-tiny" in the store but "crepe-full" now'):
+        run(relabelled, store_path, backbone="crepe-full")
 
 
 def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_path):

@@ -343,7 +343,7 @@ def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_
     (tmp_path / "empty.csv").write_text("path,label,split\n")
     output = refused_at_submission("extract", "empty.csv", "--store", "s.zarr", "--array", "2")
     assert "tokens extract would refuse them: " in output and "no rows: the dataset is empty" in output, output  # the dataset is read at submission
-    by_hand = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--shard", "4/5"])
+    by_hand = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--part", "4/5"])
     assert by_hand.exit_code == 0, by_hand.output
     assert "note: part 4/5 has no shard to write: the dataset makes 3 (of up to 1 items)" in by_hand.output, by_hand.output
 
