@@ -19,7 +19,9 @@ import json
 import math
 import multiprocessing
 import os
+import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import soundfile as sf
 from tqdm import tqdm
 
+from tokens.cache.store import HDF5_SIGNATURE, _zarr_store_at
 from tokens.cluster import usable_cores
 
 SPLITS = ("train", "valid", "test")
@@ -44,7 +47,9 @@ CHUNK_ROWS = 1024
 # In class folders, the files the decoders read, by suffix, as torchvision's ImageFolder picks its
 # files: notes, label lists or cover pictures kept beside the clips are skipped (and counted), not
 # made into failed items. Audio: each format libsndfile reads under its own name, and the other
-# suffixes those formats go by (RAW has no header to read); images: every format Pillow opens.
+# suffixes those formats go by (RAW has no header to read); images: every format Pillow opens, but
+# for its stubs (HDF5, GRIB, BUFR), which recognise a file and cannot decode it: an .h5 token store
+# kept beside the pictures is not a picture.
 AUDIO_SUFFIXES = frozenset({f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
                            | {".wave", ".aif", ".aifc", ".snd", ".oga", ".opus", ".sph", ".sf", ".mat", ".8svx", ".iff"})
 
@@ -203,10 +208,11 @@ def _suffixes(modality: str) -> frozenset[str]:
     """The file suffixes a class folder's items may have."""
     if modality == "audio":
         return AUDIO_SUFFIXES
-    from PIL import Image
+    from PIL import Image, ImageFile
 
     Image.init()
-    return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+    stubs = {kind for kind, (factory, _) in Image.OPEN.items() if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)}
+    return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN and kind not in stubs)
 
 
 def _read(source: Path, store: str | Path | None, modality: str) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
@@ -246,9 +252,15 @@ def _read_csv(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[str
         for values in reader:
             while len(values) > len(header) and not values[-1].strip():  # trailing commas
                 values.pop()
-            if len(values) > len(header):
+            # A short row leaves its last columns empty (optional ones left off the end), unless it cuts
+            # off one no row may leave empty: then the count says what is wrong, not "unknown split ''".
+            # (A row over several lines is a quote never closed, which the check of its path names.)
+            short = (len(values) < len(header) and reader.line_num == line
+                     and not {"path", "split", "label"}.isdisjoint(header[len(values):]))
+            blank = not any(value.strip() for value in values)
+            if not blank and (len(values) > len(header) or short):
                 problems.append(f"line {line}: {len(values)} fields but the header has {len(header)}")
-            elif any(value.strip() for value in values):
+            elif not blank:
                 records.append((f"line {line}", dict(zip(header, values))))
             line = reader.line_num + 1
     except csv.Error as error:  # a field past the csv module's limit: most often a quote never closed
@@ -275,20 +287,18 @@ def _read_jsonl(source: Path) -> tuple[list[str], list[tuple[str, dict]], list[s
 
 
 def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]) -> tuple[list[str], list[tuple[str, dict]], list[str], list[str]]:
-    """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder); hidden entries, and
-    the store being filled if it lies inside, are left out; so are files without one of `suffixes`,
-    with a note that counts them."""
+    """ROOT/<split>/<class>/<file> (files may sit deeper inside a class folder; linked folders and files
+    are followed, as ImageFolder follows them). Hidden entries and token stores (the one being filled,
+    and others kept in the dataset, as a first run's `--store ROOT/tiny.zarr`) are left out; so are
+    files without one of `suffixes`, with a note that counts them."""
     records, problems, split_dirs, other_files = [], [], [], []
     store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
 
-    def holds_store(path: Path) -> bool:
-        return store is not None and _within(store, os.path.realpath(path))
-
-    def in_store(path: Path) -> bool:
-        return store is not None and _within(os.path.realpath(path), store)
+    def is_store(path: Path) -> bool:
+        return (store is not None and _within(os.path.realpath(path), store)) or _token_store(path)
 
     def skipped(path: Path) -> bool:
-        return path.name.startswith(".") or in_store(path)
+        return path.name.startswith(".") or is_store(path)
 
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not skipped(p)):
         if split_dir.name not in SPLITS:
@@ -299,16 +309,12 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
             if not class_dir.is_dir():
                 problems.append(f"{split_dir.name}/{class_dir.name}: file outside a class folder")
                 continue
-            inside = holds_store(class_dir)  # files are resolved one by one only where the store lies
-            for file in sorted(class_dir.rglob("*")):
-                if inside and in_store(file):
-                    continue
-                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(class_dir).parts):
-                    rel = file.relative_to(root).as_posix()
-                    if file.suffix.lower() not in suffixes:
-                        other_files.append(rel)
-                        continue
+            for file in _files(class_dir, skipped):
+                rel = file.relative_to(root).as_posix()
+                if file.suffix.lower() in suffixes:
                     records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
+                elif not is_store(file):  # only files of other kinds are looked into: a store has any name
+                    other_files.append(rel)
     if not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
@@ -321,6 +327,44 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
         notes.append(f"{len(other_files)} files in the class folders are of other kinds than those read here and are left "
                      f"out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
     return ["path", "label", "split"], records, problems, notes
+
+
+def _files(folder: Path, skipped: Callable[[Path], bool]) -> list[Path]:
+    """The files under `folder`, sorted, hidden ones left out, through linked folders too. A folder
+    `skipped` says to leave out is not entered, nor one a link leads back into from below it (a loop).
+    A link that leads nowhere is kept, for the row check to call it not found (shared storage not
+    mounted) rather than let its items vanish."""
+    files, chains = [], {str(folder): {os.path.realpath(folder)}}  # each folder's own and its parents' real paths
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        chain = chains.pop(parent)
+        kept = []
+        for name in folders:
+            path = os.path.join(parent, name)
+            if (real := os.path.realpath(path)) not in chain and not skipped(Path(path)):
+                kept.append(name)
+                chains[path] = chain | {real}
+        folders[:] = kept
+        files += [Path(parent, name) for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
+def _token_store(path: Path) -> bool:
+    """Whether `path` is a store tokens made, a zarr folder or an HDF5 file with our metadata: one
+    kept inside the dataset (a first run's store) is not data."""
+    if path.is_dir():
+        return _zarr_store_at(path)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                return False
+        import h5py  # only for HDF5 files, which a dataset seldom holds
+
+        with h5py.File(path, "r", locking=False) as f:
+            return "schema_version" in json.loads(f.attrs.get("meta", "{}"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _listed(names: list[str], most: int = 12) -> str:
@@ -379,7 +423,6 @@ def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, w
                    records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list, str | None]]:
     """(row, its problems, its windows, how its `end` lies past its file's if it does) of each
     record; runs in worker processes for large datasets."""
-    _real_folder.cache_clear()  # symbolic links may have changed since the last check
     checked = []
     for where, record in records:
         row, problems = _check_row(root, where, record, task, known)
@@ -400,13 +443,18 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
         bad.append("empty path")
     elif "\0" in raw_path:
         bad.append(f"path {raw_path!r} contains a NUL character")
-    elif not (full + os.sep).startswith(inside) or not (_real(full) + os.sep).startswith(inside):
+    # Items are recorded by their path inside the folder, so the path as written must stay inside;
+    # where a link inside leads (audio kept on shared storage) does not matter.
+    elif not (full + os.sep).startswith(inside):
         bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
     elif not os.path.isfile(full):
         if os.path.isdir(full):
             bad.append(f"{raw_path} is a folder, not a file")
         elif "\n" in raw_path or "\r" in raw_path:  # what a CSV quote never closed swallows
             bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")
+        elif _renormalised(full, len(inside)):
+            bad.append(f"file not found: {raw_path}, but a file of this name in another Unicode normalisation exists "
+                       "(names copied from macOS are often NFD): rename it or the row")
         else:
             bad.append(f"file not found: {raw_path}")
 
@@ -435,16 +483,20 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     return _Row(where, rel, Path(full), split, labels, _text(record.get("id")) or None, start, end), bad
 
 
-def _real(path: str) -> str:
-    """The path with symbolic links resolved; folders are resolved once each (rows share few)."""
-    folder, name = os.path.split(path)
-    real = os.path.join(_real_folder(folder), name)
-    return os.path.realpath(real) if os.path.islink(real) else real
-
-
-@functools.lru_cache(maxsize=4096)
-def _real_folder(folder: str) -> str:
-    return os.path.realpath(folder)
+def _renormalised(full: str, start: int) -> bool:
+    """Whether a file exists at `full` once each name from `start` on is taken as on disk when only
+    Unicode normalisation tells them apart ('café' in NFC, as typed, against NFD, as macOS writes it):
+    the two print alike, so "file not found" alone would baffle. Asked only of a path not found."""
+    path = full[:start]
+    for name in full[start:].split(os.sep):
+        if not os.path.lexists(os.path.join(path, name)):
+            same = unicodedata.normalize("NFC", name)
+            try:
+                name = next(other for other in os.listdir(path) if unicodedata.normalize("NFC", other) == same)
+            except (OSError, StopIteration):
+                return False
+        path = os.path.join(path, name)
+    return os.path.isfile(path)
 
 
 def _text(value) -> str:

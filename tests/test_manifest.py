@@ -4,12 +4,14 @@ import json
 import re
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
+from tokens.cache import StoreSpec, create_or_open
 from tokens.extract.images import BadImage, load_image
 import tokens.extract.manifest as manifest_module
 from tokens.extract.manifest import ManifestError, read_dataset
@@ -181,6 +183,36 @@ def test_a_store_kept_inside_the_class_folders_is_not_part_of_the_dataset(tmp_pa
     assert seen != (["train/dog/1.wav"], [])
 
 
+@pytest.mark.parametrize("fmt, where", [("zarr", "tiny.zarr"), ("zarr", "train/tiny.zarr"), ("zarr", "train/dog/tiny.zarr"),
+                                        ("hdf5", "train/tiny.h5"), ("hdf5", "train/dog/tiny")])
+def test_other_token_stores_kept_in_the_dataset_are_not_part_of_it(tmp_path, fmt, where):
+    """`--store ROOT/tiny.zarr`, then `--store ROOT/full.zarr -b crepe-full`: the second run must see
+    the dataset the first saw, not the first store as a split, a class, a stray file or skipped files.
+    A store tokens made is left out wherever it lies, whatever its name, without a note."""
+    wav(tmp_path / "train/dog/1.wav", 1)
+    wav(tmp_path / "test/dog/2.wav", 1)
+    first = audio(tmp_path)
+    spec = StoreSpec(backbone="b", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[0], final_norm=False,
+                     dtype="float16", grid=(2, 3), dim=4, num_prefix=0, task="multiclass", classes=["dog"],
+                     splits={"train": 1, "test": 1}, dataset_fingerprint=first.fingerprint(), shard_size=4)
+    create_or_open(tmp_path / where, spec, fmt=fmt).close()
+    for store in (tmp_path / "full.zarr", None):
+        ds = audio(tmp_path, store=store)
+        assert (ds.fingerprint(), ds.notes) == (first.fingerprint(), [])
+
+
+def test_an_hdf5_file_beside_pictures_is_not_a_picture(tmp_path):
+    """Pillow recognises HDF5 with a stub that cannot decode it: an .h5 store or feature file kept
+    with the pictures would be an item that can only fail."""
+    (tmp_path / "train/red").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train/red/1.png")
+    (tmp_path / "train/red/features.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    images = read_dataset(tmp_path, window_seconds=None, sample_rate=None, modality="image")
+    assert [item.id for item in images.splits["train"]] == ["train/red/1.png"]
+    assert images.notes == ["1 files in the class folders are of other kinds than those read here and are left out "
+                            "(1 .h5; e.g. train/red/features.h5)"]
+
+
 def test_a_last_window_of_exactly_the_minimum_is_kept_whatever_the_length(tmp_path):
     """The rule is the same for every length: floating point must not drop 4.1 s's last tenth but keep 2.1 s's."""
     rows = ["path,label,split"]
@@ -286,7 +318,6 @@ def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path, checking)
     for name in ("ok.wav", "a.wav", "b.wav", "c.wav", "d.wav"):
         wav(data / name, 1)
     wav(tmp_path / "outside.wav", 1)
-    (data / "link.wav").symlink_to(tmp_path / "outside.wav")
     (data / "sub").mkdir()
     manifest = csv_file(
         data / "m.csv",
@@ -299,7 +330,7 @@ c.wav,dog;wolf,train,,,
 d.wav,dog,train,x,,
 ../outside.wav,dog,train,,,
 {tmp_path / "outside.wav"},dog,train,,,
-link.wav,dog,train,,,
+sub/../../outside.wav,dog,train,,,
 "a.wav",dog,valid,,3,2
 "a.wav",dog,valid,,-1,
 gone.wav,dog,test,,,
@@ -314,7 +345,7 @@ sub,dog,test,,,
         "line 5: label(s) not among the store's classes: wolf",
         "line 7: path '../outside.wav' " + outside,
         f"line 8: path '{tmp_path / 'outside.wav'}' " + outside,
-        "line 9: path 'link.wav' " + outside,
+        "line 9: path 'sub/../../outside.wav' " + outside,
         "line 10: start 3 is not before end 2",
         "line 11: start -1 is not a finite, non-negative number of seconds",
         "line 12: file not found: gone.wav",
@@ -324,24 +355,49 @@ sub,dog,test,,,
     assert "line 12: file not found: gone.wav" in str(e.value)
 
 
-def test_a_linked_folder_is_followed_to_where_it_leads(tmp_path, checking):
-    """Folders are resolved once each: one that links outside the dataset makes its rows problems,
-    one that links to another folder inside it is fine, and the stored path is the row's own."""
-    data = tmp_path / "data"
-    wav(data / "real" / "a.wav", 1)
-    wav(tmp_path / "elsewhere" / "b.wav", 1)
-    (data / "inside").symlink_to(data / "real")
-    (data / "out").symlink_to(tmp_path / "elsewhere")
-    manifest = csv_file(data / "m.csv", "path,label,split\ninside/a.wav,x,train\nout/b.wav,x,train\nreal/a.wav,x,valid\n")
+def test_linked_audio_is_taken_wherever_the_link_leads(tmp_path, checking):
+    """Audio linked from shared storage is a common layout: a link inside the dataset folder may lead
+    anywhere, and the stored path is the row's own. Only a path that climbs out as written ('..', an
+    absolute path elsewhere) is refused, since items are recorded by their path inside the folder."""
+    disk, data = tmp_path / "disk", tmp_path / "data"
+    wav(disk / "clip.wav", 1)
+    data.mkdir()
+    (data / "audio").symlink_to(disk)
+    (data / "one.wav").symlink_to(disk / "clip.wav")
+    manifest = csv_file(data / "m.csv", "path,label,split\naudio/clip.wav,x,train\none.wav,x,test\n")
+    items = [item for items in audio(manifest).splits.values() for item in items]
+    assert [(item.source, item.path) for item in items] == [
+        ("audio/clip.wav", data / "audio" / "clip.wav"), ("one.wav", data / "one.wav")]
+    csv_file(manifest, "path,label,split\naudio/../../disk/clip.wav,x,train\n")
     with pytest.raises(ManifestError) as e:
         audio(manifest)
-    assert e.value.problems == [f"line 3: path 'out/b.wav' leads outside the dataset folder {data}"]
-    (data / "out").unlink()
-    (data / "out").symlink_to(data / "real")
-    manifest.write_text("path,label,split\ninside/a.wav,x,train\nout/a.wav,x,train\n")
-    items = audio(manifest).splits["train"]
-    assert [(item.source, item.path) for item in items] == [
-        ("inside/a.wav", data / "inside" / "a.wav"), ("out/a.wav", data / "out" / "a.wav")]
+    assert e.value.problems == [f"line 2: path 'audio/../../disk/clip.wav' leads outside the dataset folder {data}"]
+
+
+def test_class_folders_follow_linked_folders_and_files(tmp_path):
+    """A class folder, a folder inside one or a single file may be a link to shared storage: each is
+    taken under its name in the dataset. A link back up is not gone round, and a link that leads
+    nowhere (storage not mounted) is a missing file, not an item quietly lost."""
+    disk, root = tmp_path / "disk", tmp_path / "data"
+    wav(disk / "dogs/1.wav", 1)
+    wav(disk / "more/2.wav", 1)
+    wav(disk / "3.wav", 1)
+    (disk / "dogs/more").symlink_to(disk / "more")
+    (disk / "dogs/loop").symlink_to(disk / "dogs")
+    (root / "train").mkdir(parents=True)
+    (root / "train/dog").symlink_to(disk / "dogs")
+    wav(root / "train/cat/own.wav", 1)
+    (root / "train/cat/3.wav").symlink_to(disk / "3.wav")
+    (root / "train/cat/gone.wav").symlink_to(disk / "unmounted.wav")
+    with pytest.raises(ManifestError) as e:
+        audio(root)
+    assert e.value.problems == ["train/cat/gone.wav: file not found: train/cat/gone.wav"]
+    (root / "train/cat/gone.wav").unlink()
+    ds = audio(root)
+    assert ds.classes == ["cat", "dog"] and ds.notes == []
+    assert [(item.id, item.path) for item in ds.splits["train"]] == [
+        ("train/cat/3.wav", root / "train/cat/3.wav"), ("train/cat/own.wav", root / "train/cat/own.wav"),
+        ("train/dog/1.wav", root / "train/dog/1.wav"), ("train/dog/more/2.wav", root / "train/dog/more/2.wav")]
 
 
 def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
@@ -364,6 +420,20 @@ def test_absolute_path_inside_the_root_is_fine(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = csv_file(tmp_path / "m.csv", f"path,label,split\n{tmp_path / 'a.wav'},x,train\n")
     assert audio(manifest).splits["train"][0].id == "a.wav"
+
+
+def test_a_name_in_another_unicode_normalisation_is_said_to_be_one(tmp_path, checking):
+    """'café' typed in a manifest (NFC) and as macOS writes it on disk (NFD) print alike: "file not
+    found" alone would send the user comparing names that look the same. Files and folders, both ways."""
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    wav(tmp_path / f"{nfd}.wav", 1)
+    wav(tmp_path / nfc / "b.wav", 1)
+    manifest = csv_file(tmp_path / "m.csv", f"path,label,split\n{nfc}.wav,x,train\n{nfd}/b.wav,x,train\ngone.wav,x,train\n")
+    with pytest.raises(ManifestError) as e:
+        audio(manifest)
+    other = ", but a file of this name in another Unicode normalisation exists (names copied from macOS are often NFD): rename it or the row"
+    assert e.value.problems == [f"line 2: file not found: {nfc}.wav" + other, f"line 3: file not found: {nfd}/b.wav" + other,
+                                "line 4: file not found: gone.wav"]
 
 
 def test_quoted_newline_keeps_line_numbers_true(tmp_path):
@@ -389,6 +459,16 @@ def test_file_level_problems(tmp_path, text, problem):
     manifest.write_text(text)
     with pytest.raises(ManifestError, match=problem.replace("(", "\\(").replace(")", "\\)")):
         audio(manifest)
+
+
+def test_a_short_row_names_its_field_count_unless_it_leaves_off_only_optional_columns(tmp_path):
+    """As a long row does: "unknown split ''" would send the user looking for a split never written."""
+    wav(tmp_path / "a.wav", 1)
+    with pytest.raises(ManifestError) as e:
+        audio(csv_file(tmp_path / "m.csv", "path,labels,split\na.wav,x\na.wav,x,train,y\n"))
+    assert e.value.problems == ["line 2: 2 fields but the header has 3", "line 3: 4 fields but the header has 3"]
+    ds = audio(csv_file(tmp_path / "ok.csv", "path,label,split,id,start,end\na.wav,x,train\n"))
+    assert [(item.id, item.offset) for item in ds.splits["train"]] == [("a.wav", 0.0)]
 
 
 def test_bad_jsonl_lines(tmp_path):

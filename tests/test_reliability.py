@@ -562,7 +562,8 @@ BAD_MANIFESTS = {
                       ["line 3: duplicate id 'x' (also line 2)"]),
     "dotdot_path": ("path,labels,split", ["../outside.wav,low,train"], ["line 2: path '../outside.wav' leads outside"]),
     "absolute_path": ("path,labels,split", ["{outside},low,train"], ["line 2: path", "leads outside"]),
-    "symlink_out": ("path,labels,split", ["a.wav,low,train", "link.wav,low,train"], ["line 3: path 'link.wav' leads outside"]),
+    "dotdot_through_folder": ("path,labels,split", ["a.wav,low,train", "sub/../../outside.wav,low,train"],
+                              ["line 3: path 'sub/../../outside.wav' leads outside"]),
     "missing_file": ("path,labels,split", ["a.wav,low,train", "gone.wav,low,test"], ["line 3: file not found: gone.wav"]),
     "header_only": ("path,labels,split", [], ["no rows: the dataset is empty"]),
     "zero_byte": (None, [], ["no rows: the dataset is empty"]),
@@ -582,7 +583,6 @@ def test_bad_manifest_is_refused_naming_the_rows_before_any_work(tmp_path, monke
     for name in ("a.wav", "b.wav"):
         tone(root / name, 0.25)
     outside = tone(tmp_path / "outside.wav", 0.25)
-    (root / "link.wav").symlink_to(outside)
     store = tmp_path / "s.zarr"
     if case == "label_not_in_existing_store":  # a store of the classes {low}, to resume into
         first = cli("extract", manifest(root, ["a.wav,low,train", "b.wav,low,test"], name="first.csv"),
