@@ -53,7 +53,7 @@ def slurm(
     Everything after VERB that is not an option of this command is passed to `tokens VERB`.
     Each task takes its part from SLURM_ARRAY_TASK_ID; resubmitting finishes only what is missing.
 
-    Example: tokens slurm extract data/manifest.csv --store /scratch/as2m.zarr -b eat -c eat.pt --array 64 --time 04:00:00 --submit
+    Example: tokens slurm extract data/manifest.csv --store /scratch/as2m.zarr -b eat -c eat.pt --allow-pickle --array 64 --time 04:00:00 --submit
     """
     if verb not in ("extract", "probe"):
         raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from tokens.cache.store import StoreError, TokenStore, open_store
+from tokens.cache.store import NotAStore, StoreError, TokenStore, open_store
 from tokens.cache.verify import verify as verify_store
 
 
@@ -80,7 +80,7 @@ def render(info: dict) -> str:
     ]
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"INCOMPLETE ({s['shards_complete']}/{s['shards']} shards)"
-        failed = f", {s['failed_items']} failed items" if s["failed_items"] else ""
+        failed = f", {s['failed_items']} failed item{'s' * (s['failed_items'] != 1)}" if s["failed_items"] else ""
         lines.append(f"  {name:<8} {s['items']:>9} items  {state}{failed}")
     lines.append(f"created    {info['created']} by tokens {info['tool_version']}; cache key {info['cache_key'][:16]}")
     made = info["extra"]  # provenance: who made the store, from what, with which command (the first run's)
@@ -132,17 +132,19 @@ def verify(
     unmark_damaged: bool = typer.Option(
         False, "--unmark-damaged", help="Mark the complete shards found damaged as not complete, so that rerunning "
         "the extraction that made the store writes them again."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Check completeness, shapes, dtypes and NaN/Inf; name damaged shards. Exit 0 only if sound."""
+    """Check completeness, shapes, dtypes and NaN/Inf; name damaged shards. Exit 0 if sound, 1 if
+    not, 2 if STORE is no store at all (a mistyped path: the code other commands give it)."""
     try:
         with open_store(store, mode="a" if unmark_damaged else "r") as opened:
-            report, dtype = verify_store(opened), opened.meta["dtype"]
+            report, dtype = verify_store(opened, progress=not quiet), opened.meta["dtype"]
             if unmark_damaged:
                 for split, shard in report.damaged:
                     opened.split(split).mark_incomplete(shard)
-    except StoreError as error:
+    except StoreError as error:  # a store whose metadata is damaged is there, and not sound
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(2 if isinstance(error, NotAStore) else 1)
     if report.ok:
         typer.echo(f"{store}: sound ({report.shards_checked} complete shards checked)")
         return

@@ -53,6 +53,11 @@ class StoreError(Exception):
     """A store cannot be created, opened or written as asked; the message says why."""
 
 
+class NotAStore(StoreError):
+    """Nothing at the path is a tokens store (a mistyped path, a manifest given as the store), as
+    against a store that is there but damaged."""
+
+
 class DamagedShard(StoreError):
     """A file of a complete shard is missing or damaged. Kept apart from the advice to run
     `tokens verify`, so that verify itself reports the problem without that advice."""
@@ -201,7 +206,7 @@ def detect_format(path: Path, default: str | None = None) -> str:
             raise StoreError(f"{path}: cannot read it to tell its store format ({error.strerror or error})") from error
         if head == HDF5_SIGNATURE:
             return "hdf5"
-        raise StoreError(f"{path} is not a store: neither a zarr directory nor an HDF5 file")
+        raise NotAStore(f"{path} is not a store: neither a zarr directory nor an HDF5 file")
     if path.suffix == ".zarr":
         return "zarr"
     if path.suffix in (".h5", ".hdf5"):
@@ -265,7 +270,7 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
 def open_store(path: str | Path, mode: str = "r") -> "TokenStore":
     path = Path(path)
     if not store_exists(path):
-        raise StoreError(f"{path}: no such store" + (" (an empty directory)" if path.exists() else ""))
+        raise NotAStore(f"{path}: no such store" + (" (an empty directory)" if path.exists() else ""))
     return TokenStore(path, mode=mode)
 
 
@@ -290,7 +295,7 @@ class TokenStore:
             self._handle.close()
             if "schema_version" not in self.meta:  # not a store of ours: perhaps a folder inside one
                 inside = next((parent for parent in self.path.parents if _zarr_store_at(parent)), None)
-                raise StoreError(f"{self.path} is not a tokens store (no schema version in its metadata)"
+                raise NotAStore(f"{self.path} is not a tokens store (no schema version in its metadata)"
                                  + (f"; it lies inside the store {inside}: give that path" if inside else ""))
             raise StoreError(
                 f"{self.path}: schema version {self.meta.get('schema_version')!r} is not "

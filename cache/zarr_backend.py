@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, RawItems, StoreError, StoreSpec, store_exists, write_error
+from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, NotAStore, RawItems, StoreError, StoreSpec, store_exists, write_error
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -253,7 +253,7 @@ class ZarrHandle:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
             advice = ("give the folder of a store made by `tokens extract`, the one that holds its zarr.json" if mode == "r"
                       else "a new store needs a path that does not exist yet, or an empty directory")
-            raise StoreError(f"{path} is a directory but not a zarr store ({error}); {advice}") from error
+            raise NotAStore(f"{path} is a directory but not a zarr store ({error}); {advice}") from error
         except (ValueError, TypeError, KeyError) as error:  # zarr.json is not JSON, or not zarr's metadata
             raise damaged_metadata(path, error) from error
         if mode != "r":

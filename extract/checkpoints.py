@@ -95,7 +95,7 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
 
-ALLOW_PICKLE = ". If you trust this file, pass --allow-pickle (allow_pickle=True)."
+ALLOW_PICKLE = ". If you trust this file, pass --allow-pickle (in Python, allow_pickle=True)."
 
 
 def _refusal(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:

@@ -169,6 +169,7 @@ def backbones():
         typer.echo(f"{name}{default}\n    {'; '.join(facts + [entry.help])}"
                    + (f"\n    options (-o KEY=VALUE): {', '.join(options)}" if options else ""))
     sized = [name for name, entry in BACKBONES.items() if "dim" in settable_options(entry)]
+    headed = [name for name in sized if "num_heads" in settable_options(BACKBONES[name])]
     typer.echo(f"\nA checkpoint of another size of {', '.join(sized)} needs its sizes as options, e.g. -o dim=384 -o depth=12 "
-               "-o num_heads=6 for a ViT-S: the weights show dim and depth (a mismatch is refused) but not num_heads (ViT-S 6, "
-               "ViT-B 12, ViT-L 16). A timm model's size comes with its name.")
+               f"for a ViT-S; {', '.join(headed)} also need -o num_heads (ViT-S 6, ViT-B 12, ViT-L 16): the weights show dim and "
+               "depth (a mismatch is refused) but not the number of heads. A timm model's size comes with its name.")

@@ -661,7 +661,7 @@ def extract(
                 store.split(split).mark_incomplete(shard)
                 summary.retried += failed_in.pop((split, shard))
             if summary.retried:
-                log(f"retrying {summary.retried} failed items: their shards are written again")
+                log(f"retrying {summary.retried} failed item{'s' * (summary.retried != 1)}: their shards are written again")
         summary.failed_before = sum(failed_in.values())
         summary.good_before = sum(len(_shard_items(spec, *unit)) for unit in failed_in) - summary.failed_before
         todo = incomplete_units(store, work)

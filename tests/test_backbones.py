@@ -92,7 +92,10 @@ def test_tokens_backbones_lists_each_backbones_options():
     listing = result.output.split("\naudiomae\n")[1].split("\neat")[0]
     assert "options (-o KEY=VALUE): dim=768, depth=12, num_heads=12" in listing
     assert "options (-o KEY=VALUE): window_seconds=1.0" in result.output.split("\ncrepe-full")[0]
-    assert "but not num_heads" in result.output
+    footer = " ".join(result.output.split("\nA checkpoint of another size")[1].split())
+    assert "audiomae, eat, sslam also need -o num_heads" in footer  # beats and ast take no num_heads: they refuse it
+    with pytest.raises(ValueError, match="beats takes the options dim, depth; not num_heads"):
+        build_backbone("beats", "unused.pt", num_heads=6)
 
 
 @pytest.mark.parametrize("options, message", [
