@@ -38,7 +38,7 @@ app.command()(demo)
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def slurm(
     ctx: typer.Context,
-    verb: str = typer.Argument(..., help="extract or probe"),
+    verb: str = typer.Argument(..., metavar="VERB", help="extract or probe"),
     array: int = typer.Option(..., "--array", min=1, help="Number of array tasks: the work is split into this many parts."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per task (0 for CPU-only tasks)."),
     cpus: int = typer.Option(8, "--cpus", help="CPU cores per task (DataLoader workers for extraction)."),
@@ -65,7 +65,10 @@ def slurm(
         partition=partition, python=sys.executable, workdir=Path.cwd(),
     )
     path = script or Path(f"tokens-{verb}.sbatch")
-    path.write_text(text)
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot write {path}: {error.strerror}", param_hint="--script") from None
     Path("slurm-logs").mkdir(exist_ok=True)
     typer.echo(f"wrote {path}")
     if submit:

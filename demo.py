@@ -67,7 +67,7 @@ def make_dataset(directory: Path, seed: int = 0) -> Path:
 
 
 def demo(
-    directory: Path = typer.Argument(Path("tokens-demo"), help="Where the dataset, the store and the probe run go."),
+    directory: Path = typer.Argument(Path("tokens-demo"), metavar="DIRECTORY", help="Where the dataset, the store and the probe run go."),
     epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=1, help="Probe training epochs."),
 ):
     """Run the whole pipeline offline: synthesize localized sound events, extract them with the

@@ -107,7 +107,7 @@ def failed_items(store: TokenStore) -> list[dict]:
 
 
 def info(
-    store: Path = typer.Argument(..., help="A store: a .zarr directory or a .h5 file."),
+    store: Path = typer.Argument(..., metavar="STORE", help="A store: a .zarr directory or a .h5 file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for other programs instead of the summary."),
     failed: bool = typer.Option(False, "--failed", help="List the items that failed to decode, with the reason, instead of the summary."),
 ):
@@ -128,7 +128,7 @@ def info(
 
 
 def verify(
-    store: Path = typer.Argument(..., help="A store: a .zarr directory or a .h5 file."),
+    store: Path = typer.Argument(..., metavar="STORE", help="A store: a .zarr directory or a .h5 file."),
     unmark_damaged: bool = typer.Option(
         False, "--unmark-damaged", help="Mark the complete shards found damaged as not complete, so that rerunning "
         "the extraction that made the store writes them again."),

@@ -71,10 +71,13 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-s
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def write_error(where, error: OSError) -> StoreError:
+def write_error(where, error: OSError, creating: bool = False) -> StoreError:
     """The StoreError for a write that failed on `where` (a file, or a dataset of an HDF5 file), saying
-    what to do: a full disk loses only the shards in flight, so freeing space and rerunning resumes."""
+    what to do: a full disk loses only the shards in flight, so freeing space and rerunning resumes.
+    `creating`: the store was being made, so there are no shards to keep."""
     reason = error.strerror or str(error)
+    if creating and error.errno not in FULL_DISK:
+        return StoreError(f"{where}: cannot create the store here ({reason}): use another --store")
     if error.errno in FULL_DISK:
         advice = ("the disk is full (or a quota or file-size limit is reached). Shards already complete are kept: "
                   "free space and rerun the same command to resume")
@@ -259,7 +262,7 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
         try:
             backend.create(path, spec)
         except OSError as error:  # a full disk or a read-only parent directory
-            raise write_error(path, error) from error
+            raise write_error(path, error, creating=True) from error
     else:
         check_writable(path)
     store = TokenStore(path, fmt=fmt, mode="a")

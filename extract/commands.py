@@ -37,20 +37,23 @@ def parse_backbone_options(pairs: list[str]) -> dict:
                 break
             except ValueError:
                 continue
+        if key.strip() in options:  # as probe's --option: the last one would win without a word
+            raise typer.BadParameter(f"{key.strip()} given twice ({options[key.strip()]} and {value}): give it once",
+                                     param_hint="--backbone-option")
         options[key.strip()] = value
     return options
 
 
 def extract(
     dataset: Path = typer.Argument(
-        ..., help="A manifest (.csv or .jsonl with columns path, labels or label, split, optional id/start/end) "
+        ..., metavar="DATASET", help="A manifest (.csv or .jsonl with columns path, labels or label, split, optional id/start/end) "
         "or a folder laid out as ROOT/<split>/<class>/<file>.",
     ),
     store: Path = typer.Option(..., "--store", "-s", help="Where to write: a .zarr directory (default format) or a .h5 file."),
     backbone: str = typer.Option("crepe-tiny", "--backbone", "-b", help="Backbone name; `tokens backbones` lists them. Image ViTs: timm:<model name>."),
     checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (or HF directory for ast) in the backbone's original format."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow checkpoints that need full unpickling (e.g. fairseq). Only for files you trust: unpickling can run code."),
-    backbone_option: list[str] = typer.Option([], "--backbone-option", "-o", help="KEY=VALUE passed to the backbone (repeatable), e.g. -o window_seconds=2 or -o num_heads=6; `tokens backbones` lists each backbone's options."),
+    backbone_option: list[str] = typer.Option([], "--backbone-option", "-o", metavar="KEY=VALUE", help="KEY=VALUE passed to the backbone (repeatable), e.g. -o window_seconds=2 or -o num_heads=6; `tokens backbones` lists each backbone's options."),
     layers: str = typer.Option("-1", "--layers", "-l", help="Blocks to cache, comma-separated (negative counts from the end), or 'all'."),
     final_norm: bool = typer.Option(False, "--final-norm", help="Apply the encoder's final norm to the cached tokens (default: raw block outputs, as the EP protocol uses)."),
     fmt: str = typer.Option(None, "--format", help="Store format: zarr or hdf5 (default: hdf5 for a .h5/.hdf5 store, else zarr)."),

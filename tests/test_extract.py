@@ -536,6 +536,7 @@ def test_bad_options_of_the_python_api_are_refused_before_the_dataset_is_read(tm
     (["--codec", "bogus", "--dry-run"], "codec 'bogus' is not available for zarr stores"),
     (["--layers", ""], "'' is not 'all' or a comma-separated list of integers"),
     (["-o", "window_seconds=0"], "crepe-tiny option window_seconds=0 must be positive"),
+    (["-o", "window_seconds=1", "-o", "window_seconds=2"], "window_seconds given twice (1 and 2): give it once"),
 ])
 def test_bad_numbers_are_refused_by_name_and_leave_no_store(dataset, tmp_path, args, message):
     """A store left behind by a refused run would make the corrected rerun look like another configuration."""

@@ -1006,3 +1006,11 @@ def test_two_copies_of_a_part_save_their_checkpoints_side_by_side(tmp_path):
         list(pool.map(save, range(2)))
     assert torch.load(path, weights_only=True)["epoch"] == 29
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_layers_all_sweeps_every_cached_layer_and_a_bad_layer_is_named_once(store, tmp_path):
+    """`--layers all` reads as extract's: each cached layer, one configuration each."""
+    ok("probe", store, "--heads", "linear", "--layers", "all", "--seeds", "0", *FAST, "--out", tmp_path / "all")
+    assert sorted(row["layer"] for row in leaderboard(tmp_path / "all").values()) == ["3", "6"]
+    result = invoke("probe", store, "--layers", "all,x", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "Invalid value for --layers: 'all' is not an integer" in said(result), said(result)

@@ -262,6 +262,16 @@ def test_a_sweep_every_task_would_refuse_is_refused_before_its_store_exists(tmp_
     assert message in output, output
 
 
+def test_a_script_that_cannot_be_written_is_named_as_the_option_at_fault(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--script", "no/such/job.sbatch"])
+    assert result.exit_code == 2 and "Invalid value for --script: cannot write no/such/job.sbatch: No such file" in " ".join(
+        result.output.split()), result.output
+
+
 def test_a_script_may_be_written_before_its_store_exists(tmp_path, monkeypatch):
     from typer.testing import CliRunner
     from tokens.cli import app

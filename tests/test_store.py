@@ -783,3 +783,9 @@ def test_closing_a_store_releases_its_files_and_threads(tmp_path, fmt, suffix):
                 for layer in split.layers:
                     split.read_tokens(layer, np.arange(split.num_items))
     assert (len(os.listdir("/proc/self/fd")), threading.active_count()) == (open_files, threads)
+
+
+def test_a_store_that_cannot_be_made_says_so_without_talking_of_shards_kept():
+    """No shard was ever written there: the advice to rerun and resume would mislead."""
+    with pytest.raises(StoreError, match=r"/proc/tokens-test.zarr: cannot create the store here \(.*\): use another --store"):
+        create_or_open("/proc/tokens-test.zarr", make_spec())

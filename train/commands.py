@@ -119,6 +119,9 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: boo
             spec["heads"][head].update(opts)
         where = "--option"
     for key, text in (("lr", lr), ("wd", wd), ("layers", layers), ("seeds", seeds)):
+        if key == "layers" and text is not None and text.strip() == "all":  # as extract's --layers all: every cached layer
+            spec["layers"] = ["all"]
+            continue
         values = sweeps.parse_list(text, f"--{key}", sweeps.KINDS[key])
         if values is not None:
             spec[key] = values
@@ -146,7 +149,9 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
     `require_lr`: they are refused instead (see read_sweep)."""
     spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr)
     try:
-        resolved = list(dict.fromkeys(resolve_layer(v, store) for v in spec.get("layers", sweeps.DEFAULT_LAYERS)))
+        layers_asked = spec.get("layers", sweeps.DEFAULT_LAYERS)
+        layers_asked = store.layers if layers_asked == ["all"] else layers_asked
+        resolved = list(dict.fromkeys(resolve_layer(v, store) for v in layers_asked))
     except SweepError as error:
         if layers is None and sweep_file is not None and "layers" in spec:  # the file's layers, not --layers
             raise SweepError(f"{sweep_file}: layers: {error}", "--sweep") from None
@@ -210,13 +215,13 @@ def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer:
 
 
 def probe(
-    store: Path = typer.Argument(..., help="A token store made by `tokens extract` (.zarr directory or .h5 file)."),
+    store: Path = typer.Argument(..., metavar="STORE", help="A token store made by `tokens extract` (.zarr directory or .h5 file)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: leaderboard, per-head results, best heads, plots, checkpoint."),
     heads: str = typer.Option(None, "--heads", help=f"Comma-separated heads ({', '.join(HEADS)}). Default: {','.join(sweeps.DEFAULT_HEADS)}."),
-    option: list[str] = typer.Option(None, "--option", help="Sweep a head option: HEAD.NAME=V1,V2 (repeatable), e.g. ep.num_queries=16,32 or protobin.lr=2e-2,4e-2."),
+    option: list[str] = typer.Option(None, "--option", metavar="HEAD.NAME=V1,V2", help="Sweep a head option: HEAD.NAME=V1,V2 (repeatable), e.g. ep.num_queries=16,32 or protobin.lr=2e-2,4e-2."),
     lr: str = typer.Option(None, "--lr", help="Learning rates, e.g. 1e-3,3e-3. Default per head, for AdamW: 2e-2 for prototype heads, 1e-3 otherwise; with --optimizer lars, 0.1 x batch size / 256 (MAE's rule). --optimizer sgd has no default: give them."),
     wd: str = typer.Option(None, "--wd", help="Weight decays, e.g. 1e-4,5e-4. Default: 1e-4."),
-    layers: str = typer.Option(None, "--layers", help="Cached layers: stored layer numbers, or negative ones counted from the last (-1). Default: -1."),
+    layers: str = typer.Option(None, "--layers", help="Cached layers, each swept on its own: stored layer numbers, negative ones counted from the last (-1), or 'all'. Default: -1."),
     seeds: str = typer.Option(None, "--seeds", help="Head seeds (init and dropout), e.g. 0,1,2. Default: 0."),
     sweep: Path = typer.Option(None, "--sweep", help="A TOML sweep file instead of --heads/--option (format above). --lr, --wd, --layers and --seeds given with it replace its top-level lists; a head's own lr and wd in the file still win."),
     part: str = typer.Option(None, "--part", help="Train part I of N of the configurations (I/N); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun RANK/WORLD_SIZE. Parts write to RUN/part-I-of-N/."),
@@ -288,7 +293,7 @@ def probe(
 
 
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run directories (parts inside them are found), or leaderboard.csv files."),
+    runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (parts inside them are found), or leaderboard.csv files."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Where report.csv, report.md, report.png and the merged leaderboard.csv go."),
 ):
     """Merge runs and parts of runs; average configurations that differ only by seed (mean ± sd).
@@ -347,7 +352,7 @@ def prepare_output(out: Path):
 
 
 def predict(
-    store: Path = typer.Argument(..., help="A token store with the same encoder, layers and classes as the head's."),
+    store: Path = typer.Argument(..., metavar="STORE", help="A token store with the same encoder, layers and classes as the head's."),
     head: Path = typer.Option(..., "--head", help="A saved head, e.g. RUN/best/ep.pt."),
     split: str = typer.Option("test", "--split", help="The split to score."),
     out: Path = typer.Option(Path("scores.csv"), "--out", "-o", help="CSV: id, then one score column per class."),

@@ -120,7 +120,8 @@ def check_kind(values: list, kind, name: str, option: str):
     """Refuse a value of the wrong type by name (a bool is not a number here)."""
     for v in values:
         if not isinstance(v, kind) or isinstance(v, bool):
-            raise SweepError(f"{name}: {v!r} is not {'an integer' if kind is int else 'a number'}", option)
+            where = "" if name == option else f"{name}: "  # the option is named beside the message already
+            raise SweepError(f"{where}{v!r} is not {'an integer' if kind is int else 'a number'}", option)
 
 
 def parse_options(items: list[str] | None) -> dict[str, dict[str, list]]:
