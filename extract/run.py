@@ -587,9 +587,9 @@ def check_options(store_path: Path, *, fmt: str | None, dtype: str, precision: s
         raise ExtractionError(f"--format {fmt!r}: use zarr or hdf5")
     fmt = fmt or detect_format(store_path, default="zarr")
     if dtype not in TORCH_DTYPE:
-        raise ExtractionError(f"dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
+        raise ExtractionError(f"--dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")
     if precision not in ("bf16", "fp32"):
-        raise ExtractionError(f"precision {precision!r}: use bf16 or fp32")
+        raise ExtractionError(f"--precision {precision!r}: use bf16 or fp32")
     check_codec(fmt, codec)
     if fmt == "hdf5" and part[1] > 1:  # HDF5 has no concurrent writers; with its file locking off, they corrupt it
         raise ExtractionError(f"{store_path}: an HDF5 store takes one writer, so it cannot be filled in {part[1]} parts "

@@ -520,7 +520,7 @@ def test_a_dry_run_says_what_the_existing_store_holds_or_refuses(dataset, tmp_pa
     assert other.exit_code == 2 and "layers" in other.output and "another configuration" in other.output, other.output
 
 
-@pytest.mark.parametrize("options, message", [({"dtype": "float64"}, "dtype 'float64'"), ({"precision": "fp16"}, "precision 'fp16'"),
+@pytest.mark.parametrize("options, message", [({"dtype": "float64"}, "--dtype 'float64'"), ({"precision": "fp16"}, "--precision 'fp16'"),
                                              ({"fmt": "parquet"}, "--format 'parquet'"), ({"layers": [7]}, "--layers: 7")])
 def test_bad_options_of_the_python_api_are_refused_before_the_dataset_is_read(tmp_path, options, message):
     """The same clear errors as the command line's, before minutes of checking a large dataset."""

@@ -361,8 +361,8 @@ def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "--batch-size 0: use 1 or more"),
     (["--num-workers", "-1"], "--num-workers -1: use 0 or more"),
-    (["--dtype", "float8"], "dtype 'float8'"),
-    (["--precision", "fp16"], "precision 'fp16'"),
+    (["--dtype", "float8"], "--dtype 'float8'"),
+    (["--precision", "fp16"], "--precision 'fp16'"),
     (["--format", "parquet"], "--format 'parquet'"),
     (["--codec", "lzf"], "codec 'lzf' is not available for zarr stores"),
     (["-b", "bogus"], "unknown backbone 'bogus'"),
