@@ -68,7 +68,7 @@ def test_matches_an_independent_decode(tmp_path, native, channels):
     np.testing.assert_allclose(x, reference(path, 0.5, 2.0, SR), atol=1e-5)
 
 
-@pytest.mark.parametrize("native", [8000, 22050, 44100, 48000])
+@pytest.mark.parametrize("native", [8000, 11127, 22050, 44100, 48000])
 def test_resampling_keeps_the_pitch(tmp_path, native):
     t = np.arange(2 * native) / native
     tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
@@ -178,3 +178,25 @@ def test_a_resampled_window_never_holds_more_samples_than_the_window(tmp_path, n
     sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(3 * native)).astype(np.float32), native)
     for k in range(int(3 / window)):
         assert len(load_window(path, k * window, window, SR)) <= round(window * SR), k
+
+
+@pytest.mark.parametrize("native", [44100, 22050, 8000, 12345])
+def test_resampling_at_any_ratio_is_torchaudios_filter(native):
+    """The filter evaluated per output sample equals torchaudio's phase filters (in float64, which
+    its float32 filters approach less closely at large ratios)."""
+    from tokens.extract.audio import resample_any_ratio
+
+    audio = (0.1 * np.random.default_rng(native).standard_normal(native // 2)).astype(np.float32)
+    expected = torchaudio.functional.resample(torch.from_numpy(audio.astype(np.float64)), native, SR).numpy()
+    np.testing.assert_allclose(resample_any_ratio(audio, native, SR), expected, rtol=0, atol=1e-6)
+
+
+def test_a_rate_with_a_small_common_divisor_skips_torchaudios_phase_filters(tmp_path, monkeypatch):
+    """11 127 Hz (an old Mac rate) against 16 kHz: torchaudio would build 16 000 filters of 11 127
+    taps, 2.5 s and 3 GB for every 10 s window."""
+    import tokens.extract.audio as audio_module
+
+    called = []
+    monkeypatch.setattr(audio_module.torchaudio.functional, "resample", lambda *args: called.append(args[1:]))
+    sf.write(tmp_path / "mac.wav", (0.1 * np.random.default_rng(0).standard_normal(3 * 11127)).astype(np.float32), 11127)
+    assert len(load_window(tmp_path / "mac.wav", 0.0, 1.0, SR)) == SR and not called
