@@ -423,6 +423,7 @@ def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, w
                    records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list, str | None]]:
     """(row, its problems, its windows, how its `end` lies past its file's if it does) of each
     record; runs in worker processes for large datasets."""
+    _names_by_nfc.cache_clear()  # folders may have changed since the last dataset was read
     checked = []
     for where, record in records:
         row, problems = _check_row(root, where, record, task, known)
@@ -487,16 +488,25 @@ def _renormalised(full: str, start: int) -> bool:
     """Whether a file exists at `full` once each name from `start` on is taken as on disk when only
     Unicode normalisation tells them apart ('café' in NFC, as typed, against NFD, as macOS writes it):
     the two print alike, so "file not found" alone would baffle. Asked only of a path not found."""
+    if full[start:].isascii():  # names that only normalisation tells apart are not ASCII
+        return False
     path = full[:start]
     for name in full[start:].split(os.sep):
         if not os.path.lexists(os.path.join(path, name)):
-            same = unicodedata.normalize("NFC", name)
-            try:
-                name = next(other for other in os.listdir(path) if unicodedata.normalize("NFC", other) == same)
-            except (OSError, StopIteration):
+            name = _names_by_nfc(path).get(unicodedata.normalize("NFC", name))
+            if name is None:
                 return False
         path = os.path.join(path, name)
     return os.path.isfile(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _names_by_nfc(folder: str) -> dict[str, str]:
+    """A folder's entries by their NFC form: listed once for all the rows not found in it."""
+    try:
+        return {unicodedata.normalize("NFC", name): name for name in os.listdir(folder)}
+    except OSError:
+        return {}
 
 
 def _text(value) -> str:
