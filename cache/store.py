@@ -613,12 +613,16 @@ class Split:
             raw.read_into(indices, out)
         return out
 
-    def column(self, name: str) -> np.ndarray:
-        """A whole per-item column: labels, ids, sources, offsets, durations or errors.
+    def column(self, name: str, indices: np.ndarray | None = None) -> np.ndarray:
+        """A per-item column (labels, ids, sources, offsets, durations or errors), whole or at
+        `indices` (increasing; only their shards are read).
 
         Strings (ids, sources, errors) come as object arrays of str whatever the backend and numpy:
         zarr gives numpy 2's StringDType, HDF5 and numpy 1 object arrays."""
-        data = self._h.read_column(self.name, name, self.num_items)
+        if indices is None:
+            data = self._h.read_column(self.name, name, self.num_items)
+        else:
+            data = self._h.read_rows(self.name, name, np.asarray(indices, dtype=np.int64))
         return np.asarray(data, dtype=object) if name in STRING_COLUMNS else data
 
     def load(self, layer: int) -> np.ndarray:

@@ -196,7 +196,7 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
 
 def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndarray, complete: np.ndarray) -> str:
     """dataset_change() for some rows of a split: each column compared as a whole, the first row named."""
-    held = {name: split._h.read_rows(split.name, name, rows) for name in ("ids", "sources", "offsets", "durations", "labels")}
+    held = {name: split.column(name, rows) for name in ("ids", "sources", "offsets", "durations", "labels")}
     planned = [items[row] for row in rows]
     labels = held["labels"]
     wanted = np.zeros_like(labels)
@@ -259,10 +259,14 @@ def failed_in_complete_shards(store: TokenStore, work: Plan) -> dict[tuple[str, 
     counts = {}
     for name in dict.fromkeys(split for split, _ in work.units):
         split = store.split(name)
-        done, errors = split.complete_mask(), split.column("errors")
-        for shard in (shard for unit, shard in work.units if unit == name and done[shard]):
-            rows = _shard_items(work.spec, name, shard)
-            counts[(name, shard)] = sum(bool(error) for error in errors[rows.start:rows.stop])
+        done = split.complete_mask()
+        shards = [shard for unit, shard in work.units if unit == name and done[shard]]
+        if not shards:
+            continue
+        rows = [_shard_items(work.spec, name, shard) for shard in shards]  # only these shards' files are read
+        errors = iter(split.column("errors", np.concatenate([np.arange(r.start, r.stop) for r in rows])))
+        for shard, shard_rows in zip(shards, rows):
+            counts[(name, shard)] = sum(bool(next(errors)) for _ in shard_rows)
     return counts
 
 

@@ -178,6 +178,17 @@ def test_failed_items_stay_failed_on_resume_and_retry_failed_extracts_them_once_
             np.testing.assert_array_equal(store.split("test").read_tokens(layer, [row]), fresh.split("test").read_tokens(layer, [row]))
 
 
+def test_a_part_resumes_whatever_damage_the_other_parts_shards_hold(dataset, tmp_path):
+    """A resume reads the failed-item records of its own part's shards only: another task's damaged
+    shard is that task's (and verify's) to report, not a reason for every part to stop."""
+    store_path = tmp_path / "s.zarr"
+    for part in ((1, 2), (2, 2)):
+        run(dataset, store_path, part=part)
+    os.remove(store_path / "train" / "errors" / "c" / "0")  # train's shard 0 is part 1's
+    again = run(dataset, store_path, part=(2, 2))
+    assert again.items_written == 0 and again.shards_skipped > 0 and again.good_before > 0
+
+
 @pytest.mark.parametrize("count,batch_size,workers,sizes", [
     (1000, 128, 31, [16] * 32 + [128] * 3 + [104]),  # 4 batches in 8 parts: one for each of 31 workers
     (100, 128, 31, [16] * 6 + [4]),
