@@ -57,7 +57,7 @@ def slurm(
     """
     if verb not in ("extract", "probe"):
         raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")
-    if any(arg == "--part" or arg.startswith("--part=") for arg in ctx.args):
+    if any(arg in ("--part", "--shard") or arg.startswith(("--part=", "--shard=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
     _check_forwarded(verb, ctx.args, submit, array)
     text = sbatch_script(

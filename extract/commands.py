@@ -66,6 +66,7 @@ def extract(
     num_workers: int = typer.Option(None, "--num-workers", help="DataLoader workers that decode the audio or images, at a lower priority (default: one per usable core but one, shared among a node's torchrun ranks, at most 32; at most 8 for audio encoders whose fbank runs on the GPU, where more slowed the disk)."),
     part: str = typer.Option(None, "--part", help="Do part I of N (I/N, 1-based) of the shards; defaults to the SLURM array task or torchrun rank."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad item instead of recording it and going on."),
+    shard: str = typer.Option(None, "--shard", hidden=True),  # --part's former name, in sbatch scripts written before
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Extract again the items an earlier run recorded as failed (once their files are fixed): their shards are written again."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print items, bytes per item and size on disk, then stop."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -81,7 +82,7 @@ def extract(
     from tokens.extract.run import ExtractionError, extract as run_extract
 
     try:
-        part_of_work = resolve_part(part)
+        part_of_work = resolve_part(part or shard)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--part") from None
     try:
@@ -124,7 +125,9 @@ def extract(
                    f"{'stays' if result.failed_before == 1 else 'stay'} so (`tokens info {store} --failed` lists them); "
                    "--retry-failed extracts them again once their files are fixed", err=True)
     good = result.items_written - len(result.failed) + result.good_before
-    if not good and (result.failed or result.failed_before):  # a dataset of the other modality, or of a format not read here
+    # A dataset of the other modality, or of a format not read here. Not asked of one part of a run:
+    # the few items of a small part may all be bad files, and the other parts' were not looked at.
+    if not good and (result.failed or result.failed_before) and part_of_work[1] == 1:
         from tokens.extract.backbones import BACKBONES
 
         modality = "images" if BACKBONES[backbone.partition(":")[0]].config["modality"] == "image" else "audio"

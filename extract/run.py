@@ -236,15 +236,18 @@ def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndar
     return f"{where} ({item.id}) is labelled {named(stored)} in the store but {named(item.labels)} now"
 
 
-def check_existing(work: Plan, store_path: Path) -> Plan:
+def check_existing(work: Plan, store_path: Path, retry_failed: bool = False) -> Plan:
     """What a dry run can say of a store already there: the run would be refused (another
-    configuration), or how many of its shards are complete. Not the precision: a dry run on a login
-    node without a GPU cannot know what the job on a GPU node will run in."""
+    configuration), or how many of its shards are complete (less those with failed items, which
+    `retry_failed` writes again). Not the precision: a dry run on a login node without a GPU cannot
+    know what the job on a GPU node will run in."""
     if not store_exists(store_path):
         return work
     with open_store(store_path) as store:
         store.check_compatible(work.spec, unknown=("precision",), dataset_change=functools.partial(dataset_change, dataset=work.dataset))
         work.complete = len(work.units) - len(incomplete_units(store, work))
+        if retry_failed:
+            work.complete -= sum(1 for count in failed_in_complete_shards(store, work).values() if count)
     return work
 
 
@@ -654,7 +657,7 @@ def extract(
             log(f"note: part {part[0]}/{part[1]} has no shard to write: the dataset makes {work.shard_count()} "
                 f"(of up to {spec.shard_size} items); {work.shard_count()} parts or fewer give each part one")
         if dry_run:
-            return check_existing(work, store_path)
+            return check_existing(work, store_path, retry_failed)
         summary = Summary(store_path)
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).

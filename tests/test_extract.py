@@ -98,6 +98,8 @@ def test_a_run_where_every_item_failed_exits_with_an_error(tmp_path):
     assert again.exit_code == 1, again.output  # a retry (a requeued job) does not turn the failure into success
     assert "2 items that an earlier run recorded as failed stay so" in again.output
     assert "every item in the store's shards failed" in " ".join(again.output.split())
+    part = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "s.zarr"), "-q", "--part", "1/2"])
+    assert part.exit_code == 0 and "stay so" in part.output, part.output  # a part's few items may all be bad files
     tone(data / "c.wav", 0.5)
     (data / "m.csv").write_text("path,label,split\na.png,x,train\nc.wav,y,train\n")
     result = CliRunner().invoke(app, ["extract", str(data / "m.csv"), "--store", str(tmp_path / "t.zarr"), "-q", "--num-workers", "0"])
@@ -166,6 +168,8 @@ def test_failed_items_stay_failed_on_resume_and_retry_failed_extracts_them_once_
     args = ["extract", str(dataset), "--store", str(store_path), "-q", "--num-workers", "0", "--shard-size", "2", "-l", "all"]
     kept = CliRunner().invoke(app, args)
     assert kept.exit_code == 0 and "1 item that an earlier run recorded as failed stays so" in kept.output, kept.output
+    would = run(dataset, store_path, retry_failed=True, dry_run=True)
+    assert len(would.units) - would.complete == 1  # the dry run counts the shard that the retry writes again
     retried = run(dataset, store_path, retry_failed=True)
     assert retried.retried == 1 and retried.failed == [] and retried.shards_written == 1 and retried.failed_before == 0
     with open_store(store_path) as store:

@@ -356,6 +356,9 @@ def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_
     by_hand = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--part", "4/5"])
     assert by_hand.exit_code == 0, by_hand.output
     assert "note: part 4/5 has no shard to write: the dataset makes 3 (of up to 1 items)" in by_hand.output, by_hand.output
+    # --part's former name, which sbatch scripts written by earlier versions pass: resubmitting them still works
+    former = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--shard", "4/5"])
+    assert former.exit_code == 0 and "note: part 4/5 has no shard to write" in former.output, former.output
 
 
 @pytest.mark.parametrize("args, message", [
