@@ -95,7 +95,7 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
     if verb == "extract":  # the options, the backbone as each task will load it, then the dataset it will read
-        from tokens.extract.run import ExtractionError, check_options, load_backbone, plan
+        from tokens.extract.run import ExtractionError, check_options, load_backbone
 
         try:
             fmt = check_options(params["store"], part=(1, array), **{key: params[key] for key in (
@@ -108,12 +108,7 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
                                               extract_commands.parse_backbone_options(params["backbone_option"]),
                                               params["final_norm"], extract_commands.parse_layers(params["layers"]))
                 if params["dataset"].exists():
-                    work = plan(params["dataset"], params["store"], model, layers=layers, dtype=params["dtype"], fmt=fmt,
-                                codec=params["codec"], shard_size=params["shard_size"], part=(1, 1))
-                    if array > work.shard_count():
-                        raise typer.BadParameter(
-                            f"{array} tasks for a dataset of {work.shard_count()} shards (of up to {work.spec.shard_size} "
-                            f"items): use --array {work.shard_count()} or fewer", param_hint="--array")
+                    _check_extraction_dataset(params, model, layers, fmt, array, submit)
         except (ExtractionError, StoreError, ValueError, FileNotFoundError) as error:
             raise typer.BadParameter(f"tokens extract would refuse them: {error}", param_hint="ARGS") from None
     needed = params["store"] if verb == "probe" else params["dataset"]
@@ -133,6 +128,27 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
         if array > len(configs):
             raise typer.BadParameter(f"{array} tasks for a sweep of {len(configs)} configurations: use --array {len(configs)} or fewer",
                                      param_hint="--array")
+
+
+def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, array: int, submit: bool):
+    """The dataset as each task will read it, against the store it goes into: a store of another
+    configuration or dataset is refused, and so are more tasks than shards. A dataset refused as it
+    is now is a note unless --submit, as one still to come is: its files may be on their way."""
+    from tokens.extract.manifest import ManifestError
+    from tokens.extract.run import check_existing, plan
+
+    try:
+        work = plan(params["dataset"], params["store"], model, layers=layers, dtype=params["dtype"], fmt=fmt,
+                    codec=params["codec"], shard_size=params["shard_size"], part=(1, 1), progress=True)
+    except ManifestError as error:
+        if submit:
+            raise
+        typer.echo(f"note: tokens extract would refuse the dataset as it is now, {error}\nthe tasks read it when they start", err=True)
+        return
+    check_existing(work, params["store"])
+    if array > work.shard_count():
+        raise typer.BadParameter(f"{array} tasks for a dataset of {work.shard_count()} shards (of up to {work.spec.shard_size} "
+                                 f"items): use --array {work.shard_count()} or fewer", param_hint="--array")
 
 
 def main():

@@ -350,9 +350,18 @@ def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_
     write_clips(tmp_path, 3)
     output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--array", "4")
     assert "4 tasks for a dataset of 3 shards (of up to 1 items): use --array 3 or fewer" in output, output
+    # The dataset is read at submission: refused as it is now, it is a note (its files may be on their
+    # way), unless --submit; and a store of another dataset is refused.
     (tmp_path / "empty.csv").write_text("path,label,split\n")
-    output = refused_at_submission("extract", "empty.csv", "--store", "s.zarr", "--array", "2")
-    assert "tokens extract would refuse them: " in output and "no rows: the dataset is empty" in output, output  # the dataset is read at submission
+    noted = CliRunner().invoke(app, ["slurm", "extract", "empty.csv", "--store", "e.zarr", "--array", "2", "--script", "e.sbatch"])
+    assert noted.exit_code == 0 and "note: tokens extract would refuse the dataset as it is now" in noted.output, noted.output
+    assert "no rows: the dataset is empty" in noted.output and (tmp_path / "e.sbatch").exists()
+    output = refused_at_submission("extract", "empty.csv", "--store", "s.zarr", "--array", "2", "--submit")
+    assert "tokens extract would refuse them: " in output and "no rows: the dataset is empty" in output, output
+    assert CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "-q"]).exit_code == 0
+    (tmp_path / "fewer.csv").write_text("\n".join((tmp_path / "data.csv").read_text().splitlines()[:-1]) + "\n")
+    output = refused_at_submission("extract", "fewer.csv", "--store", "s.zarr", "--array", "2")
+    assert "the dataset differs: train has 3 items in the store, 2 now" in output, output
     by_hand = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--part", "4/5"])
     assert by_hand.exit_code == 0, by_hand.output
     assert "note: part 4/5 has no shard to write: the dataset makes 3 (of up to 1 items)" in by_hand.output, by_hand.output
