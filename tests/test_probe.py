@@ -1012,5 +1012,10 @@ def test_layers_all_sweeps_every_cached_layer_and_a_bad_layer_is_named_once(stor
     """`--layers all` reads as extract's: each cached layer, one configuration each."""
     ok("probe", store, "--heads", "linear", "--layers", "all", "--seeds", "0", *FAST, "--out", tmp_path / "all")
     assert sorted(row["layer"] for row in leaderboard(tmp_path / "all").values()) == ["3", "6"]
-    result = invoke("probe", store, "--layers", "all,x", *FAST, "--out", tmp_path / "x")
-    assert result.exit_code == 2 and "Invalid value for --layers: 'all' is not an integer" in said(result), said(result)
+    result = invoke("probe", store, "--layers", "all,-1", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "Invalid value for --layers: 'all,-1': 'all' goes alone" in said(result), said(result)
+    result = invoke("probe", store, "--layers", "x", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "Invalid value for --layers: 'x' is not an integer" in said(result), said(result)
+    (tmp_path / "sweep.toml").write_text('layers = "all"\nseeds = [0]\n[heads.linear]\n')  # in a sweep file too
+    ok("probe", store, "--sweep", tmp_path / "sweep.toml", *FAST, "--out", tmp_path / "file")
+    assert sorted(row["layer"] for row in leaderboard(tmp_path / "file").values()) == ["3", "6"]
