@@ -122,7 +122,7 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: boo
         if key == "layers" and text is not None and "all" in text.split(","):  # as extract's --layers all
             if text.strip() != "all":
                 raise SweepError(f"{text!r}: 'all' goes alone (every cached layer), or give layer numbers", "--layers")
-            spec["layers"] = sweeps.ALL_LAYERS
+            spec["layers"] = [sweeps.ALL_LAYERS]
             continue
         values = sweeps.parse_list(text, f"--{key}", sweeps.KINDS[key])
         if values is not None:
@@ -152,7 +152,7 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
     spec, where = read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr)
     try:
         layers_asked = spec.get("layers", sweeps.DEFAULT_LAYERS)
-        layers_asked = store.layers if layers_asked == sweeps.ALL_LAYERS else layers_asked
+        layers_asked = store.layers if layers_asked == [sweeps.ALL_LAYERS] else layers_asked
         resolved = list(dict.fromkeys(resolve_layer(v, store) for v in layers_asked))
     except SweepError as error:
         if layers is None and sweep_file is not None and "layers" in spec:  # the file's layers, not --layers

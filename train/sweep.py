@@ -47,7 +47,6 @@ DEFAULT_LAYERS = [-1]
 DEFAULT_SEEDS = [0]
 ALL_LAYERS = "all"
 KINDS = {"lr": (int, float), "wd": (int, float), "layers": int, "seeds": int}  # what each list holds
-ALL_LAYERS = ["all"]  # layers = "all" (or --layers all): each cached layer, resolved against the store
 
 
 class SweepError(ValueError):
@@ -161,9 +160,9 @@ def read_sweep_file(path) -> dict:
             check_kind(values, kind, f"{path}: {key}", "--sweep")
         return values
 
-    sweep = {key: listed(data[key], key, kind) for key, kind in KINDS.items() if key in data and data[key] != "all"}
-    if data.get("layers") == "all":
-        sweep["layers"] = ALL_LAYERS
+    sweep = {key: listed(data[key], key, kind) for key, kind in KINDS.items() if key in data and data[key] != ALL_LAYERS}
+    if data.get("layers") == ALL_LAYERS:  # each cached layer, one configuration each: resolved against the store
+        sweep["layers"] = [ALL_LAYERS]
     sweep["heads"] = {}
     for head, opts in data["heads"].items():
         if not isinstance(opts, dict):
