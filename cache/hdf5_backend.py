@@ -187,7 +187,8 @@ class HDF5Handle:
         order = np.argsort(indices, kind="stable")
         sorted_indices = indices[order]
         unique, inverse = np.unique(sorted_indices, return_inverse=True)
-        rows = self.dataset(split, name)[unique][inverse]
+        data = self.dataset(split, name)
+        rows = (data.asstr() if data.dtype == STRING else data)[unique][inverse]  # str, as zarr gives, not bytes
         out = np.empty_like(rows)
         out[order] = rows
         return out

@@ -266,7 +266,11 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
     else:
         check_writable(path)
     store = TokenStore(path, fmt=fmt, mode="a")
-    store.check_compatible(spec, dataset_change=dataset_change)
+    try:
+        store.check_compatible(spec, dataset_change=dataset_change)
+    except BaseException:  # an HDF5 file left open could not be opened again in this process
+        store.close()
+        raise
     return store
 
 

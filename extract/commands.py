@@ -125,13 +125,13 @@ def extract(
                    f"{'stays' if result.failed_before == 1 else 'stay'} so (`tokens info {store} --failed` lists them); "
                    "--retry-failed extracts them again once their files are fixed", err=True)
     good = result.items_written - len(result.failed) + result.good_before
-    # A dataset of the other modality, or of a format not read here. Not asked of one part of a run:
-    # the few items of a small part may all be bad files, and the other parts' were not looked at.
-    if not good and (result.failed or result.failed_before) and part_of_work[1] == 1:
+    if not good and (result.failed or result.failed_before):  # a dataset of the other modality, or of a format not read here
         from tokens.extract.backbones import BACKBONES
 
         modality = "images" if BACKBONES[backbone.partition(":")[0]].config["modality"] == "image" else "audio"
         which = "of this run" if result.items_written else "in the store's shards"
+        if part_of_work[1] > 1:  # the other parts' shards were not looked at
+            which = f"of part {part_of_work[0]}/{part_of_work[1]}'s shards"
         typer.echo(f"error: every item {which} failed: {backbone} reads {modality}; is that what {dataset} holds, "
                    "in a format read here?", err=True)
         raise typer.Exit(1)

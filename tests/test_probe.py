@@ -1016,6 +1016,11 @@ def test_layers_all_sweeps_every_cached_layer_and_a_bad_layer_is_named_once(stor
     assert result.exit_code == 2 and "Invalid value for --layers: 'all,-1': 'all' goes alone" in said(result), said(result)
     result = invoke("probe", store, "--layers", "x", *FAST, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "Invalid value for --layers: 'x' is not an integer" in said(result), said(result)
+    result = invoke("probe", store, "--layers", "3, all", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "'all' goes alone" in said(result), said(result)
+    (tmp_path / "lr.toml").write_text('lr = "all"\nseeds = [0]\n[heads.linear]\n')  # only layers take "all"
+    result = invoke("probe", store, "--sweep", tmp_path / "lr.toml", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "lr: 'all' is not a number" in said(result), said(result)
     (tmp_path / "sweep.toml").write_text('layers = "all"\nseeds = [0]\n[heads.linear]\n')  # in a sweep file too
     ok("probe", store, "--sweep", tmp_path / "sweep.toml", *FAST, "--out", tmp_path / "file")
     assert sorted(row["layer"] for row in leaderboard(tmp_path / "file").values()) == ["3", "6"]

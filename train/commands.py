@@ -119,7 +119,7 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: boo
             spec["heads"][head].update(opts)
         where = "--option"
     for key, text in (("lr", lr), ("wd", wd), ("layers", layers), ("seeds", seeds)):
-        if key == "layers" and text is not None and "all" in text.split(","):  # as extract's --layers all
+        if key == "layers" and text is not None and "all" in [value.strip() for value in text.split(",")]:  # as extract's
             if text.strip() != "all":
                 raise SweepError(f"{text!r}: 'all' goes alone (every cached layer), or give layer numbers", "--layers")
             spec["layers"] = [sweeps.ALL_LAYERS]
