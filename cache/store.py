@@ -617,16 +617,22 @@ class Split:
             raw.read_into(indices, out)
         return out
 
-    def column(self, name: str, indices: np.ndarray | None = None) -> np.ndarray:
-        """A per-item column (labels, ids, sources, offsets, durations or errors), whole or at
-        `indices` (increasing; only their shards are read).
+    def column(self, name: str, indices=None) -> np.ndarray:
+        """A per-item column (labels, ids, sources, offsets, durations or errors), whole (unwritten
+        shards read as empty) or at `indices`, taken as read_tokens takes them (only their shards are read).
 
         Strings (ids, sources, errors) come as object arrays of str whatever the backend and numpy:
         zarr gives numpy 2's StringDType, HDF5 and numpy 1 object arrays."""
         if indices is None:
+            if self.store.closed:
+                raise StoreError(f"{self.store.path} is closed")
             data = self._h.read_column(self.name, name, self.num_items)
         else:
-            data = self._h.read_rows(self.name, name, np.asarray(indices, dtype=np.int64))
+            indices = self._indices(indices)
+            order = np.argsort(indices, kind="stable")  # the backends read increasing indices
+            rows = self._h.read_rows(self.name, name, indices[order] if indices.size else np.zeros(1, np.int64))
+            data = np.empty_like(rows[:len(indices)])
+            data[order] = rows[:len(indices)]
         return np.asarray(data, dtype=object) if name in STRING_COLUMNS else data
 
     def load(self, layer: int) -> np.ndarray:

@@ -36,7 +36,7 @@ MISSING = np.uint64(2**64 - 1)
 PARTIAL = ".partial"  # shard files being written (see ZarrHandle._partial)
 _OWNER = socket.gethostname().replace(".", "_").replace("-", "_")  # in partial files' names
 STALE_SECONDS = 600  # a partial file of another host unchanged this long has lost its writer
-FAST_WRITES = {"write_empty_chunks": True}  # skip the read-back check of empty chunks
+FAST_WRITES = {"write_empty_chunks": True}  # every chunk written, none checked for being all fill value
 
 
 def create(path: Path, spec: StoreSpec):
@@ -269,7 +269,9 @@ class ZarrHandle:
         key = f"{split}/{name}"
         if key not in self._arrays:
             try:
-                self._arrays[key] = self.root[key]
+                # The config is not stored with the array: without it, a compressed shard of failed
+                # items (all zeros, the fill value) would be skipped, and then found missing.
+                self._arrays[key] = self.root[key].with_config(FAST_WRITES)
             except KeyError as error:
                 if (self.path / key / "zarr.json").exists():  # there, but without a field zarr needs
                     raise damaged_metadata(self.path / key, error) from error

@@ -480,8 +480,12 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     if end is not None and start >= end:
         bad.append(f"start {start:g} is not before end {end:g}")
 
+    item_id = _text(record.get("id")) or None
+    if item_id is not None and "\0" in item_id:  # HDF5 strings cannot hold one: refused for both formats
+        bad.append(f"id {item_id!r} contains a NUL character")
+
     rel = "" if bad else full[len(inside):].replace(os.sep, "/")
-    return _Row(where, rel, Path(full), split, labels, _text(record.get("id")) or None, start, end), bad
+    return _Row(where, rel, Path(full), split, labels, item_id, start, end), bad
 
 
 def _renormalised(full: str, start: int) -> bool:

@@ -401,12 +401,16 @@ def test_class_folders_follow_linked_folders_and_files(tmp_path):
 
 
 def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
-    """Neither stops the check: '.' is not a file, a NUL cannot be in a file name."""
+    """Neither stops the check: '.' is not a file, a NUL cannot be in a file name, nor in an HDF5
+    string (an id with one was stored in zarr but stopped an HDF5 extraction mid-run)."""
+    wav(tmp_path / "a.wav", 0.5)
     (tmp_path / "m.jsonl").write_text(
-        '{"path": ".", "label": "x", "split": "train"}\n{"path": "a\\u0000b.wav", "label": "x", "split": "train"}\n')
+        '{"path": ".", "label": "x", "split": "train"}\n{"path": "a\\u0000b.wav", "label": "x", "split": "train"}\n'
+        '{"path": "a.wav", "label": "x", "split": "train", "id": "a\\u0000b"}\n')
     with pytest.raises(ManifestError) as e:
         audio(tmp_path / "m.jsonl")
-    assert e.value.problems == ["line 1: . is a folder, not a file", "line 2: path 'a\\x00b.wav' contains a NUL character"]
+    assert e.value.problems == ["line 1: . is a folder, not a file", "line 2: path 'a\\x00b.wav' contains a NUL character",
+                                "line 3: id 'a\\x00b' contains a NUL character"]
 
 
 def test_duplicate_paths_are_duplicate_ids(tmp_path):

@@ -789,3 +789,46 @@ def test_a_store_that_cannot_be_made_says_so_without_talking_of_shards_kept():
     """No shard was ever written there: the advice to rerun and resume would mislead."""
     with pytest.raises(StoreError, match=r"/proc/tokens-test.zarr: cannot create the store here \(.*\): use another --store"):
         create_or_open("/proc/tokens-test.zarr", make_spec())
+
+
+@pytest.mark.parametrize("fmt, codec", [("zarr", "zstd"), ("zarr", None), ("hdf5", "gzip")])
+def test_a_shard_of_failed_items_only_is_written_whatever_the_codec(tmp_path, fmt, codec):
+    """Failed items' tokens are zeros, zarr's fill value: a compressed zarr array reopened without
+    its write config skipped such a shard's file, which verify then called missing, for ever."""
+    spec = make_spec(codec=codec)
+    items = make_items(spec, "train")
+    first, last = 0, spec.shard_size  # shard 0: every item failed
+    for layer in spec.layers:
+        items["tokens"][layer][first:last] = 0
+        items["prefix"][layer][first:last] = 0
+    items["mask"][first:last] = False
+    items["errors"][first:last] = ["unreadable: test"] * (last - first)
+    path = tmp_path / ("s.zarr" if fmt == "zarr" else "s.h5")
+    with create_or_open(path, spec, fmt) as store:
+        write_shards(store, "train", items, range(store.split("train").num_shards))
+        write_shards(store, "test", make_items(spec, "test"), range(store.split("test").num_shards))
+    with open_store(path) as store:
+        assert verify(store, progress=False).ok
+        assert not store.split("train").load(spec.layers[0])[first:last].any()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_a_column_at_indices_takes_them_as_read_tokens_does(tmp_path, fmt):
+    """Unsorted, repeated, boolean and sliced selections give the whole column's rows; bad ones are
+    refused as read_tokens refuses them (zarr had blamed a damaged store for -1, HDF5 wrapped it)."""
+    path = tmp_path / ("s.zarr" if fmt == "zarr" else "s.h5")
+    fill(path, make_spec(), fmt)
+    with open_store(path) as store:
+        split = store.split("train")
+        for name in ("ids", "labels", "offsets", "errors"):
+            whole = split.column(name)
+            for selection in ([3, 0, 3], np.arange(split.num_items) % 5 == 0, slice(2, 9, 3), np.array([], dtype=np.int32)):
+                expected = whole[np.arange(split.num_items)[selection]]
+                got = split.column(name, selection)
+                np.testing.assert_array_equal(got, expected)
+                assert got.dtype == whole.dtype and all(type(a) is type(b) for a, b in zip(got.ravel(), expected.ravel()))
+        for bad, error in (([-1], IndexError), ([split.num_items], IndexError), ([0.5], TypeError)):
+            with pytest.raises(error):
+                split.column("ids", bad)
+    with pytest.raises(StoreError, match="is closed"):
+        split.column("ids", [0])
