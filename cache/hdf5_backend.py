@@ -112,6 +112,9 @@ class HDF5Handle:
                 "hold the file for a few seconds more: try again then"
             ) from error
         except OSError as error:
+            if "locking flag values don't match" in str(error) or "already open for read-only" in str(error):
+                raise StoreError(f"{path} is already open in this process in another mode (for reading, or for writing): "
+                                 "close that store first") from error
             raise StoreError(f"{path}: cannot open as HDF5 ({error}); the file may be truncated or not a store") from error
         self._datasets: dict[str, h5py.Dataset] = {}
         self._lock = threading.Lock()

@@ -832,3 +832,17 @@ def test_a_column_at_indices_takes_them_as_read_tokens_does(tmp_path, fmt):
                 split.column("ids", bad)
     with pytest.raises(StoreError, match="is closed"):
         split.column("ids", [0])
+
+
+def test_an_hdf5_store_open_in_this_process_in_another_mode_says_so(tmp_path):
+    """HDF5 refuses a second open of one file with other flags; 'truncated or not a store' misled."""
+    path = tmp_path / "s.h5"
+    fill(path, make_spec(), "hdf5")
+    with open_store(path):
+        with pytest.raises(StoreError, match="is already open in this process in another mode"):
+            create_or_open(path, make_spec())
+    with create_or_open(path, make_spec()):
+        with pytest.raises(StoreError, match="is already open in this process in another mode"):
+            open_store(path)
+    with open_store(path) as store:  # each closed, it opens again
+        assert store.split("train").is_complete
