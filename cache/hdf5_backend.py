@@ -99,6 +99,15 @@ def open(path: Path, mode: str) -> "HDF5Handle":  # noqa: A001 - the backend's v
     return HDF5Handle(path, mode)
 
 
+def is_store(path: Path) -> bool:
+    """Whether the HDF5 file at `path` holds a tokens store's metadata (our schema version)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return "schema_version" in json.loads(f.attrs.get("meta", "{}"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class HDF5Handle:
     def __init__(self, path: Path, mode: str):
         self.path = path

@@ -281,6 +281,18 @@ def open_store(path: str | Path, mode: str = "r") -> "TokenStore":
     return TokenStore(path, mode=mode)
 
 
+def is_token_store(path: str | Path) -> bool:
+    """Whether a store tokens made is at `path`, a zarr folder or an HDF5 file (its metadata has our
+    schema version); quick for anything else: a folder without zarr.json, a file that is not HDF5."""
+    path = Path(path)
+    if path.is_dir():
+        return _zarr_store_at(path)
+    try:
+        return path.is_file() and detect_format(path) == "hdf5" and _backend("hdf5").is_store(path)
+    except StoreError:  # unreadable, or not HDF5
+        return False
+
+
 def _zarr_store_at(path: Path) -> bool:
     """Whether `path` is the root of a zarr tokens store (its group metadata has our schema version)."""
     try:

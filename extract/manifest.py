@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import soundfile as sf
 from tqdm import tqdm
 
-from tokens.cache.store import HDF5_SIGNATURE, _zarr_store_at
+from tokens.cache.store import is_token_store
 from tokens.cluster import usable_cores
 
 SPLITS = ("train", "valid", "test")
@@ -295,7 +295,7 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
     store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
 
     def is_store(path: Path) -> bool:
-        return (store is not None and _within(os.path.realpath(path), store)) or _token_store(path)
+        return (store is not None and _within(os.path.realpath(path), store)) or is_token_store(path)
 
     def skipped(path: Path) -> bool:
         return path.name.startswith(".") or is_store(path)
@@ -346,25 +346,6 @@ def _files(folder: Path, skipped: Callable[[Path], bool]) -> list[Path]:
         folders[:] = kept
         files += [Path(parent, name) for name in names if not name.startswith(".")]
     return sorted(files)
-
-
-def _token_store(path: Path) -> bool:
-    """Whether `path` is a store tokens made, a zarr folder or an HDF5 file with our metadata: one
-    kept inside the dataset (a first run's store) is not data."""
-    if path.is_dir():
-        return _zarr_store_at(path)
-    if not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as f:
-            if f.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
-                return False
-        import h5py  # only for HDF5 files, which a dataset seldom holds
-
-        with h5py.File(path, "r", locking=False) as f:
-            return "schema_version" in json.loads(f.attrs.get("meta", "{}"))
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def _listed(names: list[str], most: int = 12) -> str:

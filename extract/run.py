@@ -258,7 +258,8 @@ def incomplete_units(store, work: Plan) -> list[tuple[str, int]]:
 
 
 def failed_in_complete_shards(store: TokenStore, work: Plan) -> dict[tuple[str, int], int]:
-    """For each of this run's shards that an earlier run completed, how many of its items failed."""
+    """For each of this run's shards that an earlier run completed (and only those), how many of its
+    items failed."""
     counts = {}
     for name in dict.fromkeys(split for split, _ in work.units):
         split = store.split(name)
@@ -671,8 +672,8 @@ def extract(
                 log(f"retrying {summary.retried} failed item{'s' * (summary.retried != 1)}: their shards are written again")
         summary.failed_before = sum(failed_in.values())
         summary.good_before = sum(len(_shard_items(spec, *unit)) for unit in failed_in) - summary.failed_before
-        todo = incomplete_units(store, work)
-        summary.shards_skipped = len(work.units) - len(todo)
+        todo = [unit for unit in work.units if unit not in failed_in]  # failed_in holds the shards complete now
+        summary.shards_skipped = len(failed_in)
         items = [(split, index, work.dataset.splits[split][index]) for split, shard in todo
                  for index in _shard_items(spec, split, shard)]
         if summary.shards_skipped:

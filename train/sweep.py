@@ -160,9 +160,9 @@ def read_sweep_file(path) -> dict:
             check_kind(values, kind, f"{path}: {key}", "--sweep")
         return values
 
-    sweep = {key: listed(data[key], key, kind) for key, kind in KINDS.items() if key in data and not (key == "layers" and data[key] == ALL_LAYERS)}
-    if data.get("layers") == ALL_LAYERS:  # each cached layer, one configuration each: resolved against the store
-        sweep["layers"] = [ALL_LAYERS]
+    # layers = "all": each cached layer, one configuration each, resolved against the store
+    sweep = {key: [ALL_LAYERS] if key == "layers" and data[key] == ALL_LAYERS else listed(data[key], key, kind)
+             for key, kind in KINDS.items() if key in data}
     sweep["heads"] = {}
     for head, opts in data["heads"].items():
         if not isinstance(opts, dict):
