@@ -128,6 +128,18 @@ class HDF5Handle:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._lock = threading.Lock()
         self._failed = False
+        # A reader sees the file as it was when it opened: HDF5 caches what it has read, so the
+        # strings of shards completed later may lie past the end of the file it knows. Their
+        # completion marks, read now, keep it to the shards it can read.
+        self._complete_at_open = {}
+        if mode == "r":
+            try:
+                splits = self.meta().get("splits") or {}
+            except (StoreError, AttributeError):  # damaged metadata: TokenStore names it
+                splits = {}
+            for split in splits:
+                if f"{split}/complete" in self.file:
+                    self._complete_at_open[split] = self.file[f"{split}/complete"][:].astype(bool)
 
     def meta(self) -> dict:
         """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so)."""
@@ -139,6 +151,11 @@ class HDF5Handle:
             raise StoreError(f"{self.path}: its metadata is not readable JSON ({error}): the file is damaged, "
                              "or not a store tokens wrote") from None
 
+    def set_meta(self, meta: dict):
+        with self._lock:
+            self.file.attrs["meta"] = json.dumps(meta)
+            self.file.flush()
+
     def dataset(self, split: str, name: str) -> h5py.Dataset:
         key = f"{split}/{name}"
         if key not in self._datasets:
@@ -149,6 +166,8 @@ class HDF5Handle:
         return self._datasets[key]
 
     def complete(self, split: str, num_shards: int) -> np.ndarray:
+        if split in self._complete_at_open:
+            return self._complete_at_open[split].copy()
         return self.dataset(split, "complete")[:].astype(bool)
 
     def mark_incomplete(self, split: str, shard: int):

@@ -47,6 +47,7 @@ LAYOUT_FIELDS = ("grid", "dim", "num_prefix", "masked", "shard_size", "codec", "
 TARGET_SHARD_BYTES = 128 * 2**20
 TARGET_SHARD_TOTAL_BYTES = 384 * 2**20
 STRING_COLUMNS = ("ids", "sources", "errors")
+COLUMNS = ("labels", "offsets", "durations", *STRING_COLUMNS)  # what Split.column reads
 
 
 class StoreError(Exception):
@@ -239,7 +240,8 @@ def _backend(fmt: str):
 
 
 def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
-                   dataset_change: Callable[["TokenStore"], str] | None = None) -> "TokenStore":
+                   dataset_change: Callable[["TokenStore"], str] | None = None,
+                   holds_dataset: Callable[["TokenStore"], bool] | None = None) -> "TokenStore":
     """Open `path` for writing, creating it if needed (an empty directory counts as not there yet);
     refuse a store made with another config (see check_compatible), or of another format than `fmt`.
 
@@ -267,7 +269,7 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
         check_writable(path)
     store = TokenStore(path, fmt=fmt, mode="a")
     try:
-        store.check_compatible(spec, dataset_change=dataset_change)
+        store.check_compatible(spec, dataset_change=dataset_change, holds_dataset=holds_dataset)
     except BaseException:  # an HDF5 file left open could not be opened again in this process
         store.close()
         raise
@@ -329,6 +331,15 @@ class TokenStore:
     def __exit__(self, *exc):
         self.close()
 
+    def __reduce__(self):
+        """Sent to another process (a spawn or forkserver DataLoader worker), a store opened for
+        reading is opened again there by its path: file handles and threads do not travel."""
+        if self.closed or self.mode != "r":
+            state = "closed" if self.closed else "open for writing"
+            raise TypeError(f"{self.path} is {state}: only a store open for reading can be sent to another process "
+                            "(a DataLoader worker); or open it by its path there")
+        return TokenStore, (self.path, self.format, "r")
+
     def close(self):
         """Close the files, and the raw readers' descriptors and threads; reads after it are refused."""
         for split in self.splits.values():
@@ -370,11 +381,14 @@ class TokenStore:
         return self.meta["classes"]
 
     def check_compatible(self, spec: StoreSpec, unknown: tuple[str, ...] = (),
-                         dataset_change: Callable[["TokenStore"], str] | None = None):
+                         dataset_change: Callable[["TokenStore"], str] | None = None,
+                         holds_dataset: Callable[["TokenStore"], bool] | None = None):
         """Refuse to write tokens of another configuration into this store, naming what differs;
         `unknown`: fields this caller cannot know yet (not compared); `dataset_change`: says what
         differs in the dataset, given this store, when that is the first difference (the fingerprint
-        alone says only that it does).
+        alone says only that it does); `holds_dataset`: whether all the store holds is what the
+        dataset gives now, when the fingerprint is the only difference: then the store takes the
+        new fingerprint (recorded, when it is open for writing) rather than refuse.
 
         The field nearest the cause is named first, down to the differing entry (e.g. frontend.hop):
         backbone_config repeats the checkpoint hash and the front-end, and the window it holds also
@@ -385,6 +399,10 @@ class TokenStore:
         late = ("backbone_config", "dataset_fingerprint")
         order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
         differing = [name for name in order if name not in unknown and _json(self.meta.get(name)) != _json(new[name])]
+        if differing == ["dataset_fingerprint"] and holds_dataset is not None and holds_dataset(self):
+            if self.mode != "r":
+                self._record_dataset(new["dataset_fingerprint"])
+            return
         if differing:
             entries = differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
             what = ", ".join(f"{where} is {short(old)} in the store but {short(now)} now" for where, old, now in entries[:3])
@@ -399,6 +417,14 @@ class TokenStore:
                 f"{self.path} was made with another configuration: {what}{hint}{also}. "
                 "Use a new store path, or rerun with the store's settings."
             )
+
+    def _record_dataset(self, fingerprint: str):
+        """The dataset's new fingerprint, and so a new cache key: the tokens of its items may change."""
+        meta = dict(self.meta)
+        meta["key_fields"] = {**meta.get("key_fields", {}), "dataset_fingerprint": fingerprint}
+        meta.update(dataset_fingerprint=fingerprint, cache_key=cache_key(meta["key_fields"]))
+        self._handle.set_meta(meta)
+        self.meta = meta
 
     def disk_bytes(self) -> int:
         if self.path.is_file():  # an HDF5 file is sparse until its shards are written: count what is allocated
@@ -464,6 +490,10 @@ class Split:
         self._raw = {}
         self._complete = None  # completion marks as last read: another process only adds to them while it is read
 
+    def __reduce__(self):
+        """A split travels as its store does (see TokenStore.__reduce__), opened again by path."""
+        return _reopened_split, (self.store, self.name)
+
     def close_readers(self):
         for raw in self._raw.values():
             if raw is not None:
@@ -483,6 +513,8 @@ class Split:
     # -- progress ---------------------------------------------------------------------------
     def complete_mask(self) -> np.ndarray:
         """One bool per shard: true once the shard is fully written."""
+        if self.store.closed:
+            raise StoreError(f"{self.store.path} is closed")
         return self._h.complete(self.name, self.num_shards)
 
     def complete_items(self, shards_done: np.ndarray | None = None) -> np.ndarray:
@@ -634,10 +666,15 @@ class Split:
         shards read as empty) or at `indices`, taken as read_tokens takes them (only their shards are read).
 
         Strings (ids, sources, errors) come as object arrays of str whatever the backend and numpy:
-        zarr gives numpy 2's StringDType, HDF5 and numpy 1 object arrays."""
+        zarr gives numpy 2's StringDType, HDF5 and numpy 1 object arrays. Labels no writer stores
+        (a damaged file) are refused: they would train on nonsense targets without a sign."""
+        if name not in COLUMNS:
+            raise StoreError(f"{self.name}: no column {name!r}; the columns are {', '.join(COLUMNS)} "
+                             "(tokens, prefix tokens and the mask have their own read_ methods)")
         if indices is None:
             if self.store.closed:
                 raise StoreError(f"{self.store.path} is closed")
+            indices = np.arange(self.num_items)
             data = self._h.read_column(self.name, name, self.num_items)
         else:
             indices = self._indices(indices)
@@ -645,6 +682,10 @@ class Split:
             rows = self._h.read_rows(self.name, name, indices[order] if indices.size else np.zeros(1, np.int64))
             data = np.empty_like(rows[:len(indices)])
             data[order] = rows[:len(indices)]
+        if name == "labels" and (outside := labels_outside(data, len(self.store.classes))).any():
+            allowed = "0/1" if data.ndim == 2 else f"0..{len(self.store.classes) - 1}"
+            raise StoreError(f"{self.store.path}: {self.name} item {int(indices[np.flatnonzero(outside)[0]])} has labels "
+                             f"outside {allowed} (a damaged file?): run `tokens verify`")
         return np.asarray(data, dtype=object) if name in STRING_COLUMNS else data
 
     def load(self, layer: int) -> np.ndarray:
@@ -670,7 +711,8 @@ class RawItems:
         self.item_bytes = item_bytes
         self._threads = threads
         self._pool, self._pool_pid = None, None
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, tuple[int, int]] = {}  # path -> (descriptor, inode)
+        self._replaced: list[int] = []
 
     def _reading_threads(self) -> ThreadPoolExecutor | None:
         """This process's pool: one made before a fork (DataLoader workers) names threads that do
@@ -683,18 +725,28 @@ class RawItems:
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown()
         self._pool = None
-        for fd in self._fds.values():
+        for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
             os.close(fd)
         self._fds.clear()
+        self._replaced.clear()
 
     def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        """This file's descriptor, opened again if the file at `path` was replaced since (a zarr shard
+        written again is a new file renamed over the old one, which the old descriptor still reads)."""
+        fd, inode = self._fds.get(path, (None, None))
+        try:
+            now = os.stat(path).st_ino
+        except OSError as error:
+            raise DamagedShard(path, f"file missing or unreadable ({error.strerror or error})") from error
+        if fd is None or inode != now:
+            if fd is not None:  # closed with the rest: another thread may be reading through it now
+                self._replaced.append(fd)
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd, os.fstat(fd).st_ino
         return fd
 
     def __del__(self):
-        for fd in self._fds.values():
+        for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
             os.close(fd)
 
     def read_into(self, indices: np.ndarray, out: np.ndarray):
@@ -717,3 +769,7 @@ class RawItems:
             read(rows)
         else:
             list(pool.map(read, np.array_split(rows, self._threads)))
+
+
+def _reopened_split(store: TokenStore, name: str) -> Split:
+    return store.split(name)

@@ -265,6 +265,9 @@ class ZarrHandle:
     def meta(self) -> dict:
         return dict(self.root.attrs)
 
+    def set_meta(self, meta: dict):
+        self.root.attrs.put(meta)  # zarr writes zarr.json aside and renames it into place
+
     def array(self, split: str, name: str) -> zarr.Array:
         key = f"{split}/{name}"
         if key not in self._arrays:
@@ -357,13 +360,32 @@ class ZarrHandle:
 
     def read_rows(self, split: str, name: str, indices: np.ndarray) -> np.ndarray:
         array = self.array(split, name)
-        self._check_files(split, name, np.unique(indices // (array.shards or array.chunks)[0]))
-        return array.oindex[indices]
+        shards = np.unique(indices // (array.shards or array.chunks)[0]).tolist()
+        self._check_files(split, name, shards)
+        try:
+            return array.oindex[indices]
+        except Exception as error:  # zarr and numcodecs raise what they meet: ValueError, RuntimeError, ...
+            raise self._undecodable(split, name, shards, error) from error
 
     def read_column(self, split: str, name: str, num_items: int) -> np.ndarray:
         array = self.array(split, name)
-        self._check_files(split, name, range(-(-num_items // (array.shards or array.chunks)[0])))
-        return array[:]
+        shards = range(-(-num_items // (array.shards or array.chunks)[0]))
+        self._check_files(split, name, shards)
+        try:
+            return array[:]
+        except Exception as error:
+            raise self._undecodable(split, name, shards, error) from error
+
+    def _undecodable(self, split: str, name: str, shards, error: Exception) -> DamagedShard:
+        """The error for a read that zarr could not decode, naming the first file of `shards` that fails alone."""
+        array = self.array(split, name)
+        rows = (array.shards or array.chunks)[0]
+        for shard in shards:
+            try:
+                array[shard * rows:(shard + 1) * rows]
+            except Exception:
+                return DamagedShard(self.chunk_file(split, name, shard), f"cannot be decoded (truncated or damaged: {error})")
+        return DamagedShard(self.chunk_file(split, name, shards[0]), f"cannot be decoded ({error})")
 
     def _check_files(self, split: str, name: str, shards):
         """Refuse to read a complete shard whose file of `name` is missing: zarr would give its
@@ -400,28 +422,35 @@ class ZarrHandle:
             return None
         item_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         index_bytes = 16 * shard_size + 4  # (offset, nbytes) uint64 per inner chunk + crc32c
-        shard_offsets: dict[int, np.ndarray] = {}
+        shard_offsets: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
 
         def offsets_of(shard: int) -> np.ndarray:
-            if shard not in shard_offsets:
-                path = self.chunk_file(split, name, shard)
-                try:
-                    with path.open("rb") as f:
-                        f.seek(-index_bytes, os.SEEK_END)
-                        raw = f.read(index_bytes)
-                except OSError as error:
-                    raise DamagedShard(path, f"shard file missing or damaged ({error})") from error
-                index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
-                start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
-                used = index[: stop - start]
-                present = used[:, 0] != MISSING  # an absent inner chunk reads as the fill value, zero
-                file_size = path.stat().st_size
-                if (used[present, 1] != item_bytes).any() or (used[present].sum(axis=1) > file_size).any():
-                    raise DamagedShard(path, "shard index does not match the file (truncated or damaged)")
-                if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):  # as zarr itself checks
-                    raise DamagedShard(path, "shard index checksum does not match (damaged)")
-                shard_offsets[shard] = np.where(present, used[:, 0].astype(np.int64), -1)
-            return shard_offsets[shard]
+            path = self.chunk_file(split, name, shard)
+            try:
+                found = os.stat(path)
+            except OSError as error:
+                raise DamagedShard(path, f"shard file missing or damaged ({error})") from error
+            # A shard written again (--retry-failed, or after verify --unmark-damaged) is a new file
+            # renamed over the old one: its index is read again, not taken from the old file's.
+            identity = (found.st_ino, found.st_mtime_ns)
+            if shard in shard_offsets and shard_offsets[shard][0] == identity:
+                return shard_offsets[shard][1]
+            try:
+                with path.open("rb") as f:
+                    f.seek(-index_bytes, os.SEEK_END)
+                    raw = f.read(index_bytes)
+            except OSError as error:
+                raise DamagedShard(path, f"shard file missing or damaged ({error})") from error
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
+            used = index[: stop - start]
+            present = used[:, 0] != MISSING  # an absent inner chunk reads as the fill value, zero
+            if (used[present, 1] != item_bytes).any() or (used[present].sum(axis=1) > found.st_size).any():
+                raise DamagedShard(path, "shard index does not match the file (truncated or damaged)")
+            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):  # as zarr itself checks
+                raise DamagedShard(path, "shard index checksum does not match (damaged)")
+            shard_offsets[shard] = identity, np.where(present, used[:, 0].astype(np.int64), -1)
+            return shard_offsets[shard][1]
 
         paths = [str(self.chunk_file(split, name, shard)) for shard in range(-(-num_items // shard_size))]
 

@@ -171,10 +171,22 @@ def plan(
     return Plan(spec, dataset, units[index - 1::count])
 
 
-def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
+def dataset_change(store, dataset: Dataset) -> str:
     """The first difference between the items a store holds and those the dataset gives now, as a
     user would look for it: a split's size, then item by item (in the shards written so far) its id,
     file, window and labels. "" when none shows there, or the store's columns cannot be read."""
+    return _first_change(store, dataset) or ""
+
+
+def holds_only_this_dataset(store, dataset: Dataset) -> bool:
+    """Whether everything the store holds is what the dataset gives now, although their fingerprints
+    differ: the dataset changed only in shards not written yet, or in files that could not be read
+    when the store was made (a failed item of unknown length), which `--retry-failed` extracts now."""
+    return _first_change(store, dataset) == ""
+
+
+def _first_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str | None:
+    """dataset_change(), or None when the store's columns cannot be read."""
     for name in SPLITS:
         held, now = store.splits[name].num_items if name in store.splits else 0, len(dataset.splits.get(name, []))
         if held != now:
@@ -190,13 +202,13 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
                     if found:
                         return found
     except (StoreError, OSError, ValueError):  # a damaged column: the refusal stays the fingerprint's
-        return ""
+        return None
     return ""
 
 
 def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndarray, complete: np.ndarray) -> str:
     """dataset_change() for some rows of a split: each column compared as a whole, the first row named."""
-    held = {name: split.column(name, rows) for name in ("ids", "sources", "offsets", "durations", "labels")}
+    held = {name: split.column(name, rows) for name in ("ids", "sources", "offsets", "durations", "labels", "errors")}
     planned = [items[row] for row in rows]
     labels = held["labels"]
     wanted = np.zeros_like(labels)
@@ -206,11 +218,13 @@ def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndar
     else:
         wanted[:] = [item.labels[0] for item in planned]
     durations = np.array([np.nan if item.duration is None else item.duration for item in planned])
+    failed = np.array([bool(error) for error in held["errors"]], dtype=bool)
     differs = {  # in the order a user would look
         "id": np.asarray(held["ids"], object) != np.array([item.id for item in planned], object),
         "file": np.asarray(held["sources"], object) != np.array([item.source for item in planned], object),
+        # a file that could not be read had no known length (NaN): read now, it has one
         "window": (held["offsets"] != np.array([item.offset for item in planned]))
-                  | ~((held["durations"] == durations) | (np.isnan(held["durations"]) & np.isnan(durations))),
+                  | ~((held["durations"] == durations) | (np.isnan(held["durations"]) & (np.isnan(durations) | failed))),
         "labels": (labels != wanted).reshape(len(rows), -1).any(axis=1),
     }
     anywhere = np.logical_or.reduce(list(differs.values()))
@@ -244,7 +258,8 @@ def check_existing(work: Plan, store_path: Path, retry_failed: bool = False) -> 
     if not store_exists(store_path):
         return work
     with open_store(store_path) as store:
-        store.check_compatible(work.spec, unknown=("precision",), dataset_change=functools.partial(dataset_change, dataset=work.dataset))
+        store.check_compatible(work.spec, unknown=("precision",), dataset_change=functools.partial(dataset_change, dataset=work.dataset),
+                               holds_dataset=functools.partial(holds_only_this_dataset, dataset=work.dataset))
         work.complete = len(work.units) - len(incomplete_units(store, work))
         if retry_failed:
             work.complete -= sum(1 for count in failed_in_complete_shards(store, work).values() if count)
@@ -662,7 +677,8 @@ def extract(
         summary = Summary(store_path)
         # Before the DataLoader workers start: once they decode on every core, each of zarr's many thread
         # hand-offs while it creates a store waits for a core (2.5 s instead of 0.8 on the H200 host).
-        store = create_or_open(store_path, spec, fmt, dataset_change=functools.partial(dataset_change, dataset=work.dataset))
+        store = create_or_open(store_path, spec, fmt, dataset_change=functools.partial(dataset_change, dataset=work.dataset),
+                               holds_dataset=functools.partial(holds_only_this_dataset, dataset=work.dataset))
         failed_in = failed_in_complete_shards(store, work)
         if retry_failed:  # the shards holding failed items are written again, whole
             for split, shard in [unit for unit, count in failed_in.items() if count]:

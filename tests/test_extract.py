@@ -182,6 +182,58 @@ def test_failed_items_stay_failed_on_resume_and_retry_failed_extracts_them_once_
             np.testing.assert_array_equal(store.split("test").read_tokens(layer, [row]), fresh.split("test").read_tokens(layer, [row]))
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_an_unreadable_file_fixed_is_extracted_by_retry_failed(dataset, tmp_path, suffix):
+    """A file that could not be read had no known length when the store was made: fixed, it has one,
+    and its dataset another fingerprint, which the store takes since all it holds is still right.
+    A fix that makes more windows changes the split's size: refused, naming it."""
+    data = dataset.parent
+    (data / "bad.wav").write_text("this is not a recording\n" * 20)
+    with dataset.open("a") as f:
+        f.write("bad.wav,low,test\n")
+    store_path = tmp_path / f"s{suffix}"
+    assert [item for item, _ in run(dataset, store_path).failed] == ["bad.wav"]
+    with open_store(store_path) as store:
+        key = store.meta["cache_key"]
+    tone(data / "bad.wav", 1.0, 300)  # fixed: one window long
+    retried = run(dataset, store_path, retry_failed=True)
+    assert retried.retried == 1 and retried.failed == [] and retried.shards_written == 1
+    again = run(dataset, store_path)  # the new fingerprint is the store's now: a plain resume
+    assert again.items_written == 0 and again.failed_before == 0
+    with open_store(store_path) as store, open_store(run(dataset, tmp_path / f"fresh{suffix}").store) as fresh:
+        assert store.meta["dataset_fingerprint"] == fresh.meta["dataset_fingerprint"] and store.meta["cache_key"] != key
+        assert store.meta["cache_key"] == fresh.meta["cache_key"]
+        row = list(store.split("test").column("ids")).index("bad.wav")
+        assert store.split("test").column("errors")[row] == "" and verify(store, progress=False).ok
+        for layer in store.layers:
+            np.testing.assert_array_equal(store.split("test").read_tokens(layer, [row]), fresh.split("test").read_tokens(layer, [row]))
+    tone(data / "bad.wav", 2.5, 300)  # three windows: the store cannot grow
+    with pytest.raises(StoreError, match="the dataset differs: test has 2 items in the store, 4 now"):
+        run(dataset, store_path, retry_failed=True)
+
+
+def test_a_dataset_changed_only_where_nothing_is_written_yet_is_taken(dataset, tmp_path):
+    """A part that has not run yet sees the manifest as it is now: what the store holds is unchanged."""
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path, part=(1, 2))
+    with open_store(store_path) as store:
+        train = store.split("train")
+        unwritten = [i for i in range(train.num_items) if not train.complete_items()[i]]
+        written = list(train.column("ids", np.flatnonzero(train.complete_items())))
+    assert unwritten, "part 2 of 2 must have train items to write"
+    text = dataset.read_text()
+    relabelled = "c2.wav,low;mid,train" if "c2.wav" not in written else "long.wav,mid,train"
+    assert relabelled in text
+    dataset.write_text(text.replace(relabelled, relabelled.replace("mid,train", "high,train")))
+    run(dataset, store_path, part=(2, 2))
+    with open_store(store_path) as store, open_store(run(dataset, tmp_path / "fresh.zarr").store) as fresh:
+        assert store.meta["cache_key"] == fresh.meta["cache_key"]
+        np.testing.assert_array_equal(store.split("train").column("labels"), fresh.split("train").column("labels"))
+    dataset.write_text(text)  # back as it was: now a written item's labels differ, which is refused
+    with pytest.raises(StoreError, match="is labelled .* in the store but .* now"):
+        run(dataset, store_path)
+
+
 def test_a_part_resumes_whatever_damage_the_other_parts_shards_hold(dataset, tmp_path):
     """A resume reads the failed-item records of its own part's shards only: another task's damaged
     shard is that task's (and verify's) to report, not a reason for every part to stop."""

@@ -21,7 +21,8 @@ from tokens.train import probe as recipe
 from tokens.train.metrics import compute_metrics
 from tokens.train import report as report_module
 from tokens.train import sweep as sweeps
-from tokens.train.data import epoch_order, usable_items
+from tokens.train.data import as_tensor, epoch_order, usable_items
+from tokens.train.heads import build_head
 
 T, F, D = 4, 4, 96
 CLASSES = ["bird", "car", "rain"]
@@ -442,6 +443,12 @@ def test_missing_and_incomplete_splits_are_refused(tmp_path, monkeypatch):
     assert "appears in" not in result.output and len(read_csv(tmp_path / "r" / "leaderboard.csv")) == 2
     titles = sorted(ax.get_title().replace("\n", "") for ax in figures[-1].axes if ax.get_visible())
     assert titles == sorted(["unfinished=train:2of3", row["training"].removesuffix("/unfinished=train:2of3")]), titles
+    # The store finished since: the run's checkpoint is of another sweep, and the refusal says how.
+    make_store(partial, splits={"train": 96, "test": 40})
+    result = invoke("probe", partial, "--heads", "mean", "--allow-incomplete", *FAST[:2], "--batch-size", "16",
+                    "--device", "cpu", "--out", tmp_path / "y")
+    assert result.exit_code == 2 and ("belongs to another sweep (it was trained on the store unfinished (train 2 of 3 "
+                                      "shards), which is finished now)") in said(result), said(result)
 
 
 def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
@@ -523,6 +530,9 @@ def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args
     ("[heads.ep]\nnum_queries = []\n", "heads.ep.num_queries is an empty list"),
     ('[heads.protobin]\nlr = ["fast"]\n', "heads.protobin.lr: 'fast' is not a number"),
     ("[heads]\nep = 3\n", "heads.ep must be a table"),
+    ("[heads.maen]\n", "unknown head 'maen'; choose from"),
+    ("[heads.ep]\nnum_querys = [2]\n", "head 'ep' has no option num_querys; it takes:"),
+    ("[heads.mean]\nlr = [-1.0]\n", "mean.lr must be positive and finite, got -1.0"),
 ])
 def test_sweep_file_mistakes_name_the_file_and_key(store, tmp_path, text, message):
     path = tmp_path / "sweep.toml"
@@ -552,6 +562,36 @@ def test_a_train_split_of_one_usable_item_is_refused(tmp_path, splits, failed, w
     assert result.exit_code == 2 and "Invalid value for STORE" in said(result), result.output
     assert why in said(result) and "a probe needs at least 2" in said(result), result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_predict_writes_every_digit_and_log_scores_rank_confident_items_as_their_logits(store, run, tmp_path):
+    """A confident head (logits of tens to hundreds): probabilities round to 1 and tie, whatever the digits
+    written; --log-scores ranks items as the logits do (scikit-learn on the logits is the oracle)."""
+    saved = torch.load(run / "best" / "ep.pt", weights_only=True)
+    for name in ("classifier.2.weight", "classifier.2.bias"):
+        saved["state_dict"][name] = saved["state_dict"][name] * 20
+    confident = tmp_path / "confident.pt"
+    torch.save(saved, confident)
+    for flag, path in (("--log-scores", tmp_path / "log.csv"), (None, tmp_path / "p.csv")):
+        ok("predict", store, "--head", confident, "--out", path, "--device", "cpu", *[flag] * bool(flag))
+    log_scores = np.array([[float(row[c]) for c in CLASSES] for row in read_csv(tmp_path / "log.csv")])
+    probabilities = np.array([[float(row[c]) for c in CLASSES] for row in read_csv(tmp_path / "p.csv")])
+    np.testing.assert_array_equal(probabilities, np.exp(log_scores))  # every digit written, both ways
+    assert (probabilities == 1.0).sum() > 3 and (log_scores < 0).all()
+
+    head = build_head(**saved["build"])
+    head.load_state_dict(saved["state_dict"])
+    head.eval()
+    with open_store(store) as opened:
+        split = opened.split("test")
+        items = usable_items(split)
+        labels = split.column("labels")[items]
+        with torch.no_grad():
+            logits = head(as_tensor(split.read_tokens(saved["layer"], items), split.dtype).float(),
+                          torch.from_numpy(split.read_mask(items))).double().numpy()
+    for c in range(len(CLASSES)):
+        assert average_precision_score(labels[:, c], log_scores[:, c]) == pytest.approx(
+            average_precision_score(labels[:, c], logits[:, c]), abs=1e-12)
 
 
 def test_predict_refuses_what_is_not_a_saved_head(store, run, tmp_path):
@@ -619,7 +659,7 @@ def test_report_refuses_a_csv_that_is_not_a_leaderboard(tmp_path):
     other = tmp_path / "scores.csv"
     other.write_text("id,bird,car,rain\ntest-0,0.1,0.2,0.3\n")
     result = invoke("report", other, "--out", tmp_path / "r")
-    assert result.exit_code == 2 and "Invalid value for RUNS" in said(result), result.output
+    assert result.exit_code == 2 and "Invalid value for RUN:" in said(result), result.output
     assert f"{other} is not a leaderboard.csv written by `tokens probe`" in said(result)
     assert not (tmp_path / "r").exists()
 
@@ -795,7 +835,8 @@ def test_stores_sharing_a_name_are_told_apart_by_key(tmp_path):
 
 
 def test_scores_keep_the_order_of_confident_logits():
-    """Logits of 17 and more all give a float32 sigmoid of exactly 1: the ranking metrics would see ties."""
+    """Logits of 17 and more all give a float32 sigmoid of exactly 1, and of 37 and more a float64 one:
+    the ranking metrics would see ties. Log-probabilities keep them apart."""
     from sklearn.metrics import average_precision_score
 
     class Logits(torch.nn.Module):  # a head whose logits are its input's first token
@@ -804,7 +845,7 @@ def test_scores_keep_the_order_of_confident_logits():
         def forward(self, tokens, mask=None, cls=None):
             return tokens[:, 0]
 
-    logits = torch.tensor([[17.0], [18.0], [19.0], [20.0], [21.0], [22.0]])
+    logits = torch.tensor([[17.0], [18.0], [37.0], [40.0], [45.0], [50.0]])
     labels = np.array([[0], [1], [0], [1], [1], [1]])
 
     class Source:

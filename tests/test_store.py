@@ -417,8 +417,6 @@ def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where, text):
 
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
 def test_labels_no_writer_stores_are_named_by_verify_and_refused_by_training(tmp_path, task):
-    from tokens.train.data import check_labels
-
     path = tmp_path / "s.zarr"
     fill(path, make_spec(task=task))
     with open_store(path) as store:
@@ -430,7 +428,10 @@ def test_labels_no_writer_stores_are_named_by_verify_and_refused_by_training(tmp
     assert result.exit_code == 1 and f"{labels}: 1 items hold labels other than" in result.output, result.output
     with open_store(path) as store:
         with pytest.raises(StoreError, match="train item 8 has labels outside .*run `tokens verify`"):
-            check_labels(store.split("train"), store.split("train").column("labels"))
+            store.split("train").column("labels")
+        with pytest.raises(StoreError, match="train item 8 has labels outside"):  # read at indices, the item's own index
+            store.split("train").column("labels", [9, 8])
+        assert len(store.split("train").column("labels", [0, 9])) == 2  # other items of the shard still read
 
 
 def test_a_shard_index_that_fails_its_checksum_is_named_and_not_read(tmp_path):
@@ -846,3 +847,115 @@ def test_an_hdf5_store_open_in_this_process_in_another_mode_says_so(tmp_path):
             open_store(path)
     with open_store(path) as store:  # each closed, it opens again
         assert store.split("train").is_complete
+
+
+def _tokens_in_a_spawned_worker(split, indices):
+    """What a DataLoader worker started by spawn or forkserver reads (the split arrives pickled)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_read_tokens_and_ids, (split, indices))
+
+
+def _read_tokens_and_ids(split, indices):
+    return split.read_tokens(0, indices), list(split.column("ids", indices))
+
+
+@pytest.mark.parametrize("fmt,suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_a_store_open_for_reading_travels_to_spawned_workers_and_one_open_for_writing_does_not(tmp_path, fmt, suffix):
+    """Python 3.14 starts DataLoader workers with forkserver: the Dataset, and the open split in it,
+    are pickled. It is opened again there by its path, after the parent has read (threads, descriptors)."""
+    import pickle
+
+    path = tmp_path / f"s{suffix}"
+    spec = make_spec(splits={"train": 96, "test": 8})
+    fill(path, spec, fmt)
+    everything = np.arange(96)  # read by the thread pool
+    items = make_items(spec, "train")
+    with open_store(path) as store:
+        train = store.split("train")
+        train.read_tokens(0, everything)
+        tokens, ids = _tokens_in_a_spawned_worker(train, [5, 90, 3])
+        np.testing.assert_array_equal(tokens, items["tokens"][0][[5, 90, 3]])
+        assert ids == ["train-5", "train-90", "train-3"]
+        copy = pickle.loads(pickle.dumps({"store": store, "train": train}))  # one store, opened once
+        assert copy["train"].store is copy["store"] and copy["store"] is not store
+        np.testing.assert_array_equal(copy["train"].read_tokens(1, everything), items["tokens"][1])
+        copy["store"].close()
+    with pytest.raises(TypeError, match="is closed: only a store open for reading"):
+        pickle.dumps(train)
+    with create_or_open(path, spec, fmt) as writer:
+        with pytest.raises(TypeError, match="is open for writing: only a store open for reading .* open it by its path"):
+            pickle.dumps(writer.split("train"))
+
+
+def test_a_zarr_reader_open_while_a_shard_is_written_again_reads_the_new_shard_whole(tmp_path):
+    """--retry-failed writes a shard again as a new file renamed over the old one: a reader that had
+    read the old one must not keep reading its tokens beside the new file's mask and labels."""
+    path = tmp_path / "s.zarr"
+    spec = make_spec()
+    fill(path, spec)
+    new = make_items(spec, "train", seed=1)
+    with open_store(path) as reader:
+        train = reader.split("train")
+        before = train.read_tokens(0, [8, 9])
+        with create_or_open(path, spec) as writer:
+            writer.split("train").mark_incomplete(1)
+            write_shards(writer, "train", new, [1])
+        np.testing.assert_array_equal(train.read_tokens(0, [8, 9]), new["tokens"][0][[8, 9]])
+        np.testing.assert_array_equal(train.read_mask([8, 9]), new["mask"][[8, 9]])
+        assert not np.array_equal(before, new["tokens"][0][[8, 9]])
+        np.testing.assert_array_equal(train.read_tokens(0, [0, 1]), make_items(spec, "train")["tokens"][0][[0, 1]])
+
+
+def test_an_hdf5_reader_sees_the_shards_complete_when_it_opened_and_reads_them_whole(tmp_path):
+    """HDF5 caches what a reader has read: the strings of shards completed after it opened may lie
+    past the end of the file it knows ('bad heap index'). It keeps to the shards complete at its opening."""
+    path = tmp_path / "s.h5"
+    spec = make_spec()
+    items = make_items(spec, "train")
+    with create_or_open(path, spec, "hdf5") as store:
+        write_shards(store, "train", items, [0])
+    with open_store(path) as reader:
+        train = reader.split("train")
+        assert run_writer(tmp_path, path, list(range(5))).wait() == 0  # before this reader reads anything
+        assert train.complete_mask().tolist() == [True, False, False, False, False]
+        assert list(train.column("ids", [0, 7])) == ["train-0", "train-7"]
+        for read in (lambda: train.column("ids", [8]), lambda: train.column("ids", [36])):
+            with pytest.raises(StoreError, match=r"train items \[(8|36)\] are in shards not written yet"):
+                read()
+    with open_store(path) as reader:  # opened again: it sees them all
+        assert reader.split("train").is_complete
+        assert list(reader.split("train").column("ids", [8, 36])) == ["train-8", "train-36"]
+
+
+@pytest.mark.parametrize("name, damage", [("mask", "half"), ("labels", "one byte"), ("ids", "half")])
+def test_a_truncated_zarr_column_file_is_named(tmp_path, name, damage):
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec())
+    with open_store(path) as store:
+        chunk = store.split("train")._h.chunk_file("train", name, 1)
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 2] if damage == "half" else data[:-1])
+    with open_store(path) as store:
+        train = store.split("train")
+        read = (lambda: train.read_mask([9])) if name == "mask" else (lambda: train.column(name, [2, 9]))
+        with pytest.raises(StoreError, match=re.escape(f"{chunk}: cannot be decoded") + ".*run `tokens verify`"):
+            read()
+        with pytest.raises(StoreError, match=re.escape(f"{chunk}: cannot be decoded")):
+            train.column(name) if name != "mask" else train.read_mask(slice(None))
+        assert len(train.column("ids", [0, 1])) == 2  # another shard's items still read
+
+
+@pytest.mark.parametrize("fmt,suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_columns_are_named_and_completion_of_a_closed_store_refused(tmp_path, fmt, suffix):
+    path = tmp_path / f"s{suffix}"
+    fill(path, make_spec(), fmt)
+    with open_store(path) as store:
+        train = store.split("train")
+        for name in ("complete", "mask", "tokens/0"):
+            with pytest.raises(StoreError, match=f"no column '{re.escape(name)}'; the columns are labels, offsets"):
+                train.column(name)
+    for ask in (train.complete_items, train.complete_mask, train.missing_shards):
+        with pytest.raises(StoreError, match="is closed"):
+            ask()

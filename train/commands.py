@@ -16,6 +16,7 @@ from pathlib import Path
 
 from enum import Enum
 
+import numpy as np
 import torch
 import typer
 
@@ -131,12 +132,16 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: boo
                 check_rates(key, values, f"--{key}", f"--{key}")
         elif key in ("lr", "wd") and key in spec:
             check_rates(key, spec[key], f"{sweep_file}: {key}", where)
+    in_file = f"{sweep_file}: " if sweep_file is not None else ""  # the file at fault, as for its other keys
     for head, opts in spec["heads"].items():
         if head not in HEADS:
-            raise SweepError(f"unknown head {head!r}; choose from {', '.join(HEADS)}", "--heads" if where == "--option" else where)
-        check_options(head, opts, where)
-        for key in ("lr", "wd"):
-            check_rates(key, opts.get(key, []), f"{head}.{key}", where)
+            raise SweepError(f"{in_file}unknown head {head!r}; choose from {', '.join(HEADS)}", "--heads" if where == "--option" else where)
+        try:
+            check_options(head, opts, where)
+            for key in ("lr", "wd"):
+                check_rates(key, opts.get(key, []), f"{head}.{key}", where)
+        except SweepError as error:
+            raise SweepError(f"{in_file}{error}", where) from None
     without_lr = [head for head, opts in spec["heads"].items() if not opts.get("lr")] if not spec.get("lr") else []
     if require_lr and without_lr:
         raise SweepError(f"this optimizer has no default learning rate: give --lr (or {without_lr[0]}.lr for head "
@@ -308,7 +313,7 @@ def report(
     except OutputError as error:
         raise typer.BadParameter(str(error), param_hint="--out") from None
     except (FileNotFoundError, ValueError) as error:
-        raise typer.BadParameter(str(error), param_hint="RUNS") from error
+        raise typer.BadParameter(str(error), param_hint="RUN") from error
     typer.echo(text)
     typer.echo(f"\nreport in {out}/ (report.csv, report.md, report.png, leaderboard.csv)")
 
@@ -361,6 +366,8 @@ def predict(
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Items scored at once."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Score the written shards of an unfinished split."),
+    log_scores: bool = typer.Option(False, "--log-scores", help="Write log-probabilities: they rank items exactly where "
+                                    "probabilities round to 1 (logits above about 37), as the run's own metrics do."),
 ):
     """Write a saved head's per-item scores (sigmoid multi-label, softmax multi-class) for a split.
 
@@ -419,11 +426,13 @@ def predict(
         layers = opened.layers if multi else [layer]
         source = Source(the_split, layers, module.uses_cls, "stream", compute)
         (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])
+        if not log_scores:
+            scores = np.exp(scores)
         ids = the_split.column("ids")[items]
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", *saved["classes"]])
         for item_id, row in zip(ids, scores):
-            writer.writerow([item_id, *(f"{v:.9g}" for v in row)])
+            writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
     skipped = the_split.num_items - len(items)
     typer.echo(f"{out}: scores of {len(items)} items of {split}" + (f" ({skipped} failed or unwritten items left out)" if skipped else ""))

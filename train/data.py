@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokens.cache.store import STORAGE_DTYPE, Split, StoreError, labels_outside
+from tokens.cache.store import STORAGE_DTYPE, Split
 
 BLOCK_ITEMS = 2048  # items shuffled together: whole shards, at least this many items
 MODES = ("auto", "stream", "ram", "gpu")
@@ -103,18 +103,6 @@ def as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
     them would give wrong numbers)."""
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def check_labels(split: Split, labels: np.ndarray) -> np.ndarray:
-    """Labels as a writer stores them (0/1 multi-hot, or class indices), or a StoreError: a damaged
-    labels file would otherwise train every head on nonsense targets without a sign. (Scoring with
-    `tokens predict` does not read them.)"""
-    classes = split.store.classes
-    outside = labels_outside(labels, len(classes))
-    if outside.any():
-        raise StoreError(f"{split.store.path}: {split.name} item {int(np.flatnonzero(outside)[0])} has labels outside "
-                         f"{'0/1' if labels.ndim == 2 else f'0..{len(classes) - 1}'} (a damaged file?): run `tokens verify`")
-    return labels
 
 
 class Source:

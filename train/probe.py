@@ -33,7 +33,7 @@ from tokens.cache.store import TokenStore
 from tokens.cluster import cuda_float32
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
-from tokens.train.data import Source, check_labels, choose_mode, epoch_order, hold_out, split_bytes, usable_items
+from tokens.train.data import Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, primary_metric
@@ -98,7 +98,9 @@ def head_inputs(head: nn.Module, layer, batch):
 
 @torch.no_grad()
 def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarray, batch_size: int, task: str) -> list[np.ndarray]:
-    """Scores (sigmoid multi-label, softmax multi-class) of every (head, layer) on `items`, in order.
+    """Log-probabilities (log-sigmoid multi-label, log-softmax multi-class) of every (head, layer) on
+    `items`, in order: they rank items as the probabilities do, without the probabilities' ties at 1
+    (in float64, a sigmoid is exactly 1 above a logit of about 37), and the metrics only rank.
 
     A batch's scores of all heads come to the CPU in one copy: one wait for the device per
     batch, not one per head and batch."""
@@ -108,10 +110,10 @@ def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarr
     for batch in source.batches(items, batch_size):
         scores = []
         for head, layer in heads:
-            # float64: float32's sigmoid is exactly 1 above a logit of about 17, which would tie the
-            # confident items at the top of the ranking, where average precision weighs most
+            # float64, and logs: probabilities tie the confident items at 1, at the top of the
+            # ranking, where average precision weighs most
             logits = head(*head_inputs(head, layer, batch)).double()
-            scores.append(logits.sigmoid() if task == "multilabel" else logits.softmax(-1))
+            scores.append(nn.functional.logsigmoid(logits) if task == "multilabel" else logits.log_softmax(-1))
         for out, head_scores in zip(outputs, torch.stack(scores).cpu().numpy()):
             out.append(head_scores)
     return [np.concatenate(out) for out in outputs]
@@ -167,8 +169,7 @@ def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
     if saved.get("loss") == "":  # earlier versions saved the default loss as ""
         saved["loss"] = DEFAULT_LOSS[task]
     if saved != plan:
-        differs = [f"{k} {saved.get(k)!r} there, {plan[k]!r} here" if k != "configs" else "its configurations"
-                   for k in plan if saved.get(k) != plan[k]]
+        differs = [_plan_difference(k, saved.get(k), plan.get(k)) for k in dict.fromkeys([*plan, *saved]) if saved.get(k) != plan.get(k)]
         raise SweepError(
             f"{path} belongs to another sweep ({'; '.join(differs)}); "
             f"use another --out, or delete {path.parent} to start over",
@@ -177,6 +178,21 @@ def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
     if any("val_metrics" not in saved for saved in state["probes"]):
         raise SweepError(f"{path} was written by an older version of tokens; delete it to start over", "--out")
     return state
+
+
+def _plan_difference(key: str, there, here) -> str:
+    """How one entry of a sweep's plan differs between its checkpoint and this command, in words."""
+    if key == "configs":
+        return "its configurations"
+    if key == "unfinished":  # the store's written shards when the sweep began, or None once it is finished
+        def shards(unfinished) -> str:
+            return ", ".join(f"{name} {written} of {total} shards" for name, (written, total) in unfinished.items())
+        if not here:
+            return f"it was trained on the store unfinished ({shards(there)}), which is finished now"
+        if not there:
+            return f"it was trained on the finished store, of which only {shards(here)} are there now"
+        return f"it was trained on {shards(there)} of the store, which has {shards(here)} now"
+    return f"{key} {there!r} there, {here!r} here"
 
 
 RESULTS = ("leaderboard.csv", "best", "heads")  # what a run directory holds once a sweep has finished
@@ -281,8 +297,8 @@ def run(
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split, done["test"])
-    # read once, and checked before any training rather than at the test
-    labels = {split.name: check_labels(split, split.column("labels"))
+    # read once, and checked (column() refuses labels no writer stores) before any training rather than at the test
+    labels = {split.name: split.column("labels")
               for split in dict.fromkeys((train_split, valid_split, test_split))}
     if len(train_items) < 2:  # BatchNorm cannot train on a batch of one, and one item teaches nothing
         raise SweepError(f"{store.path}: train has {len(train_items)} usable item{'' if len(train_items) == 1 else 's'}"
