@@ -45,6 +45,11 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     digest = hashing.submit(sha256_file, path)
     try:
         state = _load(path, allow_pickle)
+        if isinstance(state, torch.nn.Module):  # torch.save(model), read with --allow-pickle
+            state = state.state_dict()
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: it holds a {type(state).__name__}, not the weights of a model (a dict of "
+                                  "tensors, perhaps inside 'model' or 'state_dict')")
     except BaseException:  # report a refused or broken file now, not once the whole file is hashed
         hashing.shutdown(wait=False, cancel_futures=True)
         raise

@@ -593,6 +593,68 @@ def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any
         build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
 
 
+def test_a_timm_checkpoint_of_another_geometry_is_refused_whatever_prefix_or_wrapper_holds_it(tmp_path):
+    """timm strips 'visual.trunk.' (OpenCLIP), reads I-JEPA's 'encoder' and unwraps nested wrappers
+    before resampling: the geometry is checked where the weights are, not only at the top."""
+    timm = pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    at_384 = timm.create_model("vit_tiny_patch16_384", pretrained=False, num_classes=0).state_dict()
+    patch_32 = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, patch_size=32).state_dict()
+    layouts = [({f"visual.trunk.{k}": v for k, v in at_384.items()}, "has 577 positions"),
+               ({"encoder": {f"module.{k}": v for k, v in at_384.items()}}, "has 577 positions"),
+               ({"state_dict": {"model": at_384}}, "has 577 positions"),
+               ({f"visual.trunk.{k}": v for k, v in patch_32.items()}, r"patches of \(32, 32\)")]
+    for state, message in layouts:
+        torch.save(state, tmp_path / "c.pth")
+        with pytest.raises(CheckpointError, match=message):
+            build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
+
+
+@pytest.mark.parametrize("model_name, state, message", [
+    ("deit_tiny_patch16_224", {"cls_token": torch.zeros(1, 1, 192), "dist_token": torch.zeros(1, 1, 192), "pos_embed": torch.zeros(1, 198, 192)},
+     r"it has 2 prefix tokens \(a class token, a distillation token\), this model 1 \(a class token\)"),
+    ("deit_tiny_distilled_patch16_224", {"cls_token": torch.zeros(1, 1, 192), "pos_embed": torch.zeros(1, 197, 192)},
+     r"it has 1 prefix tokens \(a class token\), this model 2 \(a class token, a distillation token\)"),
+    ("vit_small_patch14_dinov2", {"cls_token": torch.zeros(1, 1, 384), "register_tokens": torch.zeros(1, 4, 384)},
+     r"it has 5 prefix tokens \(a class token, 4 registers\), this model 1 \(a class token\).*_reg4_dinov2"),
+])
+def test_a_timm_checkpoint_with_other_prefix_tokens_says_so(tmp_path, model_name, state, message):
+    """Not 'another resolution', nor timm's reshape error: a distilled or registers checkpoint for a model without them."""
+    pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    torch.save(state, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=message):
+        build_backbone(f"timm:{model_name}", str(tmp_path / "c.pth"))
+
+
+def test_a_checkpoint_that_is_not_a_dict_of_weights_is_named_and_a_pickled_model_gives_its_weights(tmp_path):
+    timm = pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    for held, kind in (([torch.zeros(2)], "list"), (torch.zeros(3), "Tensor")):
+        torch.save(held, tmp_path / "c.pth")
+        with pytest.raises(CheckpointError, match=f"c.pth: it holds a {kind}, not the weights of a model"):
+            build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
+    torch.save({"model": 5}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match="timm cannot convert it"):
+        build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
+    torch.manual_seed(2)
+    vit = jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0))
+    torch.save(vit, tmp_path / "whole.pth")  # torch.save(model): read only with --allow-pickle
+    backbone = build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "whole.pth"), allow_pickle=True)
+    inputs = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        reference = vit.forward_intermediates(inputs, indices=[11], output_fmt="NLC", intermediates_only=True)[0]
+        torch.testing.assert_close(backbone(inputs, [-1])[-1][0], reference)
+    nested = {"student": {f"backbone.{k}": v for k, v in vit.state_dict().items()},
+              "teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}
+    torch.save(nested, tmp_path / "dino.pth")
+    with pytest.raises(CheckpointError, match="its weights sit under 'student.backbone.' and 'teacher.backbone.'"):
+        build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "dino.pth"))
+
+
 @pytest.mark.parametrize("model_name, layout", [("deit_tiny_distilled_patch16_224", "model.pth"),
                                                  ("vit_tiny_patch16_224", "model.safetensors")])
 def test_timm_vit_matches_forward_intermediates(tmp_path, model_name, layout):

@@ -61,17 +61,17 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
     state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
-    for wrapper in ("model", "state_dict"):  # MAE and DeiT release {'model': ...}, others {'state_dict': ...}
-        if isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
+    # MAE and DeiT release {'model': ...}, others {'state_dict': ...}, some both, one inside the other
+    while (wrapper := next((key for key in ("model", "state_dict") if isinstance(state.get(key), dict)), None)):
+        state = state[wrapper]
     check_geometry(path, state, model)
     try:
         state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
-    except (RuntimeError, KeyError, ValueError) as error:
+    except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path}: timm cannot convert it into {model_name}'s weights ({error})") from None
-    if not count_indexed(state, "blocks.") and (prefix := _wrapping_prefix(state)):
-        raise CheckpointError(f"{path}: its weights sit under {prefix!r} (a training wrapper's keys); save the "
-                              f"state dict of the model inside, with the keys that follow {prefix!r}")
+    if not count_indexed(state, "blocks.") and (prefixes := _wrapping_prefixes(state)):
+        raise CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
+                              f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")
     expect(path, "'blocks.N.*'", "depth", len(model.blocks), count_indexed(state, "blocks."))
     # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
     load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)))
@@ -84,20 +84,54 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     return backbone
 
 
-# Where the checkpoint layouts timm converts keep the patch kernel and the position embedding.
-PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight", "conv1.weight")
-POSITIONS = ("pos_embed", "visual.positional_embedding", "positional_embedding")
+# Where the checkpoint layouts timm converts keep the patch kernel, the position embedding and the
+# prefix tokens, under any prefix timm strips ('visual.trunk.' of OpenCLIP, 'module.' of I-JEPA's
+# 'encoder'); OpenAI CLIP's bare names only at the top.
+PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight")
+POSITIONS = ("pos_embed", "visual.positional_embedding")
+CLASS_TOKENS = ("cls_token", "visual.class_embedding")
+BARE = {"conv1.weight": PATCH_KERNELS, "positional_embedding": POSITIONS, "class_embedding": CLASS_TOKENS}
+
+
+def _flat(state: dict, prefix: str = ""):
+    """(key, tensor) of every tensor in a checkpoint, the keys of nested dicts joined with dots."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            yield f"{prefix}{key}", value
+
+
+def _find(tensors: dict, names: tuple[str, ...]):
+    """The first tensor whose key is one of `names`, under any prefix (or bare at the top)."""
+    bare = [key for key, kinds in BARE.items() if kinds == names]
+    return next((value for key, value in tensors.items()
+                 if key in bare or any(key == name or key.endswith("." + name) for name in names)), None)
 
 
 def check_geometry(path, state: dict, model):
-    """Refuse a checkpoint of another patch size or resolution, in any layout: timm's filter would
-    resample its patch kernel and position embedding to this model's without a word, and the tokens
-    would come from another model. A position embedding may hold a slot for each prefix token (DINOv2
-    keeps the class token's, which timm drops) or none."""
-    kernel = next((state[key] for key in PATCH_KERNELS if key in state), None)
+    """Refuse a checkpoint of another patch size, resolution or number of prefix tokens, in any
+    layout: timm's filter would resample its patch kernel and position embedding to this model's
+    without a word, and the tokens would come from another model. A position embedding may hold a
+    slot for each prefix token (DINOv2 keeps the class token's, which timm drops) or none."""
+    tensors = dict(_flat(state))
+    kernel = _find(tensors, PATCH_KERNELS)
     if kernel is not None:
         expect(path, "the patch embedding", "patches of", tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(kernel.shape[-2:]))
-    positions = next((state[key] for key in POSITIONS if key in state), None)
+    if _find(tensors, CLASS_TOKENS) is not None:  # a layout whose prefix tokens are known by name
+        registers = next((value.shape[-2] for key, value in tensors.items() if key.split(".")[-1] in ("reg_token", "register_tokens")), 0)
+        distilled = any(key.split(".")[-1] == "dist_token" for key in tensors)
+        theirs, ours = 1 + distilled + registers, model.num_prefix_tokens
+        if theirs != ours:
+            def kinds(distilled, registers) -> str:
+                return "a class token" + (", a distillation token" if distilled else "") + (f", {registers} registers" if registers else "")
+            ours_registers = getattr(model, "reg_token", None)
+            ours_registers = 0 if ours_registers is None else ours_registers.shape[-2]
+            raise CheckpointError(
+                f"{path}: it has {theirs} prefix tokens ({kinds(distilled, registers)}), this model "
+                f"{ours} ({kinds(bool(getattr(model, 'dist_token', None) is not None), ours_registers)}): give the timm model "
+                "of its kind (a distilled DeiT is *_distilled_*, a DINOv2 with 4 registers *_reg4_dinov2)")
+    positions = _find(tensors, POSITIONS)
     if positions is not None:
         slots, patches = positions.shape[-2], model.patch_embed.num_patches
         if slots - patches not in {0, 1, model.num_prefix_tokens}:
@@ -107,7 +141,7 @@ def check_geometry(path, state: dict, model):
                                   "give the timm model of that resolution")
 
 
-def _wrapping_prefix(state: dict) -> str | None:
-    """'module.' (DDP) or 'teacher.backbone.' (DINOv2 training): the part before 'blocks.' of the keys."""
-    found = {key.split("blocks.")[0] for key in state if ".blocks." in f".{key}"}
-    return next(iter(found)) if len(found) == 1 else None
+def _wrapping_prefixes(state: dict) -> list[str]:
+    """['module.'] (DDP), ['teacher.backbone.'] (DINOv2 training), or ['student.backbone.',
+    'teacher.backbone.'] (DINO's nested dicts): the parts before 'blocks.' of the keys."""
+    return sorted({key.split("blocks.")[0] for key, _ in _flat(state) if ".blocks." in f".{key}"})
