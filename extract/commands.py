@@ -171,11 +171,14 @@ def backbones():
         if "dim" in config:
             facts.append(f"dim {config['dim']}, {config['depth']} layers")
         default = " (default)" if name == DEFAULT_BACKBONE else ""
-        options = [f"{key}={option.default}" for key, option in settable_options(entry).items()]
+        # a default of 0 leaves the size to the model (timm's img_size)
+        options = [f"{key}={option.default}" if option.default else f"{key} (default: the model's)"
+                   for key, option in settable_options(entry).items()]
         typer.echo(f"{name}{default}\n    {'; '.join(facts + [entry.help])}"
                    + (f"\n    options (-o KEY=VALUE): {', '.join(options)}" if options else ""))
     sized = [name for name, entry in BACKBONES.items() if "dim" in settable_options(entry)]
     headed = [name for name in sized if "num_heads" in settable_options(BACKBONES[name])]
     typer.echo(f"\nA checkpoint of another size of {', '.join(sized)} needs its sizes as options, e.g. -o dim=384 -o depth=12 "
                f"for a ViT-S; {', '.join(headed)} also need -o num_heads (ViT-S 6, ViT-B 12, ViT-L 16): the weights show dim and "
-               "depth (a mismatch is refused) but not the number of heads. A timm model's size comes with its name.")
+               "depth (a mismatch is refused) but not the number of heads. A timm model's size comes with its name; "
+               "-o img_size=N runs it at N pixels (its position embedding resampled, as DINOv2 is evaluated at 224).")

@@ -655,6 +655,37 @@ def test_a_checkpoint_that_is_not_a_dict_of_weights_is_named_and_a_pickled_model
         build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "dino.pth"))
 
 
+def test_img_size_runs_a_timm_vit_at_another_resolution_as_timm_itself_resamples_it(tmp_path):
+    """DINOv2 is released at 518 pixels and evaluated at 224: timm's own model made at 224 and loaded
+    through its checkpoint filter (which resamples the position embedding) is the oracle."""
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    from tokens.extract.checkpoints import CheckpointError
+
+    torch.manual_seed(3)
+    native = jitter(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0))
+    torch.save(native.state_dict(), tmp_path / "dinov2.pth")
+    backbone = build_backbone("timm:vit_small_patch14_dinov2", str(tmp_path / "dinov2.pth"), img_size=224)
+    assert backbone.grid == (16, 16) and backbone.config["data_config"]["input_size"] == [3, 224, 224]
+    oracle = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=224)
+    oracle.load_state_dict(checkpoint_filter_fn(native.state_dict(), oracle))
+    oracle.eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    inputs, _ = backbone.preprocess(image)
+    assert inputs.shape == (3, 224, 224)
+    with torch.inference_mode():
+        ours = backbone(inputs[None], [5])[5][0]
+        reference = oracle.forward_intermediates(inputs[None], indices=[5], output_fmt="NLC", intermediates_only=True)[0]
+    torch.testing.assert_close(ours, reference)
+    torch.save(timm.create_model("vit_tiny_patch16_384", pretrained=False, num_classes=0).state_dict(), tmp_path / "at384.pth")
+    with pytest.raises(CheckpointError, match="another resolution; give the timm model of that resolution, or -o img_size=N"):
+        build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "at384.pth"))  # not asked for: refused as before
+    assert build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "at384.pth"), img_size=384).grid == (24, 24)
+    with pytest.raises(ValueError, match="img_size=225 is not a multiple of its patch size 14 \\(e.g. 224\\)"):
+        build_backbone("timm:vit_small_patch14_dinov2", str(tmp_path / "dinov2.pth"), img_size=225)
+
+
 @pytest.mark.parametrize("model_name, layout", [("deit_tiny_distilled_patch16_224", "model.pth"),
                                                  ("vit_tiny_patch16_224", "model.safetensors")])
 def test_timm_vit_matches_forward_intermediates(tmp_path, model_name, layout):

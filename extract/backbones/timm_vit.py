@@ -40,7 +40,10 @@ class TimmViT(Backbone):
          "checkpoint: a local timm/hub state dict (.pth/.bin/.safetensors)",
     modality="image",
 )
-def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=False):
+def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=False, img_size=0):
+    """img_size: run at this resolution rather than the model's own (DINOv2 at 224 rather than 518, as
+    its linear evaluations do): timm resamples the checkpoint's position embedding to it, and the
+    images are resized and cropped to it."""
     try:
         import timm
     except ImportError as error:
@@ -55,16 +58,20 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
         raise ValueError(f"timm {timm.__version__} has no model {model_name!r}; "
                          "python -c \"import timm; print(timm.list_models('*vit*'))\" lists its ViTs")
     try:
-        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}))
     except RuntimeError as error:  # a tag timm does not know (vit_base_patch16_224.nosuchtag)
         raise ValueError(f"timm:{model_name}: {error}") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
+    patch = model.patch_embed.patch_size[0]
+    if img_size % patch:
+        raise ValueError(f"timm:{model_name}: img_size={img_size} is not a multiple of its patch size {patch} "
+                         f"(e.g. {img_size // patch * patch or patch})")
     state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
     # MAE and DeiT release {'model': ...}, others {'state_dict': ...}, some both, one inside the other
     while (wrapper := next((key for key in ("model", "state_dict") if isinstance(state.get(key), dict)), None)):
         state = state[wrapper]
-    check_geometry(path, state, model)
+    check_geometry(path, state, model, positions_resampled=bool(img_size))
     try:
         state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
     except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
@@ -76,6 +83,8 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
     load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)))
     data = resolve_data_config(model=model)
+    if img_size:  # timm's config keeps the tag's size
+        data["input_size"] = (3, img_size, img_size)
     backbone = TimmViT(model, create_transform(**data), final_norm=final_norm, name=name)
     backbone._finish(
         sha256, model_name=model_name,
@@ -109,11 +118,12 @@ def _find(tensors: dict, names: tuple[str, ...]):
                  if key in bare or any(key == name or key.endswith("." + name) for name in names)), None)
 
 
-def check_geometry(path, state: dict, model):
+def check_geometry(path, state: dict, model, positions_resampled: bool = False):
     """Refuse a checkpoint of another patch size, resolution or number of prefix tokens, in any
     layout: timm's filter would resample its patch kernel and position embedding to this model's
     without a word, and the tokens would come from another model. A position embedding may hold a
-    slot for each prefix token (DINOv2 keeps the class token's, which timm drops) or none."""
+    slot for each prefix token (DINOv2 keeps the class token's, which timm drops) or none.
+    `positions_resampled`: another resolution was asked for (img_size), so the positions' count is not checked."""
     tensors = dict(_flat(state))
     kernel = _find(tensors, PATCH_KERNELS)
     if kernel is not None:
@@ -132,13 +142,13 @@ def check_geometry(path, state: dict, model):
                 f"{ours} ({kinds(bool(getattr(model, 'dist_token', None) is not None), ours_registers)}): give the timm model "
                 "of its kind (a distilled DeiT is *_distilled_*, a DINOv2 with 4 registers *_reg4_dinov2)")
     positions = _find(tensors, POSITIONS)
-    if positions is not None:
+    if positions is not None and not positions_resampled:
         slots, patches = positions.shape[-2], model.patch_embed.num_patches
         if slots - patches not in {0, 1, model.num_prefix_tokens}:
             rows, columns = model.patch_embed.grid_size
             raise CheckpointError(f"{path}: its position embedding has {slots} positions, not this model's {rows}x{columns} "
                                   f"patches (and {model.num_prefix_tokens} prefix tokens): a checkpoint of another resolution; "
-                                  "give the timm model of that resolution")
+                                  "give the timm model of that resolution, or -o img_size=N to run at N pixels")
 
 
 def _wrapping_prefixes(state: dict) -> list[str]:
