@@ -469,6 +469,11 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     assert [r["head"] for r in rows] == ["ep", "linear"]
     assert float(rows[0]["test_map"]) > 0.6 and rows[1]["val_map"] == rows[1]["test_map"] == "nan"
     assert (out / "best" / "ep.pt").exists() and (out / "val_curves.png").stat().st_size
+    # Nothing of the diverged head is saved or reported as its best.
+    assert not (out / "best" / "linear.pt").exists() and "no best/{HEAD}.pt for linear" in said(result)
+    ok("report", out, "--out", tmp_path / "report")
+    reported = {row["head"]: row for row in read_csv(tmp_path / "report" / "report.csv")}
+    assert reported["ep"]["selected"] == "1" and reported["linear"]["selected"] == "0"
     # When no head gives a number, the run says so and fails (its files are still written).
     result = invoke("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "all")
     assert result.exit_code == 2 and "every head gave NaN or Inf scores" in said(result) and "tokens verify" in said(result)

@@ -421,6 +421,9 @@ def run(
     for head, row in selected.items():
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
         save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
+    if unsaved := [head for head in dict.fromkeys(row["head"] for row in rows) if head not in selected]:
+        tqdm.write(f"warning: no best/{{HEAD}}.pt for {', '.join(unsaved)}: every configuration of "
+                   f"{'it' if len(unsaved) == 1 else 'each'} gave NaN validation metrics")
 
     report.write_run(out, rows, records, metric, list(selected.values()))
     diverged = [p.config.id for p, test in zip(probes, test_scores) if not np.isfinite(test).all()]

@@ -316,11 +316,13 @@ def mark_selected(summary: list[dict]):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
     validation metric (ties by configuration): model selection never looks at test. Trainings
     (optimizer, schedule, epochs...) compete like learning rates. A run's best/HEAD.pt is one of the
-    selected configuration's seeds (selected_rows)."""
+    selected configuration's seeds (selected_rows). A head whose every configuration diverged (a NaN
+    mean validation metric) has none: no weights worth saving, and nothing to report as its best."""
     seen = set()
     for row in summary:
         key = (row["store_key"], row["head"])
-        row["selected"] = int(key not in seen)
+        validation = next(value for column, value in row.items() if column.startswith("val_") and column.endswith("_mean"))
+        row["selected"] = int(key not in seen and math.isfinite(validation))
         seen.add(key)
 
 
