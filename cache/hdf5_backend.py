@@ -226,9 +226,18 @@ class HDF5Handle:
 
     def read_column(self, split: str, name: str, num_items: int) -> np.ndarray:
         data = self.dataset(split, name)
-        if data.dtype == STRING:
-            return data.asstr()[:]
-        return data[:]
+        read = data.asstr() if data.dtype == STRING else data
+        done = self._complete_at_open.get(split)
+        if done is None or done.all():
+            return read[:]
+        # Only the shards complete when this reader opened: the strings of later ones may lie past
+        # the end of the file it knows. The others read as unwritten rows do.
+        out = np.full(data.shape, "", dtype=object) if data.dtype == STRING else np.zeros(data.shape, dtype=data.dtype)
+        shard_size = int(self.meta()["shard_size"])
+        for shard in np.flatnonzero(done):
+            start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
+            out[start:stop] = read[start:stop]
+        return out
 
     def raw_layout(self, split: str, name: str, num_items: int, shard_size: int) -> RawItems | None:
         data = self.dataset(split, name)

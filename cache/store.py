@@ -17,6 +17,7 @@ import hashlib
 import json
 import operator
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -338,7 +339,7 @@ class TokenStore:
             state = "closed" if self.closed else "open for writing"
             raise TypeError(f"{self.path} is {state}: only a store open for reading can be sent to another process "
                             "(a DataLoader worker); or open it by its path there")
-        return TokenStore, (self.path, self.format, "r")
+        return TokenStore, (self.path.resolve(), self.format, "r")
 
     def close(self):
         """Close the files, and the raw readers' descriptors and threads; reads after it are refused."""
@@ -706,13 +707,17 @@ class RawItems:
     zarr's fill value.
     """
 
-    def __init__(self, locate, item_bytes: int, threads: int = 4):
+    def __init__(self, locate, item_bytes: int, threads: int = 4, files_replaced: bool = False):
+        """`files_replaced`: a file may be replaced by a new one at its path (a zarr shard written
+        again), which is then read; an HDF5 file is written in place, and h5py keeps the old one."""
         self.locate = locate
         self.item_bytes = item_bytes
         self._threads = threads
+        self._files_replaced = files_replaced
         self._pool, self._pool_pid = None, None
         self._fds: dict[str, tuple[int, int]] = {}  # path -> (descriptor, inode)
         self._replaced: list[int] = []
+        self._opening, self._lock_pid = threading.Lock(), os.getpid()
 
     def _reading_threads(self) -> ThreadPoolExecutor | None:
         """This process's pool: one made before a fork (DataLoader workers) names threads that do
@@ -725,25 +730,31 @@ class RawItems:
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown()
         self._pool = None
-        for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
-            os.close(fd)
-        self._fds.clear()
-        self._replaced.clear()
+        with self._opening:
+            for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
+                os.close(fd)
+            self._fds.clear()
+            self._replaced.clear()
 
     def _fd(self, path: str) -> int:
         """This file's descriptor, opened again if the file at `path` was replaced since (a zarr shard
         written again is a new file renamed over the old one, which the old descriptor still reads)."""
-        fd, inode = self._fds.get(path, (None, None))
-        try:
-            now = os.stat(path).st_ino
-        except OSError as error:
-            raise DamagedShard(path, f"file missing or unreadable ({error.strerror or error})") from error
-        if fd is None or inode != now:
-            if fd is not None:  # closed with the rest: another thread may be reading through it now
-                self._replaced.append(fd)
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd, os.fstat(fd).st_ino
-        return fd
+        if self._lock_pid != os.getpid():  # forked: the copied lock may have been held by a thread not copied
+            self._opening, self._lock_pid = threading.Lock(), os.getpid()
+        with self._opening:  # threads reading one split
+            fd, inode = self._fds.get(path, (None, None))
+            if fd is not None and not self._files_replaced:
+                return fd
+            try:
+                now = os.stat(path).st_ino
+            except OSError as error:
+                raise DamagedShard(path, f"file missing or unreadable ({error.strerror or error})") from error
+            if fd is None or inode != now:
+                if fd is not None:  # closed with the rest: another thread may be reading through it now
+                    self._replaced.append(fd)
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd, os.fstat(fd).st_ino
+            return fd
 
     def __del__(self):
         for fd in [fd for fd, _ in self._fds.values()] + self._replaced:

@@ -158,6 +158,10 @@ def _write_file(path: Path, tmp: Path, parts: list, direct: bool = False):
         raise
 
 
+# What zarr and numcodecs raise on a chunk they cannot decode (truncated, damaged): not memory or I/O errors.
+DECODING_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
+
+
 # Direct writes were measured on ext4 (a cloud VM's local disk), and xfs takes them the same way.
 # Network and FUSE filesystems (NFS, Lustre, GPFS, CIFS) each treat O_DIRECT their own way (NFS
 # sends such writes to the server uncached and synchronously): shards there go through the page cache.
@@ -364,7 +368,7 @@ class ZarrHandle:
         self._check_files(split, name, shards)
         try:
             return array.oindex[indices]
-        except Exception as error:  # zarr and numcodecs raise what they meet: ValueError, RuntimeError, ...
+        except DECODING_ERRORS as error:
             raise self._undecodable(split, name, shards, error) from error
 
     def read_column(self, split: str, name: str, num_items: int) -> np.ndarray:
@@ -373,7 +377,7 @@ class ZarrHandle:
         self._check_files(split, name, shards)
         try:
             return array[:]
-        except Exception as error:
+        except DECODING_ERRORS as error:
             raise self._undecodable(split, name, shards, error) from error
 
     def _undecodable(self, split: str, name: str, shards, error: Exception) -> DamagedShard:
@@ -383,7 +387,7 @@ class ZarrHandle:
         for shard in shards:
             try:
                 array[shard * rows:(shard + 1) * rows]
-            except Exception:
+            except DECODING_ERRORS:
                 return DamagedShard(self.chunk_file(split, name, shard), f"cannot be decoded (truncated or damaged: {error})")
         return DamagedShard(self.chunk_file(split, name, shards[0]), f"cannot be decoded ({error})")
 
@@ -462,7 +466,7 @@ class ZarrHandle:
                 offsets[chosen] = offsets_of(int(shard))[within[chosen]]
             return paths, shards, offsets
 
-        return RawItems(locate, item_bytes)
+        return RawItems(locate, item_bytes, files_replaced=True)
 
     def close(self):
         self._arrays.clear()

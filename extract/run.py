@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,10 +179,28 @@ def dataset_change(store, dataset: Dataset) -> str:
 
 
 def holds_only_this_dataset(store, dataset: Dataset) -> bool:
-    """Whether everything the store holds is what the dataset gives now, although their fingerprints
-    differ: the dataset changed only in shards not written yet, or in files that could not be read
-    when the store was made (a failed item of unknown length), which `--retry-failed` extracts now."""
-    return _first_change(store, dataset) == ""
+    """Whether the dataset differs from the store's only in files that could not be read when their
+    shards were written (failed items of unknown length), which are readable now: `--retry-failed`
+    extracts them. Any other change is refused, even in shards not written yet: a task of the same
+    job array may still be writing those from the dataset as it was."""
+    known = set()  # (split, index) of failed items stored without a length that have one now
+    try:
+        for name, items in dataset.splits.items():
+            split = store.split(name)
+            rows = np.flatnonzero(split.complete_items())
+            if not len(rows) or len(items) != split.num_items:
+                continue
+            failed = np.array([bool(error) for error in split.column("errors", rows)], dtype=bool)
+            unknown = rows[np.isnan(split.column("durations", rows)) & failed]
+            known |= {(name, int(row)) for row in unknown if items[row].duration is not None}
+    except (StoreError, OSError, ValueError):  # a damaged column: refused as before, by the fingerprint
+        return False
+    if not known:
+        return False
+    as_stored = Dataset(dataset.root, dataset.task, dataset.classes, {
+        name: [replace(item, duration=None) if (name, index) in known else item for index, item in enumerate(items)]
+        for name, items in dataset.splits.items()}, dataset.sample_rate)
+    return as_stored.fingerprint() == store.meta["dataset_fingerprint"]
 
 
 def _first_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str | None:

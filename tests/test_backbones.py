@@ -611,13 +611,31 @@ def test_a_timm_checkpoint_of_another_geometry_is_refused_whatever_prefix_or_wra
             build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
 
 
+def test_a_whole_clip_checkpoint_is_checked_by_its_image_tower_not_its_text_tower(tmp_path):
+    """OpenAI and OpenCLIP checkpoints hold the text tower's bare 'positional_embedding' (77 positions)
+    before the image tower's 'visual.*' keys: the image tower's geometry is the one checked."""
+    pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    text = {"positional_embedding": torch.zeros(77, 512), "token_embedding.weight": torch.zeros(10, 512)}
+    image = {"visual.class_embedding": torch.zeros(768), "visual.positional_embedding": torch.zeros(50, 768),
+             "visual.conv1.weight": torch.zeros(768, 3, 32, 32)}
+    torch.save(text | image, tmp_path / "clip.pth")
+    with pytest.raises(CheckpointError) as raised:  # past the geometry: this file has no blocks
+        build_backbone("timm:vit_base_patch32_clip_224.openai", str(tmp_path / "clip.pth"))
+    assert "position" not in str(raised.value) and "patches of" not in str(raised.value), raised.value
+    torch.save(text | image | {"visual.positional_embedding": torch.zeros(197, 768)}, tmp_path / "clip.pth")
+    with pytest.raises(CheckpointError, match="its position embedding has 197 positions, not this model's 7x7 patches"):
+        build_backbone("timm:vit_base_patch32_clip_224.openai", str(tmp_path / "clip.pth"))
+
+
 @pytest.mark.parametrize("model_name, state, message", [
     ("deit_tiny_patch16_224", {"cls_token": torch.zeros(1, 1, 192), "dist_token": torch.zeros(1, 1, 192), "pos_embed": torch.zeros(1, 198, 192)},
-     r"it has 2 prefix tokens \(a class token, a distillation token\), this model 1 \(a class token\)"),
+     r"it has 2 prefix tokens \(a class token, a distillation token\), this model 1 prefix tokens \(a class token\)"),
     ("deit_tiny_distilled_patch16_224", {"cls_token": torch.zeros(1, 1, 192), "pos_embed": torch.zeros(1, 197, 192)},
-     r"it has 1 prefix tokens \(a class token\), this model 2 \(a class token, a distillation token\)"),
+     r"it has 1 prefix tokens \(a class token\), this model 2 prefix tokens \(a class token, a distillation token\)"),
     ("vit_small_patch14_dinov2", {"cls_token": torch.zeros(1, 1, 384), "register_tokens": torch.zeros(1, 4, 384)},
-     r"it has 5 prefix tokens \(a class token, 4 registers\), this model 1 \(a class token\).*_reg4_dinov2"),
+     r"it has 5 prefix tokens \(a class token, 4 registers\), this model 1 prefix tokens \(a class token\).*_reg4_dinov2"),
 ])
 def test_a_timm_checkpoint_with_other_prefix_tokens_says_so(tmp_path, model_name, state, message):
     """Not 'another resolution', nor timm's reshape error: a distilled or registers checkpoint for a model without them."""

@@ -94,12 +94,15 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
 
 
 # Where the checkpoint layouts timm converts keep the patch kernel, the position embedding and the
-# prefix tokens, under any prefix timm strips ('visual.trunk.' of OpenCLIP, 'module.' of I-JEPA's
-# 'encoder'); OpenAI CLIP's bare names only at the top.
+# prefix tokens: under the prefixes its filter strips (OpenCLIP's timm trunk, I-JEPA's 'encoder',
+# TIPSv2's vision encoder), in this order, the image tower's before any other (a whole CLIP
+# checkpoint holds a text tower's 'positional_embedding' too). Layouts timm converts otherwise
+# (RADIO, whose position embedding it resamples by design) are not checked.
+TIMM_PREFIXES = ("", "module.", "visual.trunk.", "module.visual.trunk.", "encoder.module.", "encoder.", "vision_encoder.")
 PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight")
 POSITIONS = ("pos_embed", "visual.positional_embedding")
 CLASS_TOKENS = ("cls_token", "visual.class_embedding")
-BARE = {"conv1.weight": PATCH_KERNELS, "positional_embedding": POSITIONS, "class_embedding": CLASS_TOKENS}
+REGISTERS = ("reg_token", "register_tokens")
 
 
 def _flat(state: dict, prefix: str = ""):
@@ -112,10 +115,8 @@ def _flat(state: dict, prefix: str = ""):
 
 
 def _find(tensors: dict, names: tuple[str, ...]):
-    """The first tensor whose key is one of `names`, under any prefix (or bare at the top)."""
-    bare = [key for key, kinds in BARE.items() if kinds == names]
-    return next((value for key, value in tensors.items()
-                 if key in bare or any(key == name or key.endswith("." + name) for name in names)), None)
+    """The tensor of the first of `names` under the first of TIMM_PREFIXES that has one, or None."""
+    return next((tensors[prefix + name] for prefix in TIMM_PREFIXES for name in names if prefix + name in tensors), None)
 
 
 def check_geometry(path, state: dict, model, positions_resampled: bool = False):
@@ -129,18 +130,17 @@ def check_geometry(path, state: dict, model, positions_resampled: bool = False):
     if kernel is not None:
         expect(path, "the patch embedding", "patches of", tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(kernel.shape[-2:]))
     if _find(tensors, CLASS_TOKENS) is not None:  # a layout whose prefix tokens are known by name
-        registers = next((value.shape[-2] for key, value in tensors.items() if key.split(".")[-1] in ("reg_token", "register_tokens")), 0)
-        distilled = any(key.split(".")[-1] == "dist_token" for key in tensors)
-        theirs, ours = 1 + distilled + registers, model.num_prefix_tokens
+        registers = _find(tensors, REGISTERS)
+        theirs = (True, _find(tensors, ("dist_token",)) is not None, 0 if registers is None else registers.shape[-2])
+        ours = (getattr(model, "cls_token", None) is not None, getattr(model, "dist_token", None) is not None,
+                0 if getattr(model, "reg_token", None) is None else model.reg_token.shape[-2])
         if theirs != ours:
-            def kinds(distilled, registers) -> str:
-                return "a class token" + (", a distillation token" if distilled else "") + (f", {registers} registers" if registers else "")
-            ours_registers = getattr(model, "reg_token", None)
-            ours_registers = 0 if ours_registers is None else ours_registers.shape[-2]
+            def kinds(has_class, distilled, registers) -> str:
+                named = ["a class token"] * has_class + ["a distillation token"] * distilled + [f"{registers} registers"] * bool(registers)
+                return f"{has_class + distilled + registers} prefix tokens ({', '.join(named) or 'none'})"
             raise CheckpointError(
-                f"{path}: it has {theirs} prefix tokens ({kinds(distilled, registers)}), this model "
-                f"{ours} ({kinds(bool(getattr(model, 'dist_token', None) is not None), ours_registers)}): give the timm model "
-                "of its kind (a distilled DeiT is *_distilled_*, a DINOv2 with 4 registers *_reg4_dinov2)")
+                f"{path}: it has {kinds(*theirs)}, this model {kinds(*ours)}: give the timm model of its kind "
+                "(a distilled DeiT is *_distilled_*, a DINOv2 with 4 registers *_reg4_dinov2)")
     positions = _find(tensors, POSITIONS)
     if positions is not None and not positions_resampled:
         slots, patches = positions.shape[-2], model.patch_embed.num_patches
