@@ -250,7 +250,8 @@ class HDF5Handle:
         def locate(indices: np.ndarray):
             return paths, np.zeros(len(indices), dtype=np.int64), offset + indices.astype(np.int64) * item_bytes
 
-        return RawItems(locate, item_bytes)
+        # the file h5py has open, whatever is at its path now (another store may have replaced it)
+        return RawItems(locate, item_bytes, opened={paths[0]: os.dup(self.file.id.get_vfd_handle())})
 
     def close(self):
         try:

@@ -420,8 +420,10 @@ class TokenStore:
             )
 
     def _record_dataset(self, fingerprint: str):
-        """The dataset's new fingerprint, and so a new cache key: the tokens of its items may change."""
+        """The dataset's new fingerprint, and so a new cache key: the tokens of its items may change.
+        The earlier ones are kept: shards not written again since still hold what they described."""
         meta = dict(self.meta)
+        meta["earlier_dataset_fingerprints"] = [*meta.get("earlier_dataset_fingerprints", []), meta["dataset_fingerprint"]]
         meta["key_fields"] = {**meta.get("key_fields", {}), "dataset_fingerprint": fingerprint}
         meta.update(dataset_fingerprint=fingerprint, cache_key=cache_key(meta["key_fields"]))
         self._handle.set_meta(meta)
@@ -707,15 +709,17 @@ class RawItems:
     zarr's fill value.
     """
 
-    def __init__(self, locate, item_bytes: int, threads: int = 4, files_replaced: bool = False):
+    def __init__(self, locate, item_bytes: int, threads: int = 4, files_replaced: bool = False,
+                 opened: dict[str, int] | None = None):
         """`files_replaced`: a file may be replaced by a new one at its path (a zarr shard written
-        again), which is then read; an HDF5 file is written in place, and h5py keeps the old one."""
+        again), which is then read. `opened`: descriptors of files already open, read whatever is
+        at their paths now (an HDF5 file, which h5py keeps open); closed with the rest."""
         self.locate = locate
         self.item_bytes = item_bytes
         self._threads = threads
         self._files_replaced = files_replaced
         self._pool, self._pool_pid = None, None
-        self._fds: dict[str, tuple[int, int]] = {}  # path -> (descriptor, inode)
+        self._fds: dict[str, tuple[int, int]] = {path: (fd, os.fstat(fd).st_ino) for path, fd in (opened or {}).items()}
         self._replaced: list[int] = []
         self._opening, self._lock_pid = threading.Lock(), os.getpid()
 
@@ -726,11 +730,18 @@ class RawItems:
             self._pool, self._pool_pid = ThreadPoolExecutor(self._threads), os.getpid()
         return self._pool
 
+    def _lock(self) -> threading.Lock:
+        """The lock over the descriptors; a new one in a forked child, where the copied one may have
+        been held by a thread that was not copied."""
+        if self._lock_pid != os.getpid():
+            self._opening, self._lock_pid = threading.Lock(), os.getpid()
+        return self._opening
+
     def close(self):
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown()
         self._pool = None
-        with self._opening:
+        with self._lock():
             for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
                 os.close(fd)
             self._fds.clear()
@@ -739,9 +750,7 @@ class RawItems:
     def _fd(self, path: str) -> int:
         """This file's descriptor, opened again if the file at `path` was replaced since (a zarr shard
         written again is a new file renamed over the old one, which the old descriptor still reads)."""
-        if self._lock_pid != os.getpid():  # forked: the copied lock may have been held by a thread not copied
-            self._opening, self._lock_pid = threading.Lock(), os.getpid()
-        with self._opening:  # threads reading one split
+        with self._lock():  # threads reading one split
             fd, inode = self._fds.get(path, (None, None))
             if fd is not None and not self._files_replaced:
                 return fd

@@ -182,7 +182,8 @@ def holds_only_this_dataset(store, dataset: Dataset) -> bool:
     """Whether the dataset differs from the store's only in files that could not be read when their
     shards were written (failed items of unknown length), which are readable now: `--retry-failed`
     extracts them. Any other change is refused, even in shards not written yet: a task of the same
-    job array may still be writing those from the dataset as it was."""
+    job array may still be writing those from the dataset as it was. The store's earlier
+    fingerprints count too: a file fixed since, whose shard was not written again, is still unknown there."""
     known = set()  # (split, index) of failed items stored without a length that have one now
     try:
         for name, items in dataset.splits.items():
@@ -200,7 +201,7 @@ def holds_only_this_dataset(store, dataset: Dataset) -> bool:
     as_stored = Dataset(dataset.root, dataset.task, dataset.classes, {
         name: [replace(item, duration=None) if (name, index) in known else item for index, item in enumerate(items)]
         for name, items in dataset.splits.items()}, dataset.sample_rate)
-    return as_stored.fingerprint() == store.meta["dataset_fingerprint"]
+    return as_stored.fingerprint() in {store.meta["dataset_fingerprint"], *store.meta.get("earlier_dataset_fingerprints", [])}
 
 
 def _first_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str | None:

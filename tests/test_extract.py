@@ -212,6 +212,27 @@ def test_an_unreadable_file_fixed_is_extracted_by_retry_failed(dataset, tmp_path
         run(dataset, store_path, retry_failed=True)
 
 
+def test_unreadable_files_fixed_one_at_a_time_are_retried_whatever_ran_between(dataset, tmp_path):
+    """A run between two fixes that does not write the first fixed file's shard again (a plain
+    resume) records the dataset as it is then: the store still holds that file as unknown."""
+    data = dataset.parent
+    with dataset.open("a") as f:
+        for name in ("badA.wav", "badB.wav"):
+            (data / name).write_text("this is not a recording\n" * 20)
+            f.write(f"{name},low,test\n")
+    store_path = tmp_path / "s.zarr"
+    assert sorted(item for item, _ in run(dataset, store_path).failed) == ["badA.wav", "badB.wav"]
+    tone(data / "badA.wav", 1.0, 300)
+    assert run(dataset, store_path).failed_before == 2  # taken, not retried
+    tone(data / "badB.wav", 1.0, 600)
+    retried = run(dataset, store_path, retry_failed=True)
+    assert retried.retried == 2 and retried.failed == []
+    with open_store(store_path) as store, open_store(run(dataset, tmp_path / "fresh.zarr").store) as fresh:
+        assert store.meta["cache_key"] == fresh.meta["cache_key"]
+        for layer in store.layers:
+            np.testing.assert_array_equal(store.split("test").read_tokens(layer, slice(None)), fresh.split("test").read_tokens(layer, slice(None)))
+
+
 def test_a_dataset_changed_where_nothing_is_written_yet_is_still_refused(dataset, tmp_path):
     """Another task of the job array may still be writing those shards from the manifest as it was:
     taking the new dataset's fingerprint would store its old labels under the new key."""

@@ -41,9 +41,9 @@ class TimmViT(Backbone):
     modality="image",
 )
 def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=False, img_size=0):
-    """img_size: run at this resolution rather than the model's own (DINOv2 at 224 rather than 518, as
-    its linear evaluations do): timm resamples the checkpoint's position embedding to it, and the
-    images are resized and cropped to it."""
+    """img_size: run at this resolution rather than the model's own (DINOv2 at 224 rather than 518,
+    the resolution of its linear evaluations): timm resamples the checkpoint's position embedding to
+    it, and the images are resized and cropped to it by the tag's transform."""
     try:
         import timm
     except ImportError as error:
