@@ -1,5 +1,6 @@
 """The `tokens` command: a thin layer that hands each verb to its stage."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from tokens.cluster import sbatch_script
 from tokens.demo import demo
 from tokens.extract import commands as extract_commands
 from tokens.train import commands as train_commands
+from tokens.train import probe as probe_recipe
 from tokens.train.sweep import SweepError
 
 app = typer.Typer(
@@ -40,29 +42,42 @@ def slurm(
     ctx: typer.Context,
     verb: str = typer.Argument(..., metavar="VERB", help="extract or probe"),
     array: int = typer.Option(..., "--array", min=1, help="Number of array tasks: the work is split into this many parts."),
-    gpus: int = typer.Option(1, "--gpus", help="GPUs per task (0 for CPU-only tasks)."),
-    cpus: int = typer.Option(8, "--cpus", help="CPU cores per task (DataLoader workers for extraction)."),
+    gpus: int = typer.Option(1, "--gpus", min=0, help="GPUs per task: 1, or 0 for CPU-only tasks. A task uses one "
+                             "GPU: for more, ask for more tasks."),
+    cpus: int = typer.Option(8, "--cpus", min=1, help="CPU cores per task (DataLoader workers for extraction)."),
     mem: str = typer.Option(None, "--mem", help="Memory per task, e.g. 64G."),
     time: str = typer.Option(None, "--time", help="Wall-time limit per task, e.g. 04:00:00."),
     partition: str = typer.Option(None, "--partition", help="SLURM partition."),
+    after: str = typer.Option(None, "--after", metavar="JOBID", help="Start once these jobs (comma-separated ids, e.g. "
+                              "the extraction's) have all finished well: a probe array submitted with its store's extraction."),
     script: Path = typer.Option(None, "--script", help="Where to write the sbatch script (default: tokens-VERB.sbatch)."),
     submit: bool = typer.Option(False, "--submit", help="Submit the script with sbatch after writing it."),
 ):
     """Write an sbatch script that runs `tokens VERB ARGS...` as a job array, one part per task.
 
-    Everything after VERB that is not an option of this command is passed to `tokens VERB`.
-    Each task takes its part from SLURM_ARRAY_TASK_ID; resubmitting finishes only what is missing.
+    Everything after VERB that is not an option of this command is passed to `tokens VERB`, with
+    --quiet (no progress bars in the logs). Each task takes its part from SLURM_ARRAY_TASK_ID and
+    runs in the current directory; its log goes to slurm-logs/ there. Resubmitting finishes only
+    what is missing.
 
     Example: tokens slurm extract data/manifest.csv --store /scratch/as2m.zarr -b eat -c eat.pt --allow-pickle --array 64 --time 04:00:00 --submit
     """
     if verb not in ("extract", "probe"):
         raise typer.BadParameter(f"{verb!r}: use extract or probe", param_hint="VERB")
+    if gpus > 1:  # the task's one process would hold them and use the first
+        raise typer.BadParameter(f"a task uses one GPU, not {gpus}: give --gpus 1 and more --array tasks", param_hint="--gpus")
+    # Written into the script's #SBATCH lines: a value with a newline would add a line the shell runs.
+    for value, option, form, example in ((mem, "--mem", r"\d+[KMGT]?", "64G"), (time, "--time", r"[\d:-]+", "04:00:00"),
+                                         (partition, "--partition", r"[\w.,-]+", "gpu"), (after, "--after", r"\d+(_\d+)?(,\d+(_\d+)?)*", "1234,1235")):
+        if value is not None and not re.fullmatch(form, value):
+            raise typer.BadParameter(f"{value!r} is not a SLURM {option.removeprefix('--')} (e.g. {example})", param_hint=option)
     if any(arg in ("--part", "--shard") or arg.startswith(("--part=", "--shard=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
     _check_forwarded(verb, ctx.args, submit, array)
+    quiet = [] if {"-q", "--quiet"} & set(ctx.args) else ["--quiet"]  # progress bars fill a log with carriage returns
     text = sbatch_script(
-        verb, ctx.args, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
-        partition=partition, python=sys.executable, workdir=Path.cwd(),
+        verb, ctx.args + quiet, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
+        partition=partition, after=after, python=sys.executable, workdir=Path.cwd(),
     )
     path = script or Path(f"tokens-{verb}.sbatch")
     try:
@@ -119,10 +134,19 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
     elif verb == "probe":  # the sweep as the tasks will build it: more tasks than configurations leave some idle
         # An unfinished store is let through: the extraction filling it may be done before the tasks start.
         with train_commands.open_checked(needed, ["train", "test"], True, optional=("valid",)) as store:
+            if not all(split.is_complete for split in store.splits.values()):
+                typer.echo(f"note: {needed} is unfinished; the tasks refuse it unless its extraction is done when they "
+                           "start (--after JOBID waits for that job)" + ("" if "--allow-incomplete" not in args else
+                           ", or train on its shards written then (--allow-incomplete)"), err=True)
             try:
-                configs, _ = train_commands.plan_probe(store, **{key: params[key] for key in (
+                configs, spec = train_commands.plan_probe(store, **{key: params[key] for key in (
                     "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "batch_size", "loss", "data")},
                     optimizer=params["optimizer"].value)
+                training = probe_recipe.training_plan(store, configs, optimizer=params["optimizer"].value,
+                                                      schedule=params["schedule"].value, **{key: params[key] for key in (
+                                                          "epochs", "batch_size", "warmup_epochs", "loss", "data_seed")})
+                probe_recipe.check_earlier_runs(params["out"], array, {
+                    "store_key": store.meta["cache_key"], "sweep": spec | {"configs": [c.id for c in configs]}, "training": training})
             except SweepError as error:
                 raise typer.BadParameter(str(error), param_hint=error.option) from error
         if array > len(configs):

@@ -126,6 +126,7 @@ def sbatch_script(
     mem: str | None = None,
     time: str | None = None,
     partition: str | None = None,
+    after: str | None = None,
     workdir: Path,
     logs: Path = Path("slurm-logs"),
     python: str | None = None,
@@ -150,6 +151,8 @@ def sbatch_script(
         lines.append(f"#SBATCH --time={time}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
+    if after:  # comma-separated job ids: every one must have finished well
+        lines.append(f"#SBATCH --dependency=afterok:{after.replace(',', ':')}")
     # -P: the working directory is not put first on the import path, where a folder named tokens/
     # (of token stores, say) would shadow the package.
     command = [python, "-P", "-m", "tokens"] if python else ["tokens"]

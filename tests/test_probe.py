@@ -471,6 +471,9 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     assert (out / "best" / "ep.pt").exists() and (out / "val_curves.png").stat().st_size
     # Nothing of the diverged head is saved or reported as its best.
     assert not (out / "best" / "linear.pt").exists() and "no best/{HEAD}.pt for linear" in said(result)
+    (out / "best" / "linear.pt").write_bytes(b"left by an earlier run of this sweep")
+    ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", *FAST, "--out", out)  # the same sweep again
+    assert not (out / "best" / "linear.pt").exists()
     ok("report", out, "--out", tmp_path / "report")
     reported = {row["head"]: row for row in read_csv(tmp_path / "report" / "report.csv")}
     assert reported["ep"]["selected"] == "1" and reported["linear"]["selected"] == "0"
@@ -786,7 +789,7 @@ def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selec
             for lr, seed, val in ((0.01, 0, 0.9), (0.01, 1, 0.1), (0.003, 0, 0.5), (0.003, 1, 0.6))]
     assert report_module.selected_rows(rows)["linear"]["config"] == "linear/lr=0.003/wd=0.0001/layer=6/seed=1"
     summary = report_module.summarize(rows)
-    report_module.mark_selected(summary)
+    report_module.mark_selected(summary, "map")
     assert [row["config"] for row in summary if row["selected"]] == ["linear/lr=0.003/wd=0.0001/layer=6"]
 
 
@@ -1070,3 +1073,47 @@ def test_layers_all_sweeps_every_cached_layer_and_a_bad_layer_is_named_once(stor
     (tmp_path / "sweep.toml").write_text('layers = "all"\nseeds = [0]\n[heads.linear]\n')  # in a sweep file too
     ok("probe", store, "--sweep", tmp_path / "sweep.toml", *FAST, "--out", tmp_path / "file")
     assert sorted(row["layer"] for row in leaderboard(tmp_path / "file").values()) == ["3", "6"]
+
+
+def test_a_job_array_into_a_run_of_another_sweep_or_training_is_refused_at_submission(store, run, tmp_path, monkeypatch):
+    """Every task would refuse the run directory when it starts, hours later in the queue."""
+    from tokens.cli import app as cli
+
+    monkeypatch.chdir(tmp_path)
+    def slurm(*args):
+        return CliRunner().invoke(cli, ["slurm", "probe", str(store), *map(str, args), "--gpus", "0", "--script", "job.sbatch"])
+
+    same = [*SWEEP, *FAST, "--data", "stream"]
+    other_epochs = [*SWEEP, *FAST, "--epochs", "5"]
+    result = slurm(*other_epochs, "--out", run, "--array", "1")
+    assert result.exit_code == 2 and f"{run} holds another training: every task would refuse it" in said(result), said(result)
+    assert not (tmp_path / "job.sbatch").exists()
+    result = slurm(*same, "--out", run, "--array", "1")  # the same sweep: its tasks resume it
+    assert result.exit_code == 0 and (tmp_path / "job.sbatch").exists(), result.output
+    parts = tmp_path / "parts"
+    ok("probe", store, "--heads", "linear", "--seeds", "0,1", *FAST, "--out", parts, "--part", "1/2")
+    result = slurm("--heads", "linear,mean", "--seeds", "0,1", *FAST, "--out", parts, "--array", "2")
+    assert result.exit_code == 2 and f"{parts / 'part-1-of-2'} holds another sweep" in said(result), said(result)
+
+
+def test_a_part_past_the_sweeps_end_notes_it_and_the_report_is_complete(store, tmp_path):
+    """A job array larger than the sweep, written before its store existed: the idle tasks succeed,
+    and the report does not wait for parts that have nothing to train."""
+    out = tmp_path / "run"
+    for part in ("1/3", "2/3"):
+        ok("probe", store, "--heads", "linear", "--seeds", "0,1", *FAST, "--out", out, "--part", part)
+    result = ok("probe", store, "--heads", "linear", "--seeds", "0,1", *FAST, "--out", out, "--part", "3/3")
+    assert "note: part 3/3 has no configuration to train: the sweep has 2" in said(result)
+    result = ok("report", out, "--out", tmp_path / "report")
+    assert "not finished" not in said(result) and len(read_csv(tmp_path / "report" / "leaderboard.csv")) == 2
+
+
+def test_a_job_array_on_an_unfinished_store_says_what_its_tasks_need(tmp_path, monkeypatch):
+    from tokens.cli import app as cli
+
+    monkeypatch.chdir(tmp_path)
+    partial = make_store(tmp_path / "b.zarr", splits={"train": 96, "test": 40}, written=[0, 1])
+    result = CliRunner().invoke(cli, ["slurm", "probe", str(partial), "--heads", "linear", "--out", "r", "--array", "1",
+                                      "--gpus", "0", "--script", "job.sbatch"])
+    assert result.exit_code == 0 and (f"note: {partial} is unfinished; the tasks refuse it unless its extraction is done "
+                                      "when they start (--after JOBID waits for that job)") in said(result), said(result)

@@ -398,3 +398,31 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     later = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "-b", "audiomae", "-c", "later.pth",
                                      "--array", "2", "--script", "later.sbatch"])
     assert later.exit_code == 0 and "note: later.pth does not exist yet" in later.output, later.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "2"], "Invalid value for --gpus: a task uses one GPU, not 2: give --gpus 1 and more --array tasks"),
+    (["--mem", "64G\nrm -rf ~"], "is not a SLURM mem (e.g. 64G)"),
+    (["--time", "soon"], "'soon' is not a SLURM time (e.g. 04:00:00)"),
+    (["--after", "12;echo"], "is not a SLURM after (e.g. 1234,1235)"),
+])
+def test_sbatch_settings_that_cannot_be_are_refused_before_a_script_is_written(tmp_path, monkeypatch, args, message):
+    """They are written into #SBATCH lines: a newline in one would add a line the shell runs."""
+    monkeypatch.chdir(tmp_path)
+    output = refused_at_submission("probe", "later.zarr", "--out", "r", "--array", "2", *args)
+    assert message in " ".join(output.split()), output
+
+
+def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--after", "41,42_3",
+                                      "--script", "job.sbatch"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "job.sbatch").read_text()
+    assert "#SBATCH --dependency=afterok:41:42_3" in text
+    assert "probe later.zarr --out r --quiet --part" in text
+    CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "-q", "--array", "2", "--script", "job.sbatch"])
+    assert text.count("--quiet") == 1 and "--quiet" not in (tmp_path / "job.sbatch").read_text()  # -q given: not twice

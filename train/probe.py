@@ -157,6 +157,39 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
         raise
 
 
+def training_plan(store: TokenStore, configs: list[Config], *, epochs: int, batch_size: int, warmup_epochs: float,
+                  optimizer: str, schedule: str, loss: str | None, data_seed: int) -> dict:
+    """What a checkpoint must agree on to be resumed (the data mode and device may change), less
+    the store's unfinished shards, which a run adds when it trains on them."""
+    return {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
+            "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule,
+            "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "store_key": store.meta["cache_key"]}
+
+
+def check_earlier_runs(out: Path, count: int, record: dict):
+    """Before a job array is submitted: the run directory's whole sweep (count 1) or parts (count N)
+    with results or a checkpoint must be of this sweep, store and training (`record`: store_key,
+    sweep, training, as a part records them), or every task would refuse them when it starts. The
+    store's unfinished shards are not compared: they may be written by then."""
+    def fields(record: dict) -> dict:
+        found = report.part_fields(record)
+        found["training"] = {k: v for k, v in found["training"].items() if k != "unfinished"}
+        return found
+
+    mine = fields(record)
+    for folder in [out] if count == 1 else sorted(out.glob(f"part-*-of-{count}")):
+        if not any((folder / name).exists() for name in ("checkpoint.pt", *RESULTS)):
+            continue
+        try:
+            theirs = fields(json.loads((folder / "config.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SweepError(f"{folder} holds results whose sweep cannot be read (no readable config.json): "
+                             "use another --out, or delete it to start over", "--out") from None
+        if differ := [name for name in mine if theirs[name] != mine[name]]:
+            raise SweepError(f"{folder} holds another {' and '.join(differ)}: every task would refuse it; "
+                             f"use another --out, or delete {out} to start over", "--out")
+
+
 def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
     """The saved state of this sweep, None if there is none; refuse one left by another sweep."""
     if not path.exists():
@@ -321,10 +354,8 @@ def run(
     tqdm.write(why)
     tqdm.write(f"validation: {validation}")
 
-    # What a checkpoint must agree on to be resumed (the data mode and device may change).
-    plan = {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
-            "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule, "loss": loss or DEFAULT_LOSS[task],
-            "data_seed": data_seed, "store_key": store.meta["cache_key"]} | ({"unfinished": unfinished} if unfinished else {})
+    plan = training_plan(store, configs, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs, optimizer=optimizer,
+                         schedule=schedule, loss=loss, data_seed=data_seed) | ({"unfinished": unfinished} if unfinished else {})
     checkpoint = out / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, plan, task)
     if saved is None:
@@ -422,6 +453,8 @@ def run(
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
         save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
     if unsaved := [head for head in dict.fromkeys(row["head"] for row in rows) if head not in selected]:
+        for head in unsaved:  # nor one an earlier run of this sweep left in the folder
+            (out / "best" / f"{head}.pt").unlink(missing_ok=True)
         tqdm.write(f"warning: no best/{{HEAD}}.pt for {', '.join(unsaved)}: every configuration of "
                    f"{'it' if len(unsaved) == 1 else 'each'} gave NaN validation metrics")
 

@@ -205,10 +205,19 @@ def part_folders(run: Path) -> list[Path]:
 
 
 def missing_parts(run: Path) -> list[str]:
-    """Notes on parts of a split sweep (RUN/part-I-of-N/) that have no leaderboard yet."""
+    """Notes on parts of a split sweep (RUN/part-I-of-N/) that have no leaderboard yet. Parts past
+    the sweep's number of configurations have none to train (they write nothing) and are not missing."""
     notes = []
     for count in {int(PART.fullmatch(p.name)[2]) for p in part_folders(run)}:
-        missing = [i for i in range(1, count + 1) if not (Path(run) / f"part-{i}-of-{count}" / "leaderboard.csv").exists()]
+        configs = count
+        for part in Path(run).glob(f"part-*-of-{count}"):
+            try:
+                configs = len(json.loads((part / "config.json").read_text())["sweep"]["configs"])
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        missing = [i for i in range(1, min(count, configs) + 1)
+                   if not (Path(run) / f"part-{i}-of-{count}" / "leaderboard.csv").exists()]
         if missing:
             notes.append(f"{run}: part {', '.join(map(str, missing))} of {count} not finished; the report lacks its configurations")
     return notes
@@ -312,7 +321,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(summary, key=_rank(f"val_{metric}_mean"))
 
 
-def mark_selected(summary: list[dict]):
+def mark_selected(summary: list[dict], metric: str):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
     validation metric (ties by configuration): model selection never looks at test. Trainings
     (optimizer, schedule, epochs...) compete like learning rates. A run's best/HEAD.pt is one of the
@@ -321,8 +330,7 @@ def mark_selected(summary: list[dict]):
     seen = set()
     for row in summary:
         key = (row["store_key"], row["head"])
-        validation = next(value for column, value in row.items() if column.startswith("val_") and column.endswith("_mean"))
-        row["selected"] = int(key not in seen and math.isfinite(validation))
+        row["selected"] = int(key not in seen and math.isfinite(row[f"val_{metric}_mean"]))
         seen.add(key)
 
 
@@ -340,7 +348,7 @@ def selected_rows(rows: list[dict]) -> dict[str, dict]:
     """For each head, of the configuration a report selects (mark_selected: the best mean validation
     over its seeds), the seed that did best on validation: the head a run saves as best/HEAD.pt."""
     summary = summarize(rows)
-    mark_selected(summary)
+    mark_selected(summary, primary_of(rows))
     return {row["head"]: row for row in best_seeds(summary, rows).values()}
 
 
@@ -451,7 +459,7 @@ def write_report(runs: list[Path], out: Path) -> str:
         raise OutputError(f"cannot make the folder {out}: {error.strerror or error}") from None
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
-    mark_selected(summary)
+    mark_selected(summary, metric)
     heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
     columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
