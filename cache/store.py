@@ -679,12 +679,15 @@ class Split:
                 raise StoreError(f"{self.store.path} is closed")
             indices = np.arange(self.num_items)
             data = self._h.read_column(self.name, name, self.num_items)
+        elif not (indices := self._indices(indices)).size:  # nothing read, not even a damaged shard's files
+            multi_hot = name == "labels" and self.store.task == "multilabel"
+            data = np.zeros((0, len(self.store.classes)) if multi_hot else 0,
+                            {"labels": np.uint8 if multi_hot else np.int64, "offsets": np.float64, "durations": np.float64}.get(name, object))
         else:
-            indices = self._indices(indices)
             order = np.argsort(indices, kind="stable")  # the backends read increasing indices
-            rows = self._h.read_rows(self.name, name, indices[order] if indices.size else np.zeros(1, np.int64))
-            data = np.empty_like(rows[:len(indices)])
-            data[order] = rows[:len(indices)]
+            rows = self._h.read_rows(self.name, name, indices[order])
+            data = np.empty_like(rows)
+            data[order] = rows
         if name == "labels" and (outside := labels_outside(data, len(self.store.classes))).any():
             allowed = "0/1" if data.ndim == 2 else f"0..{len(self.store.classes) - 1}"
             raise StoreError(f"{self.store.path}: {self.name} item {int(indices[np.flatnonzero(outside)[0]])} has labels "

@@ -698,8 +698,15 @@ def test_layers_count_from_the_end_and_empty_reads_are_empty(tmp_path, fmt, suff
             assert tokens.shape == (0, T * F, D) and tokens.dtype == np.float16
             assert prefix.shape == (0, P, D) and prefix.dtype == np.float16
             assert mask.shape == (0, T * F) and mask.dtype == np.bool_
+            for name in ("labels", "offsets", "ids"):  # as a read of one item would give them, less the item
+                assert split.column(name, empty).dtype == split.column(name, [0]).dtype
+                assert split.column(name, empty).shape == (0, *split.column(name, [0]).shape[1:])
         with pytest.raises(IndexError, match="out of range"):
             split.read_mask([N_TRAIN])
+    if fmt == "zarr":  # nothing is read for no items, not even a damaged shard's file
+        (path / "train" / "labels" / "c" / "0" / "0").unlink()
+        with open_store(path) as store:
+            assert store.split("train").column("labels", []).shape == (0, len(CLASSES))
 
 
 def test_string_columns_are_object_arrays_of_str_in_both_formats(tmp_path):
