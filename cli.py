@@ -67,9 +67,10 @@ def slurm(
     if gpus > 1:  # the task's one process would hold them and use the first
         raise typer.BadParameter(f"a task uses one GPU, not {gpus}: give --gpus 1 and more --array tasks", param_hint="--gpus")
     # Written into the script's #SBATCH lines: a value with a newline would add a line the shell runs.
-    for value, option, form, example in ((mem, "--mem", r"\d+[KMGT]?", "64G"), (time, "--time", r"[\d:-]+", "04:00:00"),
-                                         (partition, "--partition", r"[\w.,-]+", "gpu"), (after, "--after", r"\d+(_\d+)?(,\d+(_\d+)?)*", "1234,1235")):
-        if value is not None and not re.fullmatch(form, value):
+    for value, option, form, example in ((mem, "--mem", r"\d+([KMGT]B?)?", "64G"), (time, "--time", r"[\d:-]+|unlimited|infinite", "04:00:00"),
+                                         (partition, "--partition", r"[\w.,-]+", "gpu"),
+                                         (after, "--after", r"\d+(_\d+)?([,:]\d+(_\d+)?)*", "1234,1235")):
+        if value is not None and not re.fullmatch(form, value, re.IGNORECASE):
             raise typer.BadParameter(f"{value!r} is not a SLURM {option.removeprefix('--')} (e.g. {example})", param_hint=option)
     if any(arg in ("--part", "--shard") or arg.startswith(("--part=", "--shard=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
@@ -145,8 +146,11 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
                 training = probe_recipe.training_plan(store, configs, optimizer=params["optimizer"].value,
                                                       schedule=params["schedule"].value, **{key: params[key] for key in (
                                                           "epochs", "batch_size", "warmup_epochs", "loss", "data_seed")})
+                unfinished = {name: [int(done.sum()), len(done)] for name, split in store.splits.items()
+                              if not (done := split.complete_mask()).all()}
                 probe_recipe.check_earlier_runs(params["out"], array, {
-                    "store_key": store.meta["cache_key"], "sweep": spec | {"configs": [c.id for c in configs]}, "training": training})
+                    "store_key": store.meta["cache_key"], "sweep": spec | {"configs": [c.id for c in configs]}, "training": training},
+                    store.task, unfinished, params["allow_incomplete"])
             except SweepError as error:
                 raise typer.BadParameter(str(error), param_hint=error.option) from error
         if array > len(configs):

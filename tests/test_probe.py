@@ -1090,6 +1090,8 @@ def test_a_job_array_into_a_run_of_another_sweep_or_training_is_refused_at_submi
     assert not (tmp_path / "job.sbatch").exists()
     result = slurm(*same, "--out", run, "--array", "1")  # the same sweep: its tasks resume it
     assert result.exit_code == 0 and (tmp_path / "job.sbatch").exists(), result.output
+    result = slurm(*same, "--wd", "1e-4", "--out", run, "--array", "1")  # the default weight decay, written out
+    assert result.exit_code == 0, result.output
     parts = tmp_path / "parts"
     ok("probe", store, "--heads", "linear", "--seeds", "0,1", *FAST, "--out", parts, "--part", "1/2")
     result = slurm("--heads", "linear,mean", "--seeds", "0,1", *FAST, "--out", parts, "--array", "2")
@@ -1117,3 +1119,16 @@ def test_a_job_array_on_an_unfinished_store_says_what_its_tasks_need(tmp_path, m
                                       "--gpus", "0", "--script", "job.sbatch"])
     assert result.exit_code == 0 and (f"note: {partial} is unfinished; the tasks refuse it unless its extraction is done "
                                       "when they start (--after JOBID waits for that job)") in said(result), said(result)
+    # A run trained on it unfinished resumes only with --allow-incomplete on the same shards.
+    ok("probe", partial, "--heads", "linear", *FAST, "--out", tmp_path / "inc", "--allow-incomplete")
+
+    def slurm(*args):
+        return CliRunner().invoke(cli, ["slurm", "probe", str(partial), "--heads", "linear", *FAST, "--out", str(tmp_path / "inc"),
+                                        "--array", "1", "--gpus", "0", "--script", "job.sbatch", *args])
+
+    assert slurm("--allow-incomplete").exit_code == 0
+    result = slurm()
+    assert result.exit_code == 2 and "it trained on the store unfinished, which needs --allow-incomplete" in said(result), said(result)
+    make_store(partial, splits={"train": 96, "test": 40})  # the extraction finished since
+    result = slurm("--allow-incomplete")
+    assert result.exit_code == 2 and "it trained on train 2 of 3 shards, which the store no longer is" in said(result), said(result)

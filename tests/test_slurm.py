@@ -426,3 +426,7 @@ def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp
     assert "probe later.zarr --out r --quiet --part" in text
     CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "-q", "--array", "2", "--script", "job.sbatch"])
     assert text.count("--quiet") == 1 and "--quiet" not in (tmp_path / "job.sbatch").read_text()  # -q given: not twice
+    for option, value, line in (("--mem", "64GB", "--mem=64GB"), ("--mem", "16g", "--mem=16g"), ("--time", "UNLIMITED", "--time=UNLIMITED"),
+                                ("--time", "1-12:00:00", "--time=1-12:00:00"), ("--after", "7:8", "--dependency=afterok:7:8")):
+        result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", option, value, "--script", "job.sbatch"])
+        assert result.exit_code == 0 and f"#SBATCH {line}\n" in (tmp_path / "job.sbatch").read_text(), result.output

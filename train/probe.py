@@ -166,26 +166,36 @@ def training_plan(store: TokenStore, configs: list[Config], *, epochs: int, batc
             "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "store_key": store.meta["cache_key"]}
 
 
-def check_earlier_runs(out: Path, count: int, record: dict):
+def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinished: dict, allow_incomplete: bool):
     """Before a job array is submitted: the run directory's whole sweep (count 1) or parts (count N)
-    with results or a checkpoint must be of this sweep, store and training (`record`: store_key,
-    sweep, training, as a part records them), or every task would refuse them when it starts. The
-    store's unfinished shards are not compared: they may be written by then."""
+    with results or a checkpoint must be of this store and training, and parts of this sweep as
+    well (`record`: store_key, sweep, training, as a run records them), or every task would refuse
+    them when it starts. A run trained on the store unfinished resumes only with --allow-incomplete
+    and the same shards, which the store, only ever gaining shards, must have now (`unfinished`).
+    A run whose record cannot be read is left to the task to judge."""
     def fields(record: dict) -> dict:
         found = report.part_fields(record)
+        if found["training"].get("loss") == "":  # earlier versions saved the default loss as ""
+            found["training"]["loss"] = DEFAULT_LOSS[task]
         found["training"] = {k: v for k, v in found["training"].items() if k != "unfinished"}
-        return found
+        return found if count > 1 else {name: found[name] for name in ("store_key", "training")}
 
     mine = fields(record)
     for folder in [out] if count == 1 else sorted(out.glob(f"part-*-of-{count}")):
         if not any((folder / name).exists() for name in ("checkpoint.pt", *RESULTS)):
             continue
         try:
-            theirs = fields(json.loads((folder / "config.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            raise SweepError(f"{folder} holds results whose sweep cannot be read (no readable config.json): "
-                             "use another --out, or delete it to start over", "--out") from None
-        if differ := [name for name in mine if theirs[name] != mine[name]]:
+            earlier = json.loads((folder / "config.json").read_text())
+            theirs, trained_on = fields(earlier), earlier["training"].get("unfinished")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        differ = [name for name in mine if theirs[name] != mine[name]]
+        if trained_on and not allow_incomplete:
+            differ.append("store: it trained on the store unfinished, which needs --allow-incomplete")
+        elif trained_on and trained_on != unfinished:
+            differ.append(f"store: it trained on {', '.join(f'{n} {w} of {t} shards' for n, (w, t) in trained_on.items())}, "
+                          "which the store no longer is")
+        if differ:
             raise SweepError(f"{folder} holds another {' and '.join(differ)}: every task would refuse it; "
                              f"use another --out, or delete {out} to start over", "--out")
 
