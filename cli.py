@@ -74,7 +74,8 @@ def slurm(
             raise typer.BadParameter(f"{value!r} is not a SLURM {option.removeprefix('--')} (e.g. {example})", param_hint=option)
     if any(arg in ("--part", "--shard") or arg.startswith(("--part=", "--shard=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
-    _check_forwarded(verb, ctx.args, submit, array)
+    # Submitted to wait for other jobs, the tasks may find what those jobs make: as if not submitted yet.
+    _check_forwarded(verb, ctx.args, submit and not after, array)
     quiet = [] if {"-q", "--quiet"} & set(ctx.args) else ["--quiet"]  # progress bars fill a log with carriage returns
     text = sbatch_script(
         verb, ctx.args + quiet, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
@@ -97,7 +98,8 @@ def slurm(
 
 def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
     """Parse ARGS as `tokens VERB` will, and check what can be checked without running it, so that a
-    mistake fails here rather than in every task of the array, hours later in the queue."""
+    mistake fails here rather than in every task of the array, hours later in the queue. `submit`:
+    the tasks may start now, so what they need must be there (not when they wait for other jobs)."""
     command = typer.main.get_command(app).commands[verb]
     try:
         params = command.make_context(f"tokens {verb}", list(args)).params

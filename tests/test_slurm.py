@@ -430,3 +430,24 @@ def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp
                                 ("--time", "1-12:00:00", "--time=1-12:00:00"), ("--after", "7:8", "--dependency=afterok:7:8")):
         result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", option, value, "--script", "job.sbatch"])
         assert result.exit_code == 0 and f"#SBATCH {line}\n" in (tmp_path / "job.sbatch").read_text(), result.output
+
+
+def test_a_probe_array_submitted_after_its_extraction_may_precede_its_store(tmp_path, monkeypatch):
+    """The README's workflow: the extraction's job is queued, its store not made yet; the probe array
+    waits for it (--after), so it is submitted, with a note, rather than refused for a missing store."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho \"Submitted batch job 4712 ($*)\"\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    args = ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--script", "job.sbatch", "--submit"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "later.zarr does not exist" in refused.output
+    result = CliRunner().invoke(app, args + ["--after", "4711"])
+    assert result.exit_code == 0 and "later.zarr does not exist yet" in result.output, result.output
+    assert "Submitted batch job 4712 (job.sbatch)" in result.output
+    assert "#SBATCH --dependency=afterok:4711" in (tmp_path / "job.sbatch").read_text()
