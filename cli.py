@@ -120,7 +120,11 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
                 "fmt", "dtype", "precision", "codec", "batch_size", "num_workers", "shard_size")})
             checkpoint = params["checkpoint"]
             if checkpoint and not Path(checkpoint).exists() and not submit:  # as the dataset: it may come later
-                typer.echo(f"note: {checkpoint} does not exist yet; the tasks need it when they start", err=True)
+                from tokens.extract.backbones import checked_options
+
+                checked_options(params["backbone"], extract_commands.parse_backbone_options(params["backbone_option"]))
+                typer.echo(f"note: {checkpoint} does not exist yet; the tasks need it when they start (until then the "
+                           "backbone's name and options are checked, not its layers nor the dataset)", err=True)
             else:
                 model, layers = load_backbone(params["backbone"], checkpoint, params["allow_pickle"],
                                               extract_commands.parse_backbone_options(params["backbone_option"]),

@@ -451,3 +451,25 @@ def test_a_probe_array_submitted_after_its_extraction_may_precede_its_store(tmp_
     assert result.exit_code == 0 and "later.zarr does not exist yet" in result.output, result.output
     assert "Submitted batch job 4712 (job.sbatch)" in result.output
     assert "#SBATCH --dependency=afterok:4711" in (tmp_path / "job.sbatch").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-b", "nosuch"], "unknown backbone 'nosuch'"),
+    (["-b", "eat", "-o", "bogus=1"], "eat takes the options"),
+    (["-b", "eat", "-o", "dim=0"], "eat option dim=0 must be positive"),
+])
+def test_a_backbone_every_task_would_refuse_is_refused_before_its_checkpoint_exists(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "-c", "later.pt", "--array", "2", *args)
+    assert message in " ".join(output.split()), output
+
+
+def test_a_checkpoint_still_to_come_says_what_is_not_checked_yet(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "-b", "eat", "-c", "later.pt",
+                                      "--array", "2", "--script", "job.sbatch"])
+    assert result.exit_code == 0 and "later.pt does not exist yet; the tasks need it when they start (until then the " \
+        "backbone's name and options are checked, not its layers nor the dataset)" in " ".join(result.output.split()), result.output

@@ -37,12 +37,21 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
     (trusted files only). options: the builder's keyword options, e.g. final_norm=True,
     window_seconds=2.0 (crepe), dim/depth/num_heads for other sizes of a family.
     """
+    entry, options = checked_options(name, options)
+    model = entry.build(name, checkpoint, allow_pickle=allow_pickle, **options)
+    return model.eval().requires_grad_(False)
+
+
+def checked_options(name: str, options: dict) -> tuple[Entry, dict]:
+    """The registry entry of `name` and its options as its builder takes them (numbers as numbers),
+    or a ValueError naming what it lacks: what can be checked before a checkpoint is there."""
     family, _, model_name = name.partition(":")
     entry = BACKBONES.get(family)
     if entry is None:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
     if "model_name" in options:  # it would be overridden by, or stand in for, the name after timm:
         raise ValueError(f"{family}: give the model as timm:<model_name>, not as the option model_name")
+    options = dict(options)
     if model_name:
         options["model_name"] = model_name
     parameters = options_of(entry)
@@ -60,5 +69,4 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
             if value <= 0:
                 raise ValueError(f"{family} option {key}={value!r} must be positive")
             options[key] = type(default)(value)
-    model = entry.build(name, checkpoint, allow_pickle=allow_pickle, **options)
-    return model.eval().requires_grad_(False)
+    return entry, options
