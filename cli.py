@@ -119,16 +119,19 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
             fmt = check_options(params["store"], part=(1, array), **{key: params[key] for key in (
                 "fmt", "dtype", "precision", "codec", "batch_size", "num_workers", "shard_size")})
             checkpoint = params["checkpoint"]
+            backbone_options = extract_commands.parse_backbone_options(params["backbone_option"])
+            layers = extract_commands.parse_layers(params["layers"])
             if checkpoint and not Path(checkpoint).exists() and not submit:  # as the dataset: it may come later
                 from tokens.extract.backbones import checked_options
 
-                checked_options(params["backbone"], extract_commands.parse_backbone_options(params["backbone_option"]))
+                if "final_norm" in backbone_options:  # as load_backbone refuses it
+                    raise ExtractionError("--backbone-option final_norm: use --final-norm")
+                checked_options(params["backbone"], backbone_options)
                 typer.echo(f"note: {checkpoint} does not exist yet; the tasks need it when they start (until then the "
                            "backbone's name and options are checked, not its layers nor the dataset)", err=True)
             else:
-                model, layers = load_backbone(params["backbone"], checkpoint, params["allow_pickle"],
-                                              extract_commands.parse_backbone_options(params["backbone_option"]),
-                                              params["final_norm"], extract_commands.parse_layers(params["layers"]))
+                model, layers = load_backbone(params["backbone"], checkpoint, params["allow_pickle"], backbone_options,
+                                              params["final_norm"], layers)
                 if params["dataset"].exists():
                     _check_extraction_dataset(params, model, layers, fmt, array, submit)
         except (ExtractionError, StoreError, ValueError, FileNotFoundError) as error:
@@ -167,7 +170,8 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
 def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, array: int, submit: bool):
     """The dataset as each task will read it, against the store it goes into: a store of another
     configuration or dataset is refused, and so are more tasks than shards. A dataset refused as it
-    is now is a note unless --submit, as one still to come is: its files may be on their way."""
+    is now is a note unless the tasks may start at once (--submit without --after), as one still to
+    come is: its files may be on their way."""
     from tokens.extract.manifest import ManifestError
     from tokens.extract.run import check_existing, plan
 

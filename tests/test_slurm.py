@@ -457,6 +457,9 @@ def test_a_probe_array_submitted_after_its_extraction_may_precede_its_store(tmp_
     (["-b", "nosuch"], "unknown backbone 'nosuch'"),
     (["-b", "eat", "-o", "bogus=1"], "eat takes the options"),
     (["-b", "eat", "-o", "dim=0"], "eat option dim=0 must be positive"),
+    (["-b", "eat", "-o", "final_norm=1"], "--backbone-option final_norm: use --final-norm"),
+    (["-b", "timm"], "name the timm model: timm:<model_name>"),
+    (["-b", "eat", "--layers", "x"], "Invalid value for --layers: 'x' is not 'all' or a comma-separated list of integers"),
 ])
 def test_a_backbone_every_task_would_refuse_is_refused_before_its_checkpoint_exists(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

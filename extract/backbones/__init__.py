@@ -15,7 +15,7 @@ from .base import BACKBONES, Backbone, Entry
 
 DEFAULT_BACKBONE = "crepe-tiny"
 
-__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "Entry", "build_backbone", "options_of"]
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "Entry", "build_backbone", "checked_options", "options_of"]
 
 
 def options_of(entry: Entry) -> dict[str, inspect.Parameter]:
@@ -51,6 +51,8 @@ def checked_options(name: str, options: dict) -> tuple[Entry, dict]:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
     if "model_name" in options:  # it would be overridden by, or stand in for, the name after timm:
         raise ValueError(f"{family}: give the model as timm:<model_name>, not as the option model_name")
+    if "model_name" in options_of(entry) and not model_name:
+        raise ValueError(f"name the {family} model: {family}:<model_name>, e.g. timm:vit_base_patch16_224.mae")
     options = dict(options)
     if model_name:
         options["model_name"] = model_name

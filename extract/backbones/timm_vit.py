@@ -51,9 +51,7 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     from timm.data import create_transform, resolve_data_config
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    if not model_name:
-        raise ValueError("name the timm model: timm:<model_name>, e.g. timm:vit_base_patch16_224.mae")
-    path = need_checkpoint(name, checkpoint)
+    path = need_checkpoint(name, checkpoint)  # (build_backbone has made sure a model is named)
     if not timm.is_model(model_name):
         raise ValueError(f"timm {timm.__version__} has no model {model_name!r}; "
                          "python -c \"import timm; print(timm.list_models('*vit*'))\" lists its ViTs")
