@@ -96,10 +96,10 @@ def slurm(
         typer.echo(result.stdout.strip())
 
 
-def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
+def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int):
     """Parse ARGS as `tokens VERB` will, and check what can be checked without running it, so that a
-    mistake fails here rather than in every task of the array, hours later in the queue. `submit`:
-    the tasks may start now, so what they need must be there (not when they wait for other jobs)."""
+    mistake fails here rather than in every task of the array, hours later in the queue.
+    `starts_now`: submitted, not waiting for other jobs, so what the tasks need must be there."""
     command = typer.main.get_command(app).commands[verb]
     try:
         params = command.make_context(f"tokens {verb}", list(args)).params
@@ -121,7 +121,7 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
             checkpoint = params["checkpoint"]
             backbone_options = extract_commands.parse_backbone_options(params["backbone_option"])
             layers = extract_commands.parse_layers(params["layers"])
-            if checkpoint and not Path(checkpoint).exists() and not submit:  # as the dataset: it may come later
+            if checkpoint and not Path(checkpoint).exists() and not starts_now:  # as the dataset: it may come later
                 from tokens.extract.backbones import checked_options
 
                 if "final_norm" in backbone_options:  # as load_backbone refuses it
@@ -133,20 +133,22 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
                 model, layers = load_backbone(params["backbone"], checkpoint, params["allow_pickle"], backbone_options,
                                               params["final_norm"], layers)
                 if params["dataset"].exists():
-                    _check_extraction_dataset(params, model, layers, fmt, array, submit)
+                    _check_extraction_dataset(params, model, layers, fmt, array, starts_now)
         except (ExtractionError, StoreError, ValueError, FileNotFoundError) as error:
             raise typer.BadParameter(f"tokens extract would refuse them: {error}", param_hint="ARGS") from None
     needed = params["store"] if verb == "probe" else params["dataset"]
     if not needed.exists():
-        if submit:
+        if starts_now:
             raise typer.BadParameter(f"{needed} does not exist", param_hint="ARGS")
         typer.echo(f"note: {needed} does not exist yet; the tasks need it when they start", err=True)
     elif verb == "probe":  # the sweep as the tasks will build it: more tasks than configurations leave some idle
         # An unfinished store is let through: the extraction filling it may be done before the tasks start.
         with train_commands.open_checked(needed, ["train", "test"], True, optional=("valid",)) as store:
-            if not all(split.is_complete for split in store.splits.values()):
+            unfinished = {name: [int(done.sum()), len(done)] for name, split in store.splits.items()
+                          if not (done := split.complete_mask()).all()}
+            if unfinished:
                 typer.echo(f"note: {needed} is unfinished; the tasks refuse it unless its extraction is done when they "
-                           "start (--after JOBID waits for that job)" + ("" if "--allow-incomplete" not in args else
+                           "start (--after JOBID waits for that job)" + ("" if not params["allow_incomplete"] else
                            ", or train on its shards written then (--allow-incomplete)"), err=True)
             try:
                 configs, spec = train_commands.plan_probe(store, **{key: params[key] for key in (
@@ -155,8 +157,6 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
                 training = probe_recipe.training_plan(store, configs, optimizer=params["optimizer"].value,
                                                       schedule=params["schedule"].value, **{key: params[key] for key in (
                                                           "epochs", "batch_size", "warmup_epochs", "loss", "data_seed")})
-                unfinished = {name: [int(done.sum()), len(done)] for name, split in store.splits.items()
-                              if not (done := split.complete_mask()).all()}
                 probe_recipe.check_earlier_runs(params["out"], array, {
                     "store_key": store.meta["cache_key"], "sweep": spec | {"configs": [c.id for c in configs]}, "training": training},
                     store.task, unfinished, params["allow_incomplete"])
@@ -167,7 +167,7 @@ def _check_forwarded(verb: str, args: list[str], submit: bool, array: int):
                                      param_hint="--array")
 
 
-def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, array: int, submit: bool):
+def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, array: int, starts_now: bool):
     """The dataset as each task will read it, against the store it goes into: a store of another
     configuration or dataset is refused, and so are more tasks than shards. A dataset refused as it
     is now is a note unless the tasks may start at once (--submit without --after), as one still to
@@ -179,7 +179,7 @@ def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, 
         work = plan(params["dataset"], params["store"], model, layers=layers, dtype=params["dtype"], fmt=fmt,
                     codec=params["codec"], shard_size=params["shard_size"], part=(1, 1), progress=True)
     except ManifestError as error:
-        if submit:
+        if starts_now:
             raise
         typer.echo(f"note: tokens extract would refuse the dataset as it is now, {error}\nthe tasks read it when they start", err=True)
         return

@@ -491,11 +491,15 @@ class Split:
         self.dtype = meta["dtype"]
         self.masked = bool(meta["masked"])
         self._raw = {}
-        self._complete = None  # completion marks as last read: another process only adds to them while it is read
+        self._complete = None  # completion marks as last read (another process only adds to them; an HDF5 reader keeps those of its opening)
 
     def __reduce__(self):
         """A split travels as its store does (see TokenStore.__reduce__), opened again by path."""
-        return _reopened_split, (self.store, self.name)
+        return TokenStore.split, (self.store, self.name)
+
+    def _check_open(self):
+        if self.store.closed:
+            raise StoreError(f"{self.store.path} is closed")
 
     def close_readers(self):
         for raw in self._raw.values():
@@ -516,8 +520,7 @@ class Split:
     # -- progress ---------------------------------------------------------------------------
     def complete_mask(self) -> np.ndarray:
         """One bool per shard: true once the shard is fully written."""
-        if self.store.closed:
-            raise StoreError(f"{self.store.path} is closed")
+        self._check_open()
         return self._h.complete(self.name, self.num_shards)
 
     def complete_items(self, shards_done: np.ndarray | None = None) -> np.ndarray:
@@ -622,8 +625,7 @@ class Split:
     def _indices(self, indices) -> np.ndarray:
         """Item indices as int64, from a list, an integer array, a slice or a boolean mask over the
         split; refused when out of range, or in a shard not written yet (which would read as zeros)."""
-        if self.store.closed:
-            raise StoreError(f"{self.store.path} is closed")
+        self._check_open()
         if isinstance(indices, slice):
             indices = np.arange(self.num_items)[indices]
         indices = np.asarray(indices)
@@ -675,8 +677,7 @@ class Split:
             raise StoreError(f"{self.name}: no column {name!r}; the columns are {', '.join(COLUMNS)} "
                              "(tokens, prefix tokens and the mask have their own read_ methods)")
         if indices is None:
-            if self.store.closed:
-                raise StoreError(f"{self.store.path} is closed")
+            self._check_open()
             indices = np.arange(self.num_items)
             data = self._h.read_column(self.name, name, self.num_items)
         elif not (indices := self._indices(indices)).size:  # nothing read, not even a damaged shard's files
@@ -724,7 +725,7 @@ class RawItems:
         self._pool, self._pool_pid = None, None
         self._fds: dict[str, tuple[int, int]] = {path: (fd, os.fstat(fd).st_ino) for path, fd in (opened or {}).items()}
         self._replaced: list[int] = []
-        self._opening, self._lock_pid = threading.Lock(), os.getpid()
+        self._fds_lock, self._lock_pid = threading.Lock(), os.getpid()
 
     def _reading_threads(self) -> ThreadPoolExecutor | None:
         """This process's pool: one made before a fork (DataLoader workers) names threads that do
@@ -737,15 +738,15 @@ class RawItems:
         """The lock over the descriptors; a new one in a forked child, where the copied one may have
         been held by a thread that was not copied."""
         if self._lock_pid != os.getpid():
-            self._opening, self._lock_pid = threading.Lock(), os.getpid()
-        return self._opening
+            self._fds_lock, self._lock_pid = threading.Lock(), os.getpid()
+        return self._fds_lock
 
     def close(self):
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown()
         self._pool = None
         with self._lock():
-            for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
+            for fd in self._all_fds():
                 os.close(fd)
             self._fds.clear()
             self._replaced.clear()
@@ -768,8 +769,11 @@ class RawItems:
                 self._fds[path] = fd, os.fstat(fd).st_ino
             return fd
 
+    def _all_fds(self) -> list[int]:
+        return [fd for fd, _ in self._fds.values()] + self._replaced
+
     def __del__(self):
-        for fd in [fd for fd, _ in self._fds.values()] + self._replaced:
+        for fd in self._all_fds():
             os.close(fd)
 
     def read_into(self, indices: np.ndarray, out: np.ndarray):
@@ -793,6 +797,3 @@ class RawItems:
         else:
             list(pool.map(read, np.array_split(rows, self._threads)))
 
-
-def _reopened_split(store: TokenStore, name: str) -> Split:
-    return store.split(name)

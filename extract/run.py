@@ -171,13 +171,6 @@ def plan(
     return Plan(spec, dataset, units[index - 1::count])
 
 
-def dataset_change(store, dataset: Dataset) -> str:
-    """The first difference between the items a store holds and those the dataset gives now, as a
-    user would look for it: a split's size, then item by item (in the shards written so far) its id,
-    file, window and labels. "" when none shows there, or the store's columns cannot be read."""
-    return _first_change(store, dataset) or ""
-
-
 def holds_only_this_dataset(store, dataset: Dataset) -> bool:
     """Whether the dataset differs from the store's only in files that could not be read when their
     shards were written (failed items of unknown length), which are readable now: `--retry-failed`
@@ -204,8 +197,10 @@ def holds_only_this_dataset(store, dataset: Dataset) -> bool:
     return as_stored.fingerprint() in {store.meta["dataset_fingerprint"], *store.meta.get("earlier_dataset_fingerprints", [])}
 
 
-def _first_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str | None:
-    """dataset_change(), or None when the store's columns cannot be read."""
+def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
+    """The first difference between the items a store holds and those the dataset gives now, as a
+    user would look for it: a split's size, then item by item (in the shards written so far) its id,
+    file, window and labels. "" when none shows there, or the store's columns cannot be read."""
     for name in SPLITS:
         held, now = store.splits[name].num_items if name in store.splits else 0, len(dataset.splits.get(name, []))
         if held != now:
@@ -221,7 +216,7 @@ def _first_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str | N
                     if found:
                         return found
     except (StoreError, OSError, ValueError):  # a damaged column: the refusal stays the fingerprint's
-        return None
+        return ""
     return ""
 
 

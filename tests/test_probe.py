@@ -1128,7 +1128,7 @@ def test_a_job_array_on_an_unfinished_store_says_what_its_tasks_need(tmp_path, m
 
     assert slurm("--allow-incomplete").exit_code == 0
     result = slurm()
-    assert result.exit_code == 2 and "it trained on the store unfinished, which needs --allow-incomplete" in said(result), said(result)
+    assert result.exit_code == 2 and "was trained on the store unfinished, which needs --allow-incomplete: every task would refuse it" in said(result), said(result)
     make_store(partial, splits={"train": 96, "test": 40})  # the extraction finished since
     result = slurm("--allow-incomplete")
-    assert result.exit_code == 2 and "it trained on train 2 of 3 shards, which the store no longer is" in said(result), said(result)
+    assert result.exit_code == 2 and "was trained on train 2 of 3 shards, which the store no longer is: every task would refuse it" in said(result), said(result)

@@ -99,8 +99,9 @@ def head_inputs(head: nn.Module, layer, batch):
 @torch.no_grad()
 def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarray, batch_size: int, task: str) -> list[np.ndarray]:
     """Log-probabilities (log-sigmoid multi-label, log-softmax multi-class) of every (head, layer) on
-    `items`, in order: they rank items as the probabilities do, without the probabilities' ties at 1
-    (in float64, a sigmoid is exactly 1 above a logit of about 37), and the metrics only rank.
+    `items`, in order, in float64: they rank items as the probabilities do, without the probabilities'
+    ties at 1 (in float64, a sigmoid is exactly 1 above a logit of about 37) at the top of the
+    ranking, where average precision weighs most; the metrics only rank.
 
     A batch's scores of all heads come to the CPU in one copy: one wait for the device per
     batch, not one per head and batch."""
@@ -110,8 +111,6 @@ def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarr
     for batch in source.batches(items, batch_size):
         scores = []
         for head, layer in heads:
-            # float64, and logs: probabilities tie the confident items at 1, at the top of the
-            # ranking, where average precision weighs most
             logits = head(*head_inputs(head, layer, batch)).double()
             scores.append(nn.functional.logsigmoid(logits) if task == "multilabel" else logits.log_softmax(-1))
         for out, head_scores in zip(outputs, torch.stack(scores).cpu().numpy()):
@@ -189,14 +188,14 @@ def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinishe
             theirs, trained_on = fields(earlier), earlier["training"].get("unfinished")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        differ = [name for name in mine if theirs[name] != mine[name]]
+        why = [f"holds another {' and '.join(name for name in mine if theirs[name] != mine[name])}"] if theirs != mine else []
         if trained_on and not allow_incomplete:
-            differ.append("store: it trained on the store unfinished, which needs --allow-incomplete")
+            why.append("was trained on the store unfinished, which needs --allow-incomplete")
         elif trained_on and trained_on != unfinished:
-            differ.append(f"store: it trained on {', '.join(f'{n} {w} of {t} shards' for n, (w, t) in trained_on.items())}, "
-                          "which the store no longer is")
-        if differ:
-            raise SweepError(f"{folder} holds another {' and '.join(differ)}: every task would refuse it; "
+            why.append(f"was trained on {', '.join(f'{n} {w} of {t} shards' for n, (w, t) in trained_on.items())}, "
+                       "which the store no longer is")
+        if why:
+            raise SweepError(f"{folder} {'; and '.join(why)}: every task would refuse it; "
                              f"use another --out, or delete {out} to start over", "--out")
 
 

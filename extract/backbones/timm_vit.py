@@ -117,7 +117,7 @@ def _find(tensors: dict, names: tuple[str, ...]):
     return next((tensors[prefix + name] for prefix in TIMM_PREFIXES for name in names if prefix + name in tensors), None)
 
 
-def check_geometry(path, state: dict, model, positions_resampled: bool = False):
+def check_geometry(path, state: dict, model, positions_resampled: bool):
     """Refuse a checkpoint of another patch size, resolution or number of prefix tokens, in any
     layout: timm's filter would resample its patch kernel and position embedding to this model's
     without a word, and the tokens would come from another model. A position embedding may hold a
