@@ -144,8 +144,7 @@ def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int):
     elif verb == "probe":  # the sweep as the tasks will build it: more tasks than configurations leave some idle
         # An unfinished store is let through: the extraction filling it may be done before the tasks start.
         with train_commands.open_checked(needed, ["train", "test"], True, optional=("valid",)) as store:
-            unfinished = {name: [int(done.sum()), len(done)] for name, split in store.splits.items()
-                          if not (done := split.complete_mask()).all()}
+            unfinished = probe_recipe.unfinished_shards({name: split.complete_mask() for name, split in store.splits.items()})
             if unfinished:
                 typer.echo(f"note: {needed} is unfinished; the tasks refuse it unless its extraction is done when they "
                            "start (--after JOBID waits for that job)" + ("" if not params["allow_incomplete"] else

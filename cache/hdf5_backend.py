@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, RawItems, StoreError, StoreSpec, write_error
+from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, RawItems, StoreError, StoreSpec, column_layout, write_error
 
 CODECS = {"gzip": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}}
 STRING = h5py.string_dtype()
@@ -62,8 +62,7 @@ def _create_split(group: h5py.Group, n: int, spec: StoreSpec, storage, S: int):
             group.create_dataset(name, shape=(n, count, spec.dim), dtype=storage, chunks=(1, count, spec.dim), **CODECS[spec.codec])
         else:  # allocated now, never filled: the file is sparse until written
             group.create_dataset(name, shape=(n, count, spec.dim), dtype=storage, dcpl=_early(), fill_time="never")
-    columns = {"labels": ((n, len(spec.classes)), np.uint8) if spec.task == "multilabel" else ((n,), np.int64),
-               "offsets": ((n,), np.float64), "durations": ((n,), np.float64)}
+    columns = column_layout(n, spec.task, len(spec.classes))
     if spec.masked:
         columns["mask"] = ((n, spec.num_tokens), np.bool_)
     for name in STRING_COLUMNS:

@@ -51,6 +51,17 @@ STRING_COLUMNS = ("ids", "sources", "errors")
 COLUMNS = ("labels", "offsets", "durations", *STRING_COLUMNS)  # what Split.column reads
 
 
+def failed(errors) -> np.ndarray:
+    """Which items failed at extraction (bool per item), from their `errors` column: a reason, or ""."""
+    return np.fromiter((bool(error) for error in errors), bool, len(errors))
+
+
+def column_layout(n: int, task: str, num_classes: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of the numeric per-item columns of `n` items (the string ones are 1-D)."""
+    return {"labels": ((n, num_classes), np.uint8) if task == "multilabel" else ((n,), np.int64),
+            "offsets": ((n,), np.float64), "durations": ((n,), np.float64)}
+
+
 class StoreError(Exception):
     """A store cannot be created, opened or written as asked; the message says why."""
 
@@ -581,9 +592,7 @@ class Split:
             if mask is None:
                 raise StoreError(f"shard {shard} of {self.name}: this store keeps a token mask; none was given")
             arrays["mask"] = self._checked(mask, (n, self.num_tokens), np.bool_, "mask")
-        label_shape = (n, len(self.store.classes)) if self.store.task == "multilabel" else (n,)
-        label_dtype = np.uint8 if self.store.task == "multilabel" else np.int64
-        arrays["labels"] = self._checked(labels, label_shape, label_dtype, "labels")
+        arrays["labels"] = self._checked(labels, *column_layout(n, self.store.task, len(self.store.classes))["labels"], "labels")
         arrays["offsets"] = self._checked(offsets, (n,), np.float64, "offsets")
         arrays["durations"] = self._checked(durations, (n,), np.float64, "durations")
         for name, values in (("ids", ids), ("sources", sources), ("errors", errors or [""] * n)):
@@ -681,9 +690,7 @@ class Split:
             indices = np.arange(self.num_items)
             data = self._h.read_column(self.name, name, self.num_items)
         elif not (indices := self._indices(indices)).size:  # nothing read, not even a damaged shard's files
-            multi_hot = name == "labels" and self.store.task == "multilabel"
-            data = np.zeros((0, len(self.store.classes)) if multi_hot else 0,
-                            {"labels": np.uint8 if multi_hot else np.int64, "offsets": np.float64, "durations": np.float64}.get(name, object))
+            data = np.zeros(*column_layout(0, self.store.task, len(self.store.classes)).get(name, ((0,), object)))
         else:
             order = np.argsort(indices, kind="stable")  # the backends read increasing indices
             rows = self._h.read_rows(self.name, name, indices[order])

@@ -25,7 +25,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, NotAStore, RawItems, StoreError, StoreSpec, store_exists, write_error
+from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, NotAStore, RawItems, StoreError, StoreSpec,
+                                column_layout, store_exists, write_error)
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -95,11 +96,7 @@ def _build(tmp: Path, spec: StoreSpec):
                 name, shape=(n, count, spec.dim), chunks=(1, count, spec.dim), shards=(S, count, spec.dim),
                 dtype=storage, compressors=compressors, fill_value=0, config=FAST_WRITES,
             )
-        columns = {
-            "labels": ((n, len(spec.classes)), np.uint8) if spec.task == "multilabel" else ((n,), np.int64),
-            "offsets": ((n,), np.float64),
-            "durations": ((n,), np.float64),
-        }
+        columns = column_layout(n, spec.task, len(spec.classes))
         if spec.masked:
             columns["mask"] = ((n, spec.num_tokens), np.bool_)
         # Per-item columns are small next to the tokens and stay uncompressed, so that a shard's

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, TokenStore, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, store_exists
+from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, failed, store_exists
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
@@ -184,8 +184,7 @@ def holds_only_this_dataset(store, dataset: Dataset) -> bool:
             rows = np.flatnonzero(split.complete_items())
             if not len(rows) or len(items) != split.num_items:
                 continue
-            failed = np.array([bool(error) for error in split.column("errors", rows)], dtype=bool)
-            unknown = rows[np.isnan(split.column("durations", rows)) & failed]
+            unknown = rows[np.isnan(split.column("durations", rows)) & failed(split.column("errors", rows))]
             known |= {(name, int(row)) for row in unknown if items[row].duration is not None}
     except (StoreError, OSError, ValueError):  # a damaged column: refused as before, by the fingerprint
         return False
@@ -232,13 +231,12 @@ def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndar
     else:
         wanted[:] = [item.labels[0] for item in planned]
     durations = np.array([np.nan if item.duration is None else item.duration for item in planned])
-    failed = np.array([bool(error) for error in held["errors"]], dtype=bool)
     differs = {  # in the order a user would look
         "id": np.asarray(held["ids"], object) != np.array([item.id for item in planned], object),
         "file": np.asarray(held["sources"], object) != np.array([item.source for item in planned], object),
         # a file that could not be read had no known length (NaN): read now, it has one
         "window": (held["offsets"] != np.array([item.offset for item in planned]))
-                  | ~((held["durations"] == durations) | (np.isnan(held["durations"]) & (np.isnan(durations) | failed))),
+                  | ~((held["durations"] == durations) | (np.isnan(held["durations"]) & (np.isnan(durations) | failed(held["errors"])))),
         "labels": (labels != wanted).reshape(len(rows), -1).any(axis=1),
     }
     anywhere = np.logical_or.reduce(list(differs.values()))
@@ -297,9 +295,9 @@ def failed_in_complete_shards(store: TokenStore, work: Plan) -> dict[tuple[str, 
         if not shards:
             continue
         rows = [_shard_items(work.spec, name, shard) for shard in shards]  # only these shards' files are read
-        errors = iter(split.column("errors", np.concatenate([np.arange(r.start, r.stop) for r in rows])))
+        failures = iter(failed(split.column("errors", np.concatenate([np.arange(r.start, r.stop) for r in rows]))))
         for shard, shard_rows in zip(shards, rows):
-            counts[(name, shard)] = sum(bool(next(errors)) for _ in shard_rows)
+            counts[(name, shard)] = int(sum(next(failures) for _ in shard_rows))
     return counts
 
 
@@ -449,14 +447,14 @@ class ShardBuffer:
                 for tokens, into in zip(pair, self.targets[layer]):
                     if tokens is not None:
                         into[target].copy_(tokens[source])
-        failed = [first + i for i, row in enumerate(rows) if batch.errors[row]]
+        failed_rows = [first + i for i, row in enumerate(rows) if batch.errors[row]]
         for layer in self.tokens:
-            self.tokens[layer][failed] = 0
+            self.tokens[layer][failed_rows] = 0
             if self.prefix is not None:
-                self.prefix[layer][failed] = 0
+                self.prefix[layer][failed_rows] = 0
         if self.mask is not None:
             self.mask[target] = batch.masks[rows[0]:rows[-1] + 1] if batch.masks is not None else False
-            self.mask[failed] = False
+            self.mask[failed_rows] = False
         for i, row in enumerate(rows):
             self.errors[first + i] = batch.errors[row]
         self.filled += len(rows)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokens.cache.store import STORAGE_DTYPE, Split
+from tokens.cache.store import STORAGE_DTYPE, Split, failed
 
 BLOCK_ITEMS = 2048  # items shuffled together: whole shards, at least this many items
 MODES = ("auto", "stream", "ram", "gpu")
@@ -48,8 +48,7 @@ def usable_items(split: Split, shards_done: np.ndarray | None = None) -> np.ndar
     complete = split.complete_items(shards_done)
     if not complete.any():
         return np.zeros(0, dtype=np.int64)
-    failed = np.fromiter((bool(e) for e in split.column("errors")), bool, split.num_items)
-    return np.flatnonzero(complete & ~failed).astype(np.int64)
+    return np.flatnonzero(complete & ~failed(split.column("errors"))).astype(np.int64)
 
 
 def split_bytes(split: Split, layers, with_cls: bool) -> int:

@@ -156,6 +156,27 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
         raise
 
 
+def unfinished_shards(done: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """{split: [shards written, shards]} of the splits whose completion marks (`done`) are not all set."""
+    return {name: [int(shards.sum()), len(shards)] for name, shards in done.items() if not shards.all()}
+
+
+def described(unfinished: dict[str, list[int]]) -> str:
+    """'train 2 of 3 shards, test 1 of 2 shards'."""
+    return ", ".join(f"{name} {written} of {total} shards" for name, (written, total) in unfinished.items())
+
+
+def _has_results(folder: Path) -> bool:
+    """Whether a run folder holds a checkpoint or results (more than a config.json of a run stopped
+    before its first epoch)."""
+    return any((folder / name).exists() for name in ("checkpoint.pt", *RESULTS))
+
+
+def _with_default_loss(training: dict, task: str) -> dict:
+    """A recorded training plan with the default loss named: earlier versions saved it as ""."""
+    return training | {"loss": DEFAULT_LOSS[task]} if training.get("loss") == "" else training
+
+
 def training_plan(store: TokenStore, configs: list[Config], *, epochs: int, batch_size: int, warmup_epochs: float,
                   optimizer: str, schedule: str, loss: str | None, data_seed: int) -> dict:
     """What a checkpoint must agree on to be resumed (the data mode and device may change), less
@@ -174,14 +195,12 @@ def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinishe
     A run whose record cannot be read is left to the task to judge."""
     def fields(record: dict) -> dict:
         found = report.part_fields(record)
-        if found["training"].get("loss") == "":  # earlier versions saved the default loss as ""
-            found["training"]["loss"] = DEFAULT_LOSS[task]
-        found["training"] = {k: v for k, v in found["training"].items() if k != "unfinished"}
+        found["training"] = {k: v for k, v in _with_default_loss(found["training"], task).items() if k != "unfinished"}
         return found if count > 1 else {name: found[name] for name in ("store_key", "training")}
 
     mine = fields(record)
     for folder in [out] if count == 1 else sorted(out.glob(f"part-*-of-{count}")):
-        if not any((folder / name).exists() for name in ("checkpoint.pt", *RESULTS)):
+        if not _has_results(folder):
             continue
         try:
             earlier = json.loads((folder / "config.json").read_text())
@@ -192,8 +211,7 @@ def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinishe
         if trained_on and not allow_incomplete:
             why.append("was trained on the store unfinished, which needs --allow-incomplete")
         elif trained_on and trained_on != unfinished:
-            why.append(f"was trained on {', '.join(f'{n} {w} of {t} shards' for n, (w, t) in trained_on.items())}, "
-                       "which the store no longer is")
+            why.append(f"was trained on {described(trained_on)}, which the store no longer is")
         if why:
             raise SweepError(f"{folder} {'; and '.join(why)}: every task would refuse it; "
                              f"use another --out, or delete {out} to start over", "--out")
@@ -207,9 +225,7 @@ def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
         state = load_tensors(path)
     except CheckpointError as error:
         raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
-    saved = report.EARLIER_DEFAULTS | state["plan"]
-    if saved.get("loss") == "":  # earlier versions saved the default loss as ""
-        saved["loss"] = DEFAULT_LOSS[task]
+    saved = _with_default_loss(report.EARLIER_DEFAULTS | state["plan"], task)
     if saved != plan:
         differs = [_plan_difference(k, saved.get(k), plan.get(k)) for k in dict.fromkeys([*plan, *saved]) if saved.get(k) != plan.get(k)]
         raise SweepError(
@@ -227,13 +243,11 @@ def _plan_difference(key: str, there, here) -> str:
     if key == "configs":
         return "its configurations"
     if key == "unfinished":  # the store's written shards when the sweep began, or None once it is finished
-        def shards(unfinished) -> str:
-            return ", ".join(f"{name} {written} of {total} shards" for name, (written, total) in unfinished.items())
         if not here:
-            return f"it was trained on the store unfinished ({shards(there)}), which is finished now"
+            return f"it was trained on the store unfinished ({described(there)}), which is finished now"
         if not there:
-            return f"it was trained on the finished store, of which only {shards(here)} are there now"
-        return f"it was trained on {shards(there)} of the store, which has {shards(here)} now"
+            return f"it was trained on the finished store, of which only {described(here)} are there now"
+        return f"it was trained on {described(there)} of the store, which has {described(here)} now"
     return f"{key} {there!r} there, {here!r} here"
 
 
@@ -262,7 +276,7 @@ def check_other_parts(out: Path, record: dict):
     would differ is refused now, before any work, naming the part it differs from."""
     mine = report.part_fields(record)
     for other in sorted(set(out.parent.glob("part-*-of-*")) - {out}):
-        if not any((other / name).exists() for name in ("checkpoint.pt", *RESULTS)):
+        if not _has_results(other):
             continue  # started, but stopped before its first epoch: no results to be comparable with
         try:
             theirs = report.part_fields(json.loads((other / "config.json").read_text()))
@@ -350,10 +364,9 @@ def run(
             raise SweepError(f"{store.path}: no usable {name} items (all failed or in unwritten shards)", "STORE")
     # With --allow-incomplete: the figures are of the shards written so far, and not comparable with
     # a finished store's; a resume must find the same shards.
-    unfinished = {name: [int(shards.sum()), len(shards)] for name, shards in done.items() if not shards.all()}
+    unfinished = unfinished_shards(done)
     if unfinished:
-        tqdm.write(f"warning: unfinished store, only the shards written so far are used "
-                   f"({', '.join(f'{name} {w} of {n} shards' for name, (w, n) in unfinished.items())}): the figures will "
+        tqdm.write(f"warning: unfinished store, only the shards written so far are used ({described(unfinished)}): the figures will "
                    "not be comparable with those of the finished store")
     multi = any(HEADS[c.head].multi_layer for c in configs)
     layers = list(store.layers) if multi else [l for l in store.layers if any(c.layer == l for c in configs)]
