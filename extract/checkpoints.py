@@ -140,6 +140,37 @@ def count_indexed(state: dict, prefix: str) -> int:
     return len({m.group(1) for key in state if (m := pattern.match(key))})
 
 
+def flat_tensors(state: dict, prefix: str = ""):
+    """(key, tensor) of every tensor in a checkpoint, the keys of nested dicts joined with dots."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from flat_tensors(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            yield f"{prefix}{key}", value
+
+
+def wrapping_prefixes(state: dict) -> list[str]:
+    """['module.'] (DDP), ['teacher.backbone.'] (DINOv2 training), or ['student.backbone.',
+    'teacher.backbone.'] (DINO's nested dicts): the parts before 'blocks.' of the keys."""
+    return sorted({key.split("blocks.")[0] for key, _ in flat_tensors(state) if ".blocks." in f".{key}"})
+
+
+def expect_depth(path: str | Path, state: dict, depth: int, option: str | None = "depth", raw: dict | None = None) -> None:
+    """Check the number of transformer blocks 'blocks.N.*' in `state`. A file with none is not a
+    checkpoint of depth 0 but of another layout: say whether its blocks sit under a training
+    wrapper's prefix or it holds no such blocks at all (`raw`: the file's dict, when `state` is
+    already renamed)."""
+    found = count_indexed(state, "blocks.")
+    if found:
+        return expect(path, "'blocks.N.*'", "depth", depth, found, option)
+    if prefixes := wrapping_prefixes(raw if raw is not None else state):
+        raise CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
+                              f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")
+    first = ", ".join(repr(key) for key, _ in list(flat_tensors(raw if raw is not None else state))[:3]) or "none"
+    raise CheckpointError(f"{path}: no transformer blocks ('blocks.N.*' keys) where this model keeps them "
+                          f"(its first weights: {first}); is this a checkpoint of the right model?")
+
+
 def load_weights(module: torch.nn.Module, state: dict, path: str | Path, unused: tuple[str, ...] = ()) -> None:
     """Load every weight the module needs, checking shapes; keys it does not need (decoders, EMA
     teachers, classifier heads: parts of training we do not run) are ignored. `unused`: prefixes of

@@ -20,6 +20,7 @@ from tokens.extract.backbones.audiomae import AudioMAE
 from tokens.extract.backbones.beats import BEATs, conv1d_fft, relative_position_bucket
 from tokens.extract.backbones.eat import EAT
 from tokens.extract.checkpoints import CheckpointError
+from tokens.extract.frontends import fbank_frames
 
 RATE = 16000
 TINY = dict(dim=64, depth=2, num_heads=4)
@@ -246,6 +247,21 @@ def test_checkpoint_mismatches_name_the_file_key_and_numbers(audiomae, tmp_path)
     shapes = r"gives shape \(128, 1, 512, 1\), the configuration expects \(1024, 1, 512, 1\)"
     with pytest.raises(CheckpointError, match=r"tiny\.pth: key 'conv1\.weight' " + shapes):
         build_backbone("crepe-full", str(tiny))
+
+
+def test_a_checkpoint_without_blocks_is_named_another_layout_not_depth_0(audiomae, tmp_path):
+    """Weights under a wrapper's prefix, or another family's file, used to be told to pass depth=0."""
+    path, _ = audiomae
+    state = torch.load(path, weights_only=True)["model"]
+    torch.save({"model": {f"encoder.{k}": v for k, v in state.items()}}, tmp_path / "wrapped.pth")
+    torch.save({"model": {"encoder.layers.0.fc1.weight": torch.zeros(8, 4)}}, tmp_path / "beats.pth")
+    for name in ("audiomae", "eat"):
+        with pytest.raises(CheckpointError, match=r"wrapped\.pth: its weights sit under 'encoder\.' \(a training wrapper's keys\)"):
+            build_backbone(name, tmp_path / "wrapped.pth", **TINY)
+        with pytest.raises(CheckpointError, match=r"beats\.pth: no transformer blocks \('blocks\.N\.\*' keys\) .*"
+                                                  r"'encoder\.layers\.0\.fc1\.weight'.* the right model\?") as raised:
+            build_backbone(name, tmp_path / "beats.pth", **TINY)
+        assert "depth=0" not in str(raised.value)
 
 
 # --- EAT / SSLAM against torch's post-norm TransformerEncoderLayer ----------------------------------------
@@ -512,6 +528,21 @@ def test_ast_matches_transformers_hidden_states_reordered_time_major(tmp_path):
         torch.testing.assert_close(prefix, hidden[layer + 1][:, :2])
     torch.testing.assert_close(final[0].view(2, 101, 12, 64), last[:, 2:].view(2, 12, 101, 64).transpose(1, 2))
     assert len(backbone.checkpoint_sha256) == 64
+
+
+def test_ast_window_fits_the_checkpoints_max_length(tmp_path):
+    """A Speech Commands AST takes 128 frames: a 10 s window would lose 8.7 s past them without a word."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                    max_length=128)
+    transformers.ASTModel(config).save_pretrained(tmp_path / "ast")
+    backbone = build_backbone("ast", str(tmp_path / "ast"), dim=32, depth=1)
+    assert backbone.window_seconds == 1.28 and backbone.grid == (12, 12)
+    inputs, mask = batch(backbone, noise(1.28), noise(0.5))
+    assert fbank_frames(backbone.window_samples) == 126  # within the 128 frames the extractor keeps
+    assert mask.view(2, 12, 12)[:, :, 0].sum(dim=1).tolist() == [12, 5]  # every frame of a full window reaches a token
+    with pytest.raises(ValueError, match="at most one 1.28 s window"):
+        backbone.preprocess(noise(2.0))
 
 
 # --- timm ViTs ----------------------------------------------------------------------------------------

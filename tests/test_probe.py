@@ -21,7 +21,7 @@ from tokens.train import probe as recipe
 from tokens.train.metrics import compute_metrics
 from tokens.train import report as report_module
 from tokens.train import sweep as sweeps
-from tokens.train.data import as_tensor, epoch_order, usable_items
+from tokens.train.data import BLOCK_ITEMS, RUN_ITEMS, as_tensor, epoch_order, usable_items
 from tokens.train.heads import build_head
 
 T, F, D = 4, 4, 96
@@ -388,6 +388,20 @@ def test_block_shuffle_depends_only_on_seed_and_epoch():
     a, b = epoch_order(items, 32, seed=0, epoch=1), epoch_order(items, 32, seed=0, epoch=1)
     assert (a == b).all() and sorted(a) == list(items)
     assert not (a == epoch_order(items, 32, seed=0, epoch=2)).all()
+
+
+def test_batches_mix_classes_of_a_store_written_class_by_class():
+    """A class-folder dataset is stored class by class: shuffling whole shards gave batches of a few
+    classes (about 7 of 20 here), which biased training; runs from all over the split mix them."""
+    classes = np.repeat(np.arange(20), 300)  # 6 000 items, 300 of each class in turn, shards of 300
+    order = epoch_order(np.arange(len(classes)), 300, seed=0, epoch=0)
+    assert sorted(order) == list(range(len(classes)))
+    per_batch = [len(set(classes[order[i : i + 128]])) for i in range(0, len(order) - 127, 128)]
+    assert np.mean(per_batch) > 19
+    for start in range(0, len(order), BLOCK_ITEMS):  # yet each block reads runs of consecutive items
+        block = np.sort(order[start : start + BLOCK_ITEMS])
+        stretches = 1 + np.count_nonzero(np.diff(block) != 1)
+        assert stretches <= BLOCK_ITEMS // RUN_ITEMS + 2
 
 
 @pytest.mark.parametrize("args,option", [

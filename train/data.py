@@ -4,8 +4,8 @@ A `Source` gives the rows of one split: streamed from the store (`stream`), from
 into RAM (`ram`) or onto the GPU (`gpu`). All three return the same numbers for the same item
 indices, and the batch order depends only on the data seed and the epoch, so the mode never
 changes a result. Streaming reads the next batch in a background thread while the current one
-trains; its order is block-shuffled (shards shuffled, then items within blocks of a few shards)
-so that reads stay within a few files at a time.
+trains; its order is shuffled in runs (see `epoch_order`) so that reads come in short stretches
+of a shard file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 from tokens.cache.store import STORAGE_DTYPE, Split, failed
 
-BLOCK_ITEMS = 2048  # items shuffled together: whole shards, at least this many items
+RUN_ITEMS = 16  # consecutive items of one shard that an epoch reads within one block
+BLOCK_ITEMS = 2048  # items shuffled together: runs from anywhere in the split
 MODES = ("auto", "stream", "ram", "gpu")
 
 
@@ -187,17 +188,20 @@ class Source:
 def epoch_order(items: np.ndarray, shard_size: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of `items` in an epoch: a function of (seed, epoch) and the shard size.
 
-    Shards are shuffled, grouped into blocks of at least BLOCK_ITEMS items, and items are
-    shuffled within each block, so a streamed epoch reads a few shard files at a time.
+    Items are cut into runs of up to RUN_ITEMS consecutive items of one shard; the runs are
+    shuffled over the whole split, and items are shuffled within each block of BLOCK_ITEMS. A
+    block's reads are then stretches of a shard file, while a batch draws from runs all over the
+    split: a store written class by class (as a class-folder dataset is) still gives batches of
+    every class. Shuffling whole shards instead gave batches of a few classes, which biased the
+    gradients and BatchNorm's running statistics.
     """
     rng = np.random.default_rng([seed, epoch])
     if not len(items):
         return items
     by_shard = np.split(items, np.flatnonzero(np.diff(items // shard_size)) + 1)
-    by_shard = [by_shard[i] for i in rng.permutation(len(by_shard))]
-    per_block = max(1, -(-BLOCK_ITEMS // shard_size))
-    blocks = [np.concatenate(by_shard[i : i + per_block]) for i in range(0, len(by_shard), per_block)]
-    return np.concatenate([rng.permutation(block) for block in blocks])
+    runs = [shard[i : i + RUN_ITEMS] for shard in by_shard for i in range(0, len(shard), RUN_ITEMS)]
+    shuffled = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
+    return np.concatenate([rng.permutation(shuffled[i : i + BLOCK_ITEMS]) for i in range(0, len(shuffled), BLOCK_ITEMS)])
 
 
 def hold_out(items: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

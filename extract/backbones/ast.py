@@ -24,10 +24,19 @@ def ast_grid(config) -> tuple[int, int]:
     )
 
 
+def ast_window_seconds(config) -> float:
+    """Seconds of audio whose fbank fits in `max_length` frames of 10 ms, at most AudioSet's 10 s clips.
+
+    The feature extractor keeps only the first max_length frames: a longer window would drop audio
+    without a word (a Speech Commands AST has max_length 128, 1.28 s). AudioSet's 1024 frames take a
+    10 s clip (998 frames) zero-padded, as AST was trained.
+    """
+    return min(10.0, config.max_length / 100)
+
+
 class AST(Backbone):
     modality = "audio"
     sample_rate = 16000
-    window_seconds = 10.0  # AudioSet clips: 998 frames, zero-padded to 1024 by the feature extractor
     num_prefix = 2  # class and distillation tokens
 
     def __init__(self, model, features, *, final_norm: bool = False, name: str = "ast"):
@@ -36,6 +45,7 @@ class AST(Backbone):
         self.name, self.model, self.features, self.final_norm = name, model, features, final_norm
         self.dim, self.depth = config.hidden_size, config.num_hidden_layers
         self.grid = ast_grid(config)
+        self.window_seconds = ast_window_seconds(config)
         self.time_stride = config.time_stride
         self.norm = model.layernorm
 

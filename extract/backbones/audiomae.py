@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoints import count_indexed, expect, load_checkpoint, load_weights
+from ..checkpoints import expect, expect_depth, load_checkpoint, load_weights
 from ..frontends import AUDIOMAE_FBANK, FbankFeatures, time_patch_mask
 from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
@@ -58,7 +58,7 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=
     path = need_checkpoint(name, checkpoint)
     state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
     state = state.get("model", state)
-    expect(path, "'blocks.N.*'", "depth", depth, count_indexed(state, "blocks."), "depth")
+    expect_depth(path, state, depth)
     if "patch_embed.proj.weight" in state:
         expect(path, "'patch_embed.proj.weight'", "embedding size", dim, state["patch_embed.proj.weight"].shape[0], "dim", heads=True)
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint

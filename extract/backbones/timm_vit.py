@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights
+from ..checkpoints import CheckpointError, expect, expect_depth, flat_tensors, load_checkpoint, load_weights
 from .base import Backbone, need_checkpoint, register
 
 
@@ -74,10 +74,7 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
         state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
     except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path}: timm cannot convert it into {model_name}'s weights ({error})") from None
-    if not count_indexed(state, "blocks.") and (prefixes := _wrapping_prefixes(state)):
-        raise CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
-                              f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")
-    expect(path, "'blocks.N.*'", "depth", len(model.blocks), count_indexed(state, "blocks."))
+    expect_depth(path, state, len(model.blocks), option=None)
     # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
     load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)))
     data = resolve_data_config(model=model)
@@ -103,15 +100,6 @@ CLASS_TOKENS = ("cls_token", "visual.class_embedding")
 REGISTERS = ("reg_token", "register_tokens")
 
 
-def _flat(state: dict, prefix: str = ""):
-    """(key, tensor) of every tensor in a checkpoint, the keys of nested dicts joined with dots."""
-    for key, value in state.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        elif isinstance(value, torch.Tensor):
-            yield f"{prefix}{key}", value
-
-
 def _find(tensors: dict, names: tuple[str, ...]):
     """The tensor of the first of `names` under the first of TIMM_PREFIXES that has one, or None."""
     return next((tensors[prefix + name] for prefix in TIMM_PREFIXES for name in names if prefix + name in tensors), None)
@@ -123,7 +111,7 @@ def check_geometry(path, state: dict, model, positions_resampled: bool):
     without a word, and the tokens would come from another model. A position embedding may hold a
     slot for each prefix token (DINOv2 keeps the class token's, which timm drops) or none.
     `positions_resampled`: another resolution was asked for (img_size), so the positions' count is not checked."""
-    tensors = dict(_flat(state))
+    tensors = dict(flat_tensors(state))
     kernel = _find(tensors, PATCH_KERNELS)
     if kernel is not None:
         expect(path, "the patch embedding", "patches of", tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(kernel.shape[-2:]))
@@ -147,9 +135,3 @@ def check_geometry(path, state: dict, model, positions_resampled: bool):
             raise CheckpointError(f"{path}: its position embedding has {slots} positions, not this model's {rows}x{columns} "
                                   f"patches (and {model.num_prefix_tokens} prefix tokens): a checkpoint of another resolution; "
                                   "give the timm model of that resolution, or -o img_size=N to run at N pixels")
-
-
-def _wrapping_prefixes(state: dict) -> list[str]:
-    """['module.'] (DDP), ['teacher.backbone.'] (DINOv2 training), or ['student.backbone.',
-    'teacher.backbone.'] (DINO's nested dicts): the parts before 'blocks.' of the keys."""
-    return sorted({key.split("blocks.")[0] for key, _ in _flat(state) if ".blocks." in f".{key}"})
