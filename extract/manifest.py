@@ -161,7 +161,7 @@ def read_dataset(
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
-    notes += _leaks(splits) + _unlearnable(splits, names)
+    notes += _leaks(splits) + _unlearnable(splits, names) + _unprobeable(splits)
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, notes)
 
 
@@ -202,6 +202,16 @@ def _unlearnable(splits: dict[str, list[Item]], classes: list[str]) -> list[str]
     seen = {label for item in splits["train"] for label in item.labels}
     missing = [name for i, name in enumerate(classes) if i not in seen]
     return [f"class(es) {_listed(missing)} have no train item: a probe cannot learn them"] if missing else []
+
+
+def _unprobeable(splits: dict[str, list[Item]]) -> list[str]:
+    """A note when train or test has no item: `tokens probe` refuses such a store, and a store
+    takes no new rows later, so this is the moment to add them."""
+    missing = [name for name in ("train", "test") if not splits[name]]
+    if not missing:
+        return []
+    return [f"no {' or '.join(missing)} rows: `tokens probe` trains on train and scores on test, and refuses a store "
+            f"without them; a store takes no rows later, so add them before extracting"]
 
 
 def _suffixes(modality: str) -> frozenset[str]:

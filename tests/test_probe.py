@@ -21,7 +21,7 @@ from tokens.train import probe as recipe
 from tokens.train.metrics import compute_metrics
 from tokens.train import report as report_module
 from tokens.train import sweep as sweeps
-from tokens.train.data import BLOCK_ITEMS, RUN_ITEMS, as_tensor, epoch_order, usable_items
+from tokens.train.data import BLOCK_ITEMS, RUN_ITEMS, as_tensor, epoch_order, hold_out, usable_items
 from tokens.train.heads import build_head
 
 T, F, D = 4, 4, 96
@@ -95,7 +95,7 @@ def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=N
                 split.write_shard(
                     shard, tokens={k: _cast(v[a:b], dtype) for k, v in tokens.items()},
                     prefix={k: _cast(v[a:b], dtype) for k, v in prefix.items()}, mask=mask[a:b],
-                    labels=labels[a:b], ids=[f"{name}-{i}" for i in range(a, b)], sources=["x.wav"] * (b - a),
+                    labels=labels[a:b], ids=[f"{name}-{i}" for i in range(a, b)], sources=[f"{name}-{i // 2}.wav" for i in range(a, b)],
                     offsets=np.zeros(b - a), durations=np.ones(b - a), errors=errors[a:b],
                 )
     return path
@@ -335,7 +335,8 @@ def test_multiclass_store_without_valid_split(tmp_path):
     rows = read_csv(out / "leaderboard.csv")
     assert {"val_acc", "val_balanced_acc", "test_acc", "test_balanced_acc"} <= set(rows[0])
     assert {r["layer"] for r in rows} == {"6", "all"}
-    assert "held out" in json.loads((out / "config.json").read_text())["validation"]
+    validation = json.loads((out / "config.json").read_text())["validation"]
+    assert re.fullmatch(r"no valid split: 16 train items of 8 files \(10%, data seed 0\) held out, every window .*", validation)
     mhca = next(r for r in rows if r["head"] == "mhca")
     assert float(mhca["test_acc"]) > 0.6
     record = json.loads((out / "heads" / f"{sweeps.sanitise(mhca['config'])}.json").read_text())
@@ -388,6 +389,35 @@ def test_block_shuffle_depends_only_on_seed_and_epoch():
     a, b = epoch_order(items, 32, seed=0, epoch=1), epoch_order(items, 32, seed=0, epoch=1)
     assert (a == b).all() and sorted(a) == list(items)
     assert not (a == epoch_order(items, 32, seed=0, epoch=2)).all()
+
+
+def test_a_sweep_of_class_token_heads_reads_no_token_maps(store, run, tmp_path, monkeypatch):
+    """linear and mlp on a store with class tokens read nothing else: reading the maps anyway cost a
+    hundred times their bytes. The linear head comes out as in a sweep that reads them."""
+    from tokens.cache.store import Split
+
+    def refused(*args, **kwargs):
+        raise AssertionError("token maps read")
+
+    monkeypatch.setattr(Split, "read_tokens", refused)
+    monkeypatch.setattr(Split, "read_mask", refused)
+    for data in ("stream", "ram"):
+        out = tmp_path / data
+        ok("probe", store, "--heads", "linear,mlp", "--seeds", "0,1", *FAST, "--data", data, "--out", out)
+        ours = {config: row for config, row in leaderboard(out).items() if row["head"] == "linear"}
+        assert ours and all(ours[c]["test_map"] == leaderboard(run)[c]["test_map"] for c in ours)
+
+
+def test_hold_out_keeps_every_window_of_a_file_on_one_side():
+    """Windows of one recording are near-duplicates: selecting heads on windows of recordings they
+    trained on would flatter them."""
+    items = np.arange(1000)
+    recordings = np.array([f"r{i // 7}.wav" for i in items])  # long recordings of 7 windows
+    kept, held = hold_out(items, recordings, 0.1, seed=3)
+    assert not set(recordings[kept]) & set(recordings[held])
+    assert sorted(np.concatenate([kept, held])) == list(items) and 100 <= len(held) < 107
+    assert (held == hold_out(items, recordings, 0.1, seed=3)[1]).all()
+    assert not (held == hold_out(items, recordings, 0.1, seed=4)[1][: len(held)]).all()
 
 
 def test_batches_mix_classes_of_a_store_written_class_by_class():
@@ -576,7 +606,7 @@ def test_heads_or_options_beside_a_sweep_file_are_refused_naming_the_option_give
 
 @pytest.mark.parametrize("splits,failed,why", [
     ({"train": 6, "valid": 8, "test": 8}, range(1, 6), "train has 1 usable item;"),
-    ({"train": 2, "test": 8}, (), "train has 1 usable item after 1 held out for validation;"),
+    ({"train": 2, "test": 8}, (), "train has 0 usable items after 2 held out for validation;"),
 ])
 def test_a_train_split_of_one_usable_item_is_refused(tmp_path, splits, failed, why):
     store = make_store(tmp_path / "tiny.zarr", splits=splits, failed=failed)

@@ -52,11 +52,12 @@ def usable_items(split: Split, shards_done: np.ndarray | None = None) -> np.ndar
     return np.flatnonzero(complete & ~failed(split.column("errors"))).astype(np.int64)
 
 
-def split_bytes(split: Split, layers, with_cls: bool) -> int:
-    """Uncompressed bytes of the given layers (and class tokens and mask) of a whole split."""
+def split_bytes(split: Split, layers, with_cls: bool, with_tokens: bool = True) -> int:
+    """Uncompressed bytes of the given layers' tokens and class tokens (and the mask) of a whole split."""
     itemsize = np.dtype(STORAGE_DTYPE[split.dtype]).itemsize
-    per_layer = split.num_tokens * split.dim + (split.dim if with_cls and split.num_prefix else 0)
-    return split.num_items * (len(layers) * per_layer * itemsize + (split.num_tokens if split.masked else 0))
+    tokens = split.num_tokens * split.dim if with_tokens else 0
+    per_layer = tokens + (split.dim if with_cls and split.num_prefix else 0)
+    return split.num_items * (len(layers) * per_layer * itemsize + (split.num_tokens if split.masked and with_tokens else 0))
 
 
 def available_ram() -> int:
@@ -109,10 +110,12 @@ class Source:
     """The rows of one split for a fixed set of layers, from disk, RAM or the GPU."""
 
     def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device,
-                 labels: np.ndarray | None = None):
-        """`labels`: the split's labels column, when the caller has read it already (to check it)."""
+                 labels: np.ndarray | None = None, with_tokens: bool = True):
+        """`labels`: the split's labels column, when the caller has read it already (to check it);
+        `with_tokens=False`: the class tokens alone, for heads that read nothing else."""
         self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
         self.with_cls = with_cls and split.num_prefix > 0
+        self.with_tokens = with_tokens or not self.with_cls
         labels = split.column("labels") if labels is None else labels
         self.labels = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
         self.arrays = None
@@ -141,10 +144,10 @@ class Source:
     def _readers(self) -> dict:
         """key -> function of item indices giving a storage-dtype tensor."""
         split = self.split
-        readers = {("tokens", layer): functools.partial(_tokens, split, layer) for layer in self.layers}
+        readers = {("tokens", layer): functools.partial(_tokens, split, layer) for layer in self.layers if self.with_tokens}
         if self.with_cls:
             readers.update({("cls", layer): functools.partial(_cls, split, layer) for layer in self.layers})
-        if split.masked:
+        if split.masked and self.with_tokens:
             readers["mask"] = lambda index: torch.from_numpy(split.read_mask(index))
         return readers
 
@@ -163,7 +166,7 @@ class Source:
     def to_batch(self, raw: dict) -> Batch:
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         return Batch(
-            tokens={layer: move(raw["tokens", layer]).float() for layer in self.layers},
+            tokens={layer: move(raw["tokens", layer]).float() for layer in self.layers if self.with_tokens},
             cls={layer: move(raw["cls", layer]).float() for layer in self.layers} if self.with_cls else {},
             mask=move(raw["mask"]) if "mask" in raw else None,
             labels=move(raw["labels"]),
@@ -204,9 +207,13 @@ def epoch_order(items: np.ndarray, shard_size: int, seed: int, epoch: int) -> np
     return np.concatenate([rng.permutation(shuffled[i : i + BLOCK_ITEMS]) for i in range(0, len(shuffled), BLOCK_ITEMS)])
 
 
-def hold_out(items: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out): a fixed, seeded `fraction` of `items` set aside for validation."""
-    chosen = np.random.default_rng(seed).permutation(len(items))[: max(1, round(fraction * len(items)))]
-    held = np.zeros(len(items), bool)
-    held[chosen] = True
+def hold_out(items: np.ndarray, recordings: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a seeded `fraction` of `items` set aside for validation, whole recordings
+    at a time (`recordings`: each item's source file). Windows of one recording are near-duplicates:
+    holding out some of them would select heads on what they trained on."""
+    names, group = np.unique(recordings, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    sizes = np.bincount(group, minlength=len(names))[order]
+    wanted = max(1, round(fraction * len(items)))
+    held = np.isin(group, order[: np.searchsorted(np.cumsum(sizes), wanted) + 1])
     return items[~held], items[held]

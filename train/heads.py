@@ -7,8 +7,8 @@ heads compute in float32 (float64 stays float64, which the tests use).
 
 Padding tokens are zeroed on entry and excluded from every mean, softmax and max, so their
 stored values can never change a logit. Class attributes tell the training loop what to feed:
-`uses_cls` (the head reads the class token when there is one) and `multi_layer` (tokens carry
-a layer axis).
+`uses_cls` (the head reads the class token when there is one), `cls_only` (then it reads nothing
+else) and `multi_layer` (tokens carry a layer axis).
 """
 
 import math
@@ -104,6 +104,7 @@ class Head(nn.Module):
     """A head is `features` (pooling) followed by `classifier`."""
 
     uses_cls = False
+    cls_only = False
     multi_layer = False
 
     def forward(self, tokens, mask=None, cls=None):
@@ -118,6 +119,7 @@ class _ClsHead(Head):
     """
 
     uses_cls = True
+    cls_only = True
     fell_back_to_mean = None
 
     def features(self, tokens, mask=None, cls=None):

@@ -93,7 +93,7 @@ def head_inputs(head: nn.Module, layer, batch):
     if head.multi_layer:
         tokens, cls = batch.all_layers()
         return tokens, batch.mask, cls if head.uses_cls else None
-    return batch.tokens[layer], batch.mask, batch.cls.get(layer) if head.uses_cls else None
+    return batch.tokens.get(layer), batch.mask, batch.cls.get(layer) if head.uses_cls else None
 
 
 @torch.no_grad()
@@ -347,9 +347,11 @@ def run(
         validation = f"valid split ({len(valid_items)} items)"
     else:
         valid_split = train_split
-        train_items, valid_items = hold_out(train_items, HOLD_OUT, data_seed)
-        validation = (f"no valid split: {len(valid_items)} train item{'s' * (len(valid_items) != 1)} ({HOLD_OUT:.0%}, "
-                      f"data seed {data_seed}) held out")
+        sources = train_split.column("sources")
+        train_items, valid_items = hold_out(train_items, sources[train_items], HOLD_OUT, data_seed)
+        files = len(set(sources[valid_items]))
+        validation = (f"no valid split: {len(valid_items)} train item{'s' * (len(valid_items) != 1)} of {files} "
+                      f"file{'s' * (files != 1)} ({HOLD_OUT:.0%}, data seed {data_seed}) held out, every window of a file on one side")
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split, done["test"])
@@ -371,8 +373,10 @@ def run(
     multi = any(HEADS[c.head].multi_layer for c in configs)
     layers = list(store.layers) if multi else [l for l in store.layers if any(c.layer == l for c in configs)]
     with_cls = any(HEADS[c.head].uses_cls for c in configs)
+    # a sweep of class-token heads (linear, mlp) on a store that has class tokens reads no token maps
+    with_tokens = not (train_split.num_prefix and all(HEADS[c.head].cls_only for c in configs))
     splits = {s.name: s for s in (train_split, valid_split, test_split)}
-    mode, why = choose_mode(data, sum(split_bytes(s, layers, with_cls) for s in splits.values()), device)
+    mode, why = choose_mode(data, sum(split_bytes(s, layers, with_cls, with_tokens) for s in splits.values()), device)
     tqdm.write(why)
     tqdm.write(f"validation: {validation}")
 
@@ -393,8 +397,8 @@ def run(
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # Sources and heads (float32 matrix products on TF32 tensor cores, see run's decorator).
-    train_source = Source(train_split, layers, with_cls, mode, device, labels["train"])
-    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device, labels["valid"])
+    train_source = Source(train_split, layers, with_cls, mode, device, labels["train"], with_tokens)
+    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device, labels["valid"], with_tokens)
     probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
     loss_fn = make_loss(task, loss)
     valid_labels = valid_source.labels[torch.from_numpy(valid_items).to(valid_source.labels.device)].cpu().numpy()
@@ -442,7 +446,7 @@ def run(
     for p in probes:
         if p.best_state is not None:
             p.head.load_state_dict(p.best_state)
-    test_source = Source(test_split, layers, with_cls, mode, device, labels.pop("test"))
+    test_source = Source(test_split, layers, with_cls, mode, device, labels.pop("test"), with_tokens)
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
     test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 
