@@ -1,6 +1,7 @@
 """The `tokens` command: a thin layer that hands each verb to its stage."""
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,9 +189,16 @@ def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, 
                                  f"items): use --array {work.shard_count()} or fewer", param_hint="--array")
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
     """The console script. A file that cannot be read or written (a read-only folder, a directory
-    where a file should be) or a damaged store is reported with its path, not as a traceback."""
+    where a file should be) or a damaged store is reported with its path, not as a traceback.
+    SIGTERM, which SLURM sends at a job's time limit, stops a command as Ctrl-C does: it says what
+    is kept and how to go on, where the task's log used to just end."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app(prog_name="tokens")
     except OSError as error:

@@ -301,7 +301,7 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
     are followed, as ImageFolder follows them). Hidden entries and token stores (the one being filled,
     and others kept in the dataset, as a first run's `--store ROOT/tiny.zarr`) are left out; so are
     files without one of `suffixes`, with a note that counts them."""
-    records, problems, split_dirs, other_files = [], [], [], []
+    records, problems, split_dirs, other_files, empty = [], [], [], [], []
     store = None if store is None else os.path.realpath(store)  # symbolic links and ".." as the filesystem sees them
 
     def is_store(path: Path) -> bool:
@@ -319,12 +319,15 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
             if not class_dir.is_dir():
                 problems.append(f"{split_dir.name}/{class_dir.name}: file outside a class folder")
                 continue
+            records_before = len(records)
             for file in _files(class_dir, skipped):
                 rel = file.relative_to(root).as_posix()
                 if file.suffix.lower() in suffixes:
                     records.append((rel, {"path": rel, "split": split_dir.name, "label": class_dir.name}))
                 elif not is_store(file):  # only files of other kinds are looked into: a store has any name
                     other_files.append(rel)
+            if len(records) == records_before:
+                empty.append(f"{split_dir.name}/{class_dir.name}")
     if not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
@@ -336,6 +339,8 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
         kinds = Counter(PurePosixPath(rel).suffix.lower() or "suffix-less" for rel in other_files)
         notes.append(f"{len(other_files)} files in the class folders are of other kinds than those read here and are left "
                      f"out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
+    if empty and records:
+        notes.append(f"{len(empty)} class folder(s) hold no file read here, so add no item ({_listed(empty)})")
     return ["path", "label", "split"], records, problems, notes
 
 
@@ -419,6 +424,8 @@ def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, w
     for where, record in records:
         row, problems = _check_row(root, where, record, task, known)
         windows, past_the_end = [], None
+        if not problems and not audio and PurePosixPath(row.rel).suffix.lower() in AUDIO_SUFFIXES:
+            problems.append(f"{row.rel} is audio, and this backbone reads images")  # not found after decoding them all
         if not problems:
             windows, past_the_end = _windows(row, window, problems) if audio else ([(0.0, None)], None)
         checked.append((row, problems, windows, past_the_end))

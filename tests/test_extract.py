@@ -482,6 +482,36 @@ def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_p
         assert f"the dataset differs: {said}" in str(refused.value), (name, str(refused.value))
 
 
+def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
+    """SLURM sends SIGTERM at a job's time limit: the log says what is kept instead of just ending."""
+    import tokens.cache.store as store_module
+    from tokens import cli
+
+    store_path = tmp_path / "s.zarr"
+    written = store_module.Split.write_shard
+
+    def terminated_at_the_second(self, shard, **kw):
+        if self.name == "train" and shard == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        written(self, shard, **kw)
+
+    monkeypatch.setattr(store_module.Split, "write_shard", terminated_at_the_second)
+    monkeypatch.setattr(sys, "argv", ["tokens", "extract", str(dataset), "--store", str(store_path), "-q",
+                                      "--num-workers", "0", "--shard-size", "2"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted: the shards already complete in {store_path} are kept; run the same command again to go on" in said
+    monkeypatch.setattr(store_module.Split, "write_shard", written)
+    again = CliRunner().invoke(app, sys.argv[1:])
+    assert again.exit_code == 0 and "already complete)" in again.output, again.output
+
+
 def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_path, monkeypatch):
     import tokens.cache.store as store_module
 

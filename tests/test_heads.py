@@ -203,6 +203,13 @@ def test_prototype_bank_size_follows_the_spec():
         build_head("protobin", dim=8, num_classes=10, num_prototypes=7, prototypes_per_class=2)
 
 
+def test_mhca_default_heads_divide_the_width():
+    """12 heads (a ViT-B's) failed on the default backbone's 64 dims; the default is the most heads up
+    to 12 that divide the width."""
+    assert [build_head("mhca", dim=d, num_classes=3).num_heads for d in (768, 64, 512, 1280, 7)] == [12, 8, 8, 10, 7]
+    assert build_head("mhca", dim=64, num_classes=3, num_heads=4).num_heads == 4
+
+
 @pytest.mark.parametrize("name,options,message", [
     ("ep", {"num_queries": 0}, "num_queries must be a positive integer, got 0"),
     ("ep", {"num_queries": "abc"}, "num_queries must be a positive integer, got 'abc'"),

@@ -149,6 +149,23 @@ def test_a_dataset_without_test_rows_is_noted_before_extraction(tmp_path):
     assert "no train rows: `tokens probe`" in ds.notes[-1]
 
 
+def test_an_empty_class_folder_is_noted(tmp_path):
+    """A class folder with nothing read in it used to vanish from the classes without a word."""
+    wav(tmp_path / "train/dog/1.wav", 1)
+    wav(tmp_path / "test/dog/2.wav", 1)
+    (tmp_path / "train/fish").mkdir()
+    ds = audio(tmp_path)
+    assert ds.classes == ["dog"]
+    assert "1 class folder(s) hold no file read here, so add no item (train/fish)" in ds.notes
+
+
+def test_audio_rows_given_to_an_image_backbone_are_refused_before_any_decoding(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,dog,train\n")
+    with pytest.raises(ManifestError, match="line 2: a.wav is audio, and this backbone reads images"):
+        read_dataset(manifest, window_seconds=None, sample_rate=None, modality="image")
+
+
 def test_class_folders_with_no_file_read_here_say_so(tmp_path):
     for name in ("1.m4a", "2.m4a"):
         (tmp_path / "train/dog" / name).parent.mkdir(parents=True, exist_ok=True)

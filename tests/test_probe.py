@@ -408,6 +408,16 @@ def test_a_sweep_of_class_token_heads_reads_no_token_maps(store, run, tmp_path, 
         assert ours and all(ours[c]["test_map"] == leaderboard(run)[c]["test_map"] for c in ours)
 
 
+def test_an_out_that_reads_as_a_head_option_is_refused(store, tmp_path, monkeypatch):
+    """`-o ep.num_queries=16` (extract's -o takes backbone options) trained the default sweep into a
+    folder of that name."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("probe", store, "--heads", "ep", "-o", "ep.num_queries=16", *FAST)
+    assert result.exit_code == 2 and "reads as a head option, not a run directory" in said(result), result.output
+    assert not (tmp_path / "ep.num_queries=16").exists()
+    ok("probe", store, "--heads", "mean", *FAST, "-o", "runs/lr=1e-3")  # a folder name with = but no head option
+
+
 def test_hold_out_keeps_every_window_of_a_file_on_one_side():
     """Windows of one recording are near-duplicates: selecting heads on windows of recordings they
     trained on would flatter them."""
@@ -1046,9 +1056,11 @@ def test_sweep_mistakes_name_what_the_user_gave(tmp_path):
             commands.build_sweep(_StoreOfDim32(), *args)
         return raised.value
 
-    error = refused("mhca", None, None, None, None, None, None)
-    assert error.option == "--heads" and "with its default options, mhca: dim 32 is not divisible by num_heads 12" in str(error)
-    assert "--option mhca.NAME=VALUE" in str(error)
+    with pytest.raises(sweeps.SweepError) as raised:
+        commands.build_sweep(type("StoreOfDim48", (_StoreOfDim32,), {"meta": {"dim": 48}})(), "ep", None, None, None, None, None, None)
+    assert raised.value.option == "--heads"
+    assert "with its default options, ep: D_o = dim / d_out = 48/1 must be an integer divisible by num_queries = 32" in str(raised.value)
+    assert "--option ep.NAME=VALUE" in str(raised.value)
     error = refused("mhca", ["mhca.num_heads=5"], None, None, None, None, None)
     assert error.option == "--option" and "num_heads 5" in str(error)
     (tmp_path / "s.toml").write_text("layers = [7]\n[heads.linear]\n")

@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -221,9 +222,18 @@ def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer:
                        lr_required(optimizer))
 
 
+def run_directory(out: Path) -> Path:
+    """Refuse an --out that reads as a head option: `-o ep.num_queries=16`, typed as `tokens extract -o`
+    takes backbone options, trained the default sweep into a folder of that name."""
+    if re.fullmatch(r"[A-Za-z_]\w*\.\w+=.*", out.name):
+        raise typer.BadParameter(f"{str(out)!r} reads as a head option, not a run directory: "
+                                 "give head options as --option HEAD.NAME=VALUE (-o here is --out)")
+    return out
+
+
 def probe(
     store: Path = typer.Argument(..., metavar="STORE", help="A token store made by `tokens extract` (.zarr directory or .h5 file)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory: leaderboard, per-head results, best heads, plots, checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", callback=run_directory, help="Run directory: leaderboard, per-head results, best heads, plots, checkpoint."),
     heads: str = typer.Option(None, "--heads", help=f"Comma-separated heads ({', '.join(HEADS)}). Default: {','.join(sweeps.DEFAULT_HEADS)}."),
     option: list[str] = typer.Option(None, "--option", metavar="HEAD.NAME=V1,V2", help="Sweep a head option: HEAD.NAME=V1,V2 (repeatable), e.g. ep.num_queries=16,32 or protobin.lr=2e-2,4e-2."),
     lr: str = typer.Option(None, "--lr", help="Learning rates, e.g. 1e-3,3e-3. Default per head, for AdamW: 2e-2 for prototype heads, 1e-3 otherwise; with --optimizer lars, 0.1 x batch size / 256 (MAE's rule). --optimizer sgd has no default: give them."),

@@ -169,10 +169,13 @@ class MLPHead(_ClsHead):
 
 @register("mhca")
 class MHCAHead(Head):
-    """One learned query attends over LN(X) with key and value projections, H heads."""
+    """One learned query attends over LN(X) with key and value projections, H heads: by default 12
+    (a ViT-B's), or the most below 12 that divide the width (8 for CREPE's 64 or 512 dims)."""
 
-    def __init__(self, dim, num_classes, num_heads=12, dropout=0.0):
+    def __init__(self, dim, num_classes, num_heads=None, dropout=0.0):
         super().__init__()
+        if num_heads is None:
+            num_heads = next(h for h in range(12, 0, -1) if dim % h == 0)
         _check_counts(self.name, num_heads=num_heads)
         if dim % num_heads:
             raise ValueError(f"mhca: dim {dim} is not divisible by num_heads {num_heads}")
