@@ -78,6 +78,8 @@ def demo(
     """
     from tokens.cli import app
 
+    if directory.exists() and not directory.is_dir():
+        raise typer.BadParameter(f"{directory} is a file; give a folder for the dataset, the store and the run", param_hint="DIRECTORY")
     manifest = directory / "data" / "manifest.csv"
     if not manifest.exists():
         typer.echo(f"writing {sum(SPLIT_SIZES.values())} clips of {CLIP_SECONDS:g} s to {manifest.parent}")

@@ -123,6 +123,8 @@ def info(
     elif failed:
         for item in summary:
             typer.echo(f"{item['split']}\t{item['id']}\t{item['reason']}")
+        if not summary:  # on stderr: the list itself stays empty for programs
+            typer.echo(f"{store}: no item failed in the shards complete so far", err=True)
     else:
         typer.echo(render(summary))
 

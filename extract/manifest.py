@@ -161,7 +161,7 @@ def read_dataset(
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
-    notes += _leaks(splits) + _unlearnable(splits, names) + _unprobeable(splits)
+    notes += _leaks(splits) + _unlearnable(splits, names) + _unprobeable(splits) + _case_clashes(names)
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, notes)
 
 
@@ -202,6 +202,15 @@ def _unlearnable(splits: dict[str, list[Item]], classes: list[str]) -> list[str]
     seen = {label for item in splits["train"] for label in item.labels}
     missing = [name for i, name in enumerate(classes) if i not in seen]
     return [f"class(es) {_listed(missing)} have no train item: a probe cannot learn them"] if missing else []
+
+
+def _case_clashes(classes: list[str]) -> list[str]:
+    """A note on class names that differ only in case ('Dog', 'dog'): two classes, usually meant as one."""
+    by_folded: dict[str, list[str]] = {}
+    for name in classes:
+        by_folded.setdefault(name.casefold(), []).append(name)
+    clashes = [" and ".join(map(repr, names)) for names in by_folded.values() if len(names) > 1]
+    return [f"class names differ only in case, and are different classes: {_listed(clashes)}"] if clashes else []
 
 
 def _unprobeable(splits: dict[str, list[Item]]) -> list[str]:

@@ -149,6 +149,14 @@ def test_a_dataset_without_test_rows_is_noted_before_extraction(tmp_path):
     assert "no train rows: `tokens probe`" in ds.notes[-1]
 
 
+def test_class_names_that_differ_only_in_case_are_noted(tmp_path):
+    wav(tmp_path / "a.wav", 1)
+    wav(tmp_path / "b.wav", 1)
+    ds = audio(csv_file(tmp_path / "m.csv", "path,labels,split\na.wav,Hi;lo,train\nb.wav,hi,test\n"))
+    assert ds.classes == ["Hi", "hi", "lo"]
+    assert "class names differ only in case, and are different classes: 'Hi' and 'hi'" in ds.notes
+
+
 def test_an_empty_class_folder_is_noted(tmp_path):
     """A class folder with nothing read in it used to vanish from the classes without a word."""
     wav(tmp_path / "train/dog/1.wav", 1)

@@ -418,6 +418,15 @@ def test_an_out_that_reads_as_a_head_option_is_refused(store, tmp_path, monkeypa
     ok("probe", store, "--heads", "mean", *FAST, "-o", "runs/lr=1e-3")  # a folder name with = but no head option
 
 
+def test_info_failed_says_so_on_stderr_when_nothing_failed(tmp_path):
+    from tokens.cli import app as tokens_app
+
+    path = make_store(tmp_path / "clean.zarr", failed=())
+    result = CliRunner().invoke(tokens_app, ["info", str(path), "--failed"])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "no item failed in the shards complete so far" in result.stderr
+
+
 def test_hold_out_keeps_every_window_of_a_file_on_one_side():
     """Windows of one recording are near-duplicates: selecting heads on windows of recordings they
     trained on would flatter them."""

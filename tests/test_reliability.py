@@ -1083,6 +1083,17 @@ def test_the_demo_stops_at_the_first_step_that_fails_with_its_exit_code(tmp_path
     assert "$ tokens extract" in result.output and "$ tokens info" not in result.output and "Plots:" not in result.output
 
 
+def test_a_demo_into_a_file_is_refused_before_anything_is_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokens.cli import app
+
+    (tmp_path / "afile").write_text("kept")
+    result = CliRunner().invoke(app, ["demo", str(tmp_path / "afile")])
+    assert result.exit_code == 2 and "afile is a file; give a folder" in " ".join(result.output.split()), result.output
+    assert "writing" not in result.output and (tmp_path / "afile").read_text() == "kept"
+
+
 def test_a_demo_with_other_epochs_trains_into_its_own_run_folder(tmp_path, monkeypatch):
     """Resuming the first demo's run with other epochs is refused, so another --epochs gets its own folder."""
     import tokens.cli
