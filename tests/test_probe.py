@@ -427,6 +427,20 @@ def test_info_failed_says_so_on_stderr_when_nothing_failed(tmp_path):
     assert "no item failed in the shards complete so far" in result.stderr
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ram_rows_equal_the_store_rows(tmp_path, dtype):
+    """RAM mode gathers rows through numpy (bfloat16 as its bits): the same tensors as reads from disk."""
+    from tokens.train.data import Source
+
+    with open_store(make_store(tmp_path / f"{dtype}.zarr", dtype=dtype)) as opened:
+        split = opened.split("train")
+        index = np.array([40, 3, 17, 3])
+        rows = [Source(split, [3, 6], True, mode, torch.device("cpu")).read(index) for mode in ("ram", "stream")]
+    assert rows[0].keys() == rows[1].keys()
+    for key in rows[0]:
+        assert rows[0][key].dtype == rows[1][key].dtype and torch.equal(rows[0][key], rows[1][key]), key
+
+
 def test_hold_out_keeps_every_window_of_a_file_on_one_side():
     """Windows of one recording are near-duplicates: selecting heads on windows of recordings they
     trained on would flatter them."""

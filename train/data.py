@@ -106,6 +106,14 @@ def as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def _cpu_rows(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """Rows of a CPU tensor gathered by numpy, 4x faster than torch's indexing of float16 rows (8.5
+    against 34 ms for 128 items of 512 x 768 on 2 cores); bfloat16, which numpy lacks, as its bits."""
+    if t.dtype == torch.bfloat16:
+        return torch.from_numpy(t.view(torch.int16).numpy()[index]).view(torch.bfloat16)
+    return torch.from_numpy(t.numpy()[index])
+
+
 class Source:
     """The rows of one split for a fixed set of layers, from disk, RAM or the GPU."""
 
@@ -155,7 +163,7 @@ class Source:
         """Storage-dtype tensors of items `index` (pinned when they will go to a GPU)."""
         rows = torch.from_numpy(index).to(self.labels.device)
         if self.arrays is not None:
-            raw = {key: t[rows] for key, t in self.arrays.items()}
+            raw = {key: t[rows] if t.is_cuda else _cpu_rows(t, index) for key, t in self.arrays.items()}
         else:
             raw = {key: read(index) for key, read in self._readers().items()}
         raw["labels"] = self.labels[rows]
