@@ -49,6 +49,9 @@ def slurm(
     mem: str = typer.Option(None, "--mem", help="Memory per task, e.g. 64G."),
     time: str = typer.Option(None, "--time", help="Wall-time limit per task, e.g. 04:00:00."),
     partition: str = typer.Option(None, "--partition", help="SLURM partition."),
+    account: str = typer.Option(None, "--account", help="SLURM account the tasks are charged to."),
+    qos: str = typer.Option(None, "--qos", help="SLURM quality of service."),
+    constraint: str = typer.Option(None, "--constraint", help="SLURM node features the tasks need, e.g. 'h100|a100'."),
     after: str = typer.Option(None, "--after", metavar="JOBID", help="Start once these jobs (comma-separated ids, e.g. "
                               "the extraction's) have all finished well: a probe array submitted with its store's extraction."),
     script: Path = typer.Option(None, "--script", help="Where to write the sbatch script (default: tokens-VERB.sbatch)."),
@@ -69,7 +72,8 @@ def slurm(
         raise typer.BadParameter(f"a task uses one GPU, not {gpus}: give --gpus 1 and more --array tasks", param_hint="--gpus")
     # Written into the script's #SBATCH lines: a value with a newline would add a line the shell runs.
     for value, option, form, example in ((mem, "--mem", r"\d+([KMGT]B?)?", "64G"), (time, "--time", r"[\d:-]+|unlimited|infinite", "04:00:00"),
-                                         (partition, "--partition", r"[\w.,-]+", "gpu"),
+                                         (partition, "--partition", r"[\w.,-]+", "gpu"), (account, "--account", r"[\w.-]+", "proj42"),
+                                         (qos, "--qos", r"[\w.-]+", "normal"), (constraint, "--constraint", r"[\w.,|&:*\[\]-]+", "h100|a100"),
                                          (after, "--after", r"\d+(_\d+)?([,:]\d+(_\d+)?)*", "1234,1235")):
         if value is not None and not re.fullmatch(form, value, re.IGNORECASE):
             raise typer.BadParameter(f"{value!r} is not a SLURM {option.removeprefix('--')} (e.g. {example})", param_hint=option)
@@ -80,7 +84,7 @@ def slurm(
     quiet = [] if {"-q", "--quiet"} & set(ctx.args) else ["--quiet"]  # progress bars fill a log with carriage returns
     text = sbatch_script(
         verb, ctx.args + quiet, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
-        partition=partition, after=after, python=sys.executable, workdir=Path.cwd(),
+        partition=partition, account=account, qos=qos, constraint=constraint, after=after, python=sys.executable, workdir=Path.cwd(),
     )
     path = script or Path(f"tokens-{verb}.sbatch")
     try:

@@ -126,6 +126,9 @@ def sbatch_script(
     mem: str | None = None,
     time: str | None = None,
     partition: str | None = None,
+    account: str | None = None,
+    qos: str | None = None,
+    constraint: str | None = None,
     after: str | None = None,
     workdir: Path,
     logs: Path = Path("slurm-logs"),
@@ -149,8 +152,9 @@ def sbatch_script(
         lines.append(f"#SBATCH --mem={mem}")
     if time:
         lines.append(f"#SBATCH --time={time}")
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
+    for option, value in (("partition", partition), ("account", account), ("qos", qos), ("constraint", constraint)):
+        if value:
+            lines.append(f"#SBATCH --{option}={value}")
     if after:  # comma-separated job ids: every one must have finished well
         lines.append(f"#SBATCH --dependency=afterok:{after.replace(',', ':')}")
     # -P: the working directory is not put first on the import path, where a folder named tokens/

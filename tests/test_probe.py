@@ -384,7 +384,7 @@ def test_part_comes_from_the_job_array(store, tmp_path, monkeypatch):
     assert [r["seed"] for r in read_csv(tmp_path / "part-2-of-2" / "leaderboard.csv")] == ["1"]
 
 
-def test_block_shuffle_depends_only_on_seed_and_epoch():
+def test_epoch_order_depends_only_on_seed_and_epoch():
     items = np.delete(np.arange(300), [5, 77])
     a, b = epoch_order(items, 32, seed=0, epoch=1), epoch_order(items, 32, seed=0, epoch=1)
     assert (a == b).all() and sorted(a) == list(items)

@@ -405,6 +405,8 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     (["--mem", "64G\nrm -rf ~"], "is not a SLURM mem (e.g. 64G)"),
     (["--time", "soon"], "'soon' is not a SLURM time (e.g. 04:00:00)"),
     (["--after", "12;echo"], "is not a SLURM after (e.g. 1234,1235)"),
+    (["--account", "proj\n#SBATCH --x"], "is not a SLURM account (e.g. proj42)"),
+    (["--constraint", "h100 ;id"], "is not a SLURM constraint (e.g. h100|a100)"),
 ])
 def test_sbatch_settings_that_cannot_be_are_refused_before_a_script_is_written(tmp_path, monkeypatch, args, message):
     """They are written into #SBATCH lines: a newline in one would add a line the shell runs."""
@@ -427,7 +429,9 @@ def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp
     CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "-q", "--array", "2", "--script", "job.sbatch"])
     assert text.count("--quiet") == 1 and "--quiet" not in (tmp_path / "job.sbatch").read_text()  # -q given: not twice
     for option, value, line in (("--mem", "64GB", "--mem=64GB"), ("--mem", "16g", "--mem=16g"), ("--time", "UNLIMITED", "--time=UNLIMITED"),
-                                ("--time", "1-12:00:00", "--time=1-12:00:00"), ("--after", "7:8", "--dependency=afterok:7:8")):
+                                ("--time", "1-12:00:00", "--time=1-12:00:00"), ("--after", "7:8", "--dependency=afterok:7:8"),
+                                ("--account", "proj-42", "--account=proj-42"), ("--qos", "high", "--qos=high"),
+                                ("--constraint", "h100|a100", "--constraint=h100|a100"), ("--partition", "gpu", "--partition=gpu")):
         result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", option, value, "--script", "job.sbatch"])
         assert result.exit_code == 0 and f"#SBATCH {line}\n" in (tmp_path / "job.sbatch").read_text(), result.output
 
