@@ -190,7 +190,8 @@ def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, 
     check_existing(work, params["store"])
     if array > work.shard_count():
         raise typer.BadParameter(f"{array} tasks for a dataset of {work.shard_count()} shards (of up to {work.spec.shard_size} "
-                                 f"items): use --array {work.shard_count()} or fewer, or a smaller --shard-size", param_hint="--array")
+                                 f"items): use --array {work.shard_count()} or fewer"
+                                 f"{', or a smaller --shard-size' if work.spec.shard_size > 1 else ''}", param_hint="--array")
 
 
 def _terminated(signum, frame):

@@ -162,7 +162,8 @@ def expect_depth(path: str | Path, state: dict, depth: int, option: str | None =
     already renamed)."""
     found = count_indexed(state, "blocks.")
     if found:
-        return expect(path, "'blocks.N.*'", "depth", depth, found, option)
+        expect(path, "'blocks.N.*'", "depth", depth, found, option)
+        return
     if prefixes := wrapping_prefixes(raw if raw is not None else state):
         raise CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
                               f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")

@@ -349,7 +349,10 @@ def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_
     monkeypatch.chdir(tmp_path)
     write_clips(tmp_path, 3)
     output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--array", "4")
-    assert "4 tasks for a dataset of 3 shards (of up to 1 items): use --array 3 or fewer, or a smaller --shard-size" in output, output
+    assert "4 tasks for a dataset of 3 shards (of up to 1 items): use --array 3 or fewer" in output, output
+    assert "--shard-size" not in output  # shards of one item cannot be smaller
+    output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--shard-size", "2", "--array", "3")
+    assert "use --array 2 or fewer, or a smaller --shard-size" in " ".join(output.split()), output
     # The dataset is read at submission: refused as it is now, it is a note (its files may be on their
     # way), unless --submit; and a store of another dataset is refused.
     (tmp_path / "empty.csv").write_text("path,label,split\n")

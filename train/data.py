@@ -22,6 +22,9 @@ from tokens.cache.store import STORAGE_DTYPE, Split, failed
 
 RUN_ITEMS = 16  # consecutive items of one shard that an epoch reads within one block
 BLOCK_ITEMS = 2048  # items shuffled together: runs from anywhere in the split
+# How batches and held-out items are drawn, as a run's plan records it: a checkpoint or a sweep
+# part drawn another way (by an earlier version) is not resumed or merged.
+SAMPLING = f"runs of {RUN_ITEMS} items in blocks of {BLOCK_ITEMS}; whole files held out"
 MODES = ("auto", "stream", "ram", "gpu")
 
 
@@ -221,7 +224,9 @@ def hold_out(items: np.ndarray, recordings: np.ndarray, fraction: float, seed: i
     holding out some of them would select heads on what they trained on."""
     names, group = np.unique(recordings, return_inverse=True)
     order = np.random.default_rng(seed).permutation(len(names))
-    sizes = np.bincount(group, minlength=len(names))[order]
+    held_so_far = np.cumsum(np.bincount(group, minlength=len(names))[order])
     wanted = max(1, round(fraction * len(items)))
-    held = np.isin(group, order[: np.searchsorted(np.cumsum(sizes), wanted) + 1])
+    crossing = int(np.searchsorted(held_so_far, wanted))  # the file that takes the count to `wanted`
+    files = crossing + 1 if crossing == 0 or held_so_far[crossing] - wanted <= wanted - held_so_far[crossing - 1] else crossing
+    held = np.isin(group, order[:files])
     return items[~held], items[held]

@@ -169,8 +169,8 @@ class MLPHead(_ClsHead):
 
 @register("mhca")
 class MHCAHead(Head):
-    """One learned query attends over LN(X) with key and value projections, H heads: by default 12
-    (a ViT-B's), or the most below 12 that divide the width (8 for CREPE's 64 or 512 dims)."""
+    """One learned query attends over LN(X) with key and value projections, H heads: by default the
+    most heads up to 12 (a ViT-B's) that divide the width (8 for CREPE's 64 or 512 dims)."""
 
     def __init__(self, dim, num_classes, num_heads=None, dropout=0.0):
         super().__init__()

@@ -33,7 +33,7 @@ from tokens.cache.store import TokenStore
 from tokens.cluster import cuda_float32
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
-from tokens.train.data import Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
+from tokens.train.data import SAMPLING, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, primary_metric
@@ -183,7 +183,8 @@ def training_plan(store: TokenStore, configs: list[Config], *, epochs: int, batc
     the store's unfinished shards, which a run adds when it trains on them."""
     return {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
             "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule,
-            "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "store_key": store.meta["cache_key"]}
+            "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "sampling": SAMPLING,
+            "store_key": store.meta["cache_key"]}
 
 
 def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinished: dict, allow_incomplete: bool):
@@ -248,6 +249,8 @@ def _plan_difference(key: str, there, here) -> str:
         if not there:
             return f"it was trained on the finished store, of which only {described(here)} are there now"
         return f"it was trained on {described(there)} of the store, which has {described(here)} now"
+    if key == "sampling" and there is None:
+        return "it drew its batches and held-out items as an earlier version did"
     return f"{key} {there!r} there, {here!r} here"
 
 
@@ -348,10 +351,16 @@ def run(
     else:
         valid_split = train_split
         sources = train_split.column("sources")
+        usable = len(train_items)
         train_items, valid_items = hold_out(train_items, sources[train_items], HOLD_OUT, data_seed)
-        files = len(set(sources[valid_items]))
-        validation = (f"no valid split: {len(valid_items)} train item{'s' * (len(valid_items) != 1)} of {files} "
-                      f"file{'s' * (files != 1)} ({HOLD_OUT:.0%}, data seed {data_seed}) held out, every window of a file on one side")
+        files, share = len(set(sources[valid_items])), len(valid_items) / max(usable, 1)
+        if share > 2 * HOLD_OUT:
+            count = len(set(sources[train_items])) + files
+            raise SweepError(f"{store.path}: no valid split, and train's {count} file{' is' if count == 1 else 's are'} too few "
+                             f"to hold out {HOLD_OUT:.0%} of its items as whole files ({len(valid_items)} of {usable} would go): "
+                             "add a valid split", "STORE")
+        validation = (f"no valid split: {len(valid_items)} of {usable} train items ({share:.0%}, {files} "
+                      f"file{'s' * (files != 1)}, data seed {data_seed}) held out, every window of a file on one side")
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split, done["test"])

@@ -64,7 +64,8 @@ class AST(Backbone):
 
 @register(
     "ast",
-    help="AST via transformers; checkpoint: a local folder saved with save_pretrained (config.json + weights)",
+    help="AST via transformers (grid and window from the checkpoint's max_length: AudioSet's 1024 frames, 10 s, shown); "
+         "checkpoint: a local folder saved with save_pretrained (config.json + weights)",
     modality="audio", dim=768, depth=12, grid=(101, 12), num_prefix=2, window_seconds=10.0,
 )
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm=False):
