@@ -531,7 +531,8 @@ def test_missing_and_incomplete_splits_are_refused(tmp_path, monkeypatch):
     result = ok("report", tmp_path / "y", tmp_path / "z", "--out", tmp_path / "r")
     assert "appears in" not in result.output and len(read_csv(tmp_path / "r" / "leaderboard.csv")) == 2
     titles = sorted(ax.get_title().replace("\n", "") for ax in figures[-1].axes if ax.get_visible())
-    assert titles == sorted(["unfinished=train:2of3", row["training"].removesuffix("/unfinished=train:2of3")]), titles
+    finished_training = report_module.replicates(row["training"]).removesuffix("/unfinished=train:2of3")
+    assert titles == sorted(["unfinished=train:2of3", finished_training]), titles
     # The store finished since: the run's checkpoint is of another sweep, and the refusal says how.
     make_store(partial, splits={"train": 96, "test": 40})
     result = invoke("probe", partial, "--heads", "mean", "--allow-incomplete", *FAST[:2], "--batch-size", "16",
@@ -867,6 +868,35 @@ def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_pat
     rings = [c for c in figures[0].axes[0].collections if c.get_label() == "selected on validation"]
     ringed = sorted(map(tuple, rings[0].get_offsets().tolist()))
     assert ringed == sorted((10.0, float(row["test_map_mean"])) for row in summary if row["selected"] == "1")
+
+
+def test_data_seeds_are_pooled_and_an_unfinished_store_is_selected_apart(tmp_path):
+    """Runs that differ only in --data-seed are replicates (selecting the best batch order would be a
+    maximum over noise); a run on an unfinished store validated on other items, so it must not win
+    over the finished store's, nor pass for it."""
+    rng = np.random.default_rng(1)
+    base = "adamw/cosine/epochs=4/batch=16/warmup=1/loss=bce"
+    runs = {"d0": f"{base}/data_seed=0", "d1": f"{base}/data_seed=1", "partial": f"{base}/data_seed=0/unfinished=train:1of2"}
+    rows = {}
+    for run, training in runs.items():
+        rows[run] = [{"head": "ep", "config": f"ep/lr={lr}/wd=0.0001/layer=6/seed={seed}", "params": 10, "best_epoch": 3,
+                      "val_map": rng.random() + (2 if run == "partial" else 0), "test_map": rng.random(), "layer": 6, "lr": lr,
+                      "wd": 0.0001, "seed": seed, "options": "{}", "store_key": "k" * 16, "training": training}
+                     for lr in (0.001, 0.01) for seed in (0, 1)]
+        (tmp_path / run).mkdir()
+        report_module.write_csv(tmp_path / run / "leaderboard.csv", rows[run], list(rows[run][0]))
+    result = ok("report", *(tmp_path / run for run in runs), "--out", tmp_path / "r")
+    summary = read_csv(tmp_path / "r" / "report.csv")
+    finished = {row["config"]: row for row in summary if "unfinished" not in row["training"]}
+    for lr in (0.001, 0.01):
+        pooled = [r["val_map"] for run in ("d0", "d1") for r in rows[run] if r["lr"] == lr]
+        row = finished[f"ep/lr={lr}/wd=0.0001/layer=6"]
+        assert row["seeds"] == "4" and float(row["val_map_mean"]) == pytest.approx(np.mean(pooled))
+        assert float(row["val_map_sd"]) == pytest.approx(np.std(pooled, ddof=1))
+    selected = [row for row in summary if row["selected"] == "1"]
+    assert sorted("unfinished" in row["training"] for row in selected) == [False, True]
+    assert "**Unfinished store:**" in (tmp_path / "r" / "report.md").read_text()
+    assert "note: rows whose training says unfinished=" in result.output
 
 
 def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selects():

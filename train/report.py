@@ -297,14 +297,27 @@ def group_id(config: str) -> str:
     return re.sub(r"/seed=[^/]*$", "", config)
 
 
+def replicates(training: str) -> str:
+    """A training less its data seed: runs that differ only in the batch order are replicates of
+    one setup, pooled with the head seeds rather than competing with each other."""
+    return re.sub(r"/data_seed=[^/]*", "", training)
+
+
+def unfinished_marker(training: str) -> str:
+    """The '/unfinished=...' of a run trained on an unfinished store ('' for a finished one)."""
+    found = re.search(r"/unfinished=[^/]*", training)
+    return found.group() if found else ""
+
+
 def _group(row: dict) -> tuple:
-    """What rows of one configuration, up to the seed, share: store, configuration and training."""
-    return row["store_key"], group_id(row["config"]), row["training"]
+    """What rows of one configuration, up to the seeds (of the heads and the batch order), share:
+    store, configuration and training."""
+    return row["store_key"], group_id(row["config"]), replicates(row["training"])
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per configuration (and training) up to the seed: mean and sd (ddof 1; none for one
-    seed) of every metric."""
+    """One row per configuration (and training) up to the seeds: mean and sd (ddof 1; none for one
+    seed) of every metric, over head seeds and data seeds alike."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(_group(row), []).append(row)
@@ -324,12 +337,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 def mark_selected(summary: list[dict], metric: str):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
     validation metric (ties by configuration): model selection never looks at test. Trainings
-    (optimizer, schedule, epochs...) compete like learning rates. A run's best/HEAD.pt is one of the
+    (optimizer, schedule, epochs...) compete like learning rates; runs on the store unfinished are
+    selected apart, since they validate on other items. A run's best/HEAD.pt is one of the
     selected configuration's seeds (selected_rows). A head whose every configuration diverged (a NaN
     mean validation metric) has none: no weights worth saving, and nothing to report as its best."""
     seen = set()
     for row in summary:
-        key = (row["store_key"], row["head"])
+        key = (row["store_key"], unfinished_marker(row["training"]), row["head"])
         row["selected"] = int(key not in seen and math.isfinite(row[f"val_{metric}_mean"]))
         seen.add(key)
 
@@ -476,6 +490,11 @@ def write_report(runs: list[Path], out: Path) -> str:
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     if unfinished:  # in the file too: a report read later must not pass for the finished sweep's
         why = f"**Unfinished:** {'; '.join(unfinished)}. The selection may change once they finish.\n\n{why}"
+    if any(unfinished_marker(t) for t in trainings):
+        partial = ("rows whose training says unfinished= were trained and scored on the shards of an unfinished "
+                   "store; they are selected apart, and their figures are not comparable with a finished store's")
+        why = f"**Unfinished store:** {partial}.\n\n{why}"
+        notes.append(partial)
     saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use)
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"{saved}\n\n## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
