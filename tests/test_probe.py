@@ -834,6 +834,14 @@ def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path, m
     for name, run in (("ml.zarr", "a"), ("other.zarr", "b")):
         drawn = [y for bars in panels[name].containers if bars.get_label() == "mean" for y in bars.lines[0].get_ydata()]
         assert drawn == pytest.approx([float(r["test_map"]) for r in read_csv(tmp_path / run / "leaderboard.csv")])
+    # The encoders side by side: the selected configuration's test figure, head by store; report.csv names stores too.
+    summary = read_csv(tmp_path / "two" / "report.csv")
+    assert {row["store"] for row in summary} == {"ml.zarr", "other.zarr"}
+    text = (tmp_path / "two" / "report.md").read_text()
+    assert "| head | ml.zarr | other.zarr |" in text
+    cells = {row["store"]: row for row in summary if row["selected"] == "1"}
+    side = next(line for line in text.splitlines() if line.startswith("| mean |"))
+    assert side == f"| mean | {float(cells['ml.zarr']['test_map_mean']):.4f} | {float(cells['other.zarr']['test_map_mean']):.4f} |"
 
 
 def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_path, monkeypatch):

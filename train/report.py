@@ -87,11 +87,21 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str, sel
     for record in records:
         text = json.dumps(_nan_to_none(record), indent=2)
         (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
-    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=selected)
-    plot_val_curves(records, metric, out / "val_curves.png")
+    plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=selected,
+                          title=f"{out.name}: each configuration and seed")
+    plot_val_curves(records, metric, out / "val_curves.png", title=f"{out.name}: {len(records)} configurations, one line each")
     write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
     print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png)")
+
+
+METRIC_NAMES = {"map": "mAP", "roc_auc": "ROC-AUC", "acc": "accuracy", "balanced_acc": "balanced accuracy"}
+
+
+def metric_words(column: str) -> str:
+    """'test_map' -> 'test mAP', 'val_balanced_acc_mean' -> 'validation balanced accuracy'."""
+    split, _, metric = column.removesuffix("_mean").partition("_")
+    return f"{'validation' if split == 'val' else split} {METRIC_NAMES.get(metric, metric)}"
 
 
 def head_colours(heads) -> dict[str, str]:
@@ -100,13 +110,13 @@ def head_colours(heads) -> dict[str, str]:
 
 
 def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None, chosen: list[dict] = (),
-                          panel_of=None):
+                          panel_of=None, title: str | None = None):
     """The metric against trainable parameters (log x), one marker per head type; error bars
     of one sd where `sd_column` is given; the `chosen` rows (selected on validation) ringed.
     `panel_of(row)` names the panel a row goes in (the store and training setup of a merged report),
     so that points of two encoders are never read as one another's; panels share the y axis."""
     from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
     panel_of = panel_of or (lambda row: None)
     panels = list(dict.fromkeys(map(panel_of, rows))) or [None]
@@ -131,9 +141,12 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
             ax.scatter([r["params"] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
                        edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
         ax.set_xscale("log")
-        # 300 rather than 3×10²: the labels of a decade's minor ticks fit side by side in a panel
-        ax.xaxis.set_major_formatter(LogFormatter())
-        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        # 10k and 300k rather than 1e4 beside 300000; minor ticks labelled at 2 and 5 where few decades leave room
+        low, high = ax.get_xlim()
+        short = EngFormatter(sep="")
+        ax.xaxis.set_major_formatter(short)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, at: short(v, at) if f"{v:.0e}"[0] in "25" else "")
+                                     if high / low < 1000 else NullFormatter())
         ax.set_xlabel("trainable parameters")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
@@ -141,13 +154,15 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
             ax.set_title(textwrap.fill(panel, 45 if columns > 1 else 80), fontsize="medium")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    axes[0].set_ylabel(column if sd_column is None else f"{column} ± sd over seeds")
+    axes[0].set_ylabel(metric_words(column) + ("" if sd_column is None else ", mean ± sd over seeds"))
+    if title:
+        fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
 
 
-def plot_val_curves(records: list[dict], metric: str, path: Path):
+def plot_val_curves(records: list[dict], metric: str, path: Path, title: str | None = None):
     """Validation metric per epoch of every configuration, one colour per head type."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -162,7 +177,9 @@ def plot_val_curves(records: list[dict], metric: str, path: Path):
         ax.plot([], [], color=colour, label=head)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"validation {metric}")
+    ax.set_ylabel(metric_words(f"val_{metric}"))
+    if title:
+        ax.set_title(title, fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -450,6 +467,19 @@ def check_report_folder(runs: list[Path], out: Path):
             raise OutputError(f"{out} holds {run}'s leaderboard.csv, which the report would replace; give the report a folder of its own")
 
 
+def side_by_side(summary: list[dict], labels: dict[str, str], metric: str) -> str:
+    """The selected configurations' test figures as a Markdown table of heads by stores: encoders
+    compared at a glance (a store's runs on it unfinished get a column of their own)."""
+    cells: dict[str, dict[str, str]] = {}
+    for row in summary:
+        if row["selected"]:
+            store = labels[row["store_key"]] + (" (unfinished)" if unfinished_marker(row["training"]) else "")
+            cells.setdefault(row["head"], {})[store] = _with_sd(row, f"test_{metric}")
+    stores = sorted({store for by_store in cells.values() for store in by_store})
+    rows = [{"head": head} | {store: by_store.get(store, "") for store in stores} for head, by_store in sorted(cells.items())]
+    return f"Test {METRIC_NAMES.get(metric, metric)} of the selected configurations, mean ± sd over seeds:\n\n" + table(rows, ["head", *stores], markdown=True)
+
+
 def write_report(runs: list[Path], out: Path) -> str:
     """Merge `runs` into `out`; return the summary table as text. Rows of runs on different
     stores would look alike, so the table and report.md then name each row's store."""
@@ -476,10 +506,10 @@ def write_report(runs: list[Path], out: Path) -> str:
     mark_selected(summary, metric)
     heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
-    columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
-               + ["store_key", "training", "saved_head"])
-    write_csv(out / "report.csv", summary, columns)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
+    columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
+               + ["store", "store_key", "training", "saved_head"])
+    write_csv(out / "report.csv", [r | {"store": labels[r["store_key"]]} for r in summary], columns)
     shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "training": r["training"],
               "params": r["params"], "seeds": r["seeds"]} | {m: _with_sd(r, m) for m in metrics} for r in summary]
     trainings = {r["training"] for r in summary}
@@ -496,7 +526,8 @@ def write_report(runs: list[Path], out: Path) -> str:
         why = f"**Unfinished store:** {partial}.\n\n{why}"
         notes.append(partial)
     saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use)
-    (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{table(chosen, shown_columns, markdown=True)}\n\n"
+    compared = f"{side_by_side(summary, labels, metric)}\n\n" if len(labels) > 1 else ""
+    (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{compared}{table(chosen, shown_columns, markdown=True)}\n\n"
                                    f"{saved}\n\n## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
 
     # A store, and a training setup, per panel where there are several; of the setup, a panel's title
@@ -509,7 +540,7 @@ def write_report(runs: list[Path], out: Path) -> str:
         parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([setup[row["training"]]] if len(trainings) > 1 else [])
         return ", ".join(part for part in parts if part) or None
 
-    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd",
+    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd", title=f"{out.name}: each configuration over its seeds",
                           chosen=[r for r in summary if r["selected"]], panel_of=panel_of)
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
