@@ -791,6 +791,12 @@ def test_a_report_never_replaces_a_runs_leaderboard_nor_reads_one_kept_inside_a_
     assert result.exit_code == 2 and "holds" in said(result) and "would replace" in said(result), said(result)
     assert (other / "leaderboard.csv").read_bytes() == before == (copied / "leaderboard.csv").read_bytes()
     ok("report", other, run, "--out", other / "merged")
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "leaderboard.csv").write_bytes((run / "leaderboard.csv").read_bytes())
+    merged = ok("report", run, tmp_path / "again", "--out", tmp_path / "twice")  # the same rows twice: one note, not one a row
+    notes = [line for line in merged.output.splitlines() if "appear" in line]
+    count = len(read_csv(run / "leaderboard.csv"))
+    assert len(notes) == 1 and f"note: {count} configurations (e.g. " in notes[0] and notes[0].endswith(": kept the first")
     result = ok("report", other, "--out", tmp_path / "alone")
     assert "appears in" not in result.output
     assert read_csv(tmp_path / "alone" / "leaderboard.csv") == read_csv(other / "leaderboard.csv")

@@ -293,12 +293,13 @@ def store_labels(paths: list[Path], keys: list[str]) -> dict[str, str]:
 def merge(paths: list[Path]) -> tuple[list[dict], list[str], dict[tuple, Path]]:
     """All rows of all leaderboards, one per (store, configuration, training); notes on what was
     dropped; and the leaderboard each row was kept from."""
-    rows, notes, seen, columns = [], [], {}, None
+    rows, seen, columns = [], {}, None
+    repeated: dict[tuple[Path, Path], list[str]] = {}  # (kept from, dropped from) -> configurations
     for path in paths:
         for row in read_leaderboard(path):
             key = (row["store_key"], row["config"], row["training"])
             if key in seen:
-                notes.append(f"{row['config']} appears in {seen[key]} and {path}: kept the first")
+                repeated.setdefault((seen[key], path), []).append(row["config"])
                 continue
             if columns is None:
                 columns = metric_columns([row])
@@ -307,6 +308,9 @@ def merge(paths: list[Path]) -> tuple[list[dict], list[str], dict[tuple, Path]]:
                                  "a report cannot mix multi-label and multi-class runs")
             seen[key] = path
             rows.append(row)
+    notes = [f"{configs[0]} appears in {first} and {second}: kept the first" if len(configs) == 1 else
+             f"{len(configs)} configurations (e.g. {configs[0]}) appear in {first} and {second}: kept the first"
+             for (first, second), configs in repeated.items()]
     return rows, notes, seen
 
 
