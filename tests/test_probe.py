@@ -260,7 +260,7 @@ def test_a_checkpoint_from_an_older_version_is_refused(store, run, tmp_path):
 def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     parts = tmp_path / "parts"
     ok("probe", store, *SWEEP, *FAST, "--part", "1/2", "--out", parts)
-    assert len(read_csv(parts / "part-1-of-2" / "leaderboard.csv")) == 3
+    assert len(read_csv(parts / "part-1-of-2" / "leaderboard.csv")) == 4  # linear and protobin, both seeds of each
     assert "part 2 of 2 not finished" in said(ok("report", parts, "--out", tmp_path / "half"))
     assert (tmp_path / "half" / "report.md").read_text().startswith(f"## Selected by validation\n\n**Unfinished:** {parts}: part 2 of 2")
     ok("probe", store, *SWEEP, *FAST, "--part", "2/2", "--out", parts)
@@ -275,7 +275,7 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     for head, (in_parts, in_run) in saved.items():
         assert in_run == str(run / "best" / f"{head}.pt") and in_parts.startswith(str(parts / "part-")), saved
         assert torch.load(in_parts, weights_only=True)["config"] == torch.load(in_run, weights_only=True)["config"]
-    Path(saved["ep"][0]).unlink()  # a part whose own best ep is another configuration: the report says so
+    Path(saved["ep"][0]).unlink()  # a part that lost its best ep: the report says so
     lines = ok("report", parts, "--out", tmp_path / "unsaved").output
     assert re.search(r"ep: ep\[num_queries=4\]/lr=0.001/wd=0.0001/layer=6/seed=\d is in no best/ folder of these runs", lines), lines
     assert len(summary) == 3 and all(row["seeds"] == "2" for row in summary)
@@ -373,7 +373,10 @@ def test_a_sweep_file_expands_like_the_command_line(store, tmp_path):
     assert len(configs) == 2 * 2 + 2 * 2 * 2 + 2
     assert configs[0].id == "linear/lr=0.001/wd=0.0001/layer=6/seed=0"
     assert configs[-1].id == "protobin[prototypes_per_class=10]/lr=0.02/wd=0.0001/layer=6/seed=1"
-    assert [c.id for c in sweeps.take_part(configs, 1, 3)] == [c.id for c in configs[0::3]]
+    groups = list(dict.fromkeys(c.group for c in configs))  # 7 configurations of 2 seeds each
+    assert [c.group for c in sweeps.take_part(configs, 1, 3)] == [g for g in groups[0::3] for _ in range(2)]
+    assert [c.id for c in sweeps.take_part(configs, 1, 8)] == [c.id for c in configs[0::8]]  # more parts: seeds dealt too
+    assert sorted(c.id for i in (1, 2, 3) for c in sweeps.take_part(configs, i, 3)) == sorted(c.id for c in configs)
 
 
 def test_part_comes_from_the_job_array(store, tmp_path, monkeypatch):
