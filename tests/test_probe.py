@@ -277,7 +277,7 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
         assert torch.load(in_parts, weights_only=True)["config"] == torch.load(in_run, weights_only=True)["config"]
     Path(saved["ep"][0]).unlink()  # a part that lost its best ep: the report says so
     lines = ok("report", parts, "--out", tmp_path / "unsaved").output
-    assert re.search(r"ep: ep\[num_queries=4\]/lr=0.001/wd=0.0001/layer=6/seed=\d is in no best/ folder of these runs", lines), lines
+    assert re.search(r"ep: ep\[num_queries=4\]/lr=0.001/wd=0.0001/layer=6/seed=\d with --data-seed 0 is in no best/ folder", lines), lines
     assert len(summary) == 3 and all(row["seeds"] == "2" for row in summary)
     assert "ep[num_queries=4]/lr=0.001/wd=0.0001/layer=6" in {row["config"] for row in summary}
     assert "±" in (tmp_path / "from_run" / "report.md").read_text() and "±" in result.output
@@ -914,6 +914,41 @@ def test_data_seeds_are_pooled_and_an_unfinished_store_is_selected_apart(tmp_pat
     assert sorted("unfinished" in row["training"] for row in selected) == [False, True]
     assert "**Unfinished store:**" in (tmp_path / "r" / "report.md").read_text()
     assert "note: rows whose training says unfinished=" in result.output
+
+
+def test_a_report_over_data_seeds_points_at_a_saved_seed_of_its_selection(tmp_path):
+    """Each data-seed run saves the best of its own configurations: where the pooled selection's best
+    seed was saved by no run, another of its seeds that one saved is named, and said to be so."""
+    base = "adamw/cosine/epochs=4/batch=16/warmup=1/loss=bce"
+    values = {("d0", 0.001): (0.9, 0.1), ("d0", 0.01): (0.6, 0.6), ("d1", 0.001): (0.8, 0.8), ("d1", 0.01): (0.1, 0.1)}
+    for run in ("d0", "d1"):
+        rows = [{"head": "linear", "config": f"linear/lr={lr}/wd=0.0001/layer=6/seed={seed}", "params": 10, "best_epoch": 3,
+                 "val_map": values[run, lr][seed], "test_map": 0.5, "layer": 6, "lr": lr, "wd": 0.0001, "seed": seed,
+                 "options": "{}", "store_key": "k" * 16, "training": f"{base}/data_seed={run[1]}"}
+                for lr in (0.001, 0.01) for seed in (0, 1)]
+        (tmp_path / run / "best").mkdir(parents=True)
+        report_module.write_csv(tmp_path / run / "leaderboard.csv", rows, list(rows[0]))
+        own = report_module.selected_rows(rows)["linear"]  # what the run itself saved as best/linear.pt
+        torch.save({"store_key": own["store_key"], "config": own["config"]}, tmp_path / run / "best" / "linear.pt")
+    result = ok("report", tmp_path / "d0", tmp_path / "d1", "--out", tmp_path / "r")
+    (row,) = [r for r in read_csv(tmp_path / "r" / "report.csv") if r["selected"] == "1"]
+    assert (row["config"], row["seeds"], row["data_seeds"]) == ("linear/lr=0.001/wd=0.0001/layer=6", "4", "0,1")
+    assert row["saved_head"] == str(tmp_path / "d1" / "best" / "linear.pt")
+    assert ("(linear/lr=0.001/wd=0.0001/layer=6/seed=0 with --data-seed 1; its best seed, "
+            "linear/lr=0.001/wd=0.0001/layer=6/seed=0 with --data-seed 0, was saved by no run)") in result.output
+
+
+def test_parameter_ticks_are_labelled_however_narrow_their_span(tmp_path):
+    """Within a decade no major tick may be in view: the minor ones are labelled instead."""
+    for params in ((6000, 9000), (2100, 2900), (120_000_000, 340_000_000), (300, 10_000)):
+        rows = [{"head": "ep", "params": n, "test_map": 0.5} for n in params]
+        figure = report_module.plot_params_vs_metric(rows, "test_map", tmp_path / "p.png")
+        figure.canvas.draw()
+        axis = figure.axes[0].xaxis
+        labels = [t.get_text() for t in axis.get_majorticklabels() + axis.get_minorticklabels() if t.get_text()]
+        low, high = figure.axes[0].get_xlim()
+        shown = [t for t in axis.get_majorticklocs().tolist() + axis.get_minorticklocs().tolist() if low <= t <= high]
+        assert len(labels) >= 2 and shown, (params, labels)
 
 
 def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selects():

@@ -88,8 +88,8 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str, sel
         text = json.dumps(_nan_to_none(record), indent=2)
         (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
     plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=selected,
-                          title=f"{out.name}: each configuration and seed")
-    plot_val_curves(records, metric, out / "val_curves.png", title=f"{out.name}: {len(records)} configurations, one line each")
+                          title=f"{out.resolve().name}: each configuration and seed")
+    plot_val_curves(records, metric, out / "val_curves.png", title=f"{out.resolve().name}: {len(records)} configurations, one line each")
     write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
     print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png)")
@@ -141,12 +141,17 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
             ax.scatter([r["params"] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
                        edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
         ax.set_xscale("log")
-        # 10k and 300k rather than 1e4 beside 300000; minor ticks labelled at 2 and 5 where few decades leave room
+        # 10k and 300k rather than 1e4 beside 300000; minor ticks labelled at 2 and 5 where a few decades
+        # leave room, and every one within a decade, where no major tick may be in view
         low, high = ax.get_xlim()
-        short = EngFormatter(sep="")
+        decades, short = math.log10(high / low), EngFormatter(sep="")
+
+        def minor(value, at):
+            mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+            return short(value, at) if decades < 1 or min(abs(mantissa - 2), abs(mantissa - 5)) < 1e-6 else ""
+
         ax.xaxis.set_major_formatter(short)
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, at: short(v, at) if f"{v:.0e}"[0] in "25" else "")
-                                     if high / low < 1000 else NullFormatter())
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor) if decades < 3 else NullFormatter())
         ax.set_xlabel("trainable parameters")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
@@ -319,8 +324,9 @@ def group_id(config: str) -> str:
 
 
 def replicates(training: str) -> str:
-    """A training less its data seed: runs that differ only in the batch order are replicates of
-    one setup, pooled with the head seeds rather than competing with each other."""
+    """A training less its data seed: runs that differ only in the batch order (and, on a store
+    without a valid split, the files held out) are replicates of one setup, pooled with the head
+    seeds rather than competing with each other."""
     return re.sub(r"/data_seed=[^/]*", "", training)
 
 
@@ -344,8 +350,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault(_group(row), []).append(row)
     summary = []
     for (store_key, config, training), members in groups.items():
+        data_seeds = sorted({m.group(1) for r in members if (m := re.search(r"/data_seed=([^/]*)", r["training"]))}, key=float)
         out = {"head": members[0]["head"], "config": config, "params": members[0]["params"],
-               "seeds": len(members), "store_key": store_key, "training": training}
+               "seeds": len(members), "data_seeds": ",".join(data_seeds), "store_key": store_key, "training": training}
         for column in metric_columns(members):
             values = np.array([m[column] for m in members], dtype=float)
             out[f"{column}_mean"] = float(values.mean())
@@ -437,22 +444,32 @@ def saved_head(leaderboard: Path, row: dict) -> Path | None:
     return path if ours else None
 
 
+def _named(row: dict) -> str:
+    """A row's configuration, and its data seed where the training names one: what trains it again."""
+    data_seed = re.search(r"/data_seed=([^/]*)", row["training"])
+    return row["config"] + (f" with --data-seed {data_seed.group(1)}" if data_seed else "")
+
+
 def point_at_saved_heads(summary: list[dict], rows: list[dict], origins: dict[tuple, Path]) -> list[str]:
     """Set each selected configuration's `saved_head`: the file holding its best seed by validation,
-    as a run's best/HEAD.pt holds it, or "" where no run or part saved it; lines that say which.
+    as a run's best/HEAD.pt holds it, else the best seed that some run saved (runs pooled over data
+    seeds each save the best of their own), or "" where none did; lines that say which.
     `origins`: the leaderboard each row came from (merge)."""
-    best_of = best_seeds(summary, rows)
+    by_rank = ranked(rows, primary_of(rows))
     lines = []
     for row in summary:
         row["saved_head"] = ""
         if not row["selected"]:
             continue
-        best = best_of[(row["store_key"], row["config"], row["training"])]
-        if path := saved_head(origins[(best["store_key"], best["config"], best["training"])], best):
+        seeds = [r for r in by_rank if _group(r) == (row["store_key"], row["config"], row["training"])]  # best first
+        found = next(((r, path) for r in seeds if (path := saved_head(origins[(r["store_key"], r["config"], r["training"])], r))), None)
+        if found:
+            saved, path = found
             row["saved_head"] = str(path)
-            lines.append(f"{row['head']}: {path} ({best['config']})")
+            other = "" if saved is seeds[0] else f"; its best seed, {_named(seeds[0])}, was saved by no run"
+            lines.append(f"{row['head']}: {path} ({_named(saved)}{other})")
         else:
-            lines.append(f"{row['head']}: {best['config']} is in no best/ folder of these runs (each run or part saves the best "
+            lines.append(f"{row['head']}: {_named(seeds[0])} is in no best/ folder of these runs (each run or part saves the best "
                          "of its own configurations only): train it alone, with the values its name gives")
     return lines
 
@@ -477,7 +494,8 @@ def side_by_side(summary: list[dict], labels: dict[str, str], metric: str) -> st
     cells: dict[str, dict[str, str]] = {}
     for row in summary:
         if row["selected"]:
-            store = labels[row["store_key"]] + (" (unfinished)" if unfinished_marker(row["training"]) else "")
+            marker = unfinished_marker(row["training"]).removeprefix("/")
+            store = labels[row["store_key"]] + (f" ({marker})" if marker else "")
             cells.setdefault(row["head"], {})[store] = _with_sd(row, f"test_{metric}")
     stores = sorted({store for by_store in cells.values() for store in by_store})
     rows = [{"head": head} | {store: by_store.get(store, "") for store in stores} for head, by_store in sorted(cells.items())]
@@ -512,23 +530,26 @@ def write_report(runs: list[Path], out: Path) -> str:
     metrics = metric_columns(rows)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
     columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
-               + ["store", "store_key", "training", "saved_head"])
+               + ["store", "store_key", "training", "data_seeds", "saved_head"])
     write_csv(out / "report.csv", [r | {"store": labels[r["store_key"]]} for r in summary], columns)
     shown = [{"head": r["head"], "config": r["config"], "store": labels[r["store_key"]], "training": r["training"],
               "params": r["params"], "seeds": r["seeds"]} | {m: _with_sd(r, m) for m in metrics} for r in summary]
     trainings = {r["training"] for r in summary}
     chosen = [row for row, r in zip(shown, summary) if r["selected"]]
-    shown_columns = (["head", "config"] + (["store"] if len(labels) > 1 else []) + (["training"] if len(trainings) > 1 else [])
+    partial = [t for t in trainings if unfinished_marker(t)]
+    shown_columns = (["head", "config"] + (["store"] if len(labels) > 1 else []) + (["training"] if len(trainings) > 1 or partial else [])
                      + ["params", "seeds"] + metrics)
-    why = (f"One configuration per head{' and store' if len(labels) > 1 else ''}: the best mean validation {metric}. "
+    apart = " and store" if len(labels) > 1 else ""
+    apart += " (a store's runs on it unfinished apart)" if partial else ""
+    why = (f"One configuration per head{apart}: the best mean validation {metric}. "
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
     if unfinished:  # in the file too: a report read later must not pass for the finished sweep's
         why = f"**Unfinished:** {'; '.join(unfinished)}. The selection may change once they finish.\n\n{why}"
-    if any(unfinished_marker(t) for t in trainings):
-        partial = ("rows whose training says unfinished= were trained and scored on the shards of an unfinished "
+    if partial:
+        caution = ("rows whose training says unfinished= were trained and scored on the shards of an unfinished "
                    "store; they are selected apart, and their figures are not comparable with a finished store's")
-        why = f"**Unfinished store:** {partial}.\n\n{why}"
-        notes.append(partial)
+        why = f"**Unfinished store:** {caution}.\n\n{why}"
+        notes.append(caution)
     saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use)
     compared = f"{side_by_side(summary, labels, metric)}\n\n" if len(labels) > 1 else ""
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{compared}{table(chosen, shown_columns, markdown=True)}\n\n"
@@ -544,7 +565,7 @@ def write_report(runs: list[Path], out: Path) -> str:
         parts = ([labels[row["store_key"]]] if len(labels) > 1 else []) + ([setup[row["training"]]] if len(trainings) > 1 else [])
         return ", ".join(part for part in parts if part) or None
 
-    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd", title=f"{out.name}: each configuration over its seeds",
+    plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd", title=f"{out.resolve().name}: each configuration over its seeds",
                           chosen=[r for r in summary if r["selected"]], panel_of=panel_of)
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
