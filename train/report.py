@@ -323,11 +323,14 @@ def group_id(config: str) -> str:
     return re.sub(r"/seed=[^/]*$", "", config)
 
 
+DATA_SEED = re.compile(r"/data_seed=([^/]*)")  # of a training line (probe.run writes it)
+
+
 def replicates(training: str) -> str:
     """A training less its data seed: runs that differ only in the batch order (and, on a store
     without a valid split, the files held out) are replicates of one setup, pooled with the head
     seeds rather than competing with each other."""
-    return re.sub(r"/data_seed=[^/]*", "", training)
+    return DATA_SEED.sub("", training)
 
 
 def unfinished_marker(training: str) -> str:
@@ -350,7 +353,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault(_group(row), []).append(row)
     summary = []
     for (store_key, config, training), members in groups.items():
-        data_seeds = sorted({m.group(1) for r in members if (m := re.search(r"/data_seed=([^/]*)", r["training"]))}, key=float)
+        data_seeds = sorted({m.group(1) for r in members if (m := DATA_SEED.search(r["training"]))}, key=float)
         out = {"head": members[0]["head"], "config": config, "params": members[0]["params"],
                "seeds": len(members), "data_seeds": ",".join(data_seeds), "store_key": store_key, "training": training}
         for column in metric_columns(members):
@@ -446,7 +449,7 @@ def saved_head(leaderboard: Path, row: dict) -> Path | None:
 
 def _named(row: dict) -> str:
     """A row's configuration, and its data seed where the training names one: what trains it again."""
-    data_seed = re.search(r"/data_seed=([^/]*)", row["training"])
+    data_seed = DATA_SEED.search(row["training"])
     return row["config"] + (f" with --data-seed {data_seed.group(1)}" if data_seed else "")
 
 
