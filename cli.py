@@ -118,7 +118,7 @@ def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int):
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
     if verb == "extract":  # the options, the backbone as each task will load it, then the dataset it will read
-        from tokens.extract.run import ExtractionError, check_options, load_backbone
+        from tokens.extract.run import ExtractionError, check_backbone_options, check_options, load_backbone
 
         try:
             fmt = check_options(params["store"], part=(1, array), **{key: params[key] for key in (
@@ -127,11 +127,7 @@ def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int):
             backbone_options = extract_commands.parse_backbone_options(params["backbone_option"])
             layers = extract_commands.parse_layers(params["layers"])
             if checkpoint and not Path(checkpoint).exists() and not starts_now:  # as the dataset: it may come later
-                from tokens.extract.backbones import checked_options
-
-                if "final_norm" in backbone_options:  # as load_backbone refuses it
-                    raise ExtractionError("--backbone-option final_norm: use --final-norm")
-                checked_options(params["backbone"], backbone_options)
+                check_backbone_options(params["backbone"], backbone_options)
                 typer.echo(f"note: {checkpoint} does not exist yet; the tasks need it when they start (until then the "
                            "backbone's name and options are checked, not its layers nor the dataset)", err=True)
             else:

@@ -130,10 +130,11 @@ class HDF5Handle:
         # A reader sees the file as it was when it opened: HDF5 caches what it has read, so the
         # strings of shards completed later may lie past the end of the file it knows. Their
         # completion marks, read now, keep it to the shards it can read.
-        self._complete_at_open = {}
+        self._complete_at_open, self._shard_size = {}, None
         if mode == "r":
             try:
-                splits = self.meta().get("splits") or {}
+                meta = self.meta()
+                splits, self._shard_size = meta.get("splits") or {}, meta.get("shard_size")
             except (StoreError, AttributeError):  # damaged metadata: TokenStore names it
                 splits = {}
             for split in splits:
@@ -232,9 +233,8 @@ class HDF5Handle:
         # Only the shards complete when this reader opened: the strings of later ones may lie past
         # the end of the file it knows. The others read as unwritten rows do.
         out = np.full(data.shape, "", dtype=object) if data.dtype == STRING else np.zeros(data.shape, dtype=data.dtype)
-        shard_size = int(self.meta()["shard_size"])
         for shard in np.flatnonzero(done):
-            start, stop = shard * shard_size, min((shard + 1) * shard_size, num_items)
+            start, stop = shard * self._shard_size, min((shard + 1) * self._shard_size, num_items)
             out[start:stop] = read[start:stop]
         return out
 

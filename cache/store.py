@@ -803,4 +803,3 @@ class RawItems:
             read(rows)
         else:
             list(pool.map(read, np.array_split(rows, self._threads)))
-

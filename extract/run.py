@@ -30,7 +30,7 @@ from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_wri
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, load_window
-from tokens.extract.backbones import Backbone, build_backbone
+from tokens.extract.backbones import Backbone, build_backbone, checked_options
 from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
 from tokens.extract.manifest import SPLITS, Dataset, Item, read_dataset
@@ -96,10 +96,17 @@ def load_backbone(backbone: str, checkpoint: str | None, allow_pickle: bool, bac
                   final_norm: bool, layers: list[int] | str | None) -> tuple[Backbone, list[int]]:
     """The backbone with its checkpoint loaded and checked, and the blocks to cache; `tokens slurm`
     loads it too, so that a bad name, option, checkpoint or layer fails before the array is queued."""
-    if "final_norm" in (backbone_options or {}):
-        raise ExtractionError("--backbone-option final_norm: use --final-norm (final_norm=True in Python)")
+    check_backbone_options(backbone, backbone_options or {})
     model = build_backbone(backbone, checkpoint, allow_pickle=allow_pickle, final_norm=final_norm, **(backbone_options or {}))
     return model, resolve_layers(layers, model.depth)
+
+
+def check_backbone_options(backbone: str, backbone_options: dict):
+    """What can be checked of a backbone before its checkpoint is there: its name and options
+    (`tokens slurm` checks them so when the checkpoint is still to come)."""
+    if "final_norm" in backbone_options:
+        raise ExtractionError("--backbone-option final_norm: use --final-norm (final_norm=True in Python)")
+    checked_options(backbone, backbone_options)
 
 
 def resolve_layers(layers: list[int] | str | None, depth: int) -> list[int]:

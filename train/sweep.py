@@ -204,7 +204,7 @@ def expand(
 
 def take_part(configs: list[Config], index: int, count: int) -> list[Config]:
     """The index-th of `count` interleaved parts: each part gets a mix of heads, so parts take similar
-    time. While there are as many configurations (up to the seed) as parts, a part takes every seed
+    time. While there are at least as many configurations (up to the seed) as parts, a part takes every seed
     of its configurations, so that its best/ heads are chosen over seeds, as a report chooses: the
     configuration a report selects is then saved by its part. Beyond that, seeds are dealt out too."""
     groups = list(dict.fromkeys(c.group for c in configs))
