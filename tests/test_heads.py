@@ -1,5 +1,6 @@
 """Probe heads: shapes, padding, agreement with reference formulations, sizes, and learning."""
 
+import contextlib
 import math
 import re
 
@@ -67,6 +68,42 @@ def test_padding_tokens_never_change_the_output(name):
         assert torch.equal(out, head(garbage, mask, cls))
         assert torch.isfinite(out).all()
         assert torch.equal(head(tokens, None, cls), head(tokens, torch.ones_like(mask), cls))
+
+
+def test_heads_of_one_batch_share_the_steps_without_parameters_and_get_the_same_numbers(monkeypatch):
+    """Inside `shared_steps` the padding is zeroed once for every head reading the same tokens, and
+    the masked mean taken once for the mean heads; logits and gradients stay those of heads on their own."""
+    tokens, cls = _inputs("mean", dtype=torch.float16)
+    mask = torch.rand(6, 10, generator=torch.Generator().manual_seed(1)) > 0.3
+    names = ["mean", "linear", "ep", "protobin", "simpool", "mean"]  # linear without cls falls back to the mean
+
+    def run(shared):
+        torch.manual_seed(0)
+        built = [_small(name) for name in names]
+        with heads.shared_steps() if shared else contextlib.nullcontext():
+            outputs = [head(tokens, mask, None) for head in built]
+            for out in outputs:
+                out.square().sum().backward()
+        return outputs, [p.grad for head in built for p in head.parameters() if p.grad is not None]
+
+    alone, alone_grads = run(shared=False)
+    calls = {"_zero_padding": 0, "_mean_of_valid": 0}
+    for step in calls:
+        def counted(*inputs, step=step, original=getattr(heads, step)):
+            calls[step] += 1
+            return original(*inputs)
+        monkeypatch.setattr(heads, step, counted)
+    together, together_grads = run(shared=True)
+    # One mean for mean, linear and the last mean; simpool's mean of LN(X) needs grad, so it is its own.
+    assert calls == {"_zero_padding": 1, "_mean_of_valid": 2}
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert len(alone_grads) == len(together_grads) and all(torch.equal(a, b) for a, b in zip(alone_grads, together_grads))
+    # Other tensors, or the same steps outside the block, are computed anew.
+    with heads.shared_steps():
+        heads._prepare(tokens, mask)
+        heads._prepare(tokens.clone(), mask)
+    heads._prepare(tokens, mask)
+    assert calls["_zero_padding"] == 4
 
 
 def test_linear_and_mlp_fall_back_to_the_masked_mean_without_a_class_token():

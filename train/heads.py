@@ -11,6 +11,7 @@ stored values can never change a logit. Class attributes tell the training loop 
 else) and `multi_layer` (tokens carry a layer axis).
 """
 
+import contextlib
 import math
 
 import torch
@@ -50,8 +51,40 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+_shared: dict | None = None  # step -> (its last inputs, result), inside `shared_steps` only
+
+
+@contextlib.contextmanager
+def shared_steps():
+    """Inside this block, heads given the very same tensors share the steps that have no parameters
+    (the float32 copy with padding zeroed, the masked mean of it) instead of each computing its
+    own: a sweep's heads all read one batch, and on the CPU these steps cost more than a linear
+    head. The results are the same tensors the heads would have made. Only the last inputs of each
+    step are kept, so call heads of one layer one after another."""
+    global _shared
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _once(step, *inputs):
+    """`step(*inputs)`, or its result for these same tensors inside `shared_steps`."""
+    if _shared is None or any(t is not None and t.requires_grad for t in inputs):
+        return step(*inputs)
+    kept = _shared.get(step)
+    if kept is None or any(a is not b for a, b in zip(kept[0], inputs)):
+        kept = _shared[step] = (inputs, step(*inputs))  # the inputs held, so no other tensor takes their id
+    return kept[1]
+
+
 def _prepare(tokens, mask):
     """Tokens in the compute dtype with padding zeroed, and a mask (all valid when none given)."""
+    return _once(_zero_padding, tokens, mask)
+
+
+def _zero_padding(tokens, mask):
     x = tokens.to(_compute_dtype(tokens))
     if mask is None:
         return x, torch.ones(x.shape[0], x.shape[-2], dtype=torch.bool, device=x.device)
@@ -62,6 +95,10 @@ def _prepare(tokens, mask):
 
 def _masked_mean(x, mask):
     """Mean over valid tokens; an all-padding row gives zeros."""
+    return _once(_mean_of_valid, x, mask)
+
+
+def _mean_of_valid(x, mask):
     m = mask[..., None].to(x.dtype)
     return (x * m).sum(-2) / m.sum(-2).clamp(min=1)
 

@@ -34,7 +34,7 @@ from tokens.cluster import cuda_float32
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
 from tokens.train.data import SAMPLING, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
-from tokens.train.heads import HEADS, build_head, count_parameters
+from tokens.train.heads import HEADS, build_head, count_parameters, shared_steps
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, primary_metric
 from tokens.train.optim import lr_factor, make_optimizer
@@ -88,6 +88,12 @@ def set_rng(state: torch.Tensor, device: torch.device):
         torch.set_rng_state(state)
 
 
+def layer_by_layer(layers: list) -> list[int]:
+    """Indices of heads in an order that keeps heads of one layer together, so that they share the
+    steps without parameters inside `shared_steps` (each head trains alone: the order changes no number)."""
+    return sorted(range(len(layers)), key=lambda i: repr(layers[i]))
+
+
 def head_inputs(head: nn.Module, layer, batch):
     """(tokens, mask, class token) as this head reads them from the shared batch."""
     if head.multi_layer:
@@ -109,10 +115,12 @@ def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarr
         head.eval()
     outputs = [[] for _ in heads]
     for batch in source.batches(items, batch_size):
-        scores = []
-        for head, layer in heads:
-            logits = head(*head_inputs(head, layer, batch)).double()
-            scores.append(nn.functional.logsigmoid(logits) if task == "multilabel" else logits.log_softmax(-1))
+        scores = [None] * len(heads)
+        with shared_steps():
+            for i in layer_by_layer([layer for _, layer in heads]):
+                head, layer = heads[i]
+                logits = head(*head_inputs(head, layer, batch)).double()
+                scores[i] = nn.functional.logsigmoid(logits) if task == "multilabel" else logits.log_softmax(-1)
         for out, head_scores in zip(outputs, torch.stack(scores).cpu().numpy()):
             out.append(head_scores)
     return [np.concatenate(out) for out in outputs]
@@ -414,6 +422,7 @@ def run(
     steps = max(1, len(train_items) // batch_size)
     total, warmup = epochs * steps, round(warmup_epochs * steps)
 
+    training_order = [probes[i] for i in layer_by_layer([p.config.layer for p in probes])]
     start = restore(saved, probes) if saved else 0
     if start:
         tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}")
@@ -425,15 +434,16 @@ def run(
         batches = train_source.batches(order, batch_size, drop_last=True)
         for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", total=steps, leave=False, disable=not progress)):
             factor = lr_factor(schedule, epoch * steps + step, total, warmup)
-            for p in probes:
-                for group in p.optimizer.param_groups:
-                    group["lr"] = p.config.lr * factor
-                set_rng(p.rng, device)
-                logits = p.head(*head_inputs(p.head, p.config.layer, batch))
-                p.optimizer.zero_grad(set_to_none=True)
-                loss_fn(logits, batch.labels).backward()
-                p.optimizer.step()
-                p.rng = get_rng(device)
+            with shared_steps():
+                for p in training_order:
+                    for group in p.optimizer.param_groups:
+                        group["lr"] = p.config.lr * factor
+                    set_rng(p.rng, device)
+                    logits = p.head(*head_inputs(p.head, p.config.layer, batch))
+                    p.optimizer.zero_grad(set_to_none=True)
+                    loss_fn(logits, batch.labels).backward()
+                    p.optimizer.step()
+                    p.rng = get_rng(device)
 
         # Validate every head; keep each one's best epoch, and the validation metrics of the
         # weights it will be tested with (the best epoch's; the last epoch's while none is best),
