@@ -38,6 +38,7 @@ def describe(store: TokenStore) -> dict:
         "grid": meta["grid"],
         "num_tokens": meta["grid"][0] * meta["grid"][1],
         "num_prefix": meta["num_prefix"],
+        "class_token": meta.get("class_token", meta["num_prefix"] > 0),
         "layers": meta["layers"],
         "final_norm": meta["final_norm"],
         "precision": meta.get("precision"),  # None: a store made before it was recorded
@@ -71,7 +72,7 @@ def render(info: dict) -> str:
         f"store      {info['path']} ({info['format']}, {_size(info['disk_bytes'])} on disk)",
         f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or 'none (built-in weights)')[:16]}",
         f"tokens     grid {T}x{F} = {info['num_tokens']} tokens x {info['dim']} dims, "
-        f"{info['num_prefix']} prefix tokens, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}"
+        f"{info['num_prefix']} prefix tokens{'' if info['class_token'] or not info['num_prefix'] else ' (no class token)'}, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}"
         f"{', forward pass in ' + info['precision'] if info['precision'] else ''}"
         f"{', compressed with ' + info['codec'] if info['codec'] else ''}",
         f"layers     {', '.join(map(str, info['layers']))}",

@@ -158,6 +158,7 @@ class StoreSpec:
     shard_size: int = 0  # 0: chosen from TARGET_SHARD_BYTES and TARGET_SHARD_TOTAL_BYTES
     codec: str | None = None  # None, "zstd" or "blosc-lz4"
     extra: dict = field(default_factory=dict)  # provenance that does not change tokens
+    class_token: bool | None = None  # the first prefix token is a class token (None: whenever there is one); a ViT with registers alone has none
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -166,6 +167,8 @@ class StoreSpec:
             raise StoreError(f"task must be 'multilabel' or 'multiclass', not {self.task!r}")
         self.grid = tuple(int(g) for g in self.grid)
         self.layers = [int(layer) for layer in self.layers]
+        if self.class_token is None:
+            self.class_token = self.num_prefix > 0
         if not self.shard_size:
             item_bytes = max(self.grid[0] * self.grid[1] * self.dim * np.dtype(STORAGE_DTYPE[self.dtype]).itemsize, 1)
             items = max(TARGET_SHARD_BYTES // item_bytes, TARGET_SHARD_TOTAL_BYTES // (item_bytes * len(self.layers)))
@@ -498,6 +501,7 @@ class Split:
         self.num_tokens = self.grid[0] * self.grid[1]
         self.dim = int(meta["dim"])
         self.num_prefix = int(meta["num_prefix"])
+        self.class_token = bool(meta.get("class_token", self.num_prefix > 0))  # stores made before it was recorded: whenever there is a prefix
         self.layers = list(meta["layers"])
         self.dtype = meta["dtype"]
         self.masked = bool(meta["masked"])

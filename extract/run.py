@@ -149,6 +149,7 @@ def plan(
             grid=backbone.grid,
             dim=backbone.dim,
             num_prefix=backbone.num_prefix,
+            class_token=backbone.class_token,
             masked=backbone.modality == "audio",
             precision=precision,
             shard_size=shard_size,

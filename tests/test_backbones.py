@@ -606,7 +606,14 @@ def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any
               r"the patch embedding gives patches of \(32, 32\), the configuration expects \(16, 16\)"),
              ("vit_base_patch16_clip_224.openai", {"visual.positional_embedding": torch.zeros(577, 768)},
               r"position embedding has 577 positions, not this model's 14x14 patches"),
-             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 50, 192)}, "has 50 positions")]
+             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 50, 192)}, "has 50 positions"),
+             # AIMv2's and BEiT-3's own layouts, which timm converts (BEiT-3: two padding positions, then class and patches)
+             ("vit_tiny_patch16_224", {"preprocessor.pos_embed": torch.zeros(1, 576, 192)}, "has 576 positions"),
+             ("vit_tiny_patch16_224", {"preprocessor.patchifier.proj.weight": torch.zeros(192, 3, 14, 14)}, r"patches of \(14, 14\)"),
+             ("vit_tiny_patch16_224", {"beit3.encoder.embed_positions.A.weight": torch.zeros(579, 192)}, "has 577 positions"),
+             ("vit_tiny_patch16_224", {"beit3.vision_embed.proj.weight": torch.zeros(192, 3, 32, 32)}, r"patches of \(32, 32\)"),
+             # DeiT-III keeps no position for the class token: not timm's reshape error
+             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 196, 192)}, "no slot for prefix tokens .*deit3_")]
     for model_name, state, message in cases:
         torch.save(state, tmp_path / "c.pth")
         with pytest.raises(CheckpointError, match=message):
@@ -642,6 +649,46 @@ def test_a_timm_checkpoint_of_another_geometry_is_refused_whatever_prefix_or_wra
             build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
 
 
+def test_a_timm_checkpoint_with_token_weights_the_model_lacks_is_refused_and_deit3_loads(tmp_path):
+    """Loading ignores weights a model has no place for (decoders, heads); a qkv bias or layer scale
+    of another variant would be dropped without a word. DeiT-III's own layout (layer scales as
+    'gamma_1') is converted as timm's deit3 models convert it."""
+    timm = pytest.importorskip("timm")
+    from tokens.extract.checkpoints import CheckpointError
+
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict()
+    for extra in ({"blocks.3.ls1.gamma": torch.ones(192)}, {"blocks.0.gamma_1": torch.ones(192)}):
+        torch.save(state | extra | {"decoder_embed.weight": torch.zeros(4, 192), "mask_token": torch.zeros(1, 1, 192)}, tmp_path / "c.pth")
+        with pytest.raises(CheckpointError, match=r"weights '[^']*ls1.gamma' have no place in .*another variant"):
+            build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
+    torch.save(state | {"decoder_embed.weight": torch.zeros(4, 192)}, tmp_path / "c.pth")  # a decoder is no part of the tokens
+    build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "c.pth"))
+
+    torch.manual_seed(0)
+    reference = jitter(timm.create_model("deit3_small_patch16_224", pretrained=False, num_classes=0)).eval()
+    original = {re.sub(r"ls(\d)\.gamma", r"gamma_\1", k): v for k, v in reference.state_dict().items()}
+    assert "blocks.0.gamma_1" in original
+    torch.save({"model": original}, tmp_path / "deit3.pth")
+    backbone = build_backbone("timm:deit3_small_patch16_224", str(tmp_path / "deit3.pth")).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens, prefix = backbone(images, [11])[11]
+        expected = reference.forward_intermediates(images, indices=[11], output_fmt="NLC", intermediates_only=True)[0]
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_timm_vit_with_registers_and_no_class_token_records_none(tmp_path):
+    """Its one prefix token is a register: heads on the class token fall back to the token mean."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_pwee_patch16_reg1_gap_256", pretrained=False, num_classes=0)
+    torch.save(model.state_dict(), tmp_path / "reg.pth")
+    backbone = build_backbone("timm:vit_pwee_patch16_reg1_gap_256", str(tmp_path / "reg.pth"))
+    assert backbone.num_prefix == 1 and not backbone.class_token
+    plain = jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0))
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")
+    assert build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "plain.pth")).class_token
+
+
 def test_a_whole_clip_checkpoint_is_checked_by_its_image_tower_not_its_text_tower(tmp_path):
     """OpenAI and OpenCLIP checkpoints hold the text tower's bare 'positional_embedding' (77 positions)
     before the image tower's 'visual.*' keys: the image tower's geometry is the one checked."""
@@ -667,6 +714,9 @@ def test_a_whole_clip_checkpoint_is_checked_by_its_image_tower_not_its_text_towe
      r"it has 1 prefix tokens \(a class token\), this model 2 prefix tokens \(a class token, a distillation token\)"),
     ("vit_small_patch14_dinov2", {"cls_token": torch.zeros(1, 1, 384), "register_tokens": torch.zeros(1, 4, 384)},
      r"it has 5 prefix tokens \(a class token, 4 registers\), this model 1 prefix tokens \(a class token\).*_reg4_dinov2"),
+    # registers without a class token (timm's *_reg1_gap_* models) are prefix tokens too
+    ("vit_tiny_patch16_224", {"reg_token": torch.zeros(1, 1, 192)},
+     r"it has 1 prefix tokens \(1 registers\), this model 1 prefix tokens \(a class token\)"),
 ])
 def test_a_timm_checkpoint_with_other_prefix_tokens_says_so(tmp_path, model_name, state, message):
     """Not 'another resolution', nor timm's reshape error: a distilled or registers checkpoint for a model without them."""

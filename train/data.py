@@ -59,7 +59,7 @@ def split_bytes(split: Split, layers, with_cls: bool, with_tokens: bool = True) 
     """Uncompressed bytes of the given layers' tokens and class tokens (and the mask) of a whole split."""
     itemsize = np.dtype(STORAGE_DTYPE[split.dtype]).itemsize
     tokens = split.num_tokens * split.dim if with_tokens else 0
-    per_layer = tokens + (split.dim if with_cls and split.num_prefix else 0)
+    per_layer = tokens + (split.dim if with_cls and split.class_token else 0)
     return split.num_items * (len(layers) * per_layer * itemsize + (split.num_tokens if split.masked and with_tokens else 0))
 
 
@@ -125,7 +125,7 @@ class Source:
         """`labels`: the split's labels column, when the caller has read it already (to check it);
         `with_tokens=False`: the class tokens alone, for heads that read nothing else."""
         self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
-        self.with_cls = with_cls and split.num_prefix > 0
+        self.with_cls = with_cls and split.class_token
         self.with_tokens = with_tokens or not self.with_cls
         labels = split.column("labels") if labels is None else labels
         self.labels = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))

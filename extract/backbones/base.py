@@ -109,6 +109,11 @@ class Backbone(torch.nn.Module):
             )
         return clip
 
+    @property
+    def class_token(self) -> bool:
+        """Whether the first prefix token is a class token, which heads on the class token read."""
+        return self.num_prefix > 0
+
     def _finish(self, checkpoint_sha256: str | None, **details) -> None:
         """Record the checkpoint hash and the JSON-able config once the model is built and loaded."""
         if self.final_norm and self.norm is None:

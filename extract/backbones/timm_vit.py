@@ -23,6 +23,10 @@ class TimmViT(Backbone):
         # Pooling ViTs (global_pool='avg') normalise after pooling (fc_norm): their tokens have no final norm
         self.norm = None if isinstance(model.norm, torch.nn.Identity) else model.norm
 
+    @property
+    def class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None  # registers alone (vit_*_reg4_gap_*) are no class token
+
     def preprocess(self, item):
         return self.transform(item.convert("RGB")), torch.ones(self.num_tokens, dtype=torch.bool)
 
@@ -70,11 +74,12 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     while (wrapper := next((key for key in ("model", "state_dict") if isinstance(state.get(key), dict)), None)):
         state = state[wrapper]
     check_geometry(path, state, model, positions_resampled=bool(img_size))
-    try:
-        state = checkpoint_filter_fn(state, model)  # original MAE/DINOv2/CLIP layouts -> timm's
+    try:  # original MAE/DINOv2/CLIP/DeiT-III layouts -> timm's (DeiT-III's layer scales 'gamma_1' -> 'ls1.gamma')
+        state = checkpoint_filter_fn(state, model, adapt_layer_scale=True)
     except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path}: timm cannot convert it into {model_name}'s weights ({error})") from None
     expect_depth(path, state, len(model.blocks), option=None)
+    check_nothing_left_out(path, state, model, model_name, final_norm)
     # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
     load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)))
     data = resolve_data_config(model=model)
@@ -94,15 +99,36 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
 # checkpoint holds a text tower's 'positional_embedding' too). Layouts timm converts otherwise
 # (RADIO, whose position embedding it resamples by design) are not checked.
 TIMM_PREFIXES = ("", "module.", "visual.trunk.", "module.visual.trunk.", "encoder.module.", "encoder.", "vision_encoder.")
-PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight")
-POSITIONS = ("pos_embed", "visual.positional_embedding")
+PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight", "preprocessor.patchifier.proj.weight",  # AIMv2
+                 "beit3.vision_embed.proj.weight")
+POSITIONS = ("pos_embed", "visual.positional_embedding", "preprocessor.pos_embed", "beit3.encoder.embed_positions.A.weight")
+POSITION_OFFSETS = {"beit3.encoder.embed_positions.A.weight": 2}  # BEiT-3's first two positions are fairseq's padding offset
 CLASS_TOKENS = ("cls_token", "visual.class_embedding")
 REGISTERS = ("reg_token", "register_tokens")
 
 
-def _find(tensors: dict, names: tuple[str, ...]):
-    """The tensor of the first of `names` under the first of TIMM_PREFIXES that has one, or None."""
-    return next((tensors[prefix + name] for prefix in TIMM_PREFIXES for name in names if prefix + name in tensors), None)
+def _find(tensors: dict, names: tuple[str, ...], named: bool = False):
+    """The tensor of the first of `names` under the first of TIMM_PREFIXES that has one, or None
+    (`named`: (name, tensor), or (None, None))."""
+    found = next(((name, tensors[prefix + name]) for prefix in TIMM_PREFIXES for name in names if prefix + name in tensors), (None, None))
+    return found if named else found[1]
+
+
+# Weights that shape the cached tokens: a checkpoint's weights of this kind that the model has no
+# place for (a qkv bias, layer scales, registers) come from another variant, whose tokens these are not.
+TOKEN_WEIGHTS = ("blocks.", "patch_embed.", "norm_pre.", "cls_token", "reg_token", "dist_token", "pos_embed")
+
+
+def check_nothing_left_out(path, state: dict, model, model_name: str, final_norm: bool):
+    """Refuse a checkpoint (in timm's layout) with weights of the token path that the model lacks:
+    loading ignores weights a model has no place for, rightly for decoders and classifier heads,
+    but these would be dropped without a word and the tokens would not be the checkpoint's."""
+    own = model.state_dict()
+    left_out = [key for key in state if key not in own and key.startswith(TOKEN_WEIGHTS + (("norm.",) if final_norm else ()))]
+    if left_out:
+        shown = ", ".join(repr(k) for k in left_out[:4]) + (f" and {len(left_out) - 4} more" if len(left_out) > 4 else "")
+        raise CheckpointError(f"{path}: weights {shown} have no place in {model_name}: a checkpoint of another "
+                              "variant (registers, a qkv bias, layer scale...); give the timm model of its kind")
 
 
 def check_geometry(path, state: dict, model, positions_resampled: bool):
@@ -115,9 +141,10 @@ def check_geometry(path, state: dict, model, positions_resampled: bool):
     kernel = _find(tensors, PATCH_KERNELS)
     if kernel is not None:
         expect(path, "the patch embedding", "patches of", tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(kernel.shape[-2:]))
-    if _find(tensors, CLASS_TOKENS) is not None:  # a layout whose prefix tokens are known by name
+    if any(_find(tensors, names) is not None for names in (CLASS_TOKENS, REGISTERS, ("dist_token",))):  # prefix tokens known by name
         registers = _find(tensors, REGISTERS)
-        theirs = (True, _find(tensors, ("dist_token",)) is not None, 0 if registers is None else registers.shape[-2])
+        theirs = (_find(tensors, CLASS_TOKENS) is not None, _find(tensors, ("dist_token",)) is not None,
+                  0 if registers is None else registers.shape[-2])
         ours = (getattr(model, "cls_token", None) is not None, getattr(model, "dist_token", None) is not None,
                 0 if getattr(model, "reg_token", None) is None else model.reg_token.shape[-2])
         if theirs != ours:
@@ -127,9 +154,12 @@ def check_geometry(path, state: dict, model, positions_resampled: bool):
             raise CheckpointError(
                 f"{path}: it has {kinds(*theirs)}, this model {kinds(*ours)}: give the timm model of its kind "
                 "(a distilled DeiT is *_distilled_*, a DINOv2 with 4 registers *_reg4_dinov2)")
-    positions = _find(tensors, POSITIONS)
+    name, positions = _find(tensors, POSITIONS, named=True)
     if positions is not None and not positions_resampled:
-        slots, patches = positions.shape[-2], model.patch_embed.num_patches
+        slots, patches = positions.shape[-2] - POSITION_OFFSETS.get(name, 0), model.patch_embed.num_patches
+        if slots == patches and model.num_prefix_tokens and not model.no_embed_class:
+            raise CheckpointError(f"{path}: its position embedding has no slot for prefix tokens (as DeiT-III's), this model's "
+                                  f"has {model.num_prefix_tokens}: give the timm model of its kind (e.g. deit3_*)")
         if slots - patches not in {0, 1, model.num_prefix_tokens}:
             rows, columns = model.patch_embed.grid_size
             raise CheckpointError(f"{path}: its position embedding has {slots} positions, not this model's {rows}x{columns} "
