@@ -79,8 +79,13 @@ def slurm(
             raise typer.BadParameter(f"{value!r} is not a SLURM {option.removeprefix('--')} (e.g. {example})", param_hint=option)
     if any(arg in ("--part", "--shard") or arg.startswith(("--part=", "--shard=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
+    # sbatch reads its #SBATCH lines with rules of its own: it drops a backslash even inside quotes and
+    # expands %j and the like in the log path, so the tasks would start elsewhere or log nowhere.
+    if odd := sorted(set(str(Path.cwd())) & set("\\%\n")):
+        raise typer.BadParameter(f"the tasks run in this folder, {str(Path.cwd())!r}, and sbatch cannot take a folder whose path "
+                                 f"holds {' or '.join(map(repr, odd))}: run tokens slurm from another folder", param_hint="the current folder")
     # Submitted to wait for other jobs, the tasks may find what those jobs make: as if not submitted yet.
-    _check_forwarded(verb, ctx.args, submit and not after, array)
+    _check_forwarded(verb, ctx.args, submit and not after, array, gpus)
     quiet = [] if {"-q", "--quiet"} & set(ctx.args) else ["--quiet"]  # progress bars fill a log with carriage returns
     text = sbatch_script(
         verb, ctx.args + quiet, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
@@ -101,15 +106,20 @@ def slurm(
         typer.echo(result.stdout.strip())
 
 
-def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int):
+def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int, gpus: int):
     """Parse ARGS as `tokens VERB` will, and check what can be checked without running it, so that a
     mistake fails here rather than in every task of the array, hours later in the queue.
-    `starts_now`: submitted, not waiting for other jobs, so what the tasks need must be there."""
+    `starts_now`: submitted, not waiting for other jobs, so what the tasks need must be there;
+    `gpus`: each task's."""
     command = typer.main.get_command(app).commands[verb]
     try:
         params = command.make_context(f"tokens {verb}", list(args)).params
     except typer.TyperException as error:  # a usage error: unknown option, bad value, missing argument
         raise typer.BadParameter(f"tokens {verb} would refuse them: {error.format_message()}", param_hint="ARGS") from None
+    wants_gpu = [f"--device {params['device']}"] * params["device"].startswith("cuda") + ["--data gpu"] * (params.get("data") == "gpu")
+    if wants_gpu and not gpus:
+        raise typer.BadParameter(f"{' and '.join(wants_gpu)} needs a GPU, and with --gpus 0 the tasks have none: "
+                                 "give --gpus 1, or leave them out", param_hint="--gpus")
     if verb == "probe":  # what can be checked before the store exists: heads, their options, rates, --data, --out
         try:
             train_commands.check_probe_args(optimizer=params["optimizer"].value, **{key: params[key] for key in (

@@ -290,14 +290,14 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     record["training"]["epochs"] = 2
     (edited / "part-2-of-2" / "config.json").write_text(json.dumps(record))
     refused = invoke("report", edited, "--out", tmp_path / "mixed")
-    assert refused.exit_code == 2 and "ran another training than part-1-of-2" in said(refused), said(refused)
+    assert refused.exit_code == 2 and "differs from part-1-of-2 (epochs 4 in part-1-of-2, 2 in part-2-of-2)" in said(refused), said(refused)
 
     # Such a part is refused before any work: the same heads in another order split into other
     # parts (merged, half the sweep would be missing), other training, or another split of the sweep.
     reordered = tmp_path / "reordered"
     shutil.copytree(parts / "part-1-of-2", reordered / "part-1-of-2")
-    for args, why in [(["--heads", "protobin,ep,linear", *SWEEP[2:], *FAST, "--part", "2/2"], "ran another sweep"),
-                      ([*SWEEP, *FAST, "--epochs", "2", "--part", "2/2"], "ran another training"),
+    for args, why in [(["--heads", "protobin,ep,linear", *SWEEP[2:], *FAST, "--part", "2/2"], "ran another sweep (the same configurations in another order"),
+                      ([*SWEEP, *FAST, "--epochs", "2", "--part", "2/2"], "ran another sweep (epochs 4 there, 2 here)"),
                       ([*SWEEP, *FAST, "--part", "2/3"], "holds parts of a sweep split another way (part-1-of-2)")]:
         refused = invoke("probe", store, *args, "--out", reordered)
         assert refused.exit_code == 2 and why in said(refused) and "--out" in said(refused), said(refused)
@@ -409,6 +409,28 @@ def test_a_sweep_of_class_token_heads_reads_no_token_maps(store, run, tmp_path, 
         ok("probe", store, "--heads", "linear,mlp", "--seeds", "0,1", *FAST, "--data", data, "--out", out)
         ours = {config: row for config, row in leaderboard(out).items() if row["head"] == "linear"}
         assert ours and all(ours[c]["test_map"] == leaderboard(run)[c]["test_map"] for c in ours)
+
+
+def test_a_store_whose_prefix_tokens_are_registers_gives_class_token_heads_the_token_mean(tmp_path, monkeypatch):
+    """A ViT with registers and no class token (timm's *_reg4_gap_*) stores its registers as prefix
+    tokens: `linear` then trains on the masked token mean, as `mean` does, and reads no prefix."""
+    from tokens.cache.store import Split
+
+    from tokens.cache.commands import describe, render
+
+    path = make_store(tmp_path / "registers.zarr", class_token=False)
+    assert "1 prefix tokens (no class token)" in render(describe(open_store(path)))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("prefix tokens read")
+
+    monkeypatch.setattr(Split, "read_prefix", refused)
+    out = tmp_path / "run"
+    ok("probe", path, "--heads", "linear,mean", "--layers", "6", *FAST, "--data", "stream", "--out", out)
+    rows = {row["head"]: row for row in leaderboard(out).values()}
+    assert rows["linear"]["test_map"] == rows["mean"]["test_map"]  # one architecture on the same inputs, same seed
+    record = json.loads((out / "heads" / f"{sweeps.sanitise(rows['linear']['config'])}.json").read_text())
+    assert record["fell_back_to_mean"] is True
 
 
 def test_an_out_that_reads_as_a_head_option_is_refused(store, tmp_path, monkeypatch):
@@ -1210,6 +1232,20 @@ def test_a_run_directory_holds_a_whole_sweep_or_its_parts_not_both(store, tmp_pa
     assert refused.exit_code == 2 and "holds parts of a sweep (part-1-of-2)" in said(refused), said(refused)
 
 
+def test_a_finished_run_without_its_checkpoint_is_left_as_it_is(store, run, tmp_path):
+    """The checkpoint may be deleted once a run is finished: running the command again (a job array
+    resubmitted for one failed part) trains nothing and rewrites nothing."""
+    out = tmp_path / "finished"
+    shutil.copytree(run, out)
+    (out / "checkpoint.pt").unlink()
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    again = ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert "holds this sweep's results already" in said(again) and "nothing to do" in said(again), said(again)
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
+    other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
+    assert other.exit_code == 2 and "holds the results of another sweep" in said(other), said(other)
+
+
 def test_a_run_that_stopped_before_any_result_may_be_started_again_otherwise(store, tmp_path):
     """Only config.json there (the run died before its first epoch): a changed command may start afresh."""
     out = tmp_path / "run"
@@ -1259,6 +1295,22 @@ def test_layers_all_sweeps_every_cached_layer_and_a_bad_layer_is_named_once(stor
     assert sorted(row["layer"] for row in leaderboard(tmp_path / "file").values()) == ["3", "6"]
 
 
+def test_parts_that_differ_are_told_what_differs():
+    """Not "another sweep" alone: the values there and here, and a changed store said to be one (the
+    same arguments, after `extract --retry-failed`, are not the fix)."""
+    part = {"store_key": "k1", "sweep": {"heads": {"ep": {}}, "lrs": [0.001], "configs": ["a", "b"]},
+            "training": {"epochs": 4, "store_key": "k1"}}
+    other_lr = part | {"sweep": {"heads": {"ep": {}}, "lrs": [0.003], "configs": ["c", "d"]}}
+    assert report_module.part_differences(part, other_lr) == ("lrs [0.001] there, [0.003] here", False)
+    reordered = part | {"sweep": part["sweep"] | {"configs": ["b", "a"]}}
+    assert report_module.part_differences(part, reordered)[0].startswith("the same configurations in another order")
+    fewer = part | {"sweep": part["sweep"] | {"configs": ["a"]}}
+    assert report_module.part_differences(part, fewer, "in 1", "in 2")[0] == "2 configurations in 1, 1 in 2 (one not in both: b)"
+    new_store = part | {"store_key": "k2", "training": {"epochs": 4, "store_key": "k2"}}
+    words, store = report_module.part_differences(part, new_store)
+    assert store and words == "the store (another one, or the same path changed since, e.g. by --retry-failed)"
+
+
 def test_a_job_array_into_a_run_of_another_sweep_or_training_is_refused_at_submission(store, run, tmp_path, monkeypatch):
     """Every task would refuse the run directory when it starts, hours later in the queue."""
     from tokens.cli import app as cli
@@ -1270,7 +1322,7 @@ def test_a_job_array_into_a_run_of_another_sweep_or_training_is_refused_at_submi
     same = [*SWEEP, *FAST, "--data", "stream"]
     other_epochs = [*SWEEP, *FAST, "--epochs", "5"]
     result = slurm(*other_epochs, "--out", run, "--array", "1")
-    assert result.exit_code == 2 and f"{run} holds another training: every task would refuse it" in said(result), said(result)
+    assert result.exit_code == 2 and f"{run} holds another sweep (epochs 4 there, 5 here): every task would refuse it" in said(result), said(result)
     assert not (tmp_path / "job.sbatch").exists()
     result = slurm(*same, "--out", run, "--array", "1")  # the same sweep: its tasks resume it
     assert result.exit_code == 0 and (tmp_path / "job.sbatch").exists(), result.output
@@ -1279,7 +1331,7 @@ def test_a_job_array_into_a_run_of_another_sweep_or_training_is_refused_at_submi
     parts = tmp_path / "parts"
     ok("probe", store, "--heads", "linear", "--seeds", "0,1", *FAST, "--out", parts, "--part", "1/2")
     result = slurm("--heads", "linear,mean", "--seeds", "0,1", *FAST, "--out", parts, "--array", "2")
-    assert result.exit_code == 2 and f"{parts / 'part-1-of-2'} holds another sweep" in said(result), said(result)
+    assert result.exit_code == 2 and f"{parts / 'part-1-of-2'} holds another sweep (heads {{'linear': {{}}}} there, {{'linear': {{}}, 'mean': {{}}}} here)" in said(result), said(result)
 
 
 def test_a_part_past_the_sweeps_end_notes_it_and_the_report_is_complete(store, tmp_path):

@@ -410,12 +410,24 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     (["--after", "12;echo"], "is not a SLURM after (e.g. 1234,1235)"),
     (["--account", "proj\n#SBATCH --x"], "is not a SLURM account (e.g. proj42)"),
     (["--constraint", "h100 ;id"], "is not a SLURM constraint (e.g. h100|a100)"),
+    (["--gpus", "0", "--device", "cuda"], "--device cuda needs a GPU, and with --gpus 0 the tasks have none"),
+    (["--gpus", "0", "--data", "gpu"], "--data gpu needs a GPU, and with --gpus 0 the tasks have none"),
 ])
 def test_sbatch_settings_that_cannot_be_are_refused_before_a_script_is_written(tmp_path, monkeypatch, args, message):
     """They are written into #SBATCH lines: a newline in one would add a line the shell runs."""
     monkeypatch.chdir(tmp_path)
     output = refused_at_submission("probe", "later.zarr", "--out", "r", "--array", "2", *args)
     assert message in " ".join(output.split()), output
+
+
+@pytest.mark.parametrize("folder", ["exp%j 50%", "back\\slash"])
+def test_a_folder_sbatch_would_read_otherwise_is_refused(tmp_path, monkeypatch, folder):
+    """sbatch drops a backslash from #SBATCH --chdir even inside quotes, and expands %j in the log
+    path: the tasks would fail to launch, with their error only in slurmd's log."""
+    (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / folder)
+    output = " ".join(refused_at_submission("probe", "later.zarr", "--out", "r", "--array", "2").split())
+    assert "sbatch cannot take a folder whose path holds" in output and "run tokens slurm from another folder" in output, output
 
 
 def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp_path, monkeypatch):

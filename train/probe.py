@@ -216,7 +216,7 @@ def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinishe
             theirs, trained_on = fields(earlier), earlier["training"].get("unfinished")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        why = [f"holds another {' and '.join(name for name in mine if theirs[name] != mine[name])}"] if theirs != mine else []
+        why = [f"holds another sweep ({report.part_differences(theirs, mine)[0]})"] if theirs != mine else []
         if trained_on and not allow_incomplete:
             why.append("was trained on the store unfinished, which needs --allow-incomplete")
         elif trained_on and trained_on != unfinished:
@@ -293,10 +293,11 @@ def check_other_parts(out: Path, record: dict):
             theirs = report.part_fields(json.loads((other / "config.json").read_text()))
         except (OSError, ValueError):  # no readable record: nothing to compare with
             continue
-        differ = [name for name in mine if theirs[name] != mine[name]]
-        if differ:
-            raise SweepError(f"{other} ran another {' and '.join(differ)}: this part would not be comparable with it; "
-                             f"run every part with the same arguments, or use another --out", "--out")
+        if theirs != mine:
+            differ, store = report.part_differences(theirs, mine)
+            advice = (f"delete {other} to train it again on this store" if store else "run every part with the same arguments")
+            raise SweepError(f"{other} ran another sweep ({differ}): this part would not be comparable with it; "
+                             f"{advice}, or use another --out", "--out")
 
 
 def restore(state: dict, probes: list[Probe]) -> int:
@@ -391,7 +392,7 @@ def run(
     layers = list(store.layers) if multi else [l for l in store.layers if any(c.layer == l for c in configs)]
     with_cls = any(HEADS[c.head].uses_cls for c in configs)
     # a sweep of class-token heads (linear, mlp) on a store that has class tokens reads no token maps
-    with_tokens = not (train_split.num_prefix and all(HEADS[c.head].cls_only for c in configs))
+    with_tokens = not (train_split.class_token and all(HEADS[c.head].cls_only for c in configs))
     splits = {s.name: s for s in (train_split, valid_split, test_split)}
     mode, why = choose_mode(data, sum(split_bytes(s, layers, with_cls, with_tokens) for s in splits.values()), device)
     tqdm.write(why)
@@ -403,6 +404,10 @@ def run(
     saved = read_checkpoint(checkpoint, plan, task)
     if saved is None:
         check_no_other_results(out, plan)
+        if (out / "leaderboard.csv").exists():  # this sweep finished here, its checkpoint deleted since: nothing to resume
+            tqdm.write(f"{out} holds this sweep's results already (leaderboard.csv), and no checkpoint to score them "
+                       f"again from: nothing to do (delete {out} to train it again)")
+            return report.read_leaderboard(out / "leaderboard.csv")
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
               "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],

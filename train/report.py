@@ -413,6 +413,35 @@ def part_fields(record: dict) -> dict:
     return {"store_key": record.get("store_key"), "sweep": record.get("sweep"), "training": training}
 
 
+def part_differences(theirs: dict, mine: dict, there: str = "there", here: str = "here") -> tuple[str, bool]:
+    """What differs between two records of part_fields, in words ("lr [0.001] there, [0.003] here"),
+    and whether the store is among it (then the advice is not "the same arguments": a store at the
+    same path changes key when it is extracted again, or with --retry-failed)."""
+    words, store = [], theirs.get("store_key") != mine.get("store_key")
+    if store:
+        words.append("the store (another one, or the same path changed since, e.g. by --retry-failed)")
+    for group in ("sweep", "training"):
+        theirs_now, mine_now = theirs.get(group) or {}, mine.get(group) or {}
+        keys = [k for k in dict.fromkeys([*theirs_now, *mine_now]) if k != "store_key" and theirs_now.get(k) != mine_now.get(k)]
+        if "configs" in keys and len(keys) > 1:  # the list of configurations follows from what else differs
+            keys.remove("configs")
+        words += [_configs_differ(theirs_now.get(key) or [], mine_now.get(key) or [], there, here) if key == "configs" else
+                  f"{key} {_brief(theirs_now.get(key))} {there}, {_brief(mine_now.get(key))} {here}" for key in keys]
+    return "; ".join(words), store
+
+
+def _configs_differ(theirs: list, mine: list, there: str, here: str) -> str:
+    if sorted(theirs) == sorted(mine):
+        return "the same configurations in another order (heads or values given in another order), so split into other parts"
+    extra = next((c for c in mine if c not in theirs), None) or next(c for c in theirs if c not in mine)
+    return f"{len(theirs)} configurations {there}, {len(mine)} {here} (one not in both: {extra})"
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_parts_agree(run: Path):
     """Parts of one split sweep (RUN/part-I-of-N/) must have run the same sweep on the same store
     with the same training: a part resubmitted after an edit of the sweep would otherwise be
@@ -427,10 +456,10 @@ def check_parts_agree(run: Path):
         if first is None:
             first = (part, shown)
             continue
-        differ = [field for field in shown if shown[field] != first[1][field]]
-        if differ:
-            raise ValueError(f"{part} ran another {' and '.join(differ)} than {first[0].name}: its results are not "
-                             f"comparable; rerun it with the same arguments as the other parts")
+        if shown != first[1]:
+            differ, store = part_differences(first[1], shown, f"in {first[0].name}", f"in {part.name}")
+            raise ValueError(f"{part} differs from {first[0].name} ({differ}): their results are not comparable; "
+                             + ("train the parts again on one store" if store else "rerun it with the same arguments as the other parts"))
 
 
 def saved_head(leaderboard: Path, row: dict) -> Path | None:
