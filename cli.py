@@ -201,6 +201,9 @@ def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, 
 
 
 def _terminated(signum, frame):
+    # One is enough: a second (SLURM signals every process of a job, a user may send another) would
+    # cut short the cleanup that writes the shards in hand and stops the decoding workers.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -863,7 +863,10 @@ def _stop_workers(batches):
     error path: the traceback keeps it alive (in a notebook, for as long as the error is kept),
     and so does an error raised by the iterator itself, through its frame."""
     if batches is not None and hasattr(batches, "_shutdown_workers"):  # only the multi-process iterator has workers
-        batches._shutdown_workers()
+        try:
+            batches._shutdown_workers()
+        except RuntimeError:  # torch's SIGCHLD handler: workers killed by the SIGTERM that SLURM sends every process of a job
+            pass  # (their shutdown is done all the same: torch forgets them and terminates what is left in a finally)
 
 
 @dataclass

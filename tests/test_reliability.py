@@ -254,6 +254,41 @@ def test_killed_extraction_resumes_to_the_uninterrupted_store(clips, tmp_path, h
     assert_verify_passes(store)
 
 
+# `tokens extract` with two decoding workers, the first of which sends SIGTERM to the whole process
+# group at its third item, as SLURM does to every process of a job at its time limit.
+TERMINATED_GROUP = """
+    import os, signal, sys
+    import tokens.extract.run as run
+    import torch
+    load, calls = run.load_window, []
+    def load_then_terminate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and torch.utils.data.get_worker_info().id == 0:
+            os.killpg(0, signal.SIGTERM)
+        return load(*args, **kwargs)
+    run.load_window = load_then_terminate
+    from tokens.cli import main
+    sys.argv = ["tokens", "extract", *sys.argv[1:]]
+    main()
+"""
+
+
+def test_sigterm_to_the_whole_job_stops_as_ctrl_c_does(clips, tmp_path):
+    """The main process writes the shards in hand, says what is kept, and exits 130, rather than
+    failing on torch's 'DataLoader worker killed' as the signal kills its workers too; the same
+    command then finishes the store."""
+    dataset, reference = clips
+    store = tmp_path / "terminated.zarr"
+    proc = spawn(TERMINATED_GROUP, dataset, "--store", store, "-l", "all", "--batch-size", "3", "--shard-size", "2",
+                 "--num-workers", "2", "-o", f"window_seconds={WINDOW}", "-q",
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: the shards already complete" in " ".join(err.split()) and "Traceback" not in err, err
+    run_extract(dataset, store, backbone_options={"window_seconds": WINDOW})
+    assert_same_store(reference, store)
+
+
 # --- interruption: probe sweep -----------------------------------------------------------------------
 
 SWEEP = ["--heads", "linear,ep", "--option", "ep.num_queries=4", "--seeds", "0,1", "--epochs", "4",
