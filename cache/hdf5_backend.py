@@ -163,6 +163,8 @@ class HDF5Handle:
                 self._datasets[key] = self.file[key]
             except KeyError as error:
                 raise StoreError(f"{self.path}: dataset {key} is missing") from error
+            except RuntimeError as error:  # HDF5's own structures damaged
+                raise StoreError(f"{self.path}: dataset {key} cannot be found in the file ({error}): the file is damaged") from error
         return self._datasets[key]
 
     def complete(self, split: str, num_shards: int) -> np.ndarray:

@@ -318,6 +318,34 @@ def _zarr_store_at(path: Path) -> bool:
         return False
 
 
+# What every store's metadata holds, and of what type: a field missing or mistyped (a hand edit) is
+# named at opening, not met as a KeyError wherever it is first read.
+META_TYPES = {"backbone": str, "backbone_config": dict, "frontend": dict, "layers": list, "final_norm": bool,
+              "dtype": str, "grid": list, "dim": int, "num_prefix": int, "task": str, "classes": list,
+              "splits": dict, "masked": bool, "shard_size": int, "cache_key": str}
+
+
+TYPE_WORDS = {str: "text", dict: "a mapping", list: "a list", int: "a whole number", bool: "true or false"}
+
+
+def check_meta(meta: dict):
+    """Raise StoreError saying which field of a store's metadata is missing, mistyped or impossible."""
+    for name, kind in META_TYPES.items():
+        if name not in meta:
+            raise StoreError(f"has no {name!r}")
+        value = meta[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise StoreError(f"gives {name!r} as {value!r}, not {TYPE_WORDS[kind]}")
+    problems = [f"'dtype' {meta['dtype']!r} is none of {', '.join(DTYPES)}"] * (meta["dtype"] not in DTYPES)
+    problems += [f"'task' {meta['task']!r} is neither multilabel nor multiclass"] * (meta["task"] not in ("multilabel", "multiclass"))
+    problems += ["'grid' is not two positive numbers"] * (len(meta["grid"]) != 2 or not all(isinstance(g, int) and g > 0 for g in meta["grid"]))
+    problems += [f"'{name}' is {meta[name]} (it must be positive)" for name in ("dim", "shard_size") if meta[name] < 1]
+    problems += ["'splits' does not give each split's number of items"] * (
+        not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in meta["splits"].values()))
+    if problems:
+        raise StoreError("; ".join(problems))
+
+
 class TokenStore:
     """An open store: store-level metadata and its splits."""
 
@@ -337,6 +365,13 @@ class TokenStore:
                 f"{self.path}: schema version {self.meta.get('schema_version')!r} is not "
                 f"{SCHEMA_VERSION}; this store was written by another version of tokens"
             )
+        try:
+            check_meta(self.meta)
+        except StoreError as error:
+            self._handle.close()
+            where = self.path / "zarr.json" if self.format == "zarr" else f"{self.path} (its 'meta' attribute)"
+            raise StoreError(f"{where}: the store's metadata {error}: it was edited or damaged; restore it, or "
+                             "extract the store again") from None
         self.splits = {name: Split(self, name, n) for name, n in self.meta["splits"].items()}
         self.closed = False
 
@@ -670,6 +705,7 @@ class Split:
         if not indices.size:  # the backends' reads assume at least one item
             return out
         if name not in self._raw:
+            self._check_array(name, (self.num_items, *item_shape), out.dtype)
             self._raw[name] = self._h.raw_layout(self.name, name, self.num_items, self.shard_size)
         raw = self._raw[name]
         if raw is None:  # compressed: let the library decode
@@ -678,6 +714,14 @@ class Split:
         else:
             raw.read_into(indices, out)
         return out
+
+    def _check_array(self, name: str, shape: tuple, dtype: np.dtype):
+        """Refuse an array that the metadata describes otherwise (a hand edit of either): its bytes
+        would be read as another dtype or shape without a sign."""
+        array = self._h.array(self.name, name) if self.store.format == "zarr" else self._h.dataset(self.name, name)
+        if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
+            raise StoreError(f"{self.store.path}: {self.name}/{name} holds {tuple(array.shape)} {np.dtype(array.dtype)}, the "
+                             f"store's metadata says {shape} {np.dtype(dtype)}: one of them was changed; run `tokens verify`")
 
     def column(self, name: str, indices=None) -> np.ndarray:
         """A per-item column (labels, ids, sources, offsets, durations or errors), whole (unwritten
@@ -700,6 +744,12 @@ class Split:
             rows = self._h.read_rows(self.name, name, indices[order])
             data = np.empty_like(rows)
             data[order] = rows
+        if name == "labels":
+            expected = column_layout(len(data), self.store.task, len(self.store.classes))["labels"][0]
+            if data.shape != expected:
+                held = f"{data.shape[1]} classes an item" if data.ndim == 2 else "one class index an item"
+                raise StoreError(f"{self.store.path}: {self.name}'s labels hold {held}, the store's metadata says "
+                                 f"{self.store.task} over {len(self.store.classes)} classes: one of them was changed; run `tokens verify`")
         if name == "labels" and (outside := labels_outside(data, len(self.store.classes))).any():
             allowed = "0/1" if data.ndim == 2 else f"0..{len(self.store.classes) - 1}"
             raise StoreError(f"{self.store.path}: {self.name} item {int(indices[np.flatnonzero(outside)[0]])} has labels "

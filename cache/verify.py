@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore, labels_outside, ranges
+from tokens.cache.store import STORAGE_DTYPE, DamagedShard, StoreError, TokenStore, column_layout, labels_outside, ranges
 
 COLUMNS = ("ids", "sources", "durations", "offsets", "errors", "labels")
 
@@ -34,11 +34,14 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
         names = [f"tokens/{layer}" for layer in split.layers]
         names += [f"prefix/{layer}" for layer in split.layers] if split.num_prefix else []
         expected_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
-        for name in names:
+        labels_shape, labels_dtype = column_layout(split.num_items, store.task, len(store.classes))["labels"]
+        for name in [*names, "labels"]:
             array = split._h.array(split.name, name) if store.format == "zarr" else split._h.dataset(split.name, name)
             expected = (split.num_items, split.num_tokens if name.startswith("tokens") else split.num_prefix, split.dim)
-            if tuple(array.shape) != expected or np.dtype(array.dtype) != expected_dtype:
-                report.problems.append(f"{split.name}/{name}: shape {tuple(array.shape)} {array.dtype}, expected {expected} {expected_dtype}")
+            expected, dtype = (labels_shape, np.dtype(labels_dtype)) if name == "labels" else (expected, expected_dtype)
+            if tuple(array.shape) != expected or np.dtype(array.dtype) != dtype:
+                report.problems.append(f"{split.name}/{name}: shape {tuple(array.shape)} {array.dtype}, expected {expected} {dtype}"
+                                       + (f" ({store.task} over {len(store.classes)} classes)" if name == "labels" else ""))
         columns = [*COLUMNS, *(["mask"] if split.masked else [])]
         missing_set = set(missing)  # once, not per shard: a large store has tens of thousands
         complete = [s for s in range(split.num_shards) if s not in missing_set]

@@ -321,7 +321,10 @@ class ZarrHandle:
         return self.path / split / name / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))
 
     def complete(self, split: str, num_shards: int) -> np.ndarray:
-        return self.array(split, "complete")[:].astype(bool)
+        try:
+            return self.array(split, "complete")[:].astype(bool)
+        except DECODING_ERRORS as error:  # a flag file emptied or overwritten: named, as other files are
+            raise self._undecodable(split, "complete", range(num_shards), error) from error
 
     def mark_incomplete(self, split: str, shard: int):
         """Its complete flag is a file of its own: without it the flag reads as zarr's fill value, 0."""

@@ -415,6 +415,70 @@ def test_damaged_zarr_metadata_is_named_not_a_traceback(tmp_path, where, text):
             store.split("train").read_tokens(1, [0])
 
 
+def edit_meta(path, fmt: str, change):
+    """Apply `change` to the store's metadata dict in place, as a hand edit would."""
+    if fmt == "zarr":
+        record = json.loads((path / "zarr.json").read_text())
+        change(record["attributes"])
+        (path / "zarr.json").write_text(json.dumps(record))
+    else:
+        with h5py.File(path, "r+") as f:
+            meta = json.loads(f.attrs["meta"])
+            change(meta)
+            f.attrs["meta"] = json.dumps(meta)
+
+
+@pytest.mark.parametrize("fmt, suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("shard_size"), "has no 'shard_size'"),
+    (lambda m: m.update(splits=["train", "test"]), "gives 'splits' as ['train', 'test'], not a mapping"),
+    (lambda m: m.update(dim=True), "gives 'dim' as True, not a whole number"),
+    (lambda m: m.update(dtype="int8"), "'dtype' 'int8' is none of float16, bfloat16, float32"),
+])
+def test_store_metadata_edited_by_hand_is_named_at_opening(tmp_path, fmt, suffix, change, message):
+    """A missing or mistyped field was a KeyError or AttributeError wherever it was first read."""
+    path = tmp_path / f"s{suffix}"
+    fill(path, make_spec(), fmt)
+    edit_meta(path, fmt, change)
+    where = path / "zarr.json" if fmt == "zarr" else f"{path} (its 'meta' attribute)"
+    with pytest.raises(StoreError, match=re.escape(f"{where}: the store's metadata {message}")):
+        open_store(path)
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code != 0 and message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize("fmt, suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_metadata_that_disagrees_with_the_arrays_is_refused_before_a_read(tmp_path, fmt, suffix):
+    """Other classes or task than the labels hold, or another dtype than the tokens', would train on
+    the wrong targets or read float16 bits as bfloat16 without a sign."""
+    path = tmp_path / f"s{suffix}"
+    fill(path, make_spec(), fmt)
+    edit_meta(path, fmt, lambda m: m.update(classes=["a", "b"]))
+    with open_store(path) as store:
+        assert "train/labels: shape (37, 3) uint8, expected (37, 2) uint8 (multilabel over 2 classes)" in verify(store, progress=False).problems
+    with open_store(path) as store, pytest.raises(StoreError, match="train's labels hold 3 classes an item, the store's "
+                                                                     "metadata says multilabel over 2 classes"):
+        store.split("train").column("labels")
+    edit_meta(path, fmt, lambda m: m.update(classes=CLASSES, task="multiclass"))
+    with open_store(path) as store, pytest.raises(StoreError, match="says multiclass over 3 classes"):
+        store.split("train").column("labels", [0, 1])
+    edit_meta(path, fmt, lambda m: m.update(task="multilabel", dtype="bfloat16"))
+    with open_store(path) as store, pytest.raises(StoreError, match=r"train/tokens/1 holds \(37, 8, 6\) float16, the store's "
+                                                                     r"metadata says \(37, 8, 6\) uint16"):
+        store.split("train").read_tokens(1, [0])
+
+
+def test_an_emptied_completion_flag_is_named(tmp_path):
+    path = tmp_path / "s.zarr"
+    fill(path, make_spec())
+    with open_store(path) as store:
+        flag = store.split("train")._h.chunk_file("train", "complete", 3)
+    flag.write_bytes(b"")
+    with pytest.raises(StoreError, match=re.escape(str(flag))):
+        with open_store(path) as store:
+            store.split("train").complete_mask()
+
+
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
 def test_labels_no_writer_stores_are_named_by_verify_and_refused_by_training(tmp_path, task):
     path = tmp_path / "s.zarr"
