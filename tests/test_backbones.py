@@ -613,7 +613,9 @@ def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any
              ("vit_tiny_patch16_224", {"beit3.encoder.embed_positions.A.weight": torch.zeros(579, 192)}, "has 577 positions"),
              ("vit_tiny_patch16_224", {"beit3.vision_embed.proj.weight": torch.zeros(192, 3, 32, 32)}, r"patches of \(32, 32\)"),
              # DeiT-III keeps no position for the class token: not timm's reshape error
-             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 196, 192)}, "no slot for prefix tokens .*deit3_")]
+             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 196, 192), "cls_token": torch.zeros(1, 1, 192)},
+              "no slot for prefix tokens.*a class token with no position of its own .*deit3_"),
+             ("vit_tiny_patch16_224", {"pos_embed": torch.zeros(1, 196, 192)}, "no slot for prefix tokens.*no class token \\(as SigLIP's")]
     for model_name, state, message in cases:
         torch.save(state, tmp_path / "c.pth")
         with pytest.raises(CheckpointError, match=message):

@@ -158,8 +158,11 @@ def check_geometry(path, state: dict, model, positions_resampled: bool):
     if positions is not None and not positions_resampled:
         slots, patches = positions.shape[-2] - POSITION_OFFSETS.get(name, 0), model.patch_embed.num_patches
         if slots == patches and model.num_prefix_tokens and not model.no_embed_class:
-            raise CheckpointError(f"{path}: its position embedding has no slot for prefix tokens (as DeiT-III's), this model's "
-                                  f"has {model.num_prefix_tokens}: give the timm model of its kind (e.g. deit3_*)")
+            kind = ("a class token with no position of its own (as DeiT-III's): give the timm model of its kind (e.g. deit3_*)"
+                    if _find(tensors, CLASS_TOKENS) is not None else
+                    "no class token (as SigLIP's or a *_gap_* model's): give the timm model of its kind")
+            raise CheckpointError(f"{path}: its position embedding has no slot for prefix tokens, this model's has "
+                                  f"{model.num_prefix_tokens}; the checkpoint has {kind}")
         if slots - patches not in {0, 1, model.num_prefix_tokens}:
             rows, columns = model.patch_embed.grid_size
             raise CheckpointError(f"{path}: its position embedding has {slots} positions, not this model's {rows}x{columns} "
