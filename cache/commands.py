@@ -89,6 +89,8 @@ def render(info: dict) -> str:
         lines.append(f"from       {made['dataset']}" + (f" on {made['host']}" if made.get("host") else ""))
     if made.get("argv"):
         lines.append(f"command    {shlex.join(made['argv'])}")
+    if made.get("versions"):
+        lines.append(f"versions   {', '.join(f'{name} {version}' for name, version in made['versions'].items())}")
     return "\n".join(lines)
 
 

@@ -79,13 +79,13 @@ def extract(
 
     Example: tokens extract data/manifest.csv --store as20k-eat.zarr -b eat -c EAT-base.pt --allow-pickle -l all
     """
-    from tokens.extract.run import ExtractionError, extract as run_extract
-
     try:
         part_of_work = resolve_part(part or shard)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--part") from None
     try:
+        from tokens.extract.run import ExtractionError, extract as run_extract  # torch: seconds to import, inside the Ctrl-C handling
+
         result = run_extract(
             dataset, store, backbone=backbone, checkpoint=checkpoint, allow_pickle=allow_pickle,
             backbone_options=parse_backbone_options(backbone_option), layers=parse_layers(layers), final_norm=final_norm,
@@ -93,15 +93,15 @@ def extract(
             device=device, num_workers=num_workers, part=part_of_work, strict=strict, retry_failed=retry_failed, dry_run=dry_run, progress=not quiet,
             log=typer.echo,
         )
-    except (ManifestError, StoreError, ExtractionError, ValueError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # first: an interrupt during the import leaves ExtractionError undefined
         from tokens.cache.store import store_exists
 
         kept = f"the shards already complete in {store} are kept; " if store_exists(store) else ""
         typer.echo(f"\ninterrupted: {kept}run the same command again to go on", err=True)
         raise typer.Exit(130) from None
+    except (ManifestError, StoreError, ExtractionError, ValueError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
     if dry_run:
         _print_plan(result, part_of_work)
         return

@@ -10,6 +10,7 @@ next batches compute.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import queue
 import socket
@@ -896,6 +897,19 @@ def _unit(key: tuple[str, int], shard_size: int) -> tuple[str, int]:
     return split, index // shard_size
 
 
+# Libraries whose versions can change the tokens: kernels, front-ends, timm's and transformers' models
+# and transforms, Pillow's resampling, audio decoding.
+TOKEN_LIBRARIES = ("torch", "torchaudio", "timm", "transformers", "pillow", "soundfile", "torchcrepe")
+
+
 def provenance() -> dict:
-    """Who made the store and how: kept in the store, outside the cache key."""
-    return {"host": socket.gethostname(), "argv": sys.argv, "torch": torch.__version__}
+    """Who made the store and how, with the versions of the libraries that shape its tokens (those
+    installed): kept in the store, outside the cache key, so that a resume under an upgrade is
+    allowed but can be told."""
+    versions = {}
+    for package in TOKEN_LIBRARIES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"host": socket.gethostname(), "argv": sys.argv, "torch": torch.__version__, "versions": versions}

@@ -1,6 +1,7 @@
 """`tokens extract` end to end with the real CREPE weights: stored tokens equal a direct forward pass,
 bad items are recorded, interrupted runs resume to the same store, other configurations are refused."""
 
+import importlib.metadata
 import multiprocessing
 import os
 import re
@@ -512,6 +513,21 @@ def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
     assert again.exit_code == 0 and "already complete)" in again.output, again.output
 
 
+def test_ctrl_c_while_the_command_imports_torch_says_so(dataset, tmp_path, monkeypatch):
+    """The first seconds of `tokens extract` go to importing torch: an interrupt then said nothing."""
+    import importlib.abc
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "tokens.extract.run":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "tokens.extract.run")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(tmp_path / "s.zarr"), "-q"])
+    assert result.exit_code == 130 and "interrupted: run the same command again to go on" in result.output, result.output
+
+
 def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_path, monkeypatch):
     import tokens.cache.store as store_module
 
@@ -600,6 +616,7 @@ def test_cli_dry_run_and_info(dataset, tmp_path):
     info = CliRunner().invoke(app, ["info", str(store_path)])
     assert "crepe-tiny" in info.output and "complete" in info.output
     assert f"from       {dataset} on " in info.output and "command    " in info.output, info.output  # provenance
+    assert f"versions   torch {importlib.metadata.version('torch')}, torchaudio " in info.output and "torchcrepe " in info.output, info.output
     inside = CliRunner().invoke(app, ["info", str(store_path / "train")])
     assert inside.exit_code == 2 and f"it lies inside the store {store_path}: give that path" in inside.output, inside.output
     bad = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(store_path), "--layers", "x"])

@@ -1277,6 +1277,24 @@ def test_two_copies_of_a_part_save_their_checkpoints_side_by_side(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+def test_a_run_killed_while_it_saves_a_best_head_leaves_the_old_one_whole(store, run, tmp_path, monkeypatch):
+    """A finished run scored again (its checkpoint kept) rewrites best/HEAD.pt: aside, then renamed."""
+    out = tmp_path / "again"
+    shutil.copytree(run, out)
+    before = {p.name: p.read_bytes() for p in (out / "best").iterdir()}
+    save = torch.save
+
+    def killed_half_way(obj, path, *args, **kwargs):
+        if "best" in str(path):
+            Path(path).write_bytes(b"half a head")
+            raise KeyboardInterrupt
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    assert invoke("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out).exit_code == 130
+    assert {p.name: p.read_bytes() for p in (out / "best").iterdir()} == before  # no half-written head, no temporary file
+
+
 def test_layers_all_sweeps_every_cached_layer_and_a_bad_layer_is_named_once(store, tmp_path):
     """`--layers all` reads as extract's: each cached layer, one configuration each."""
     ok("probe", store, "--heads", "linear", "--layers", "all", "--seeds", "0", *FAST, "--out", tmp_path / "all")

@@ -154,10 +154,16 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
             for p in probes
         ],
     }
-    # A name of its own: a part resubmitted while its old task still runs saves beside it.
+    save_aside(state, path)
+
+
+def save_aside(obj, path: Path):
+    """torch.save into a file of its own beside `path`, then renamed into place: a run killed
+    meanwhile leaves the old file whole, and a part resubmitted while its old task still runs
+    saves beside it."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        torch.save(state, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -528,7 +534,7 @@ def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str]
     `layers`, the layers it reads, in order (a multi-layer head reads all the store's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = list(store_meta["layers"]) if HEADS[probe.config.head].multi_layer else [probe.config.layer]
-    torch.save({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "layers": layers, "task": task,
+    save_aside({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "layers": layers, "task": task,
                 "classes": list(classes), "store_key": row["store_key"], "state_dict": _state(probe.head),
                 "tokens": {name: store_meta.get(name) for name in TOKEN_FIELDS},
                 "metrics": {k: v for k, v in row.items() if k.startswith(("val_", "test_"))}}, path)
