@@ -598,6 +598,23 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     assert (tmp_path / "all" / "leaderboard.csv").exists()
 
 
+def test_a_report_says_which_configurations_lost_a_seed_to_divergence(run, tmp_path):
+    """One diverged seed makes a configuration's mean NaN, which keeps it from being selected: the
+    report says so rather than let it drop out without a word."""
+    rows = read_csv(run / "leaderboard.csv")
+    victim = next(r for r in rows if r["head"] == "ep" and r["seed"] == "1")
+    victim["val_map"] = victim["test_map"] = ""
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = ok("report", tmp_path / "run", "--out", tmp_path / "report")
+    config = victim["config"].rsplit("/seed=", 1)[0]
+    assert f"note: {config}: 1 of 2 seeds diverged (NaN validation map), so its mean is NaN and it is not selected" in said(result)
+    assert sum("seeds diverged" in line for line in result.output.splitlines()) == 1  # the others lost none
+
+
 def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, monkeypatch):
     """TF32 matrix products speed up a sweep on a GPU; the process's setting comes back after it, so
     that a later extraction in the same process (a notebook) is not run in TF32 unasked."""

@@ -365,6 +365,20 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(summary, key=_rank(f"val_{metric}_mean"))
 
 
+def diverged(rows: list[dict], metric: str) -> list[str]:
+    """Notes on configurations some of whose seeds diverged: their mean is NaN, so they are never
+    selected, and without a word they would just drop out of the selection."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_group(row), []).append(row)
+    notes = []
+    for (_, config, _), members in groups.items():
+        if bad := sum(not math.isfinite(m[f"val_{metric}"]) for m in members):
+            notes.append(f"{config}: {bad} of {len(members)} seeds diverged (NaN validation {metric}), so its mean is NaN "
+                         "and it is not selected")
+    return notes
+
+
 def mark_selected(summary: list[dict], metric: str):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
     validation metric (ties by configuration): model selection never looks at test. Trainings
@@ -558,6 +572,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
     mark_selected(summary, metric)
+    notes += diverged(rows, metric)
     heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
