@@ -44,6 +44,15 @@ def parse_backbone_options(pairs: list[str]) -> dict:
     return options
 
 
+def _interrupted(store: Path):
+    """Ctrl-C or SIGTERM: say what is kept and how to go on, and exit 130."""
+    from tokens.cache.store import store_exists
+
+    kept = f"the shards already complete in {store} are kept; " if store_exists(store) else ""
+    typer.echo(f"\ninterrupted: {kept}run the same command again to go on", err=True)
+    raise typer.Exit(130) from None
+
+
 def extract(
     dataset: Path = typer.Argument(
         ..., metavar="DATASET", help="A manifest (.csv or .jsonl with columns path, labels or label, split, optional id/start/end) "
@@ -83,9 +92,11 @@ def extract(
         part_of_work = resolve_part(part or shard)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--part") from None
+    try:  # torch takes seconds to import: an interrupt meanwhile is said as any other
+        from tokens.extract.run import ExtractionError, extract as run_extract
+    except KeyboardInterrupt:
+        _interrupted(store)
     try:
-        from tokens.extract.run import ExtractionError, extract as run_extract  # torch: seconds to import, inside the Ctrl-C handling
-
         result = run_extract(
             dataset, store, backbone=backbone, checkpoint=checkpoint, allow_pickle=allow_pickle,
             backbone_options=parse_backbone_options(backbone_option), layers=parse_layers(layers), final_norm=final_norm,
@@ -93,15 +104,11 @@ def extract(
             device=device, num_workers=num_workers, part=part_of_work, strict=strict, retry_failed=retry_failed, dry_run=dry_run, progress=not quiet,
             log=typer.echo,
         )
-    except KeyboardInterrupt:  # first: an interrupt during the import leaves ExtractionError undefined
-        from tokens.cache.store import store_exists
-
-        kept = f"the shards already complete in {store} are kept; " if store_exists(store) else ""
-        typer.echo(f"\ninterrupted: {kept}run the same command again to go on", err=True)
-        raise typer.Exit(130) from None
     except (ManifestError, StoreError, ExtractionError, ValueError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted(store)
     if dry_run:
         _print_plan(result, part_of_work)
         return

@@ -715,6 +715,9 @@ def extract(
                  for index in _shard_items(spec, split, shard)]
         if summary.shards_skipped:
             log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
+            if differ := library_changes(store.meta.get("extra", {}).get("versions"), spec.extra["versions"]):
+                log(f"note: the store was begun under {differ}: the shards written now will be made another way "
+                    "(allowed, as the cache key leaves library versions out; the store records the first run's)")
         for name in spec.splits:  # what a killed run left half-written of the shards this one writes
             store.split(name).discard_partial_writes(shard for split, shard in todo if split == name)
         if not items:
@@ -902,10 +905,18 @@ def _unit(key: tuple[str, int], shard_size: int) -> tuple[str, int]:
 TOKEN_LIBRARIES = ("torch", "torchaudio", "timm", "transformers", "pillow", "soundfile", "torchcrepe")
 
 
+def library_changes(before: dict | None, now: dict) -> str:
+    """'torch 2.10.0 (2.11.0 now), timm 1.0.30 (1.0.31 now)' for the libraries whose version differs
+    from a store's first run; '' when none does, or the store did not record them."""
+    if not before:
+        return ""
+    return ", ".join(f"{name} {version} ({now.get(name, 'none')} now)" for name, version in before.items() if now.get(name) != version)
+
+
 def provenance() -> dict:
     """Who made the store and how, with the versions of the libraries that shape its tokens (those
     installed): kept in the store, outside the cache key, so that a resume under an upgrade is
-    allowed but can be told."""
+    allowed, with a note (library_changes)."""
     versions = {}
     for package in TOKEN_LIBRARIES:
         try:

@@ -2,6 +2,7 @@
 bad items are recorded, interrupted runs resume to the same store, other configurations are refused."""
 
 import importlib.metadata
+import json
 import multiprocessing
 import os
 import re
@@ -513,19 +514,44 @@ def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
     assert again.exit_code == 0 and "already complete)" in again.output, again.output
 
 
+def test_a_resume_under_other_library_versions_says_so(dataset, tmp_path):
+    """They are not in the cache key (an upgrade may resume), but the shards written now are made
+    another way than those the store records the versions of."""
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path)
+    record = json.loads((store_path / "zarr.json").read_text())
+    record["attributes"]["extra"]["versions"]["torch"] = "2.10.0"
+    (store_path / "zarr.json").write_text(json.dumps(record))
+    said = []
+    run(dataset, store_path, log=said.append)
+    assert any(line.startswith("note: the store was begun under torch 2.10.0 (") for line in said), said
+    record["attributes"]["extra"]["versions"].pop("torch")
+    record["attributes"]["extra"].pop("versions")  # a store made before versions were recorded: nothing to say
+    (store_path / "zarr.json").write_text(json.dumps(record))
+    said.clear()
+    run(dataset, store_path, log=said.append)
+    assert said and not any("begun under" in line for line in said), said
+
+
 def test_ctrl_c_while_the_command_imports_torch_says_so(dataset, tmp_path, monkeypatch):
-    """The first seconds of `tokens extract` go to importing torch: an interrupt then said nothing."""
+    """The first seconds of `tokens extract` go to importing torch: an interrupt then said nothing.
+    Another failure of that import comes out as itself."""
     import importlib.abc
 
     class Interrupted(importlib.abc.MetaPathFinder):
+        error = KeyboardInterrupt()
+
         def find_spec(self, name, path, target=None):
             if name == "tokens.extract.run":
-                raise KeyboardInterrupt
+                raise self.error
 
     monkeypatch.delitem(sys.modules, "tokens.extract.run")
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
     result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(tmp_path / "s.zarr"), "-q"])
     assert result.exit_code == 130 and "interrupted: run the same command again to go on" in result.output, result.output
+    Interrupted.error = ImportError("broken torch")
+    result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(tmp_path / "s.zarr"), "-q"])
+    assert isinstance(result.exception, ImportError) and "broken torch" in str(result.exception)  # itself, not a NameError
 
 
 def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_path, monkeypatch):

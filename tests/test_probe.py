@@ -613,6 +613,15 @@ def test_a_report_says_which_configurations_lost_a_seed_to_divergence(run, tmp_p
     config = victim["config"].rsplit("/seed=", 1)[0]
     assert f"note: {config}: 1 of 2 seeds diverged (NaN validation map), so its mean is NaN and it is not selected" in said(result)
     assert sum("seeds diverged" in line for line in result.output.splitlines()) == 1  # the others lost none
+    other = [r | {"store_key": "0" * 16} for r in rows]  # the same on a second store: each note says which
+    (tmp_path / "other").mkdir()
+    with open(tmp_path / "other" / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(other)
+    result = ok("report", tmp_path / "run", tmp_path / "other", "--out", tmp_path / "both")
+    notes = [line for line in result.output.splitlines() if "seeds diverged" in line]
+    assert len(notes) == 2 and len(set(notes)) == 2 and any(" on 00000000: 1 of 2" in n for n in notes), notes
 
 
 def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, monkeypatch):

@@ -365,17 +365,21 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(summary, key=_rank(f"val_{metric}_mean"))
 
 
-def diverged(rows: list[dict], metric: str) -> list[str]:
+def diverged(rows: list[dict], metric: str, labels: dict[str, str]) -> list[str]:
     """Notes on configurations some of whose seeds diverged: their mean is NaN, so they are never
-    selected, and without a word they would just drop out of the selection."""
+    selected, and without a word they would just drop out of the selection. `labels`: store_key ->
+    the store's name, given where there are several stores; the training is named where there are
+    several."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(_group(row), []).append(row)
+    trainings = {training for _, _, training in groups}
     notes = []
-    for (_, config, _), members in groups.items():
+    for (store_key, config, training), members in groups.items():
         if bad := sum(not math.isfinite(m[f"val_{metric}"]) for m in members):
-            notes.append(f"{config}: {bad} of {len(members)} seeds diverged (NaN validation {metric}), so its mean is NaN "
-                         "and it is not selected")
+            where = (f" on {labels[store_key]}" if len(labels) > 1 else "") + (f" ({training})" if len(trainings) > 1 else "")
+            notes.append(f"{config}{where}: {bad} of {len(members)} seeds diverged (NaN validation {metric}), so its mean "
+                         "is NaN and it is not selected")
     return notes
 
 
@@ -572,10 +576,10 @@ def write_report(runs: list[Path], out: Path) -> str:
     write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
     summary = summarize(rows)
     mark_selected(summary, metric)
-    notes += diverged(rows, metric)
     heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
     labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
+    notes += diverged(rows, metric, labels)
     columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
                + ["store", "store_key", "training", "data_seeds", "saved_head"])
     write_csv(out / "report.csv", [r | {"store": labels[r["store_key"]]} for r in summary], columns)
