@@ -38,7 +38,7 @@ def describe(store: TokenStore) -> dict:
         "grid": meta["grid"],
         "num_tokens": meta["grid"][0] * meta["grid"][1],
         "num_prefix": meta["num_prefix"],
-        "class_token": meta.get("class_token", meta["num_prefix"] > 0),
+        "class_token": store.class_token,
         "layers": meta["layers"],
         "final_norm": meta["final_norm"],
         "precision": meta.get("precision"),  # None: a store made before it was recorded

@@ -372,6 +372,8 @@ class TokenStore:
             where = self.path / "zarr.json" if self.format == "zarr" else f"{self.path} (its 'meta' attribute)"
             raise StoreError(f"{where}: the store's metadata {error}: it was edited or damaged; restore it, or "
                              "extract the store again") from None
+        # stores made before it was recorded: a class token whenever there is a prefix
+        self.class_token = bool(self.meta.get("class_token", self.meta["num_prefix"] > 0))
         self.splits = {name: Split(self, name, n) for name, n in self.meta["splits"].items()}
         self.closed = False
 
@@ -536,7 +538,7 @@ class Split:
         self.num_tokens = self.grid[0] * self.grid[1]
         self.dim = int(meta["dim"])
         self.num_prefix = int(meta["num_prefix"])
-        self.class_token = bool(meta.get("class_token", self.num_prefix > 0))  # stores made before it was recorded: whenever there is a prefix
+        self.class_token = store.class_token
         self.layers = list(meta["layers"])
         self.dtype = meta["dtype"]
         self.masked = bool(meta["masked"])
@@ -715,10 +717,14 @@ class Split:
             raw.read_into(indices, out)
         return out
 
+    def array(self, name: str):
+        """The backend's array of `name` (a zarr Array or an h5py Dataset): its shape and dtype."""
+        return self._h.array(self.name, name) if self.store.format == "zarr" else self._h.dataset(self.name, name)
+
     def _check_array(self, name: str, shape: tuple, dtype: np.dtype):
         """Refuse an array that the metadata describes otherwise (a hand edit of either): its bytes
         would be read as another dtype or shape without a sign."""
-        array = self._h.array(self.name, name) if self.store.format == "zarr" else self._h.dataset(self.name, name)
+        array = self.array(name)
         if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
             raise StoreError(f"{self.store.path}: {self.name}/{name} holds {tuple(array.shape)} {np.dtype(array.dtype)}, the "
                              f"store's metadata says {shape} {np.dtype(dtype)}: one of them was changed; run `tokens verify`")

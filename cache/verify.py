@@ -36,7 +36,7 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
         expected_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
         labels_shape, labels_dtype = column_layout(split.num_items, store.task, len(store.classes))["labels"]
         for name in [*names, "labels"]:
-            array = split._h.array(split.name, name) if store.format == "zarr" else split._h.dataset(split.name, name)
+            array = split.array(name)
             expected = (split.num_items, split.num_tokens if name.startswith("tokens") else split.num_prefix, split.dim)
             expected, dtype = (labels_shape, np.dtype(labels_dtype)) if name == "labels" else (expected, expected_dtype)
             if tuple(array.shape) != expected or np.dtype(array.dtype) != dtype:

@@ -172,19 +172,31 @@ def expect_depth(path: str | Path, state: dict, depth: int, option: str | None =
                           f"(its first weights: {first}); is this a checkpoint of the right model?")
 
 
-def load_weights(module: torch.nn.Module, state: dict, path: str | Path, unused: tuple[str, ...] = ()) -> None:
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path, unused: tuple[str, ...] = (),
+                 token_path: tuple[str, ...] = ()) -> None:
     """Load every weight the module needs, checking shapes; keys it does not need (decoders, EMA
     teachers, classifier heads: parts of training we do not run) are ignored. `unused`: prefixes of
     the module's own weights that never touch the cached tokens, which a checkpoint may lack (a
     fine-tuned MAE has fc_norm instead of norm); the module keeps its own values there.
+    `token_path`: prefixes of keys that shape the tokens: a checkpoint's weights there that the
+    module has no place for (a qkv bias, layer scales, registers) are refused, as they come from
+    another variant whose tokens these would not be.
 
     The checkpoint's tensors become the module's (in its dtype), so a module built on the meta
     device, without paying for a random initialisation, comes out whole."""
-    own = {key: tensor for key, tensor in module.state_dict().items() if key in state or not key.startswith(unused)}
+    every = module.state_dict()
+    if left_out := [key for key in state if key not in every and key.startswith(token_path)]:
+        raise CheckpointError(f"{path}: weights {_some(left_out)} have no place in this model: a checkpoint of another variant "
+                              "(registers, a qkv bias, layer scale...); give the model of its kind")
+    own = {key: tensor for key, tensor in every.items() if key in state or not key.startswith(unused)}
     missing = [key for key in own if key not in state]
     if missing:
-        shown = ", ".join(repr(k) for k in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise CheckpointError(f"{path}: missing weights {shown}; is this a checkpoint of the right model?")
+        raise CheckpointError(f"{path}: missing weights {_some(missing)}; is this a checkpoint of the right model?")
     for key, tensor in own.items():
         expect(path, f"key {key!r}", "shape", tuple(tensor.shape), tuple(state[key].shape))
     module.load_state_dict({key: state[key].to(tensor.dtype) for key, tensor in own.items()}, assign=True, strict=not unused)
+
+
+def _some(keys: list[str]) -> str:
+    """The first four keys, and how many more."""
+    return ", ".join(repr(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")

@@ -79,9 +79,9 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path}: timm cannot convert it into {model_name}'s weights ({error})") from None
     expect_depth(path, state, len(model.blocks), option=None)
-    check_nothing_left_out(path, state, model, model_name, final_norm)
     # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
-    load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)))
+    load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)),
+                 token_path=TOKEN_WEIGHTS + (("norm.",) if final_norm else ()))
     data = resolve_data_config(model=model)
     if img_size:  # timm's config keeps the tag's size
         data["input_size"] = (3, img_size, img_size)
@@ -114,21 +114,8 @@ def _find(tensors: dict, names: tuple[str, ...], named: bool = False):
     return found if named else found[1]
 
 
-# Weights that shape the cached tokens: a checkpoint's weights of this kind that the model has no
-# place for (a qkv bias, layer scales, registers) come from another variant, whose tokens these are not.
+# Weights of timm's layout that shape the cached tokens (load_weights refuses those a model has no place for).
 TOKEN_WEIGHTS = ("blocks.", "patch_embed.", "norm_pre.", "cls_token", "reg_token", "dist_token", "pos_embed")
-
-
-def check_nothing_left_out(path, state: dict, model, model_name: str, final_norm: bool):
-    """Refuse a checkpoint (in timm's layout) with weights of the token path that the model lacks:
-    loading ignores weights a model has no place for, rightly for decoders and classifier heads,
-    but these would be dropped without a word and the tokens would not be the checkpoint's."""
-    own = model.state_dict()
-    left_out = [key for key in state if key not in own and key.startswith(TOKEN_WEIGHTS + (("norm.",) if final_norm else ()))]
-    if left_out:
-        shown = ", ".join(repr(k) for k in left_out[:4]) + (f" and {len(left_out) - 4} more" if len(left_out) > 4 else "")
-        raise CheckpointError(f"{path}: weights {shown} have no place in {model_name}: a checkpoint of another "
-                              "variant (registers, a qkv bias, layer scale...); give the timm model of its kind")
 
 
 def check_geometry(path, state: dict, model, positions_resampled: bool):
