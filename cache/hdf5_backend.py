@@ -21,13 +21,13 @@ import os
 import re
 import resource
 import threading
-import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from tokens.cache.store import STORAGE_DTYPE, STRING_COLUMNS, RawItems, StoreError, StoreSpec, column_layout, write_error
+from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, RawItems, StoreError, StoreSpec, build_aside, column_layout,
+                                write_error)
 
 CODECS = {"gzip": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}}
 STRING = h5py.string_dtype()
@@ -36,7 +36,7 @@ STRING = h5py.string_dtype()
 def create(path: Path, spec: StoreSpec):
     """Write the empty file aside, then link it into place: a racing creator finds it whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp = build_aside(path)
     storage = STORAGE_DTYPE[spec.dtype]
     S = spec.shard_size
     try:

@@ -13,12 +13,17 @@ shard in flight and a restarted one skips what is done.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import operator
 import os
+import re
+import shutil
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -99,6 +104,53 @@ def write_error(where, error: OSError, creating: bool = False) -> StoreError:
     else:
         advice = "shards already complete are kept; rerun the same command to resume once this is fixed"
     return StoreError(f"{where}: cannot write ({reason}): {advice}")
+
+
+# Files and folders are written aside and renamed into place. The name of what is written aside
+# says who writes it (host and process id), so that what a killed writer left is told from what a
+# live one (another task of a job array, on this host or another) is still writing.
+HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+STALE_SECONDS = 600  # something of another host's writer, unchanged this long, has lost its writer
+
+
+def writer() -> str:
+    """This process, as named in what it writes aside (a function: forked workers have their own pid)."""
+    return f"{HOST}-{os.getpid()}"
+
+
+def writer_gone(name: str, path: Path) -> bool:
+    """Whether the writer called `name` (see writer()) of `path` is gone: a process of this host that
+    no longer runs or, when that cannot be told (another host), a path unchanged for STALE_SECONDS."""
+    host, _, pid = name.rpartition("-")
+    if host == HOST and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process
+            return False
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > STALE_SECONDS
+    except FileNotFoundError:  # renamed into place meanwhile
+        return False
+
+
+def build_aside(path: Path) -> Path:
+    """Where a new store at `path` is built before it is renamed into place, beside it and hidden.
+
+    What killed builders left there for the same path (SIGKILL, a lost node) is deleted first, so
+    that their hidden leftovers do not pile up unseen.
+    """
+    built = re.compile(rf"\.{re.escape(path.name)}\.(?:([^.]+)\.)?[0-9a-f]{{32}}\.tmp")  # no writer: made before it was named
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        found = built.fullmatch(entry.name)
+        if found and writer_gone(found[1] or "", entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return path.parent / f".{path.name}.{writer()}.{uuid.uuid4().hex}.tmp"
 
 
 def check_writable(path: str | Path):

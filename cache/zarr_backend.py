@@ -13,9 +13,7 @@ import fcntl
 import os
 import re
 import shutil
-import socket
 import sys
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +24,7 @@ import zarr
 import zarr.codecs
 
 from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, NotAStore, RawItems, StoreError, StoreSpec,
-                                column_layout, store_exists, write_error)
+                                build_aside, column_layout, store_exists, write_error, writer, writer_gone)
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -35,8 +33,6 @@ CODECS = {
 }
 MISSING = np.uint64(2**64 - 1)
 PARTIAL = ".partial"  # shard files being written (see ZarrHandle._partial)
-_OWNER = socket.gethostname().replace(".", "_").replace("-", "_")  # in partial files' names
-STALE_SECONDS = 600  # a partial file of another host unchanged this long has lost its writer
 FAST_WRITES = {"write_empty_chunks": True}  # every chunk written, none checked for being all fill value
 
 
@@ -48,7 +44,7 @@ def create(path: Path, spec: StoreSpec):
     """
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp = build_aside(path)
     try:
         with _prompt_hand_offs():
             _build(tmp, spec)
@@ -221,16 +217,6 @@ def _write_direct(fd: int, parts: list) -> list:
     return [first[body:], *parts[1:]]
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _write_all(fd: int, data: memoryview):
     """os.write may write less than asked (a signal, a full disk): go on until all is written."""
     while data:
@@ -288,14 +274,14 @@ class ZarrHandle:
         """Where a shard's file is written before it is renamed into place: one folder for the whole
         store, so that what a killed writer left there is found without listing every chunk folder.
         The name says which process writes it (see discard_partial)."""
-        return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{_OWNER}-{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{writer()}.{uuid.uuid4().hex}.tmp"
 
     def discard_partial(self, split: str, shards: set[int]):
         """Delete what killed writers left half-written of these shards.
 
         A resubmitted task may start while the old one still writes the same shards: a file is
         deleted only when its writer is gone (a process of this host that no longer runs) or, when
-        that cannot be told (another host), when it has not changed for STALE_SECONDS.
+        that cannot be told (another host), when it has not changed for STALE_SECONDS (see store.writer_gone).
         """
         try:
             entries = list(os.scandir(self.path / PARTIAL))
@@ -305,15 +291,7 @@ class ZarrHandle:
             fields = entry.name.split(".")  # <shard>.<split>.<array...>.<host>-<pid>.<uuid>.tmp
             if len(fields) < 6 or fields[1] != split or not fields[0].isdigit() or int(fields[0]) not in shards:
                 continue
-            host, _, pid = fields[-3].rpartition("-")
-            if host == _OWNER and pid.isdigit():
-                abandoned = not _running(int(pid))
-            else:
-                try:
-                    abandoned = time.time() - entry.stat().st_mtime > STALE_SECONDS
-                except FileNotFoundError:  # renamed into place meanwhile
-                    continue
-            if abandoned:
+            if writer_gone(fields[-3], Path(entry.path)):
                 Path(entry.path).unlink(missing_ok=True)
 
     def chunk_file(self, split: str, name: str, shard: int) -> Path:

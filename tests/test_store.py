@@ -241,14 +241,43 @@ def test_creating_a_store_leaves_the_interpreters_switch_interval_as_it_was(tmp_
     assert sys.getswitchinterval() == before and not (tmp_path / "b.zarr").exists()
 
 
+def dead_pid() -> int:
+    """The process id of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("fmt, name", [("zarr", "s.zarr"), ("hdf5", "s.h5")])
+def test_what_killed_store_builders_left_is_cleared_by_the_next_creation(tmp_path, fmt, name):
+    """A store is built aside and renamed into place; a builder killed before the rename (SIGKILL,
+    a lost node) leaves its hidden build behind. Creating the store again deletes the builds of
+    gone writers for that path, and nothing else: not a live builder's, not another store's."""
+    from tokens.cache import store as store_module
+
+    old = time.time() - store_module.STALE_SECONDS - 60
+    gone = [f".{name}.{store_module.HOST}-{dead_pid()}.{'a' * 32}.tmp",
+            f".{name}.elsewhere-7.{'b' * 32}.tmp",  # another host's, silent for longer than STALE_SECONDS
+            f".{name}.{'c' * 32}.tmp"]  # named before builders were: a host that cannot be told
+    kept = [f".{name}.{store_module.writer()}.{'d' * 32}.tmp",  # this process: still building
+            f".{name}.elsewhere-8.{'e' * 32}.tmp",  # another host's, recent
+            f".{name}.x.{store_module.HOST}-{dead_pid()}.{'f' * 32}.tmp",  # the store s.zarr.x's
+            f".{name}.notes.tmp"]
+    for number, entry in enumerate(gone + kept):
+        (tmp_path / entry).mkdir() if number % 2 else (tmp_path / entry).write_bytes(b"torn")
+        if entry in gone[1:] or "notes" in entry or "x." in entry:
+            os.utime(tmp_path / entry, (old, old))
+    with create_or_open(tmp_path / name, make_spec(), fmt) as store:
+        assert store.split("train").complete_mask().tolist() == [False] * 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [name])
+
+
 def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
     """A resumed writer clears what a killed one left of the shards it will write again, and
     nothing of other shards or splits (other job-array tasks may be writing those), nor what a
     writer still running writes (a task resubmitted while the old one runs)."""
-    from tokens.cache import zarr_backend
+    from tokens.cache import store as store_module
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    me, gone = f"{zarr_backend._OWNER}-{os.getpid()}", f"{zarr_backend._OWNER}-{dead.stdout.strip()}"
+    me, gone = store_module.writer(), f"{store_module.HOST}-{dead_pid()}"
     path = tmp_path / "s.zarr"
     with create_or_open(path, make_spec()) as store:
         write_shards(store, "train", make_items(make_spec(), "train"), [0])
@@ -258,7 +287,7 @@ def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
                 f"1.test.ids.{gone}.f6.tmp", "notes"]
         for name in doomed + kept:
             (partial / name).write_bytes(b"torn")
-        old = time.time() - zarr_backend.STALE_SECONDS - 60
+        old = time.time() - store_module.STALE_SECONDS - 60
         os.utime(partial / doomed[1], (old, old))  # another host's writer, silent for longer than STALE_SECONDS
         store.split("train").discard_partial_writes([1])
         assert sorted(p.name for p in partial.iterdir()) == sorted(kept)
