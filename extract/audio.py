@@ -1,8 +1,9 @@
 """Decode one window of a recording as float32 mono at the encoder's sample rate.
 
 Only the window's frames are read (soundfile seeks), so an hour-long recording costs what its
-windows cost. A file that cannot give usable audio raises BadAudio: the extractor records the
-reason for that item and goes on with the rest.
+windows cost; but for lossy formats libsndfile's seeks are not exact, so those files are read from
+their start (see DECODED_FROM_START). A file that cannot give usable audio raises BadAudio: the
+extractor records the reason for that item and goes on with the rest.
 
 A WAV file cut short in its data still opens: libsndfile reports the frames that are there, and
 those are read like any other; only a window wholly past them fails. A file cut short in its
@@ -10,6 +11,8 @@ header does not open and fails.
 """
 
 import math
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +38,19 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
     if not path.is_file():
         raise BadAudio(f"file not found: {path}")
     try:
-        with sf.SoundFile(path) as f:
-            native = f.samplerate
-            if f.frames == 0:
+        reader = _reader_for(path, offset)
+        try:
+            native = reader.file.samplerate
+            if reader.file.frames == 0:
                 raise BadAudio("empty: the file holds no audio frames")
             start = round(offset * native)
-            if start >= f.frames:
-                raise BadAudio(f"offset {offset:g} s is not before the end of the file ({f.frames / native:g} s)")
-            f.seek(start)
-            audio = f.read(-1 if duration is None else round(duration * native), dtype="float32", always_2d=True)
+            if start >= reader.file.frames:
+                raise BadAudio(f"offset {offset:g} s is not before the end of the file ({reader.file.frames / native:g} s)")
+            audio = reader.read(start, None if duration is None else round(duration * native))
+        except BaseException:
+            reader.file.close()
+            raise
+        _keep(reader)
     except sf.SoundFileError as e:
         if "does not exist or is not a regular file" in str(e):  # libsndfile's words for data it cannot parse
             raise BadAudio(f"cannot decode: damaged, or not audio that libsndfile reads (a {path.suffix or 'suffix-less'} file)") from e
@@ -58,6 +65,69 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
         if duration is not None:  # both roundings, at the file's rate and at ours, can add a sample past the window
             mono = mono[:round(duration * sample_rate)]
     return mono
+
+
+# libsndfile's seeks are exact in uncompressed and lossless files, not in lossy ones: after a seek in
+# an MP3, its decoder (mpg123) gives wrong samples, without an error, for up to a third of a second of
+# tonal audio; in Ogg Vorbis a seek can land a block off (libsndfile issue #885). Windows of these,
+# and of the encodings that cannot seek at all (GSM 6.10, G.72x), are read from the file's start.
+# Each thread keeps the last such file open where its last read ended: the windows of a batch come
+# in order, so a long recording is decoded about once per DataLoader worker, not once per window.
+DECODED_FROM_START = ("MP3", "OGG")
+
+
+class _Reader:
+    """An open file and the frame it is at, read forward only unless it seeks exactly."""
+
+    def __init__(self, path: Path):
+        self.path, self.stat, self.pid = path, _identity(path), os.getpid()  # a forked child has its own
+        self.file = sf.SoundFile(path)
+        self.exact_seeks = self.file.seekable() and self.file.format not in DECODED_FROM_START
+        if not self.exact_seeks:
+            # SoundFile.read seeks to where it stopped after each read, and in an MP3 that seek alone
+            # gives wrong samples for a while. Told that the file cannot seek, it reads on without.
+            self.file._info.seekable = 0  # libsndfile's SF_FALSE
+        self.at = 0
+
+    def read(self, start: int, count: int | None) -> np.ndarray:
+        """`count` frames (None: to the end) from frame `start`, never before `self.at` in a file
+        read forward (see _reader_for)."""
+        if self.exact_seeks:
+            self.file.seek(start)
+        else:
+            for _ in self.file.blocks(blocksize=1 << 16, frames=start - self.at, dtype="float32"):
+                pass  # decoded and dropped, in blocks: an hour of audio is never held whole
+        if count is None:
+            count = -1 if self.exact_seeks else self.file.frames - start  # a file read forward needs a count
+        audio = self.file.read(count, dtype="float32", always_2d=True)
+        self.at = start + len(audio)
+        return audio
+
+
+_kept = threading.local()  # .reader: the last file read forward, in this thread
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _reader_for(path: Path, offset: float) -> _Reader:
+    """A reader of `path` that can reach `offset` seconds: the kept one where it can, else a new one."""
+    kept, _kept.reader = getattr(_kept, "reader", None), None
+    if kept is not None and kept.pid == os.getpid():
+        if kept.path == path and kept.at <= round(offset * kept.file.samplerate) and kept.stat == _identity(path):
+            return kept
+        kept.file.close()
+    return _Reader(path)
+
+
+def _keep(reader: _Reader):
+    """Keep a reader that reads forward for the next window; close any other."""
+    if reader.exact_seeks or reader.at >= reader.file.frames:
+        reader.file.close()
+    else:
+        _kept.reader = reader
 
 
 # torchaudio's resampler holds one filter per output phase: (rate / gcd) filters of (native / gcd)
