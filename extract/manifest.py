@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -139,10 +140,11 @@ def read_dataset(
     source = Path(source).absolute()
     columns, records, problems, notes = _read(source, store, modality)
     _check_columns(columns, modality, problems, notes)
-    root = (source if source.is_dir() else source.parent).resolve()
+    named = os.path.normpath(source if source.is_dir() else source.parent)  # through links, as the user knows it
+    root = Path(named).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
-        task, rows = _check(root, columns, records, classes, problems, notes, modality == "audio", window, bar)
+        task, rows = _check(root, named, columns, records, classes, problems, notes, modality == "audio", window, bar)
 
     names = list(classes) if classes is not None else sorted({name for row, _ in rows for name in row.labels})
     if rows and not names:
@@ -382,7 +384,7 @@ def _within(path: str, folder: str) -> bool:
 
 
 def _check(
-    root: Path, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str],
+    root: Path, named: str, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str],
     notes: list[str], audio: bool, window: float | None, bar: tqdm,
 ) -> tuple[str, list[tuple[_Row, list]]]:
     """The task and the rows without problems with their (offset, duration) windows; every problem
@@ -401,7 +403,7 @@ def _check(
         return "", []
     task = "multilabel" if "labels" in columns else "multiclass"
     known = None if classes is None else set(classes)
-    check = functools.partial(_check_records, root, task, known, audio, window)
+    check = functools.partial(_check_records, root, named, task, known, audio, window)
     chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
     workers = min(usable_cores(), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
     rows, cut = [], []
@@ -410,28 +412,42 @@ def _check(
     # The extractor's GPU warm-up thread may run meanwhile; the children only read file headers and
     # never touch CUDA, so no lock that thread holds is needed in them.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else nullcontext() as pool:
-        for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):
-            for row, row_problems, windows, past_the_end in chunk:
-                problems += [f"{row.where}: {p}" for p in row_problems]
-                if not row_problems:
-                    rows.append((row, windows))
-                if past_the_end:
-                    cut.append(f"{row.where}: {past_the_end}")
-            bar.update(len(chunk))
+    with (ProcessPoolExecutor(workers, mp_context=context, initializer=_leave_signals_to_the_parent)
+          if workers > 1 else nullcontext()) as pool:
+        try:
+            for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):
+                for row, row_problems, windows, past_the_end in chunk:
+                    problems += [f"{row.where}: {p}" for p in row_problems]
+                    if not row_problems:
+                        rows.append((row, windows))
+                    if past_the_end:
+                        cut.append(f"{row.where}: {past_the_end}")
+                bar.update(len(chunk))
+        except BaseException:  # Ctrl-C: the chunks not started are dropped, not checked before the pool closes
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if cut:  # often a whole manifest's times in another unit, or files other than those annotated
         notes.append(f"{len(cut)} row(s) end past the end of their file and are cut there (e.g. {cut[0]})")
     return task, rows
 
 
-def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, window: float | None,
+def _leave_signals_to_the_parent():
+    """Ctrl-C and SLURM's SIGTERM reach every process of the group. A checking process interrupted
+    mid-task broke the pool, which then raced the parent's own stop (once, a minute's hang): they
+    are the parent's to handle, and it stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _check_records(root: Path, named: str, task: str, known: set[str] | None, audio: bool, window: float | None,
                    records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list, str | None]]:
     """(row, its problems, its windows, how its `end` lies past its file's if it does) of each
     record; runs in worker processes for large datasets."""
     _names_by_nfc.cache_clear()  # folders may have changed since the last dataset was read
     checked = []
     for where, record in records:
-        row, problems = _check_row(root, where, record, task, known)
+        row, problems = _check_row(root, named, where, record, task, known)
         windows, past_the_end = [], None
         if not problems and not audio and PurePosixPath(row.rel).suffix.lower() in AUDIO_SUFFIXES:
             problems.append(f"{row.rel} is audio, and this backbone reads images")  # not found after decoding them all
@@ -441,12 +457,17 @@ def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, w
     return checked
 
 
-def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] | None) -> tuple[_Row, list[str]]:
+def _check_row(root: Path, named: str, where: str, record: dict, task: str,
+               known: set[str] | None) -> tuple[_Row, list[str]]:
+    """`named`: the dataset folder as the user named it, through links (`root` is its real path);
+    an absolute path may go through either."""
     bad = []
     raw_path = _text(record.get("path"))
     # Plain strings rather than pathlib: this runs once per row, and millions of rows are common.
     full = os.path.normpath(os.path.join(root, raw_path))  # removes "..": the lexical check below needs that
     inside = os.path.join(root, "")  # the root with one trailing separator
+    if (full + os.sep).startswith(os.path.join(named, "")) and not (full + os.sep).startswith(inside):
+        full = os.path.normpath(os.path.join(root, full[len(os.path.join(named, "")):]))
     if not raw_path:
         bad.append("empty path")
     elif "\0" in raw_path:

@@ -1,9 +1,13 @@
 """Dataset manifests: parsing, validation reported all at once, window planning, images."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 import unicodedata
 
 import numpy as np
@@ -416,6 +420,26 @@ def test_linked_audio_is_taken_wherever_the_link_leads(tmp_path, checking):
     assert e.value.problems == [f"line 2: path 'audio/../../disk/clip.wav' leads outside the dataset folder {data}"]
 
 
+def test_an_absolute_path_through_a_linked_dataset_folder_is_inside_it(tmp_path, checking):
+    """On clusters /scratch or /home is often a link (and /tmp on macOS): an absolute path written
+    through the folder as the user knows it is inside the dataset, as the same path through its
+    real location is, and is recorded relative to it; one elsewhere is still refused."""
+    real, linked = tmp_path / "real", tmp_path / "linked"
+    wav(real / "audio" / "a.wav", 1)
+    wav(real / "audio" / "b.wav", 1)
+    wav(tmp_path / "elsewhere.wav", 1)
+    linked.symlink_to(real)
+    rows = [linked / "audio" / "a.wav", real / "audio" / "b.wav"]
+    manifest = csv_file(real / "m.csv", "path,label,split\n" + "".join(f"{p},x,{s}\n" for p, s in zip(rows, ["train", "test"])))
+    items = [item for items in audio(linked / "m.csv").splits.values() for item in items]
+    assert [(item.source, item.path) for item in items] == [("audio/a.wav", real / "audio" / "a.wav"),
+                                                            ("audio/b.wav", real / "audio" / "b.wav")]
+    csv_file(manifest, f"path,label,split\n{tmp_path / 'elsewhere.wav'},x,train\n")
+    with pytest.raises(ManifestError) as e:
+        audio(linked / "m.csv")
+    assert e.value.problems == [f"line 2: path '{tmp_path / 'elsewhere.wav'}' leads outside the dataset folder {real}"]
+
+
 def test_class_folders_follow_linked_folders_and_files(tmp_path):
     """A class folder, a folder inside one or a single file may be a link to shared storage: each is
     taken under its name in the dataset. A link back up is not gone round, and a link that leads
@@ -759,3 +783,30 @@ def test_a_script_without_a_main_guard_checks_in_worker_processes_once(tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["checked 4"], done.stdout
+
+
+def test_ctrl_c_while_worker_processes_check_rows_stops_at_once_and_quietly(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group. The checking processes leave it to the
+    parent, which drops the chunks not started. Before, a pool broken mid-task raced the parent's
+    stop and hung, here in one run of three."""
+    wav(tmp_path / "a.wav", 0.1)
+    (tmp_path / "m.csv").write_text("path,label,split,id\n" + "".join(f"a.wav,x,train,{i}\n" for i in range(50_000)))
+    script = textwrap.dedent(f"""
+        import sys
+        from tokens.extract import manifest
+        manifest.usable_cores = lambda: 4
+        print("checking", flush=True)
+        while True:
+            manifest.read_dataset({str(tmp_path / "m.csv")!r}, window_seconds=1.0, sample_rate=8000, modality="audio")
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    assert child.stdout.readline() == "checking\n"
+    time.sleep(3)  # inside a check: each takes seconds
+    os.killpg(child.pid, signal.SIGINT)
+    try:
+        _, stderr = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        raise AssertionError("still running a minute after Ctrl-C")
+    assert stderr.count("Traceback") == 1 and stderr.rstrip().endswith("KeyboardInterrupt"), stderr
