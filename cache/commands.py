@@ -70,7 +70,7 @@ def render(info: dict) -> str:
     shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} in all)" if len(classes) > 8 else "")
     lines = [
         f"store      {info['path']} ({info['format']}, {_size(info['disk_bytes'])} on disk)",
-        f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or 'none (built-in weights)')[:16]}",
+        f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or '')[:16] or 'none (built-in weights)'}",
         f"tokens     grid {T}x{F} = {info['num_tokens']} tokens x {info['dim']} dims, "
         f"{info['num_prefix']} prefix tokens{'' if info['class_token'] or not info['num_prefix'] else ' (no class token)'}, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}"
         f"{', forward pass in ' + info['precision'] if info['precision'] else ''}"

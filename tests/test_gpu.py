@@ -254,3 +254,40 @@ def test_the_command_on_a_gpu_prints_no_warning_of_torch_s(dataset, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_a_sweep_moves_between_gpu_and_cpu_and_predict_scores_as_the_run_did(tmp_path, monkeypatch):
+    """A job resubmitted to another kind of node resumes (new dropout states, with a note), both
+    ways; and on a GPU, where a sweep trains in TF32, its test figures are scored in full float32,
+    so that `tokens predict` reproduces them to the last digit."""
+    import functools
+
+    from sklearn.metrics import average_precision_score
+    from test_probe import CLASSES, invoke, leaderboard, make_store, ok, read_csv
+
+    from tokens.train import probe as recipe
+    from tokens.train.data import usable_items
+
+    store = make_store(tmp_path / "s.zarr")
+    sweep = ["--heads", "mlp,protobin", "--option", "mlp.dropout=0.5", "--option", "protobin.prototypes_per_class=4",
+             "--epochs", "3", "--batch-size", "16", "--warmup-epochs", "1"]
+    for first, second in (("cuda", "cpu"), ("cpu", "cuda")):
+        out = tmp_path / f"{first}-then-{second}"
+        with monkeypatch.context() as patch:
+            patch.setattr(recipe, "run", functools.partial(recipe.run, stop_after=2))
+            ok("probe", store, *sweep, "--device", first, "--out", out)
+        result = invoke("probe", store, *sweep, "--device", second, "--out", out)
+        assert result.exit_code == 0 and "saved on another kind of device" in result.output, result.output
+        assert len(leaderboard(out)) == 2
+
+    run = tmp_path / "on-the-gpu"
+    ok("probe", store, *sweep, "--device", "cuda", "--out", run)
+    split = open_store(store).split("test")
+    labels = split.column("labels")[usable_items(split)]
+    for head in ("mlp", "protobin"):
+        ok("predict", store, "--head", run / "best" / f"{head}.pt", "--device", "cuda", "--log-scores",
+           "--out", tmp_path / f"{head}.csv")
+        scores = np.array([[float(row[c]) for c in CLASSES] for row in read_csv(tmp_path / f"{head}.csv")])
+        expected = np.mean([average_precision_score(labels[:, c], scores[:, c]) for c in range(len(CLASSES))])
+        (row,) = [row for row in leaderboard(run).values() if row["head"] == head]
+        assert float(row["test_map"]) == pytest.approx(expected, abs=1e-12), head

@@ -189,7 +189,8 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
         ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert not (out / "leaderboard.csv").exists()
-    result = ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    reordered = ["--heads", "protobin,linear,ep", *SWEEP[2:]]  # the same sweep, listed in another order
+    result = ok("probe", store, *reordered, *FAST, "--data", "stream", "--out", out)
     assert "resuming" in result.output
     assert leaderboard(out) == leaderboard(run)
     other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
@@ -197,6 +198,24 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     other = invoke("probe", store, *SWEEP, *FAST, "--optimizer", "lars", "--out", out)
     assert other.exit_code == 2 and "optimizer 'adamw' there, 'lars' here" in said(other), said(other)
     assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
+
+
+def test_a_sweep_checkpointed_on_a_gpu_resumes_on_a_cpu(store, tmp_path, monkeypatch):
+    """A job resubmitted to another kind of node: the heads' random states (a GPU's generator keeps 16
+    bytes, a CPU's 5 056) cannot go on there. Dropout goes on from new ones, with a note; the rest of
+    the sweep is as it was. (tests/test_gpu.py does it with a real GPU's checkpoint, both ways.)"""
+    out = tmp_path / "moved"
+    sweep = ["--heads", "mlp", "--option", "mlp.dropout=0.5", "--lr", "0.01", "--seeds", "0,1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "run", functools.partial(recipe.run, stop_after=2))
+        ok("probe", store, *sweep, *FAST, "--out", out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    for probe in state["probes"]:
+        probe["rng"] = torch.zeros(16, dtype=torch.uint8)  # the size of a GPU's state
+    torch.save(state, out / "checkpoint.pt")
+    result = ok("probe", store, *sweep, *FAST, "--out", out)
+    assert "resuming" in result.output and "saved on another kind of device than cpu" in result.output, result.output
+    assert len(leaderboard(out)) == 2
 
 
 def test_ctrl_c_says_how_to_resume_and_a_run_stopped_while_plotting_is_not_taken_as_finished(store, run, tmp_path, monkeypatch):
@@ -357,6 +376,16 @@ def test_multiclass_store_without_valid_split(tmp_path):
     assert not (tmp_path / "ml.csv").exists()
 
 
+def test_values_that_would_name_one_configuration_are_refused(store, tmp_path):
+    """Configurations are known by their ids, which write numbers to 6 significant digits: two
+    learning rates (or option values) equal that far would train and report as one, silently."""
+    result = invoke("probe", store, "--heads", "linear", "--lr", "0.00012345671,0.00012345674", *FAST, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "--lr: 0.00012345671 and 0.00012345674 agree to 6 significant digits" in said(result)
+    result = invoke("probe", store, "--heads", "mlp", "--option", "mlp.dropout=0.1000001,0.1000002", *FAST, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "--option mlp.dropout: 0.1000001 and 0.1000002 agree" in said(result), said(result)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_sweep_file_expands_like_the_command_line(store, tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text(
@@ -450,6 +479,8 @@ def test_info_failed_says_so_on_stderr_when_nothing_failed(tmp_path):
     result = CliRunner().invoke(tokens_app, ["info", str(path), "--failed"])
     assert result.exit_code == 0 and result.stdout == ""
     assert "no item failed in the shards complete so far" in result.stderr
+    info = CliRunner().invoke(tokens_app, ["info", str(path)])  # a store of no checkpoint says so whole
+    assert "backbone   synthetic  checkpoint sha256 none (built-in weights)\n" in info.stdout, info.stdout
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -625,14 +656,15 @@ def test_a_report_says_which_configurations_lost_a_seed_to_divergence(run, tmp_p
 
 
 def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, monkeypatch):
-    """TF32 matrix products speed up a sweep on a GPU; the process's setting comes back after it, so
-    that a later extraction in the same process (a notebook) is not run in TF32 unasked."""
+    """TF32 matrix products speed up a sweep's training on a GPU; validation and test are scored in
+    full float32, as `tokens predict` scores; the process's setting comes back after it, so that a
+    later extraction in the same process (a notebook) is not run in TF32 unasked."""
     seen = []
 
     def build_head(name, **kw):
         head = heads.build_head(name, **kw)
         forward = head.forward
-        head.forward = lambda *a, **k: seen.append(torch.backends.cuda.matmul.fp32_precision) or forward(*a, **k)
+        head.forward = lambda *a, **k: seen.append((head.training, torch.backends.cuda.matmul.fp32_precision)) or forward(*a, **k)
         return head
 
     monkeypatch.setattr(recipe, "build_head", build_head)
@@ -640,7 +672,7 @@ def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, 
     torch.set_float32_matmul_precision("highest")  # the user's own choice, through the older API
     try:
         ok("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "run")
-        assert seen and set(seen) == {"tf32"}
+        assert set(seen) == {(True, "tf32"), (False, "ieee")}
         assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
         torch.set_float32_matmul_precision(saved)
@@ -801,6 +833,25 @@ def test_predict_checks_its_output_path_before_scoring(store, run, tmp_path, mon
     monkeypatch.undo()
     ok("predict", store, "--head", run / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "new" / "dir" / "s.csv")
     assert len(read_csv(tmp_path / "new" / "dir" / "s.csv")) == SIZES["test"]
+
+
+def test_predict_never_writes_its_scores_over_the_store_the_head_or_another_file(store, run, tmp_path):
+    """--out mistyped as the HDF5 store being scored, the head, or a manifest would lose them to a
+    CSV: refused, each left as it was. An earlier scores file is replaced whole."""
+    shutil.copy(run / "best" / "ep.pt", tmp_path / "ep.pt")
+    h5 = make_store(tmp_path / "s.h5")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,labels,split\na.wav,bird,test\n")
+    for target, what in [(tmp_path / "ep.pt", "--head"), (h5, "STORE"), (manifest, "manifest")]:
+        before = target.read_bytes()
+        scored = h5 if what == "STORE" else store
+        result = invoke("predict", scored, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", target)
+        assert result.exit_code == 2 and "is not a scores file" in said(result), (what, said(result))
+        assert target.read_bytes() == before, what
+    earlier = tmp_path / "scores.csv"
+    earlier.write_text("id,bird\nold,0.5\n")
+    ok("predict", store, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", earlier)
+    assert len(read_csv(earlier)) == SIZES["test"] and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_report_refuses_a_csv_that_is_not_a_leaderboard(tmp_path):

@@ -362,11 +362,18 @@ def check_can_make(folder: Path):
 
 
 def prepare_output(out: Path):
-    """Make the folder of --out's file now, so that a bad path fails before scoring rather than after it."""
+    """Make the folder of --out's file now, so that a bad path fails before scoring rather than after
+    it; and refuse to replace a file that is not an earlier scores file (the store, the head, a manifest)."""
     check_can_make(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not os.access(out, os.W_OK):
         raise typer.BadParameter(f"{out} cannot be written (permission denied)", param_hint="--out")
+    if out.exists():
+        with open(out, "rb") as f:
+            begins = f.read(3)
+        if begins and begins != b"id,":
+            raise typer.BadParameter(f"{out} exists and is not a scores file (its first column is not id): it would be "
+                                     "replaced; give another --out, or delete it first", param_hint="--out")
 
 
 def predict(
@@ -440,10 +447,15 @@ def predict(
         if not log_scores:
             scores = np.exp(scores)
         ids = the_split.column("ids")[items]
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", *saved["classes"]])
-        for item_id, row in zip(ids, scores):
-            writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
+    aside = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # earlier scores stay whole until these are
+    try:
+        with open(aside, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", *saved["classes"]])
+            for item_id, row in zip(ids, scores):
+                writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
+        os.replace(aside, out)
+    finally:
+        aside.unlink(missing_ok=True)
     skipped = the_split.num_items - len(items)
     typer.echo(f"{out}: scores of {len(items)} items of {split}" + (f" ({skipped} failed or unwritten items left out)" if skipped else ""))

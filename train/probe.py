@@ -241,6 +241,11 @@ def read_checkpoint(path: Path, plan: dict, task: str) -> dict | None:
     except CheckpointError as error:
         raise SweepError(f"{error}; it was not written by `tokens probe`: delete it or use another --out", "--out") from None
     saved = _with_default_loss(report.EARLIER_DEFAULTS | state["plan"], task)
+    if saved.get("configs") != plan["configs"] and sorted(saved.get("configs") or []) == sorted(plan["configs"]):
+        # the same sweep, its heads or values listed in another order: its heads taken in this order
+        position = {config: i for i, config in enumerate(saved["configs"])}
+        state["probes"] = [state["probes"][position[config]] for config in plan["configs"]]
+        saved = saved | {"configs": plan["configs"]}
     if saved != plan:
         differs = [_plan_difference(k, saved.get(k), plan.get(k)) for k in dict.fromkeys([*plan, *saved]) if saved.get(k) != plan.get(k)]
         raise SweepError(
@@ -306,16 +311,25 @@ def check_other_parts(out: Path, record: dict):
                              f"{advice}, or use another --out", "--out")
 
 
-def restore(state: dict, probes: list[Probe]) -> int:
-    """Put every probe back as it was saved; the number of epochs already done."""
+def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int, bool]:
+    """Put every probe back as it was saved: the number of epochs already done, and whether the
+    random states were another kind of device's (a job resubmitted to a CPU node after a GPU one,
+    or the reverse): those cannot go on, so dropout draws from states seeded by each head's seed
+    and the epoch instead, and differs from an uninterrupted run's from there."""
+    epoch, here = state["epoch"], get_rng(device).numel()
+    moved = False
     for probe, saved in zip(probes, state["probes"]):
         probe.head.load_state_dict(saved["head"])
         probe.optimizer.load_state_dict(saved["optimizer"])
         probe.rng = saved["rng"]
+        if probe.rng.numel() != here:
+            generator = torch.Generator(device)
+            generator.manual_seed(probe.config.seed * 1_000_003 + epoch)
+            probe.rng, moved = generator.get_state(), True
         probe.best_state, probe.best_metric = saved["best_state"], saved["best_metric"]
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
         probe.val_metrics = saved["val_metrics"]
-    return state["epoch"]
+    return epoch, moved
 
 
 def versions() -> dict:
@@ -323,8 +337,9 @@ def versions() -> dict:
             "scikit-learn": importlib.metadata.version("scikit-learn"), "python": platform.python_version()}
 
 
-# Float32 matrix products on TF32 tensor cores while a sweep runs on a GPU: a 32-head sweep is bound
-# by the heads' arithmetic, and TF32 is 3-5x faster. The process's own setting comes back afterwards.
+# Float32 matrix products on TF32 tensor cores while a sweep trains on a GPU: a 32-head sweep is
+# bound by the heads' arithmetic, and TF32 is 3-5x faster. Validation and test are scored in full
+# float32, as `tokens predict` scores, and as on a CPU. The process's own setting comes back afterwards.
 @cuda_float32("tf32")
 def run(
     store: TokenStore,
@@ -434,9 +449,12 @@ def run(
     total, warmup = epochs * steps, round(warmup_epochs * steps)
 
     training_order = [probes[i] for i in layer_by_layer([p.config.layer for p in probes])]
-    start = restore(saved, probes) if saved else 0
+    start, moved = restore(saved, probes, device) if saved else (0, False)
     if start:
         tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}")
+    if moved:
+        tqdm.write(f"note: {checkpoint} was saved on another kind of device than {device}: dropout goes on from new random "
+                   "states, so the heads that use it will differ a little from an uninterrupted run's")
 
     for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=not progress):
         for p in probes:
@@ -459,7 +477,8 @@ def run(
         # Validate every head; keep each one's best epoch, and the validation metrics of the
         # weights it will be tested with (the best epoch's; the last epoch's while none is best),
         # so that validation is never scored again after training.
-        val_scores = score([(p.head, p.config.layer) for p in probes], valid_source, valid_items, batch_size, task)
+        with cuda_float32("ieee"):
+            val_scores = score([(p.head, p.config.layer) for p in probes], valid_source, valid_items, batch_size, task)
         for p, scores in zip(probes, val_scores):
             metrics = compute_metrics(task, scores, valid_labels)
             p.curve.append(metrics[metric])
@@ -478,7 +497,8 @@ def run(
             p.head.load_state_dict(p.best_state)
     test_source = Source(test_split, layers, with_cls, mode, device, labels.pop("test"), with_tokens)
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
-    test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
+    with cuda_float32("ieee"):
+        test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 
     # The training in a line: runs that differ only in it are told apart in reports.
     trained = "{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}/loss={loss}/data_seed={data_seed}"

@@ -185,7 +185,7 @@ def expand(
     `heads` maps a head to its swept options; its `lr` / `wd` entries override the sweep's. A head
     without any lr gets `default_lr` if given (the optimizer's own), else its AdamW default.
     """
-    configs, seen = [], set()
+    configs, seen = [], {}
     for head, swept in heads.items():
         swept = dict(swept)
         head_lr = swept.pop("lr", None) or lr or [default_lr or DEFAULT_LR.get(head, FALLBACK_LR)]
@@ -197,9 +197,23 @@ def expand(
             for rate, decay, layer, seed in itertools.product(head_lr, head_wd, head_layers, seeds):
                 config = Config(head, options, float(rate), float(decay), layer, int(seed))
                 if config.id not in seen:
-                    seen.add(config.id)
+                    seen[config.id] = config
                     configs.append(config)
+                elif seen[config.id] != config:  # a result is known by its id: two under one would be one
+                    raise _same_id(seen[config.id], config)
     return configs
+
+
+def _same_id(one: Config, other: Config) -> SweepError:
+    """Two configurations that differ only beyond the 6 significant digits of their ids."""
+    if one.options != other.options:
+        name = next(k for k in one.options if one.options[k] != other.options.get(k))
+        option, values = f"--option {one.head}.{name}", (one.options[name], other.options[name])
+    else:
+        name = "lr" if one.lr != other.lr else "wd"
+        option, values = f"--{name}", (getattr(one, name), getattr(other, name))
+    return SweepError(f"{option}: {values[0]!r} and {values[1]!r} agree to 6 significant digits, which name a "
+                      f"configuration ({one.id}): give values that differ within them", option)
 
 
 def take_part(configs: list[Config], index: int, count: int) -> list[Config]:
