@@ -26,8 +26,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, RawItems, StoreError, StoreSpec, build_aside, column_layout,
-                                write_error)
+from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, RawItems, StoreError, StoreSpec, build_aside,
+                                column_layout, write_error)
 
 CODECS = {"gzip": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}}
 STRING = h5py.string_dtype()
@@ -70,6 +70,22 @@ def _create_split(group: h5py.Group, n: int, spec: StoreSpec, storage, S: int):
     columns["complete"] = ((-(-n // S),), np.uint8)
     for name, (shape, dtype) in columns.items():
         group.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early())
+
+
+def _damaged(path: Path, key: str, error: Exception) -> StoreError:
+    reason = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) quotes it
+    return StoreError(f"{path}: {key} cannot be read ({reason}): the file is damaged; extract into a new store")
+
+
+REMADE = ".remade"  # a string column being made again (see HDF5Handle.discard_partial)
+
+
+def _readable(data: h5py.Dataset, start: int, stop: int) -> bool:
+    try:
+        data[start:stop]
+    except (OSError, RuntimeError):  # "bad heap index": a row that points at a record never written
+        return False
+    return True
 
 
 ROOM_MARGIN = 4 * 2**20  # for HDF5's own growth (string heaps, metadata) beside a shard's bytes
@@ -138,8 +154,12 @@ class HDF5Handle:
             except (StoreError, AttributeError):  # damaged metadata: TokenStore names it
                 splits = {}
             for split in splits:
-                if f"{split}/complete" in self.file:
-                    self._complete_at_open[split] = self.file[f"{split}/complete"][:].astype(bool)
+                try:
+                    if f"{split}/complete" in self.file:
+                        self._complete_at_open[split] = self.file[f"{split}/complete"][:].astype(bool)
+                except (OSError, RuntimeError, KeyError) as error:
+                    self.file.close()
+                    raise _damaged(path, f"{split}/complete", error) from error
 
     def meta(self) -> dict:
         """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so)."""
@@ -160,11 +180,15 @@ class HDF5Handle:
         key = f"{split}/{name}"
         if key not in self._datasets:
             try:
+                if self.file.mode == "r+" and key not in self.file and f"{key}{REMADE}" in self.file:
+                    self.file.move(f"{key}{REMADE}", key)  # remade, and killed before its rename (see _remake_strings)
                 self._datasets[key] = self.file[key]
             except KeyError as error:
-                raise StoreError(f"{self.path}: dataset {key} is missing") from error
-            except RuntimeError as error:  # HDF5's own structures damaged
-                raise StoreError(f"{self.path}: dataset {key} cannot be found in the file ({error}): the file is damaged") from error
+                if "doesn't exist" in str(error):
+                    raise StoreError(f"{self.path}: dataset {key} is missing") from error
+                raise _damaged(self.path, key, error) from error
+            except (OSError, RuntimeError) as error:  # HDF5's own structures damaged
+                raise _damaged(self.path, key, error) from error
         return self._datasets[key]
 
     def complete(self, split: str, num_shards: int) -> np.ndarray:
@@ -178,7 +202,32 @@ class HDF5Handle:
             self.file.flush()
 
     def discard_partial(self, split: str, shards: set[int]):
-        """Nothing to do: shards are written in place, and an incomplete one is simply written again."""
+        """Shards are written in place, and an incomplete one is simply written again; but a writer
+        killed (SIGKILL) while it wrote a shard can leave string rows that point into HDF5's string
+        heap at records that never reached the disk. Reading or overwriting such a row fails, at every
+        resume. A string column with such rows among these shards is made again without them."""
+        size = self.meta()["shard_size"]
+        with self._lock:
+            for name in STRING_COLUMNS:
+                data = self.dataset(split, name)
+                if not all(_readable(data, shard * size, (shard + 1) * size) for shard in shards):
+                    self._remake_strings(split, name, size)
+
+    def _remake_strings(self, split: str, name: str, size: int):
+        """A copy of a string column holding the rows of its complete shards (the others are written
+        again), then put in its place. Killed while copying, the next resume copies again; killed
+        between the removal and the rename, the copy is taken (see dataset)."""
+        group, old = self.file[split], self.dataset(split, name)
+        if f"{name}{REMADE}" in group:
+            del group[f"{name}{REMADE}"]
+        new = group.create_dataset(f"{name}{REMADE}", shape=old.shape, dtype=STRING, dcpl=_early())
+        for shard in np.flatnonzero(self.dataset(split, "complete")[:]):
+            start, stop = shard * size, min((shard + 1) * size, old.shape[0])
+            new[start:stop] = old[start:stop]
+        del group[name]
+        group.move(f"{name}{REMADE}", name)
+        self._datasets.pop(f"{split}/{name}")
+        self.file.flush()
 
     def write_shard(self, split: str, shard: int, start: int, arrays: dict):
         """The shard's data, flushed and fsync'd, then its complete flag (see the module docstring)."""
@@ -221,7 +270,10 @@ class HDF5Handle:
         sorted_indices = indices[order]
         unique, inverse = np.unique(sorted_indices, return_inverse=True)
         data = self.dataset(split, name)
-        rows = (data.asstr() if data.dtype == STRING else data)[unique][inverse]  # str, as zarr gives, not bytes
+        try:
+            rows = (data.asstr() if data.dtype == STRING else data)[unique][inverse]  # str, as zarr gives, not bytes
+        except (OSError, RuntimeError) as error:  # a damaged chunk, heap or index
+            raise self._unreadable(split, name, unique, error) from error
         out = np.empty_like(rows)
         out[order] = rows
         return out
@@ -230,15 +282,29 @@ class HDF5Handle:
         data = self.dataset(split, name)
         read = data.asstr() if data.dtype == STRING else data
         done = self._complete_at_open.get(split)
-        if done is None or done.all():
-            return read[:]
-        # Only the shards complete when this reader opened: the strings of later ones may lie past
-        # the end of the file it knows. The others read as unwritten rows do.
-        out = np.full(data.shape, "", dtype=object) if data.dtype == STRING else np.zeros(data.shape, dtype=data.dtype)
-        for shard in np.flatnonzero(done):
-            start, stop = shard * self._shard_size, min((shard + 1) * self._shard_size, num_items)
-            out[start:stop] = read[start:stop]
-        return out
+        try:
+            if done is None or done.all():
+                return read[:]
+            # Only the shards complete when this reader opened: the strings of later ones may lie past
+            # the end of the file it knows. The others read as unwritten rows do.
+            out = np.full(data.shape, "", dtype=object) if data.dtype == STRING else np.zeros(data.shape, dtype=data.dtype)
+            for shard in np.flatnonzero(done):
+                start, stop = shard * self._shard_size, min((shard + 1) * self._shard_size, num_items)
+                out[start:stop] = read[start:stop]
+            return out
+        except (OSError, RuntimeError) as error:  # a damaged chunk, heap or index
+            raise self._unreadable(split, name, np.arange(num_items), error) from error
+
+    def _unreadable(self, split: str, name: str, indices: np.ndarray, error: Exception) -> DamagedShard:
+        """The error for a read that HDF5 failed, naming the first shard among `indices` that fails alone."""
+        size = self._shard_size or self.meta()["shard_size"]
+        data = self.dataset(split, name)
+        for shard in np.unique(indices // size):
+            if not _readable(data, shard * size, (shard + 1) * size):
+                start, stop = shard * size, min((shard + 1) * size, data.shape[0])
+                return DamagedShard(f"{self.path}:{split}/{name} items {start}-{stop - 1} (shard {shard})",
+                                    f"cannot be read ({error}): the file is damaged")
+        return DamagedShard(f"{self.path}:{split}/{name}", f"cannot be read ({error}): the file is damaged")
 
     def raw_layout(self, split: str, name: str, num_items: int, shard_size: int) -> RawItems | None:
         data = self.dataset(split, name)

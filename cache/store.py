@@ -625,7 +625,11 @@ class Split:
     def complete_mask(self) -> np.ndarray:
         """One bool per shard: true once the shard is fully written."""
         self._check_open()
-        return self._h.complete(self.name, self.num_shards)
+        done = self._h.complete(self.name, self.num_shards)
+        if done.shape != (self.num_shards,):  # shard_size or the split's size edited: flags would mark the wrong items
+            raise StoreError(f"{self.store.path}: {self.name} has {len(done)} shard flags, but {self.num_items} items in shards of "
+                             f"{self.shard_size} make {self.num_shards}: the store's metadata was changed; run `tokens verify`")
+        return done
 
     def complete_items(self, shards_done: np.ndarray | None = None) -> np.ndarray:
         """One bool per item: true where its shard is complete (the only items whose columns hold values);

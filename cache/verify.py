@@ -28,21 +28,15 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
     """Completeness, shape/dtype agreement and finite values, shard by shard; damaged shards by name."""
     report = Report()
     for split in store.splits.values():
+        names = [f"tokens/{layer}" for layer in split.layers]
+        names += [f"prefix/{layer}" for layer in split.layers] if split.num_prefix else []
+        columns = [*COLUMNS, *(["mask"] if split.masked else [])]
+        if structure := _structure_problems(store, split, names, columns):
+            report.problems += structure
+            continue
         missing = split.missing_shards()
         if missing:
             report.problems.append(f"{split.name}: {len(missing)} of {split.num_shards} shards not complete: {ranges(missing)}")
-        names = [f"tokens/{layer}" for layer in split.layers]
-        names += [f"prefix/{layer}" for layer in split.layers] if split.num_prefix else []
-        expected_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
-        labels_shape, labels_dtype = column_layout(split.num_items, store.task, len(store.classes))["labels"]
-        for name in [*names, "labels"]:
-            array = split.array(name)
-            expected = (split.num_items, split.num_tokens if name.startswith("tokens") else split.num_prefix, split.dim)
-            expected, dtype = (labels_shape, np.dtype(labels_dtype)) if name == "labels" else (expected, expected_dtype)
-            if tuple(array.shape) != expected or np.dtype(array.dtype) != dtype:
-                report.problems.append(f"{split.name}/{name}: shape {tuple(array.shape)} {array.dtype}, expected {expected} {dtype}"
-                                       + (f" ({store.task} over {len(store.classes)} classes)" if name == "labels" else ""))
-        columns = [*COLUMNS, *(["mask"] if split.masked else [])]
         missing_set = set(missing)  # once, not per shard: a large store has tens of thousands
         complete = [s for s in range(split.num_shards) if s not in missing_set]
         for shard in tqdm(complete, desc=f"verify {split.name}", unit="shard", disable=not progress, leave=False):
@@ -79,6 +73,40 @@ def verify(store: TokenStore, progress: bool = True) -> Report:
     return report
 
 
+def _structure_problems(store: TokenStore, split, names: list[str], columns: list[str]) -> list[str]:
+    """What writing shards again cannot mend: an array missing, or of another shape or dtype than
+    the metadata says (a hand edit of either). Reported for the split, not as damage to each shard,
+    whose advice (unmark and extract again) would only fail."""
+    problems = []
+    token_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
+    labels_shape, labels_dtype = column_layout(split.num_items, store.task, len(store.classes))["labels"]
+    for name in [*names, "labels", *columns, "complete"]:
+        try:
+            array = split.array(name)
+        except StoreError as error:  # missing, or its own record damaged
+            problems.append(str(error))
+            continue
+        shape = tuple(array.shape)
+        if name in names:
+            expected = (split.num_items, split.num_tokens if name.startswith("tokens") else split.num_prefix, split.dim)
+            if shape != expected or np.dtype(array.dtype) != token_dtype:
+                problems.append(f"{split.name}/{name}: shape {shape} {array.dtype}, expected {expected} {token_dtype}")
+        elif name == "labels":
+            if shape != labels_shape or np.dtype(array.dtype) != np.dtype(labels_dtype):
+                problems.append(f"{split.name}/labels: shape {shape} {array.dtype}, expected {labels_shape} "
+                                f"{np.dtype(labels_dtype)} ({store.task} over {len(store.classes)} classes)")
+        elif name == "complete":
+            if shape != (split.num_shards,):
+                problems.append(f"{split.name}/complete: {shape[0]} shard flags, but {split.num_items} items in shards of "
+                                f"{split.shard_size} make {split.num_shards}")
+        elif shape[0] != split.num_items:
+            problems.append(f"{split.name}/{name}: {shape[0]} items, the metadata says {split.num_items}")
+    if problems:
+        problems.append(f"{split.name}: these arrays or the store's metadata were changed or removed by hand, which "
+                        "extracting again cannot mend (it writes shards into the arrays there): extract into a new store")
+    return problems
+
+
 def _missing_files(store: TokenStore, split, names: list[str], shard: int) -> list[str]:
     """The arrays whose file of this complete shard is missing: zarr would read their items as the
     fill value (zeros, empty strings), which labels, offsets and errors may legitimately hold, so
@@ -98,6 +126,8 @@ def _check_columns(store: TokenStore, split, shard: int, names: list[str]) -> li
     for name in names:
         try:
             values[name] = split._h.read_rows(split.name, name, rows)
+        except DamagedShard as error:
+            problems.append(f"{_shard_name(store, split, name, shard)}: {error.problem}")
         except Exception as error:  # codecs raise many types on a damaged chunk
             problems.append(f"{_shard_name(store, split, name, shard)}: unreadable ({type(error).__name__}: {error})")
     where = {name: _shard_name(store, split, name, shard) for name in names}

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,44 @@ def test_what_killed_store_builders_left_is_cleared_by_the_next_creation(tmp_pat
     with create_or_open(tmp_path / name, make_spec(), fmt) as store:
         assert store.split("train").complete_mask().tolist() == [False] * 5
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [name])
+
+
+def test_an_hdf5_store_whose_writer_was_killed_amid_its_strings_resumes(tmp_path):
+    """SIGKILL can land after HDF5 wrote a shard's string rows and before it flushed the string heap
+    they point into: the rows then point at records that never reached the disk, and reading or
+    overwriting them failed at every resume. The resume makes such a column again from its complete
+    shards, and the store ends as an uninterrupted one."""
+    import struct
+
+    spec, path = make_spec(), tmp_path / "s.h5"
+    items = make_items(spec, "train")
+    with create_or_open(path, spec, "hdf5") as store:
+        write_shards(store, "train", items, [0, 1, 2])
+        write_shards(store, "test", make_items(spec, "test"), range(store.split("test").num_shards))
+        store.split("train").mark_incomplete(1)  # killed before its flag
+        row = store.split("train").shard_range(1)[0] + 3
+    with h5py.File(path, "r") as f:
+        offset, width = f["train/ids"].id.get_offset(), f["train/ids"].id.get_storage_size() // N_TRAIN
+    fd = os.open(path, os.O_RDWR)
+    try:  # a row's heap id: length, the heap collection's address, the record's index there
+        length, collection, index = struct.unpack("<IQI", os.pread(fd, 16, offset + row * width))
+        os.pwrite(fd, struct.pack("<IQI", length, collection, index + 1000), offset + row * width)
+    finally:
+        os.close(fd)
+    with h5py.File(path, "r") as f, pytest.raises(OSError, match="bad heap index"):
+        f["train/ids"][row]
+    for _ in range(2):  # the first resume remakes the column; the second finds nothing to do
+        with create_or_open(path, spec, "hdf5") as store:
+            split = store.split("train")
+            todo = split.missing_shards()
+            split.discard_partial_writes(todo)
+            write_shards(store, "train", items, todo)
+    with open_store(path) as store:
+        assert store.split("train").column("ids").tolist() == items["ids"]
+        assert store.split("train").column("errors").tolist() == items["errors"]
+        assert verify(store, progress=False).ok
+    with h5py.File(path, "r") as f:
+        assert sorted(f["train"]) == sorted(set(f["test"]))  # no copy left beside the column
 
 
 def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
@@ -933,6 +972,59 @@ def test_a_column_at_indices_takes_them_as_read_tokens_does(tmp_path, fmt):
                 split.column("ids", bad)
     with pytest.raises(StoreError, match="is closed"):
         split.column("ids", [0])
+
+
+def test_a_damaged_hdf5_file_is_named_not_met_with_a_traceback(tmp_path):
+    """HDF5's own structures damaged (a group's name heap) fail the opening, and a damaged
+    compressed chunk fails its read: each names the file, and the chunk its shard, as zarr's do."""
+    spec = make_spec(codec="gzip")
+    fill(tmp_path / "s.h5", spec)
+    chunked = tmp_path / "chunk.h5"
+    shutil.copy(tmp_path / "s.h5", chunked)
+    with h5py.File(chunked, "r") as f:
+        chunk = f["train/tokens/1"].id.get_chunk_info_by_coord((9, 0, 0))  # item 9: shard 1
+    with open(chunked, "r+b") as f:
+        f.seek(chunk.byte_offset + 8)
+        f.write(b"\xff" * 16)
+    with open_store(chunked) as store, pytest.raises(StoreError) as error:
+        store.split("train").read_tokens(1, np.arange(12))
+    assert f"{chunked}:train/tokens/1 items 8-15 (shard 1): cannot be read" in str(error.value), error.value
+    report = verify(open_store(chunked), progress=False)
+    assert report.damaged == [("train", 1)] and "shard 1): cannot be read" in report.problems[0], report.problems
+
+    heaps = tmp_path / "heaps.h5"
+    data = (tmp_path / "s.h5").read_bytes()
+    heaps.write_bytes(data.replace(b"HEAP", b"PAEH"))  # every group's heap of link names
+    result = CliRunner().invoke(app, ["info", str(heaps)])
+    assert result.exit_code == 2 and not isinstance(result.exception, (KeyError, RuntimeError)), result.output
+    assert f"{heaps}: train/complete cannot be read (" in result.output and "the file is damaged" in result.output
+
+
+@pytest.mark.parametrize("fmt, suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_what_writing_shards_cannot_mend_is_not_offered_for_unmarking(tmp_path, fmt, suffix):
+    """An array removed, or shard flags that no longer fit the metadata's shard size (a hand edit):
+    extracting again writes shards into the arrays there, so it cannot mend either. verify names
+    them for the split and marks no shard damaged (unmarking would only lose them); reads refuse
+    flags that would mark the wrong items complete."""
+    spec = make_spec()
+    removed, edited = tmp_path / f"removed{suffix}", tmp_path / f"edited{suffix}"
+    for path in (removed, edited):
+        fill(path, spec, fmt)
+    if fmt == "zarr":
+        shutil.rmtree(removed / "train" / "mask")
+    else:
+        with h5py.File(removed, "r+") as f:
+            del f["train/mask"]
+    edit_meta(edited, fmt, lambda meta: meta.update(shard_size=16))
+    with open_store(removed) as store:
+        report = verify(store, progress=False)
+    assert report.damaged == [] and "train/mask" in report.problems[0] and "missing" in report.problems[0], report.problems
+    assert "extracting again cannot mend" in report.problems[1] and len(report.problems) == 2
+    with open_store(edited) as store:
+        with pytest.raises(StoreError, match="train has 5 shard flags, but 37 items in shards of 16 make 3"):
+            store.split("train").read_tokens(0, np.arange(8, 16))
+        report = verify(store, progress=False)
+    assert report.damaged == [] and "train/complete: 5 shard flags, but 37 items in shards of 16 make 3" in report.problems
 
 
 def test_an_hdf5_store_open_in_this_process_in_another_mode_says_so(tmp_path):
