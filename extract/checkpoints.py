@@ -149,10 +149,15 @@ def flat_tensors(state: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def wrapping_prefixes(state: dict) -> list[str]:
+def wrapping_prefixes(state: dict, blocks: str = "blocks.") -> list[str]:
     """['module.'] (DDP), ['teacher.backbone.'] (DINOv2 training), or ['student.backbone.',
-    'teacher.backbone.'] (DINO's nested dicts): the parts before 'blocks.' of the keys."""
-    return sorted({key.split("blocks.")[0] for key, _ in flat_tensors(state) if ".blocks." in f".{key}"})
+    'teacher.backbone.'] (DINO's nested dicts): the parts before `blocks` of the keys."""
+    return sorted({key.split(blocks)[0] for key, _ in flat_tensors(state) if f".{blocks}" in f".{key}"})
+
+
+def wrapped(path: str | Path, prefixes: list[str]) -> CheckpointError:
+    return CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
+                           f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")
 
 
 def expect_depth(path: str | Path, state: dict, depth: int, option: str | None = "depth", raw: dict | None = None) -> None:
@@ -165,8 +170,7 @@ def expect_depth(path: str | Path, state: dict, depth: int, option: str | None =
         expect(path, "'blocks.N.*'", "depth", depth, found, option)
         return
     if prefixes := wrapping_prefixes(raw if raw is not None else state):
-        raise CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
-                              f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")
+        raise wrapped(path, prefixes)
     first = ", ".join(repr(key) for key, _ in list(flat_tensors(raw if raw is not None else state))[:3]) or "none"
     raise CheckpointError(f"{path}: no transformer blocks ('blocks.N.*' keys) where this model keeps them "
                           f"(its first weights: {first}); is this a checkpoint of the right model?")

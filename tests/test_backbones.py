@@ -412,6 +412,11 @@ def test_beats_loads_its_release_format_and_gives_62_by_8(tmp_path):
     assert backbone.config["beats_cfg"]["deep_norm"] is True
     with pytest.raises(CheckpointError, match=r"cfg\['encoder_embed_dim'\] gives embedding size 64, .* expects 768"):
         build_backbone("beats", tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt")
+    saved = torch.load(tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt", weights_only=True)
+    saved["model"] = {f"module.{k}": v for k, v in saved["model"].items()}  # saved from inside DDP
+    torch.save(saved, tmp_path / "wrapped.pt")
+    with pytest.raises(CheckpointError, match=r"wrapped\.pt: its weights sit under 'module\.' \(a training wrapper's keys\)"):
+        build_backbone("beats", tmp_path / "wrapped.pt", dim=64, depth=2)
 
 
 def test_beats_without_deepnorm_or_position_bias_is_a_post_norm_transformer(tmp_path):
