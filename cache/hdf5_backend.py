@@ -180,8 +180,11 @@ class HDF5Handle:
         key = f"{split}/{name}"
         if key not in self._datasets:
             try:
-                if self.file.mode == "r+" and key not in self.file and f"{key}{REMADE}" in self.file:
-                    self.file.move(f"{key}{REMADE}", key)  # remade, and killed before its rename (see _remake_strings)
+                if key not in self.file and f"{key}{REMADE}" in self.file:  # remade, killed before its rename (see _remake_strings)
+                    if self.file.mode != "r+":
+                        self._datasets[key] = self.file[f"{key}{REMADE}"]
+                        return self._datasets[key]
+                    self.file.move(f"{key}{REMADE}", key)
                 self._datasets[key] = self.file[key]
             except KeyError as error:
                 if "doesn't exist" in str(error):
@@ -209,21 +212,26 @@ class HDF5Handle:
         size = self.meta()["shard_size"]
         with self._lock:
             for name in STRING_COLUMNS:
-                data = self.dataset(split, name)
+                data, group = self.dataset(split, name), self.file[split]
+                if f"{name}{REMADE}" in group:  # a copy whose making was killed: the column itself is whole
+                    del group[f"{name}{REMADE}"]
+                    self.file.flush()
                 if not all(_readable(data, shard * size, (shard + 1) * size) for shard in shards):
                     self._remake_strings(split, name, size)
 
     def _remake_strings(self, split: str, name: str, size: int):
         """A copy of a string column holding the rows of its complete shards (the others are written
         again), then put in its place. Killed while copying, the next resume copies again; killed
-        between the removal and the rename, the copy is taken (see dataset)."""
+        between the removal and the rename, the copy is taken (see dataset). Each change to the
+        group is flushed before the next: HDF5 keeps them in its cache, and a kill while the long copy
+        pushes some of them to the disk and not others damaged the group, and with it the store."""
         group, old = self.file[split], self.dataset(split, name)
-        if f"{name}{REMADE}" in group:
-            del group[f"{name}{REMADE}"]
         new = group.create_dataset(f"{name}{REMADE}", shape=old.shape, dtype=STRING, dcpl=_early())
+        self.file.flush()
         for shard in np.flatnonzero(self.dataset(split, "complete")[:]):
             start, stop = shard * size, min((shard + 1) * size, old.shape[0])
             new[start:stop] = old[start:stop]
+        self.file.flush()
         del group[name]
         group.move(f"{name}{REMADE}", name)
         self._datasets.pop(f"{split}/{name}")

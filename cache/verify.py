@@ -80,7 +80,7 @@ def _structure_problems(store: TokenStore, split, names: list[str], columns: lis
     problems = []
     token_dtype = np.dtype(STORAGE_DTYPE[split.dtype])
     labels_shape, labels_dtype = column_layout(split.num_items, store.task, len(store.classes))["labels"]
-    for name in [*names, "labels", *columns, "complete"]:
+    for name in dict.fromkeys([*names, "labels", *columns, "complete"]):  # labels is among the columns too
         try:
             array = split.array(name)
         except StoreError as error:  # missing, or its own record damaged

@@ -417,6 +417,8 @@ class ZarrHandle:
             identity = (found.st_ino, found.st_mtime_ns)
             if shard in shard_offsets and shard_offsets[shard][0] == identity:
                 return shard_offsets[shard][1]
+            if found.st_size < index_bytes:
+                raise DamagedShard(path, f"shard file truncated ({found.st_size} bytes, shorter than its index of {index_bytes})")
             try:
                 with path.open("rb") as f:
                     f.seek(-index_bytes, os.SEEK_END)

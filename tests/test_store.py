@@ -277,8 +277,6 @@ def test_an_hdf5_store_whose_writer_was_killed_amid_its_strings_resumes(tmp_path
     they point into: the rows then point at records that never reached the disk, and reading or
     overwriting them failed at every resume. The resume makes such a column again from its complete
     shards, and the store ends as an uninterrupted one."""
-    import struct
-
     spec, path = make_spec(), tmp_path / "s.h5"
     items = make_items(spec, "train")
     with create_or_open(path, spec, "hdf5") as store:
@@ -286,14 +284,7 @@ def test_an_hdf5_store_whose_writer_was_killed_amid_its_strings_resumes(tmp_path
         write_shards(store, "test", make_items(spec, "test"), range(store.split("test").num_shards))
         store.split("train").mark_incomplete(1)  # killed before its flag
         row = store.split("train").shard_range(1)[0] + 3
-    with h5py.File(path, "r") as f:
-        offset, width = f["train/ids"].id.get_offset(), f["train/ids"].id.get_storage_size() // N_TRAIN
-    fd = os.open(path, os.O_RDWR)
-    try:  # a row's heap id: length, the heap collection's address, the record's index there
-        length, collection, index = struct.unpack("<IQI", os.pread(fd, 16, offset + row * width))
-        os.pwrite(fd, struct.pack("<IQI", length, collection, index + 1000), offset + row * width)
-    finally:
-        os.close(fd)
+    dangle_a_string(path, "train/ids", row, N_TRAIN)
     with h5py.File(path, "r") as f, pytest.raises(OSError, match="bad heap index"):
         f["train/ids"][row]
     for _ in range(2):  # the first resume remakes the column; the second finds nothing to do
@@ -308,6 +299,74 @@ def test_an_hdf5_store_whose_writer_was_killed_amid_its_strings_resumes(tmp_path
         assert verify(store, progress=False).ok
     with h5py.File(path, "r") as f:
         assert sorted(f["train"]) == sorted(set(f["test"]))  # no copy left beside the column
+
+
+def dangle_a_string(path, column: str, row: int, rows: int):
+    """Point one row of an HDF5 string column at a heap record that was never written, as a writer
+    killed between the rows and the string heap's flush leaves it."""
+    import struct
+
+    with h5py.File(path, "r") as f:
+        offset, width = f[column].id.get_offset(), f[column].id.get_storage_size() // rows
+    fd = os.open(path, os.O_RDWR)
+    try:  # a row's heap id: length, the heap collection's address, the record's index there
+        length, collection, index = struct.unpack("<IQI", os.pread(fd, 16, offset + row * width))
+        os.pwrite(fd, struct.pack("<IQI", length, collection, index + 1000), offset + row * width)
+    finally:
+        os.close(fd)
+
+
+def test_an_hdf5_string_column_remade_and_killed_midway_leaves_the_store_whole(tmp_path):
+    """Remaking a column changes the split's group in HDF5's cache; a kill while the long copy
+    pushed part of those changes to the disk damaged the group, and every shard with it, before each
+    change was flushed in turn. Killed at its 60th write, the next resume remakes it and finishes."""
+    spec, path = make_spec(splits={"train": 40_000, "test": 10}, shard_size=400), tmp_path / "s.h5"
+    with create_or_open(path, spec, "hdf5") as store:
+        write_shards(store, "train", make_items(spec, "train"), range(store.split("train").num_shards))
+        write_shards(store, "test", make_items(spec, "test"), [0])
+        store.split("train").mark_incomplete(1)
+    dangle_a_string(path, "train/ids", 403, 40_000)
+    child = textwrap.dedent(f"""
+        import os, signal, h5py
+        from tokens.cache.store import TokenStore
+        written, real = [0], h5py.Dataset.__setitem__
+        def counted(self, key, value):
+            if self.name.endswith(".remade"):
+                written[0] += 1
+                if written[0] == 60:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, key, value)
+        h5py.Dataset.__setitem__ = counted
+        store = TokenStore({str(path)!r}, fmt="hdf5", mode="a")
+        split = store.split("train")
+        split.discard_partial_writes(split.missing_shards())
+    """)
+    killed = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    items = make_items(spec, "train")
+    with create_or_open(path, spec, "hdf5") as store:
+        split = store.split("train")
+        split.discard_partial_writes(split.missing_shards())
+        write_shards(store, "train", items, split.missing_shards())
+    with open_store(path) as store:
+        assert store.split("train").column("ids").tolist() == items["ids"] and verify(store, progress=False).ok
+
+
+def test_a_string_column_remade_but_not_yet_renamed_is_read_and_renamed(tmp_path):
+    """A kill between the removal of the old column and the rename of its copy: readers (info,
+    verify, probe) read the copy, and the next writer puts it in place."""
+    spec, path = make_spec(), tmp_path / "s.h5"
+    fill(path, spec, "hdf5")
+    with h5py.File(path, "r+") as f:
+        f.copy(f["train/ids"], f["train"], name="ids.remade")
+        del f["train/ids"]
+    with open_store(path) as store:
+        assert store.split("train").column("ids").tolist() == make_items(spec, "train")["ids"]
+        assert verify(store, progress=False).ok
+    with create_or_open(path, spec, "hdf5") as store:
+        assert store.split("train").column("ids").tolist() == make_items(spec, "train")["ids"]
+    with h5py.File(path, "r") as f:
+        assert "ids" in f["train"] and "ids.remade" not in f["train"]
 
 
 def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
@@ -427,12 +486,16 @@ def test_verify_names_truncated_and_deleted_chunks(tmp_path):
         assert verify(store, progress=False).ok
         truncated = store.split("train")._h.chunk_file("train", "tokens/0", 1)
         deleted = store.split("test")._h.chunk_file("test", "tokens/1", 0)
+        short = store.split("train")._h.chunk_file("train", "tokens/0", 2)
     with open(truncated, "r+b") as f:
         f.truncate(os.path.getsize(truncated) // 2)
+    with open(short, "r+b") as f:  # shorter than the index at its end: once a bare "[Errno 22] Invalid argument"
+        f.truncate(10)
     os.remove(deleted)
     result = CliRunner().invoke(app, ["verify", str(path), "--quiet"])
     assert result.exit_code == 1 and "verify train" not in result.output  # no progress bar
     assert f"{deleted}: file missing" in result.output and f"{truncated}: shard index does not match" in result.output
+    assert f"{short}: shard file truncated (10 bytes, shorter than its index of 132)" in result.output, result.output
     assert result.output.count(str(deleted)) == result.output.count(str(truncated)) == 1  # each named once
     assert "run `tokens verify`" not in result.output  # the advice it gives elsewhere, not to its own user
     with open_store(path) as store:  # undamaged shards stay readable
@@ -1012,14 +1075,16 @@ def test_what_writing_shards_cannot_mend_is_not_offered_for_unmarking(tmp_path, 
         fill(path, spec, fmt)
     if fmt == "zarr":
         shutil.rmtree(removed / "train" / "mask")
+        shutil.rmtree(removed / "train" / "labels")
     else:
         with h5py.File(removed, "r+") as f:
-            del f["train/mask"]
+            del f["train/mask"], f["train/labels"]
     edit_meta(edited, fmt, lambda meta: meta.update(shard_size=16))
     with open_store(removed) as store:
         report = verify(store, progress=False)
-    assert report.damaged == [] and "train/mask" in report.problems[0] and "missing" in report.problems[0], report.problems
-    assert "extracting again cannot mend" in report.problems[1] and len(report.problems) == 2
+    assert report.damaged == [] and len(report.problems) == 3, report.problems  # each named once
+    assert "train/labels" in report.problems[0] and "train/mask" in report.problems[1] and "missing" in report.problems[1]
+    assert "extracting again cannot mend" in report.problems[2]
     with open_store(edited) as store:
         with pytest.raises(StoreError, match="train has 5 shard flags, but 37 items in shards of 16 make 3"):
             store.split("train").read_tokens(0, np.arange(8, 16))
