@@ -51,6 +51,8 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
             reader.file.close()
             raise
         _keep(reader)
+    except FileNotFoundError as e:  # deleted since the check above
+        raise BadAudio(f"file not found: {path}") from e
     except sf.SoundFileError as e:
         if "does not exist or is not a regular file" in str(e):  # libsndfile's words for data it cannot parse
             raise BadAudio(f"cannot decode: damaged, or not audio that libsndfile reads (a {path.suffix or 'suffix-less'} file)") from e
@@ -73,7 +75,7 @@ def load_window(path: str | Path, offset: float, duration: float | None, sample_
 # and of the encodings that cannot seek at all (GSM 6.10, G.72x), are read from the file's start.
 # Each thread keeps the last such file open where its last read ended: the windows of a batch come
 # in order, so a long recording is decoded about once per DataLoader worker, not once per window.
-DECODED_FROM_START = ("MP3", "OGG")
+DECODED_FROM_START = {"MP3", "OGG", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "VORBIS", "OPUS"}  # formats, encodings
 
 
 class _Reader:
@@ -82,7 +84,8 @@ class _Reader:
     def __init__(self, path: Path):
         self.path, self.stat, self.pid = path, _identity(path), os.getpid()  # a forked child has its own
         self.file = sf.SoundFile(path)
-        self.exact_seeks = self.file.seekable() and self.file.format not in DECODED_FROM_START
+        lossy = {self.file.format, self.file.subtype} & DECODED_FROM_START  # an MP3 inside a WAV file too
+        self.exact_seeks = self.file.seekable() and not lossy
         if not self.exact_seeks:
             # SoundFile.read seeks to where it stopped after each read, and in an MP3 that seek alone
             # gives wrong samples for a while. Told that the file cannot seek, it reads on without.
@@ -97,8 +100,10 @@ class _Reader:
         else:
             for _ in self.file.blocks(blocksize=1 << 16, frames=start - self.at, dtype="float32"):
                 pass  # decoded and dropped, in blocks: an hour of audio is never held whole
-        if count is None:
-            count = -1 if self.exact_seeks else self.file.frames - start  # a file read forward needs a count
+        if not self.exact_seeks:  # a file read forward needs a count, and is not cut to the file's end
+            count = self.file.frames - start if count is None else min(count, self.file.frames - start)
+        elif count is None:
+            count = -1
         audio = self.file.read(count, dtype="float32", always_2d=True)
         self.at = start + len(audio)
         return audio

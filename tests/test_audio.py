@@ -1,6 +1,7 @@
 """load_window: only the window is read, mono and resampling match an independent computation,
 and every kind of bad input fails with a reason instead of stopping the run."""
 
+import struct
 import time
 import tracemalloc
 
@@ -87,6 +88,32 @@ def test_windows_past_the_start_equal_the_whole_files_decode(tmp_path, format, s
         expected = whole[start:len(whole) if duration is None else start + round(duration * native)]
         # mpg123's float output moves by a bit between reads of other lengths; wrong samples are off by 0.1 or more
         np.testing.assert_allclose(window, expected, rtol=0, atol=1e-6, err_msg=f"{offset} s")
+
+
+def test_an_mp3_inside_a_wav_file_is_read_as_an_mp3(tmp_path):
+    """WAV files may hold MP3 data (format tag 0x55): libsndfile calls them WAV, and seeking in them
+    gives the MP3's wrong samples. What the encoding is, not the container, decides."""
+    if "MP3" not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot write MP3")
+    native, seconds = 24000, 5.5
+    sf.write(tmp_path / "c.mp3", chirp(native, seconds), native, format="MP3", subtype="MPEG_LAYER_III",
+             bitrate_mode="VARIABLE")
+    mp3 = (tmp_path / "c.mp3").read_bytes()
+    if mp3[:3] == b"ID3":  # a WAV's data chunk holds the MP3 frames alone
+        mp3 = mp3[10 + ((mp3[6] << 21) | (mp3[7] << 14) | (mp3[8] << 7) | mp3[9]):]
+    # WAVEFORMATEX of MPEG layer 3 (mono, 8 000 bytes/s, block align 1) and its MPEGLAYER3WAVEFORMAT tail
+    fmt = struct.pack("<HHIIHHH", 0x55, 1, native, 8000, 1, 0, 12) + struct.pack("<HIHHH", 1, 2, 576, 1, 0)
+    body = (b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<II", 4, round(seconds * native))
+            + b"data" + struct.pack("<I", len(mp3)) + mp3 + b"\0" * (len(mp3) % 2))
+    path = tmp_path / "c.wav"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    with sf.SoundFile(path) as f:
+        assert (f.format, f.subtype) == ("WAV", "MPEG_LAYER_III")
+    whole, _ = sf.read(path, dtype="float32")
+    for offset, duration in [(2.0, 2.0), (4.0, 1.0), (1.37, 0.5)]:
+        start = round(offset * native)
+        np.testing.assert_allclose(load_window(path, offset, duration, native), whole[start:start + round(duration * native)],
+                                   rtol=0, atol=1e-6, err_msg=f"{offset} s")
 
 
 def test_windows_of_a_lossy_file_in_order_decode_it_once_and_a_replaced_file_is_read_anew(tmp_path, monkeypatch):
