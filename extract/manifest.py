@@ -140,11 +140,10 @@ def read_dataset(
     source = Path(source).absolute()
     columns, records, problems, notes = _read(source, store, modality)
     _check_columns(columns, modality, problems, notes)
-    named = os.path.normpath(source if source.is_dir() else source.parent)  # through links, as the user knows it
-    root = Path(named).resolve()
+    root = (source if source.is_dir() else source.parent).resolve()
     window = window_seconds if modality == "audio" else None
     with tqdm(total=len(records), desc="checking the dataset", unit="row", disable=not progress, leave=False) as bar:
-        task, rows = _check(root, named, columns, records, classes, problems, notes, modality == "audio", window, bar)
+        task, rows = _check(root, columns, records, classes, problems, notes, modality == "audio", window, bar)
 
     names = list(classes) if classes is not None else sorted({name for row, _ in rows for name in row.labels})
     if rows and not names:
@@ -384,7 +383,7 @@ def _within(path: str, folder: str) -> bool:
 
 
 def _check(
-    root: Path, named: str, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str],
+    root: Path, columns: list[str], records: list[tuple[str, dict]], classes: list[str] | None, problems: list[str],
     notes: list[str], audio: bool, window: float | None, bar: tqdm,
 ) -> tuple[str, list[tuple[_Row, list]]]:
     """The task and the rows without problems with their (offset, duration) windows; every problem
@@ -403,7 +402,7 @@ def _check(
         return "", []
     task = "multilabel" if "labels" in columns else "multiclass"
     known = None if classes is None else set(classes)
-    check = functools.partial(_check_records, root, named, task, known, audio, window)
+    check = functools.partial(_check_records, root, task, known, audio, window)
     chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
     workers = min(usable_cores(), len(chunks)) if len(records) >= PARALLEL_ROWS else 1
     rows, cut = [], []
@@ -440,14 +439,15 @@ def _leave_signals_to_the_parent():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _check_records(root: Path, named: str, task: str, known: set[str] | None, audio: bool, window: float | None,
+def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, window: float | None,
                    records: list[tuple[str, dict]]) -> list[tuple[_Row, list[str], list, str | None]]:
     """(row, its problems, its windows, how its `end` lies past its file's if it does) of each
     record; runs in worker processes for large datasets."""
     _names_by_nfc.cache_clear()  # folders may have changed since the last dataset was read
+    _below.cache_clear()
     checked = []
     for where, record in records:
-        row, problems = _check_row(root, named, where, record, task, known)
+        row, problems = _check_row(root, where, record, task, known)
         windows, past_the_end = [], None
         if not problems and not audio and PurePosixPath(row.rel).suffix.lower() in AUDIO_SUFFIXES:
             problems.append(f"{row.rel} is audio, and this backbone reads images")  # not found after decoding them all
@@ -457,17 +457,35 @@ def _check_records(root: Path, named: str, task: str, known: set[str] | None, au
     return checked
 
 
-def _check_row(root: Path, named: str, where: str, record: dict, task: str,
-               known: set[str] | None) -> tuple[_Row, list[str]]:
-    """`named`: the dataset folder as the user named it, through links (`root` is its real path);
-    an absolute path may go through either."""
+@functools.lru_cache(maxsize=4096)
+def _below(directory: str, root: str) -> str | None:
+    """Where `directory` (absolute) lies inside the dataset folder `root` (a real path) when one of
+    its parents is that folder reached through a link, as on clusters whose /scratch or /home is
+    one: '' for the folder itself, 'a/b' below it; None when none of them is. Once per directory."""
+    head, below = directory, []
+    while True:
+        try:
+            if os.path.samefile(head, root):
+                return "/".join(reversed(below))
+        except OSError:  # not there
+            pass
+        parent, name = os.path.split(head)
+        if parent == head:
+            return None
+        head = parent
+        below.append(name)
+
+
+def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] | None) -> tuple[_Row, list[str]]:
     bad = []
     raw_path = _text(record.get("path"))
     # Plain strings rather than pathlib: this runs once per row, and millions of rows are common.
     full = os.path.normpath(os.path.join(root, raw_path))  # removes "..": the lexical check below needs that
     inside = os.path.join(root, "")  # the root with one trailing separator
-    if (full + os.sep).startswith(os.path.join(named, "")) and not (full + os.sep).startswith(inside):
-        full = os.path.normpath(os.path.join(root, full[len(os.path.join(named, "")):]))
+    if os.path.isabs(raw_path) and not (full + os.sep).startswith(inside):
+        below = _below(os.path.dirname(full), str(root))
+        if below is not None:  # through a link to the dataset folder (/scratch -> /lustre/scratch, say)
+            full = os.path.normpath(os.path.join(root, below, os.path.basename(full)))
     if not raw_path:
         bad.append("empty path")
     elif "\0" in raw_path:

@@ -10,6 +10,8 @@ import textwrap
 import time
 import unicodedata
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -420,7 +422,7 @@ def test_linked_audio_is_taken_wherever_the_link_leads(tmp_path, checking):
     assert e.value.problems == [f"line 2: path 'audio/../../disk/clip.wav' leads outside the dataset folder {data}"]
 
 
-def test_an_absolute_path_through_a_linked_dataset_folder_is_inside_it(tmp_path, checking):
+def test_an_absolute_path_through_a_linked_dataset_folder_is_inside_it(tmp_path, checking, monkeypatch):
     """On clusters /scratch or /home is often a link (and /tmp on macOS): an absolute path written
     through the folder as the user knows it is inside the dataset, as the same path through its
     real location is, and is recorded relative to it; one elsewhere is still refused."""
@@ -434,6 +436,11 @@ def test_an_absolute_path_through_a_linked_dataset_folder_is_inside_it(tmp_path,
     items = [item for items in audio(linked / "m.csv").splits.values() for item in items]
     assert [(item.source, item.path) for item in items] == [("audio/a.wav", real / "audio" / "a.wav"),
                                                             ("audio/b.wav", real / "audio" / "b.wav")]
+    monkeypatch.chdir(linked)  # the manifest named from inside the link: the working folder is the real one
+    assert [item.source for items in audio(Path("m.csv")).splits.values() for item in items] == ["audio/a.wav", "audio/b.wav"]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "up").symlink_to(real / "audio")
+    assert len(audio(tmp_path / "x" / "up" / ".." / "m.csv").splits) == 2  # '..' after a link: the link's parent, as the kernel goes
     csv_file(manifest, f"path,label,split\n{tmp_path / 'elsewhere.wav'},x,train\n")
     with pytest.raises(ManifestError) as e:
         audio(linked / "m.csv")
