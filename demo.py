@@ -73,7 +73,7 @@ def demo(
     """Run the whole pipeline offline: synthesize localized sound events, extract them with the
     real crepe-tiny weights, train linear, mean, mhca, ep and protobin probes, print the leaderboard.
 
-    About a minute on 2 CPU cores. Rerunning reuses the dataset and the finished store; a run with
+    One to two minutes on 2 CPU cores. Rerunning reuses the dataset and the finished store; a run with
     other --epochs goes to its own folder (run-N-epochs) rather than resuming the first.
     """
     from tokens.cli import app

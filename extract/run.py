@@ -715,7 +715,7 @@ def extract(
                  for index in _shard_items(spec, split, shard)]
         if summary.shards_skipped:
             log(f"resuming: {summary.shards_skipped} of {len(work.units)} shards already complete")
-            if differ := library_changes(store.meta.get("extra", {}).get("versions"), spec.extra["versions"]):
+            if items and (differ := library_changes(store.meta.get("extra", {}).get("versions"), spec.extra["versions"])):
                 log(f"note: the store was begun under {differ}: the shards written now will be made another way "
                     "(allowed, as the cache key leaves library versions out; the store records the first run's)")
         for name in spec.splits:  # what a killed run left half-written of the shards this one writes

@@ -157,3 +157,17 @@ def test_a_diverged_head_gets_undefined_metrics_instead_of_an_error(task, labels
     primary = primary_metric(task)
     (per_class,) = [v for k, v in metrics.items() if k.startswith("per_class")]
     assert np.isnan(metrics[primary]) and per_class == [None, None]
+
+
+def test_undefined_says_which_metrics_labels_leave_undefined_and_compute_metrics_agrees():
+    from tokens.train.metrics import undefined
+
+    cases = [(np.array([[0, 0], [0, 0]]), ("map and roc_auc", "no item has a label")),
+             (np.array([[1, 0], [1, 0]]), ("roc_auc", "no class has both items with it and items without it")),
+             (np.array([[1, 0], [0, 0]]), None)]
+    for labels, expected in cases:
+        assert undefined("multilabel", labels) == expected
+        metrics = compute_metrics("multilabel", np.array([[0.2, 0.1], [0.7, 0.4]]), labels)
+        undefined_now = {name for name in ("map", "roc_auc") if np.isnan(metrics[name])}
+        assert undefined_now == (set(expected[0].split(" and ")) if expected else set())
+    assert undefined("multiclass", np.array([0])) is None

@@ -472,6 +472,18 @@ def test_an_out_that_reads_as_a_head_option_is_refused(store, tmp_path, monkeypa
     ok("probe", store, "--heads", "mean", *FAST, "-o", "runs/lr=1e-3")  # a folder name with = but no head option
 
 
+def test_a_metric_the_labels_leave_undefined_is_said_before_training(tmp_path):
+    """The one validation item here has no label: neither mAP nor ROC-AUC is defined there, and the
+    leaderboard's NaN is explained up front rather than left bare."""
+    path = make_store(tmp_path / "one.zarr", splits={"train": 150, "valid": 1, "test": 48})
+    assert not open_store(path).split("valid").column("labels").any()
+    result = ok("probe", path, "--heads", "linear", *FAST, "--out", tmp_path / "r")
+    assert "note: map and roc_auc cannot be computed on the 1 validation items (no item has a label)" in result.output
+    assert "test items" not in result.output, result.output
+    (row,) = leaderboard(tmp_path / "r").values()
+    assert row["val_roc_auc"] == "nan" and row["test_roc_auc"] != "nan"
+
+
 def test_info_failed_says_so_on_stderr_when_nothing_failed(tmp_path):
     from tokens.cli import app as tokens_app
 
@@ -714,6 +726,7 @@ def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args
     ("[heads.maen]\n", "unknown head 'maen'; choose from"),
     ("[heads.ep]\nnum_querys = [2]\n", "head 'ep' has no option num_querys; it takes:"),
     ("[heads.mean]\nlr = [-1.0]\n", "mean.lr must be positive and finite, got -1.0"),
+    ('[heads.ep]\nnum_queries = "x"\n', "ep[num_queries=x]/lr=0.001/wd=0.0001/layer=6: ep: num_queries must be a positive integer"),
 ])
 def test_sweep_file_mistakes_name_the_file_and_key(store, tmp_path, text, message):
     path = tmp_path / "sweep.toml"
@@ -840,18 +853,21 @@ def test_predict_never_writes_its_scores_over_the_store_the_head_or_another_file
     CSV: refused, each left as it was. An earlier scores file is replaced whole."""
     shutil.copy(run / "best" / "ep.pt", tmp_path / "ep.pt")
     h5 = make_store(tmp_path / "s.h5")
-    manifest = tmp_path / "m.csv"
+    manifest, with_ids = tmp_path / "m.csv", tmp_path / "ids.csv"
     manifest.write_text("path,labels,split\na.wav,bird,test\n")
-    for target, what in [(tmp_path / "ep.pt", "--head"), (h5, "STORE"), (manifest, "manifest")]:
+    with_ids.write_text("id,path,labels,split\nx,a.wav,bird,test\n")  # a manifest may begin with its id column
+    for target, what in [(tmp_path / "ep.pt", "--head"), (h5, "STORE"), (manifest, "manifest"), (with_ids, "manifest")]:
         before = target.read_bytes()
         scored = h5 if what == "STORE" else store
         result = invoke("predict", scored, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", target)
         assert result.exit_code == 2 and "is not a scores file" in said(result), (what, said(result))
         assert target.read_bytes() == before, what
     earlier = tmp_path / "scores.csv"
-    earlier.write_text("id,bird\nold,0.5\n")
-    ok("predict", store, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", earlier)
-    assert len(read_csv(earlier)) == SIZES["test"] and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    earlier.write_text(f"id,{','.join(CLASSES)}\nold,0.1,0.2,0.3\n")
+    (tmp_path / "linked.csv").symlink_to(earlier)
+    ok("predict", store, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", tmp_path / "linked.csv")
+    assert len(read_csv(earlier)) == SIZES["test"] and (tmp_path / "linked.csv").is_symlink()  # written through the link
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_report_refuses_a_csv_that_is_not_a_leaderboard(tmp_path):
@@ -1316,8 +1332,9 @@ def test_a_finished_run_without_its_checkpoint_is_left_as_it_is(store, run, tmp_
     shutil.copytree(run, out)
     (out / "checkpoint.pt").unlink()
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
-    again = ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
-    assert "holds this sweep's results already" in said(again) and "nothing to do" in said(again), said(again)
+    for heads in ("linear,ep,protobin", "protobin,linear,ep"):  # the same sweep listed in another order too
+        again = ok("probe", store, "--heads", heads, *SWEEP[2:], *FAST, "--data", "stream", "--out", out)
+        assert "holds this sweep's results already" in said(again) and "nothing to do" in said(again), said(again)
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
     other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)
     assert other.exit_code == 2 and "holds the results of another sweep" in said(other), said(other)

@@ -182,7 +182,8 @@ def build_sweep(store, heads, option, lr, wd, layers, seeds, sweep_file, default
                 if where == "--option" and not any(k not in ("lr", "wd") for k in spec["heads"][config.head]):
                     raise SweepError(f"{config.group}: with its default options, {error}; set them with --option "
                                      f"{config.head}.NAME=VALUE", "--heads") from error
-                raise SweepError(f"{config.group}: {error}", where) from error
+                in_file = f"{sweep_file}: " if where == "--sweep" else ""
+                raise SweepError(f"{in_file}{config.group}: {error}", where) from error
     return configs, spec | {"layers_resolved": resolved}
 
 
@@ -361,19 +362,21 @@ def check_can_make(folder: Path):
                                  param_hint="--out") from None
 
 
-def prepare_output(out: Path):
+def prepare_output(out: Path, header: list[str]):
     """Make the folder of --out's file now, so that a bad path fails before scoring rather than after
-    it; and refuse to replace a file that is not an earlier scores file (the store, the head, a manifest)."""
+    it; and refuse to replace a file other than earlier scores of these classes (`header`): the store,
+    the head, a manifest (whose id column may come first) are not lost to a mistyped --out."""
     check_can_make(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not os.access(out, os.W_OK):
         raise typer.BadParameter(f"{out} cannot be written (permission denied)", param_hint="--out")
-    if out.exists():
+    if out.exists() and out.stat().st_size:
         with open(out, "rb") as f:
-            begins = f.read(3)
-        if begins and begins != b"id,":
-            raise typer.BadParameter(f"{out} exists and is not a scores file (its first column is not id): it would be "
-                                     "replaced; give another --out, or delete it first", param_hint="--out")
+            first = f.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n")
+        if next(csv.reader([first]), []) != header:
+            raise typer.BadParameter(f"{out} exists and is not a scores file of these classes (its first line is not "
+                                     f"{','.join(header)[:80]}): it would be replaced; give another --out, or delete it first",
+                                     param_hint="--out")
 
 
 def predict(
@@ -437,7 +440,7 @@ def predict(
         items = usable_items(the_split)
         if not len(items):
             raise typer.BadParameter(f"{store} has no usable {split} items (all failed or in unwritten shards)", param_hint="--split")
-        prepare_output(out)
+        prepare_output(out, ["id", *saved["classes"]])
         module = build_head(**build)
         module.load_state_dict(saved["state_dict"])
         module.to(compute)
@@ -447,14 +450,15 @@ def predict(
         if not log_scores:
             scores = np.exp(scores)
         ids = the_split.column("ids")[items]
-    aside = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # earlier scores stay whole until these are
+    target = out.resolve()  # through a link, not over it
+    aside = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # earlier scores stay whole until these are
     try:
         with open(aside, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id", *saved["classes"]])
             for item_id, row in zip(ids, scores):
                 writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
-        os.replace(aside, out)
+        os.replace(aside, target)
     finally:
         aside.unlink(missing_ok=True)
     skipped = the_split.num_items - len(items)

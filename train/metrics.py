@@ -39,6 +39,19 @@ def compute_metrics(task: str, scores, labels) -> dict:
     return dict(zip(METRICS[task], values))
 
 
+def undefined(task: str, labels) -> tuple[str, str] | None:
+    """The metrics these labels leave undefined (NaN for every head), and why; None when none is.
+    Said before training, rather than left as an unexplained NaN in the leaderboard."""
+    if task != "multilabel":  # accuracy and balanced accuracy are defined on any items
+        return None
+    positives = np.asarray(labels).astype(bool).sum(0)
+    if not positives.any():
+        return "map and roc_auc", "no item has a label"
+    if not ((positives > 0) & (positives < len(labels))).any():
+        return "roc_auc", "no class has both items with it and items without it"
+    return None
+
+
 def _multilabel(scores, labels):
     from sklearn.metrics import average_precision_score, roc_auc_score
 

@@ -36,7 +36,7 @@ from tokens.train import report
 from tokens.train.data import SAMPLING, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters, shared_steps
 from tokens.train.losses import DEFAULT_LOSS, make_loss
-from tokens.train.metrics import compute_metrics, primary_metric
+from tokens.train.metrics import compute_metrics, primary_metric, undefined
 from tokens.train.optim import lr_factor, make_optimizer
 from tokens.train.sweep import Config, SweepError
 
@@ -287,9 +287,14 @@ def check_no_other_results(out: Path, training: dict):
         earlier = report.EARLIER_DEFAULTS | json.loads((out / "config.json").read_text())["training"]
     except (OSError, ValueError, KeyError, TypeError):  # results whose sweep cannot be told: not ours to mix with
         earlier = None
-    if earlier != training:
+    if _in_any_order(earlier) != _in_any_order(training):
         raise SweepError(f"{out} holds the results of another sweep ({', '.join(results)}): "
                          f"use another --out, or delete {out} to start over", "--out")
+
+
+def _in_any_order(training: dict | None) -> dict | None:
+    """A training plan whatever the order its configurations were listed in, which no result depends on."""
+    return None if training is None else training | {"configs": sorted(training.get("configs") or [])}
 
 
 def check_other_parts(out: Path, record: dict):
@@ -324,7 +329,7 @@ def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int
         probe.rng = saved["rng"]
         if probe.rng.numel() != here:
             generator = torch.Generator(device)
-            generator.manual_seed(probe.config.seed * 1_000_003 + epoch)
+            generator.manual_seed((probe.config.seed * 1_000_003 + epoch) % 2**63)
             probe.rng, moved = generator.get_state(), True
         probe.best_state, probe.best_metric = saved["best_state"], saved["best_metric"]
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
@@ -445,6 +450,10 @@ def run(
     probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
     loss_fn = make_loss(task, loss)
     valid_labels = valid_source.labels[torch.from_numpy(valid_items).to(valid_source.labels.device)].cpu().numpy()
+    for name, split_labels in (("validation", valid_labels), ("test", labels["test"][test_items])):
+        if found := undefined(task, split_labels):
+            tqdm.write(f"note: {found[0]} cannot be computed on the {len(split_labels)} {name} items ({found[1]}): "
+                       "NaN for every head")
     steps = max(1, len(train_items) // batch_size)
     total, warmup = epochs * steps, round(warmup_epochs * steps)
 
