@@ -161,8 +161,9 @@ class HDF5Handle:
                     self.file.close()
                     raise _damaged(path, f"{split}/complete", error) from error
 
-    def meta(self) -> dict:
-        """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so)."""
+    def meta(self, latest: bool = False) -> dict:
+        """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so).
+        Always as the file holds it now (`latest` is for zarr's sake: an HDF5 store has one writer)."""
         if "meta" not in self.file.attrs:
             return {}
         try:

@@ -142,6 +142,13 @@ def build_aside(path: Path) -> Path:
     What killed builders left there for the same path (SIGKILL, a lost node) is deleted first, so
     that their hidden leftovers do not pile up unseen.
     """
+    discard_builds(path)
+    return path.parent / f".{path.name}.{writer()}.{uuid.uuid4().hex}.tmp"
+
+
+def discard_builds(path: Path):
+    """Delete what killed builders left beside `path` (see build_aside); also once the store is
+    there, since tasks of a job array create it at once, and one killed then is not the one that made it."""
     built = re.compile(rf"\.{re.escape(path.name)}\.(?:([^.]+)\.)?[0-9a-f]{{32}}\.tmp")  # no writer: made before it was named
     for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         found = built.fullmatch(entry.name)
@@ -150,7 +157,6 @@ def build_aside(path: Path) -> Path:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-    return path.parent / f".{path.name}.{writer()}.{uuid.uuid4().hex}.tmp"
 
 
 def check_writable(path: str | Path):
@@ -334,6 +340,8 @@ def create_or_open(path: str | Path, spec: StoreSpec, fmt: str | None = None,
             raise write_error(path, error, creating=True) from error
     else:
         check_writable(path)
+        for where in {path, path.resolve()}:  # zarr builds beside where a link leads, HDF5 beside the path
+            discard_builds(where)
     store = TokenStore(path, fmt=fmt, mode="a")
     try:
         store.check_compatible(spec, dataset_change=dataset_change, holds_dataset=holds_dataset)
@@ -506,6 +514,11 @@ class TokenStore:
         if differing == ["dataset_fingerprint"] and holds_dataset is not None and holds_dataset(self):
             if self.mode != "r":
                 self._record_dataset(new["dataset_fingerprint"])
+            return
+        if differing == ["dataset_fingerprint"] and self._handle.meta(latest=True).get("dataset_fingerprint") == new["dataset_fingerprint"]:
+            # another task of the job array took this dataset since the store was opened here (--retry-failed:
+            # its shards may be written again meanwhile, so what this one read no longer describes the store)
+            self.meta = self._handle.meta(latest=True)
             return
         if differing:
             entries = differences(differing[0], self.meta.get(differing[0]), new[differing[0]])

@@ -9,6 +9,7 @@ several processes can fill disjoint shards of one store at once.
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import os
 import re
@@ -249,7 +250,13 @@ class ZarrHandle:
         self._arrays = {}
         self._found: dict[str, set[int]] = {}  # array -> shards whose file was seen (see _check_files)
 
-    def meta(self) -> dict:
+    def meta(self, latest: bool = False) -> dict:
+        """The store's metadata as opened, or `latest`: as on disk now (another task may have changed it)."""
+        if latest:
+            try:
+                return json.loads((self.path / "zarr.json").read_text()).get("attributes", {})
+            except (OSError, ValueError, AttributeError):
+                return {}
         return dict(self.root.attrs)
 
     def set_meta(self, meta: dict):
@@ -277,21 +284,18 @@ class ZarrHandle:
         return self.path / PARTIAL / f"{shard}.{split}.{name.replace('/', '.')}.{writer()}.{uuid.uuid4().hex}.tmp"
 
     def discard_partial(self, split: str, shards: set[int]):
-        """Delete what killed writers left half-written of these shards.
-
-        A resubmitted task may start while the old one still writes the same shards: a file is
-        deleted only when its writer is gone (a process of this host that no longer runs) or, when
-        that cannot be told (another host), when it has not changed for STALE_SECONDS (see store.writer_gone).
-        """
+        """Delete what killed writers left half-written, of any shard: a file is deleted only when its
+        writer is gone (a process of this host that no longer runs) or, when that cannot be told
+        (another host), when it has not changed for STALE_SECONDS (see store.writer_gone). Not only
+        the shards this run writes again: a task resubmitted while the old one still ran wrote the
+        shard itself, and what the old one left of it would otherwise stay for good."""
         try:
             entries = list(os.scandir(self.path / PARTIAL))
         except FileNotFoundError:
             return
         for entry in entries:
             fields = entry.name.split(".")  # <shard>.<split>.<array...>.<host>-<pid>.<uuid>.tmp
-            if len(fields) < 6 or fields[1] != split or not fields[0].isdigit() or int(fields[0]) not in shards:
-                continue
-            if writer_gone(fields[-3], Path(entry.path)):
+            if len(fields) >= 6 and fields[-1] == "tmp" and writer_gone(fields[-3], Path(entry.path)):
                 Path(entry.path).unlink(missing_ok=True)
 
     def chunk_file(self, split: str, name: str, shard: int) -> Path:

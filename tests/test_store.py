@@ -270,6 +270,11 @@ def test_what_killed_store_builders_left_is_cleared_by_the_next_creation(tmp_pat
     with create_or_open(tmp_path / name, make_spec(), fmt) as store:
         assert store.split("train").complete_mask().tolist() == [False] * 5
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [name])
+    # a task of the job array killed while another made the store: its build is cleared by the next opening
+    late = f".{name}.{store_module.HOST}-{dead_pid()}.{'9' * 32}.tmp"
+    (tmp_path / late).mkdir()
+    create_or_open(tmp_path / name, make_spec(), fmt).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [name])
 
 
 def test_an_hdf5_store_whose_writer_was_killed_amid_its_strings_resumes(tmp_path):
@@ -369,10 +374,11 @@ def test_a_string_column_remade_but_not_yet_renamed_is_read_and_renamed(tmp_path
         assert "ids" in f["train"] and "ids.remade" not in f["train"]
 
 
-def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
-    """A resumed writer clears what a killed one left of the shards it will write again, and
-    nothing of other shards or splits (other job-array tasks may be writing those), nor what a
-    writer still running writes (a task resubmitted while the old one runs)."""
+def test_half_written_files_of_gone_writers_are_discarded_whatever_their_shard(tmp_path):
+    """A resumed writer clears what killed writers left, of any shard or split: a task resubmitted
+    while the old one still ran wrote the shard itself, and the old one's file, killed later, would
+    otherwise stay for good. What a writer still running writes is kept (this host's by its pid,
+    another host's while it changed within STALE_SECONDS)."""
     from tokens.cache import store as store_module
 
     me, gone = store_module.writer(), f"{store_module.HOST}-{dead_pid()}"
@@ -380,9 +386,9 @@ def test_only_the_named_shards_half_written_files_are_discarded(tmp_path):
     with create_or_open(path, make_spec()) as store:
         write_shards(store, "train", make_items(make_spec(), "train"), [0])
         partial = path / ".partial"
-        doomed = [f"1.train.tokens.0.{gone}.a1.tmp", "1.train.labels.elsewhere-7.b2.tmp"]
-        kept = [f"1.train.mask.{me}.c3.tmp", "1.train.ids.elsewhere-8.d4.tmp", f"2.train.mask.{gone}.e5.tmp",
-                f"1.test.ids.{gone}.f6.tmp", "notes"]
+        doomed = [f"1.train.tokens.0.{gone}.a1.tmp", "1.train.labels.elsewhere-7.b2.tmp", f"0.train.mask.{gone}.e5.tmp",
+                  f"1.test.ids.{gone}.f6.tmp"]
+        kept = [f"1.train.mask.{me}.c3.tmp", "1.train.ids.elsewhere-8.d4.tmp", "notes"]
         for name in doomed + kept:
             (partial / name).write_bytes(b"torn")
         old = time.time() - store_module.STALE_SECONDS - 60
