@@ -8,14 +8,18 @@ from pathlib import Path
 
 import typer
 
-from tokens.cache import commands as cache_commands
-from tokens.cache.store import StoreError
-from tokens.cluster import sbatch_script
-from tokens.demo import demo
-from tokens.extract import commands as extract_commands
-from tokens.train import commands as train_commands
-from tokens.train import probe as probe_recipe
-from tokens.train.sweep import SweepError
+try:  # the stages bring torch in: a second or two, in which Ctrl-C should say what it stopped
+    from tokens.cache import commands as cache_commands
+    from tokens.cache.store import StoreError
+    from tokens.cluster import sbatch_script
+    from tokens.demo import demo
+    from tokens.extract import commands as extract_commands
+    from tokens.train import commands as train_commands
+    from tokens.train import probe as probe_recipe
+    from tokens.train.sweep import SweepError
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted while tokens was starting: nothing was done\n")
+    sys.exit(130)
 
 app = typer.Typer(
     help=(

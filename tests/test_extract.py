@@ -1,6 +1,7 @@
 """`tokens extract` end to end with the real CREPE weights: stored tokens equal a direct forward pass,
 bad items are recorded, interrupted runs resume to the same store, other configurations are refused."""
 
+import functools
 import importlib.metadata
 import json
 import multiprocessing
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -212,6 +214,28 @@ def test_an_unreadable_file_fixed_is_extracted_by_retry_failed(dataset, tmp_path
     tone(data / "bad.wav", 2.5, 300)  # three windows: the store cannot grow
     with pytest.raises(StoreError, match="the dataset differs: test has 2 items in the store, 4 now"):
         run(dataset, store_path, retry_failed=True)
+
+
+def test_a_task_that_opened_the_store_before_another_retried_its_failed_items_goes_on(dataset, tmp_path):
+    """Tasks of a job array resubmitted with --retry-failed start together: one opens the store, another
+    takes the new dataset and writes its failed items again before the first compares. What the first
+    read then describes neither dataset, and it was refused; the store's own record now says it is this one."""
+    from tokens.cache.store import TokenStore
+    from tokens.extract.run import holds_only_this_dataset, plan
+
+    data = dataset.parent
+    (data / "bad.wav").write_text("this is not a recording\n" * 20)
+    with dataset.open("a") as f:
+        f.write("bad.wav,low,test\n")
+    store_path = tmp_path / "s.zarr"
+    run(dataset, store_path)
+    tone(data / "bad.wav", 1.0, 300)
+    work = plan(dataset, store_path, build_backbone("crepe-tiny"), layers="all", dtype="float16", fmt="zarr", codec=None,
+                shard_size=2, part=(1, 1))
+    with TokenStore(store_path, mode="a") as slow:
+        assert run(dataset, store_path, retry_failed=True).retried == 1  # the other task, meanwhile
+        slow.check_compatible(work.spec, holds_dataset=functools.partial(holds_only_this_dataset, dataset=work.dataset))
+        assert slow.meta["dataset_fingerprint"] == work.spec.dataset_fingerprint
 
 
 def test_unreadable_files_fixed_one_at_a_time_are_retried_whatever_ran_between(dataset, tmp_path):
@@ -562,6 +586,24 @@ def test_ctrl_c_while_the_command_imports_torch_says_so(dataset, tmp_path, monke
     Interrupted.error = ImportError("broken torch")
     result = CliRunner().invoke(app, ["extract", str(dataset), "--store", str(tmp_path / "s.zarr"), "-q"])
     assert isinstance(result.exception, ImportError) and "broken torch" in str(result.exception)  # itself, not a NameError
+
+
+def test_ctrl_c_while_the_command_itself_starts_says_so():
+    """Before `tokens` reaches a verb it imports the stages, and torch with them: Ctrl-C then gave
+    torch's traceback; it says that nothing was done."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class Interrupted(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "tokens.train.commands":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupted())
+        sys.argv = ["tokens", "--help"]
+        from tokens.cli import main
+        main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr == "interrupted while tokens was starting: nothing was done\n", done.stderr
 
 
 def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_path, monkeypatch):
