@@ -1,3 +1,4 @@
 from tokens.cli import main
 
-main()
+if __name__ == "__main__":  # not again in a spawned child process, which imports this module
+    main()

@@ -47,6 +47,9 @@ def create(path: Path, spec: StoreSpec):
         os.link(tmp, path)
     except FileExistsError:
         pass
+    except FileNotFoundError:  # its build taken for a gone writer's (see store.writer_gone) while another made the store
+        if not path.exists():
+            raise
     except RuntimeError as error:  # h5py's word for a failed write (a full disk)
         raise _os_error(error) from error
     finally:
@@ -186,6 +189,7 @@ class HDF5Handle:
                         self._datasets[key] = self.file[f"{key}{REMADE}"]
                         return self._datasets[key]
                     self.file.move(f"{key}{REMADE}", key)
+                    self.file.flush()
                 self._datasets[key] = self.file[key]
             except KeyError as error:
                 if "doesn't exist" in str(error):

@@ -109,7 +109,17 @@ def write_error(where, error: OSError, creating: bool = False) -> StoreError:
 # Files and folders are written aside and renamed into place. The name of what is written aside
 # says who writes it (host and process id), so that what a killed writer left is told from what a
 # live one (another task of a job array, on this host or another) is still writing.
-HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+def _host() -> str:
+    """This host, as told apart in the names of what is written aside: its name, and the pid namespace
+    (containers may share a host's name but not its process ids, which would make live writers look gone)."""
+    name = socket.gethostname().replace(".", "_").replace("-", "_")
+    try:
+        return f"{name}_ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc: the name alone
+        return name
+
+
+HOST = _host()
 STALE_SECONDS = 600  # something of another host's writer, unchanged this long, has lost its writer
 
 
@@ -515,11 +525,13 @@ class TokenStore:
             if self.mode != "r":
                 self._record_dataset(new["dataset_fingerprint"])
             return
-        if differing == ["dataset_fingerprint"] and self._handle.meta(latest=True).get("dataset_fingerprint") == new["dataset_fingerprint"]:
-            # another task of the job array took this dataset since the store was opened here (--retry-failed:
-            # its shards may be written again meanwhile, so what this one read no longer describes the store)
-            self.meta = self._handle.meta(latest=True)
-            return
+        if differing == ["dataset_fingerprint"] and (latest := self._handle.meta(latest=True)):
+            # another task of the job array may have taken this dataset since the store was opened here
+            # (--retry-failed: its shards may be written again meanwhile, so what this one read no longer
+            # describes the store): compared again, in full, with the store's metadata as it is now
+            if not [name for name in order if name not in unknown and _json(latest.get(name)) != _json(new[name])]:
+                self.meta = latest
+                return
         if differing:
             entries = differences(differing[0], self.meta.get(differing[0]), new[differing[0]])
             what = ", ".join(f"{where} is {short(old)} in the store but {short(now)} now" for where, old, now in entries[:3])

@@ -718,7 +718,7 @@ def extract(
             if items and (differ := library_changes(store.meta.get("extra", {}).get("versions"), spec.extra["versions"])):
                 log(f"note: the store was begun under {differ}: the shards written now will be made another way "
                     "(allowed, as the cache key leaves library versions out; the store records the first run's)")
-        for name in spec.splits:  # what a killed run left half-written of the shards this one writes
+        for name in spec.splits:  # what killed runs left half-written (and, in HDF5, the string rows they tore)
             store.split(name).discard_partial_writes(shard for split, shard in todo if split == name)
         if not items:
             if warm_up is not None:

@@ -1,5 +1,6 @@
 """The store: bit-exact round trips, resumable and concurrent writes, refusals, damage detection."""
 
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import zarr
 from typer.testing import CliRunner
 
 from tokens.cache import StoreError, StoreSpec, create_or_open, open_store
+from tokens.cache.store import TokenStore
 from tokens.cache.verify import verify
 from tokens.cli import app
 
@@ -374,11 +376,27 @@ def test_a_string_column_remade_but_not_yet_renamed_is_read_and_renamed(tmp_path
         assert "ids" in f["train"] and "ids.remade" not in f["train"]
 
 
+def test_a_store_taken_by_another_task_meanwhile_is_compared_again_in_full(tmp_path):
+    """A task's view of the store may be older than the store (another task took the dataset since):
+    it goes on when the store as it is now matches it in every field, not in its fingerprint alone."""
+    spec, path = make_spec(), tmp_path / "s.zarr"
+    fill(path, spec)
+    taken = dataclasses.replace(spec, dataset_fingerprint="e" * 64)
+    with TokenStore(path, mode="a") as slow:
+        edit_meta(path, "zarr", lambda meta: meta.update(dataset_fingerprint="e" * 64))  # the other task's record
+        slow.check_compatible(taken)
+        assert slow.meta["dataset_fingerprint"] == "e" * 64
+    with TokenStore(path, mode="a") as slow:
+        edit_meta(path, "zarr", lambda meta: meta.update(dataset_fingerprint="d" * 64, dim=D + 1))  # a store of other tokens now
+        with pytest.raises(StoreError, match="another configuration"):
+            slow.check_compatible(dataclasses.replace(spec, dataset_fingerprint="d" * 64))
+
+
 def test_half_written_files_of_gone_writers_are_discarded_whatever_their_shard(tmp_path):
     """A resumed writer clears what killed writers left, of any shard or split: a task resubmitted
     while the old one still ran wrote the shard itself, and the old one's file, killed later, would
     otherwise stay for good. What a writer still running writes is kept (this host's by its pid,
-    another host's while it changed within STALE_SECONDS)."""
+    another host's, or another pid namespace's of this host, while it changed within STALE_SECONDS)."""
     from tokens.cache import store as store_module
 
     me, gone = store_module.writer(), f"{store_module.HOST}-{dead_pid()}"
@@ -388,7 +406,8 @@ def test_half_written_files_of_gone_writers_are_discarded_whatever_their_shard(t
         partial = path / ".partial"
         doomed = [f"1.train.tokens.0.{gone}.a1.tmp", "1.train.labels.elsewhere-7.b2.tmp", f"0.train.mask.{gone}.e5.tmp",
                   f"1.test.ids.{gone}.f6.tmp"]
-        kept = [f"1.train.mask.{me}.c3.tmp", "1.train.ids.elsewhere-8.d4.tmp", "notes"]
+        other_namespace = f"{store_module.HOST.rpartition('_ns')[0]}_ns1-{dead_pid()}"  # a container sharing the host's name
+        kept = [f"1.train.mask.{me}.c3.tmp", "1.train.ids.elsewhere-8.d4.tmp", f"2.train.ids.{other_namespace}.a7.tmp", "notes"]
         for name in doomed + kept:
             (partial / name).write_bytes(b"torn")
         old = time.time() - store_module.STALE_SECONDS - 60
