@@ -166,7 +166,7 @@ class HDF5Handle:
 
     def meta(self, latest: bool = False) -> dict:
         """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so).
-        Always as the file holds it now (`latest` is for zarr's sake: an HDF5 store has one writer)."""
+        `latest` changes nothing: an HDF5 store has one writer, so no other task changes it meanwhile."""
         if "meta" not in self.file.attrs:
             return {}
         try:

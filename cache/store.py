@@ -520,7 +520,11 @@ class TokenStore:
         unknown = {*unknown, *(name for name in LATER_KEY_FIELDS if name not in self.meta)}
         late = ("backbone_config", "dataset_fingerprint")
         order = [name for name in KEY_FIELDS if name not in late] + [*late, *LAYOUT_FIELDS]
-        differing = [name for name in order if name not in unknown and _json(self.meta.get(name)) != _json(new[name])]
+
+        def differing_in(meta: dict) -> list[str]:
+            return [name for name in order if name not in unknown and _json(meta.get(name)) != _json(new[name])]
+
+        differing = differing_in(self.meta)
         if differing == ["dataset_fingerprint"] and holds_dataset is not None and holds_dataset(self):
             if self.mode != "r":
                 self._record_dataset(new["dataset_fingerprint"])
@@ -529,7 +533,7 @@ class TokenStore:
             # another task of the job array may have taken this dataset since the store was opened here
             # (--retry-failed: its shards may be written again meanwhile, so what this one read no longer
             # describes the store): compared again, in full, with the store's metadata as it is now
-            if not [name for name in order if name not in unknown and _json(latest.get(name)) != _json(new[name])]:
+            if not differing_in(latest):
                 self.meta = latest
                 return
         if differing:

@@ -9,8 +9,8 @@ several processes can fill disjoint shards of one store at once.
 from __future__ import annotations
 
 import errno
-import json
 import fcntl
+import json
 import os
 import re
 import shutil

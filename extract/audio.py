@@ -97,13 +97,12 @@ class _Reader:
         read forward (see _reader_for)."""
         if self.exact_seeks:
             self.file.seek(start)
+            count = -1 if count is None else count
         else:
             for _ in self.file.blocks(blocksize=1 << 16, frames=start - self.at, dtype="float32"):
                 pass  # decoded and dropped, in blocks: an hour of audio is never held whole
-        if not self.exact_seeks:  # a file read forward needs a count, and is not cut to the file's end
-            count = self.file.frames - start if count is None else min(count, self.file.frames - start)
-        elif count is None:
-            count = -1
+            left = self.file.frames - start  # a file read forward needs a count, and is not cut to the file's end
+            count = left if count is None else min(count, left)
         audio = self.file.read(count, dtype="float32", always_2d=True)
         self.at = start + len(audio)
         return audio
