@@ -141,9 +141,20 @@ def writer_gone(name: str, path: Path) -> bool:
             return False
         return False
     try:
-        return time.time() - path.stat().st_mtime > STALE_SECONDS
+        return _filesystem_now(path.parent) - path.stat().st_mtime > STALE_SECONDS
     except FileNotFoundError:  # renamed into place meanwhile
         return False
+
+
+def _filesystem_now(folder: Path) -> float:
+    """The time by the clock that stamps files in `folder`, read by touching the folder (as adding a
+    file to it would): on NFS the server's, which may be minutes off this host's. File systems that
+    stamp with each client's clock (Lustre, GPFS) give this host's; so does a folder not writable here."""
+    try:
+        os.utime(folder)
+        return os.stat(folder).st_mtime
+    except OSError:
+        return time.time()
 
 
 def build_aside(path: Path) -> Path:

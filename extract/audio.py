@@ -134,6 +134,14 @@ def _keep(reader: _Reader):
         _kept.reader = reader
 
 
+def close_kept_file():
+    """Close the file this thread keeps open for its next window, once no window follows: DataLoader
+    workers end with their process, but with --num-workers 0 the main thread reads the audio."""
+    kept, _kept.reader = getattr(_kept, "reader", None), None
+    if kept is not None and kept.pid == os.getpid():
+        kept.file.close()
+
+
 # torchaudio's resampler holds one filter per output phase: (rate / gcd) filters of (native / gcd)
 # taps. For rates with a small common divisor (the old Mac rate 11 127 Hz against 16 kHz: 16 000
 # filters of 11 127 taps) that took 2.5 s and 3 GB for each 10 s window. Beyond this many filter

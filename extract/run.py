@@ -30,7 +30,7 @@ from tokens.cache import StoreSpec, TokenStore, create_or_open, open_store
 from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, failed, store_exists
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
-from tokens.extract.audio import BadAudio, load_window
+from tokens.extract.audio import BadAudio, close_kept_file, load_window
 from tokens.extract.backbones import Backbone, build_backbone, checked_options
 from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
@@ -815,6 +815,8 @@ def extract(
             landing.shutdown(wait=True, cancel_futures=True)
         _close_quietly(bar, writer, store)
         raise
+    finally:
+        close_kept_file()  # read here, in this thread, with --num-workers 0
     landing.shutdown()
     bar.close()
     try:

@@ -110,6 +110,25 @@ def test_a_run_where_every_item_failed_exits_with_an_error(tmp_path):
     assert result.exit_code == 0 and "1 item failed and is recorded" in result.output and "every item" not in result.output, result.output
 
 
+def test_no_audio_file_stays_open_after_a_run_that_read_in_its_own_thread(tmp_path):
+    """An MP3 is read forward and kept open for its next window; with --num-workers 0 that is the
+    caller's thread, which must not keep the last file open once the run is over (a notebook
+    extracting again and again would pile them up)."""
+    if "MP3" not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot write MP3")
+    data = tmp_path / "data"
+    data.mkdir()
+    sf.write(data / "a.mp3", 0.1 * np.random.default_rng(0).standard_normal(3 * SR), SR, format="MP3", subtype="MPEG_LAYER_III")
+    (data / "m.csv").write_text("path,labels,split,end\na.mp3,x,train,2\n")  # the last window ends before the file
+
+    def open_here():
+        return [name for name in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{name}") == str((data / "a.mp3").resolve())]
+
+    summary = run(data / "m.csv", tmp_path / "s.zarr", batch_size=1)
+    assert summary.items_written == 2 and not summary.failed
+    assert open_here() == []
+
+
 def test_a_clip_shorter_than_an_fbank_frame_is_a_failed_item(tmp_path):
     """10 ms fill no 25 ms fbank frame: no token would hold audio, so the item fails with the reason
     rather than being stored as a good item of padding (which `tokens verify` would call damaged)."""

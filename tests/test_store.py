@@ -417,6 +417,27 @@ def test_half_written_files_of_gone_writers_are_discarded_whatever_their_shard(t
         assert store.split("train").complete_mask().tolist() == [True, False, False, False, False]
 
 
+@pytest.mark.parametrize("skew", [-3600, 3600])
+def test_another_hosts_writer_is_judged_by_the_file_systems_clock_not_this_hosts(tmp_path, monkeypatch, skew):
+    """On a network file system a file's mtime is the server's time: a host whose clock runs an hour
+    ahead must not take a live writer's fresh file for a gone one's (and delete it under it), nor
+    one an hour behind keep a gone writer's file for good."""
+    from tokens.cache import store as store_module
+
+    path = tmp_path / "s.zarr"
+    with create_or_open(path, make_spec()) as store:
+        partial = path / ".partial"
+        live, gone = "1.train.ids.elsewhere-8.d4.tmp", "1.train.labels.elsewhere-7.b2.tmp"
+        for name in (live, gone):
+            (partial / name).write_bytes(b"torn")
+        old = time.time() - store_module.STALE_SECONDS - 60
+        os.utime(partial / gone, (old, old))
+        real_time = time.time
+        monkeypatch.setattr(store_module.time, "time", lambda: real_time() + skew)
+        store.split("train").discard_partial_writes([1])
+        assert sorted(p.name for p in partial.iterdir()) == [live]
+
+
 def test_multiclass_labels_and_compressed_store_round_trip(tmp_path):
     for fmt, suffix, codec in [("zarr", ".zarr", "zstd"), ("hdf5", ".h5", "gzip")]:
         spec = make_spec(task="multiclass", codec=codec, num_prefix=0, masked=False)
