@@ -26,12 +26,16 @@ def load_image(path: str | Path) -> Image.Image:
     again and decoded in full: truncated data only shows up then.
     """
     try:
+        if Path(path).stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
             if image.mode not in (*_INTEGER_MODES, _FLOAT_MODE):
                 return image.convert("RGB")
             mode, pixels = image.mode, np.asarray(image)
+    except BadImage:
+        raise
     except Exception as e:  # Pillow's decoders raise many exception types on corrupt input
         raise BadImage(f"cannot decode image: {e}") from e
     return Image.fromarray(_eight_bits(pixels, mode)).convert("RGB")

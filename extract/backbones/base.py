@@ -117,7 +117,7 @@ class Backbone(torch.nn.Module):
     def _finish(self, checkpoint_sha256: str | None, **details) -> None:
         """Record the checkpoint hash and the JSON-able config once the model is built and loaded."""
         if self.final_norm and self.norm is None:
-            raise ValueError(f"{self.name} has no final norm in this architecture or checkpoint; use final_norm=False")
+            raise ValueError(f"{self.name} has no final norm in this architecture or checkpoint; leave out --final-norm (final_norm=False)")
         self.checkpoint_sha256 = checkpoint_sha256
         self.config = {
             "name": self.name,

@@ -74,11 +74,15 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     while (wrapper := next((key for key in ("model", "state_dict") if isinstance(state.get(key), dict)), None)):
         state = state[wrapper]
     check_geometry(path, state, model, positions_resampled=bool(img_size))
+    check_activation(path, state, model, model_name)
     try:  # original MAE/DINOv2/CLIP/DeiT-III layouts -> timm's (DeiT-III's layer scales 'gamma_1' -> 'ls1.gamma')
         state = checkpoint_filter_fn(state, model, adapt_layer_scale=True)
     except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path}: timm cannot convert it into {model_name}'s weights ({error})") from None
     expect_depth(path, state, len(model.blocks), option=None)
+    if final_norm and "norm.weight" not in state and "fc_norm.weight" in state:
+        raise CheckpointError(f"{path}: it has only the norm applied after pooling (fc_norm, as fine-tuned MAE releases), "
+                              "not the final norm of the tokens: leave out --final-norm")
     # the tokens are block outputs: the heads, the pooled norm, and the final norm unless asked for, are not used
     load_weights(model, state, path, unused=("head.", "fc_norm.", "attn_pool.") + (() if final_norm else ("norm.",)),
                  token_path=TOKEN_WEIGHTS + (("norm.",) if final_norm else ()))
@@ -116,6 +120,24 @@ def _find(tensors: dict, names: tuple[str, ...], named: bool = False):
 
 # Weights of timm's layout that shape the cached tokens (load_weights refuses those a model has no place for).
 TOKEN_WEIGHTS = ("blocks.", "patch_embed.", "norm_pre.", "cls_token", "reg_token", "dist_token", "pos_embed")
+
+
+def check_activation(path, state: dict, model, model_name: str):
+    """Refuse OpenAI's CLIP weights in a model without QuickGELU, the activation they were trained
+    with: timm's *_clip_* models use GELU (for OpenCLIP's weights), and OpenAI's run through them
+    give tokens off by about 1 % without a word. Known by the entries only OpenAI's files hold, or
+    by timm's own note on the tag (.openai)."""
+    openai_file = {"input_resolution", "context_length", "vocab_size"} <= set(state)
+    timm_says = any("QuickGELU" in note for note in model.pretrained_cfg.get("notes") or ())
+    if (openai_file or timm_says) and type(model.blocks[0].mlp.act).__name__ != "QuickGELU":
+        import timm
+
+        base, dot, tag = model_name.partition(".")
+        variant = base.replace("_clip_", "_clip_quickgelu_", 1)
+        fix = f"timm:{variant}{dot}{tag}" if variant != base and timm.is_model(variant) else "a *_clip_quickgelu_* model"
+        why = "it is OpenAI's CLIP (its input_resolution, context_length and vocab_size entries say so)" if openai_file else \
+            f"timm says of {model_name}: {model.pretrained_cfg['notes'][0]!r}"
+        raise CheckpointError(f"{path}: {why}, trained with QuickGELU, which {model_name} does not use: give {fix}")
 
 
 def check_geometry(path, state: dict, model, positions_resampled: bool):
