@@ -97,7 +97,8 @@ def slurm(
     )
     path = script or Path(f"tokens-{verb}.sbatch")
     try:
-        path.write_text(text)
+        # surrogateescape: a folder whose name is not UTF-8 is written back as the bytes it is named by
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
     except OSError as error:
         raise typer.BadParameter(f"cannot write {path}: {error.strerror}", param_hint="--script") from None
     Path("slurm-logs").mkdir(exist_ok=True)
@@ -124,6 +125,12 @@ def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int, g
     if wants_gpu and not gpus:
         raise typer.BadParameter(f"{' and '.join(wants_gpu)} needs a GPU, and with --gpus 0 the tasks have none: "
                                  "give --gpus 1, or leave them out", param_hint="--gpus")
+    if params["device"].startswith("cuda:") and params["device"] != "cuda:0":  # SLURM shows each task its own GPU alone
+        raise typer.BadParameter(f"--device {params['device']}: each task sees only the GPU it is given, as cuda:0; "
+                                 "give --device cuda, or leave it out", param_hint="ARGS")
+    if params.get("dry_run"):
+        raise typer.BadParameter("--dry-run in every task would write nothing: run `tokens extract ... --dry-run` here, "
+                                 "then tokens slurm without it", param_hint="ARGS")
     if verb == "probe":  # what can be checked before the store exists: heads, their options, rates, --data, --out
         try:
             train_commands.check_probe_args(optimizer=params["optimizer"].value, **{key: params[key] for key in (

@@ -29,6 +29,17 @@ def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
     return index, count
 
 
+def part_origin(option: str | None, environ=os.environ) -> str:
+    """Where resolve_part found the part, for the line that says it: a part taken from the
+    environment, unasked, does a fraction of the work that the command alone does not show."""
+    if option:
+        return "--part"
+    found = [names for names, present in (
+        ("SLURM_ARRAY_TASK_ID/COUNT", "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ),
+        ("RANK/WORLD_SIZE", "RANK" in environ and "WORLD_SIZE" in environ)) if present]
+    return " and ".join(found) or "--part"
+
+
 def _whole(environ, name: str) -> int:
     try:
         return int(environ[name])
@@ -165,6 +176,9 @@ def sbatch_script(
     lines += [
         "set -euo pipefail",
         f"# Task I does part I of {array}. Resubmit all tasks, or some (sbatch --array=2,5 SCRIPT): finished work is skipped.",
+        *(["# This job waits for every task of those jobs to succeed: if one fails, it stays pending (DependencyNeverSatisfied).",
+           "# Then scancel it, resubmit the failed tasks, and submit this script with sbatch --dependency=afterok:NEWID SCRIPT",
+           "# (NEWID: the resubmitted tasks' job; the option replaces the line above)."] * bool(after)),
         shlex.join(command + [verb] + list(args)) + f' --part "$SLURM_ARRAY_TASK_ID/{array}"',
         "",
     ]

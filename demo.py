@@ -16,6 +16,8 @@ import numpy as np
 import soundfile as sf
 import typer
 
+from tokens.cluster import part_origin, resolve_part
+
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0  # one window of the crepe-tiny backbone
 EVENT_SECONDS = 0.1
@@ -78,6 +80,15 @@ def demo(
     """
     from tokens.cli import app
 
+    # One process does the whole demo: as a part of a job array or of a launcher's ranks, it would
+    # extract a fraction of the store, which its probe step then refuses (and the ranks share a folder).
+    try:
+        index, count = resolve_part(None)
+        if count != 1:
+            raise ValueError(f"{part_origin(None)} here make this one part {index} of {count}")
+    except ValueError as error:
+        typer.echo(f"error: the demo runs in one process ({error}): run it outside the job array or launcher, or unset them", err=True)
+        raise typer.Exit(2) from None
     if directory.exists() and not directory.is_dir():
         raise typer.BadParameter(f"{directory} is a file; give a folder for the dataset, the store and the run", param_hint="DIRECTORY")
     manifest = directory / "data" / "manifest.csv"

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tokens.cache import StoreError
-from tokens.cluster import resolve_part
+from tokens.cluster import part_origin, resolve_part
 from tokens.extract.manifest import ManifestError
 
 
@@ -92,6 +92,9 @@ def extract(
         part_of_work = resolve_part(part or shard)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--part") from None
+    if part_of_work != (1, 1):
+        typer.echo(f"part {part_of_work[0]}/{part_of_work[1]} (from {part_origin(part or shard)}): this process writes "
+                   "every shard of that part, not the others")
     try:  # torch takes seconds to import: an interrupt meanwhile is said as any other
         from tokens.extract.run import ExtractionError, extract as run_extract
     except KeyboardInterrupt:
@@ -118,7 +121,7 @@ def extract(
         pace = f" ({startup:.1f} s to the first batch, then {result.items_written / result.streaming_seconds:.0f} items/s)"
     typer.echo(
         f"{result.store}: wrote {_count(result.items_written, 'item')} in {_count(result.shards_written, 'shard')} "
-        f"({result.shards_skipped} already complete) in {result.seconds:.1f} s{pace}"
+        f"({result.shards_skipped} already complete){_of_part(part_of_work)} in {result.seconds:.1f} s{pace}"
     )
     if result.failed:
         failed = _count(len(result.failed), "item") + (" failed and is" if len(result.failed) == 1 else " failed and are")
@@ -142,6 +145,10 @@ def extract(
         typer.echo(f"error: every item {which} failed: {backbone} reads {modality}; is that what {dataset} holds, "
                    "in a format read here?", err=True)
         raise typer.Exit(1)
+
+
+def _of_part(part: tuple[int, int]) -> str:
+    return "" if part == (1, 1) else f" of part {part[0]}/{part[1]}"
 
 
 def _count(n: int, noun: str) -> str:

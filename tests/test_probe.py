@@ -278,7 +278,8 @@ def test_a_checkpoint_from_an_older_version_is_refused(store, run, tmp_path):
 
 def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     parts = tmp_path / "parts"
-    ok("probe", store, *SWEEP, *FAST, "--part", "1/2", "--out", parts)
+    first = ok("probe", store, *SWEEP, *FAST, "--part", "1/2", "--out", parts)
+    assert f"part 1/2 (from --part): 4 of 6 configurations, results in {parts / 'part-1-of-2'}" in said(first), said(first)
     assert len(read_csv(parts / "part-1-of-2" / "leaderboard.csv")) == 4  # linear and protobin, both seeds of each
     assert "part 2 of 2 not finished" in said(ok("report", parts, "--out", tmp_path / "half"))
     assert (tmp_path / "half" / "report.md").read_text().startswith(f"## Selected by validation\n\n**Unfinished:** {parts}: part 2 of 2")
@@ -286,8 +287,14 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     ok("report", parts, "--out", tmp_path / "from_parts")
     assert "Unfinished" not in (tmp_path / "from_parts" / "report.md").read_text()
     result = ok("report", run, "--out", tmp_path / "from_run")
-    assert read_csv(tmp_path / "from_parts" / "leaderboard.csv") == read_csv(run / "leaderboard.csv")
+    merged = read_csv(tmp_path / "from_parts" / "leaderboard.csv")
+    assert {row.pop("run") for row in merged} == {str((parts / f"part-{i}-of-2").resolve()) for i in (1, 2)}  # where each row came from
+    assert merged == read_csv(run / "leaderboard.csv")
     from_parts, summary = read_csv(tmp_path / "from_parts" / "report.csv"), read_csv(tmp_path / "from_run" / "report.csv")
+    # A report of the report's leaderboard finds the same stores and saved heads through that column.
+    ok("report", tmp_path / "from_parts" / "leaderboard.csv", "--out", tmp_path / "again")
+    assert read_csv(tmp_path / "again" / "report.csv") == [
+        row | {"saved_head": str(Path(row["saved_head"]).resolve()) if row["saved_head"] else ""} for row in from_parts]
     saved = {row["head"]: (row.pop("saved_head"), other.pop("saved_head")) for row, other in zip(from_parts, summary)}
     assert from_parts == summary
     # The file of each selected configuration's best seed: the run's best/HEAD.pt, or the part's that holds the same head.
@@ -641,30 +648,99 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     assert (tmp_path / "all" / "leaderboard.csv").exists()
 
 
+def write_leaderboard(folder: Path, rows: list[dict]):
+    """A run folder holding `rows` (as read_csv gives them) as its leaderboard.csv."""
+    folder.mkdir()
+    with open(folder / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_a_report_says_which_configurations_lost_a_seed_to_divergence(run, tmp_path):
     """One diverged seed makes a configuration's mean NaN, which keeps it from being selected: the
     report says so rather than let it drop out without a word."""
     rows = read_csv(run / "leaderboard.csv")
     victim = next(r for r in rows if r["head"] == "ep" and r["seed"] == "1")
     victim["val_map"] = victim["test_map"] = ""
-    (tmp_path / "run").mkdir()
-    with open(tmp_path / "run" / "leaderboard.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_leaderboard(tmp_path / "run", rows)
     result = ok("report", tmp_path / "run", "--out", tmp_path / "report")
     config = victim["config"].rsplit("/seed=", 1)[0]
     assert f"note: {config}: 1 of 2 seeds diverged (NaN validation map), so its mean is NaN and it is not selected" in said(result)
     assert sum("seeds diverged" in line for line in result.output.splitlines()) == 1  # the others lost none
+    assert f"**Note:** {config}: 1 of 2 seeds diverged" in (tmp_path / "report" / "report.md").read_text()  # in the file too
     other = [r | {"store_key": "0" * 16} for r in rows]  # the same on a second store: each note says which
-    (tmp_path / "other").mkdir()
-    with open(tmp_path / "other" / "leaderboard.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(other)
+    write_leaderboard(tmp_path / "other", other)
     result = ok("report", tmp_path / "run", tmp_path / "other", "--out", tmp_path / "both")
     notes = [line for line in result.output.splitlines() if "seeds diverged" in line]
     assert len(notes) == 2 and len(set(notes)) == 2 and any(" on 00000000: 1 of 2" in n for n in notes), notes
+
+
+def test_a_validation_metric_the_labels_leave_undefined_is_not_called_divergence(run, tmp_path):
+    """A head that diverged scores NaN on every split; NaN validation beside finite test figures is a
+    validation split without a class of both positives and negatives. Nothing can be selected then,
+    and the terminal and report.md say so rather than show an empty table."""
+    rows = read_csv(run / "leaderboard.csv")
+    for row in rows:
+        row["val_map"] = row["val_roc_auc"] = ""
+    write_leaderboard(tmp_path / "run", rows)
+    result = ok("report", tmp_path / "run", "--out", tmp_path / "report")
+    assert "diverged" not in said(result)
+    assert "2 of 2 seeds have a validation map that their validation items leave undefined (NaN, while the test map is finite)" in said(result)
+    assert "no configuration is selected: every one's mean validation map is NaN" in said(result)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "No configuration is selected: every one's mean validation map is NaN." in text and "leave undefined" in text
+
+
+def test_a_leaderboard_cut_short_is_refused_by_report_and_written_anew_by_its_run(store, run, tmp_path):
+    """A leaderboard.csv marks a run as finished: one cut short (copied in part, a full disk) passed for
+    a run of fewer configurations, with a half row competing in the selection. It is written aside
+    and renamed now, and one found cut is named, and written again by rerunning its sweep."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    whole = (copy / "leaderboard.csv").read_bytes()
+    for cut, why in ((len(whole) - 5, "its last line is cut short"), (whole.index(b"\n", 200) - 20, "its last line is cut short")):
+        (copy / "leaderboard.csv").write_bytes(whole[:cut])
+        result = invoke("report", copy, "--out", tmp_path / "report")
+        assert result.exit_code != 0 and f"is damaged: {why}" in said(result), said(result)  # the path itself wraps
+    lines = whole.decode().splitlines(keepends=True)
+    (copy / "leaderboard.csv").write_text(lines[0] + lines[1].rsplit(",", 3)[0] + "\r\n" + "".join(lines[2:]))
+    result = invoke("report", copy, "--out", tmp_path / "report")
+    assert "is damaged: row 2 has fewer fields than the header" in said(result), said(result)
+    ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", copy)  # from its checkpoint
+    assert (copy / "leaderboard.csv").read_bytes() == whole
+    assert not [p.name for p in copy.iterdir() if p.name.endswith(".tmp")]
+    (copy / "checkpoint.pt").unlink()  # nothing left to write it again from: said, not a loop of the same advice
+    (copy / "leaderboard.csv").write_bytes(whole[:-5])
+    result = invoke("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", copy)
+    assert result.exit_code == 2 and "No checkpoint.pt is left here to score it from: delete" in said(result), said(result)
+    (tmp_path / "notes.csv").write_text("path,labels,split\na.wav,x,train")  # another CSV, without a last newline
+    result = invoke("report", tmp_path / "notes.csv", "--out", tmp_path / "report")
+    assert "is not a leaderboard.csv written by `tokens probe`" in said(result) and "damaged" not in said(result), said(result)
+
+
+def test_a_report_of_a_sweep_not_finished_says_how_to_finish_it(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"progress")
+    result = invoke("report", tmp_path / "run", "--out", tmp_path / "report")
+    assert result.exit_code != 0, said(result)
+    assert "holds a sweep not finished (checkpoint.pt); run the same `tokens probe` command again to finish" in said(result), said(result)
+
+
+def test_validation_curves_of_one_epoch_are_drawn(tmp_path):
+    """A line through one point draws nothing: a run of --epochs 1 gave an empty val_curves.png."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    def drawn(records):
+        report_module.plot_val_curves(records, "map", tmp_path / "curves.png")
+        image = matplotlib.image.imread(tmp_path / "curves.png")[..., :3]
+        curve_colour = 0.6 * np.array(matplotlib.colors.to_rgb("C0")) + 0.4  # drawn at alpha 0.6 on white; the legend's swatch is not
+        return int((np.abs(image - curve_colour).max(axis=-1) < 0.1).sum())
+
+    nothing = drawn([{"head": "ep", "val_curve": [None]}])  # a few pixels at the legend swatch's smoothed edges
+    assert drawn([{"head": "ep", "val_curve": [0.5]}, {"head": "ep", "val_curve": [0.7]}]) > nothing + 20
+    assert drawn([{"head": "ep", "val_curve": [None, 0.5, None, 0.6]}]) > nothing + 20  # points between NaNs
 
 
 def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, monkeypatch):
@@ -706,6 +782,9 @@ def test_tf32_is_on_while_heads_train_and_as_it_was_afterwards(store, tmp_path, 
     (["--heads", "ep", "--lr", "1e-3,inf"], "--lr", "--lr must be positive and finite, got inf"),
     (["--heads", "ep", "--wd", "nan"], "--wd", "--wd must be zero or more and finite, got nan"),
     (["--batch-size", "1"], "--batch-size", "greater than or equal to 2"),  # BatchNorm cannot train on one item
+    (["--heads", "ep", "--seeds", "0,-1"], "--seeds", "--seeds: -1 is not a seed from 0 to 4294967295"),  # numpy's would fail mid-run
+    (["--heads", "ep", "--seeds", str(2**64)], "--seeds", f"--seeds: {2**64} is not a seed from 0 to 4294967295"),  # torch's too
+    (["--heads", "ep", "--data-seed=-1"], "--data-seed", "should be greater than or equal to 0"),
 ])
 def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args, option, message):
     result = invoke("probe", store, *args, *FAST[:2], "--device", "cpu", "--out", tmp_path / "x")
@@ -720,6 +799,7 @@ def test_bad_values_are_refused_before_any_file_is_written(store, tmp_path, args
     ("wd = [inf]\n[heads.ep]\n", "wd must be zero or more and finite, got inf"),
     ('seeds = [0, "one"]\n[heads.ep]\n', "seeds: 'one' is not an integer"),
     ("seeds = []\n[heads.ep]\n", "seeds is an empty list"),
+    ("seeds = [3, -2]\n[heads.ep]\n", "seeds: -2 is not a seed from 0 to 4294967295"),
     ("[heads.ep]\nnum_queries = []\n", "heads.ep.num_queries is an empty list"),
     ('[heads.protobin]\nlr = ["fast"]\n', "heads.protobin.lr: 'fast' is not a number"),
     ("[heads]\nep = 3\n", "heads.ep must be a table"),
@@ -917,7 +997,7 @@ def test_a_report_never_replaces_a_runs_leaderboard_nor_reads_one_kept_inside_a_
     assert len(notes) == 1 and f"note: {count} configurations (e.g. " in notes[0] and notes[0].endswith(": kept the first")
     result = ok("report", other, "--out", tmp_path / "alone")
     assert "appears in" not in result.output
-    assert read_csv(tmp_path / "alone" / "leaderboard.csv") == read_csv(other / "leaderboard.csv")
+    assert read_csv(tmp_path / "alone" / "leaderboard.csv") == [row | {"run": str(other.resolve())} for row in read_csv(other / "leaderboard.csv")]
 
 
 def test_an_out_path_that_cannot_be_a_folder_and_a_missing_split_name_their_option(store, run, tmp_path):
@@ -966,6 +1046,14 @@ def test_a_report_over_two_stores_names_the_store_of_each_row(store, tmp_path, m
     cells = {row["store"]: row for row in summary if row["selected"] == "1"}
     side = next(line for line in text.splitlines() if line.startswith("| mean |"))
     assert side == f"| mean | {float(cells['ml.zarr']['test_map_mean']):.4f} | {float(cells['other.zarr']['test_map_mean']):.4f} |"
+
+
+def test_a_pipe_or_newline_in_a_markdown_cell_stays_in_its_cell():
+    """A store named pi|pe.zarr put its name in two columns, moving every cell after it one header over."""
+    text = report_module.table([{"head": "ep", "store": "pi|pe.zarr", "training": "two\nlines"}], ["head", "store", "training"], markdown=True)
+    lines = text.splitlines()
+    assert len(lines) == 3 and [len(re.split(r"(?<!\\)\|", line)) for line in lines] == [5, 5, 5], text
+    assert "pi\\|pe.zarr" in lines[2] and "two lines" in lines[2]
 
 
 def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_path, monkeypatch):

@@ -539,7 +539,7 @@ def make_bad_images(root: Path) -> tuple[Path, dict]:
     (root / "scrambled.jpg").write_bytes(bytes(flipped))
     expected = {"good.jpg": "ok", "good.png": "ok", "grayscale.png": "ok", "rgba.png": "ok", "cmyk.jpg": "ok",
                 "one_pixel.png": "ok", "truncated.jpg": "cannot decode image", "garbage_header.jpg": "cannot decode image",
-                "zero_byte.jpg": "cannot decode image", "text_as_jpg.jpg": "cannot decode image", "scrambled.jpg": "either"}
+                "zero_byte.jpg": "empty file (0 bytes)", "text_as_jpg.jpg": "cannot decode image", "scrambled.jpg": "either"}
     rows = [f"{name},{'a' if i % 2 else 'b'},{'train' if i < 8 else 'test'}" for i, name in enumerate(expected)]
     return manifest(root, rows, header="path,label,split"), expected
 
@@ -1142,3 +1142,16 @@ def test_a_demo_with_other_epochs_trains_into_its_own_run_folder(tmp_path, monke
     demo(tmp_path, epochs=5)
     outs = [step[step.index("--out") + 1] for step in steps if step[0] == "probe"]
     assert outs == [str(tmp_path / "run"), str(tmp_path / "run-5-epochs")]
+
+
+def test_the_demo_refuses_to_run_as_a_part_of_a_job_array_or_launcher(tmp_path, monkeypatch):
+    """As rank 1 of 2 (or a task of an array), the demo would extract half its store, which its probe
+    step then refuses, with every rank writing into one folder: it says so before anything is written."""
+    from typer.testing import CliRunner
+
+    from tokens.cli import app
+
+    result = CliRunner().invoke(app, ["demo", str(tmp_path / "demo")], env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert result.exit_code == 2, result.output
+    assert "the demo runs in one process (RANK/WORLD_SIZE here make this one part 1 of 2)" in " ".join(result.output.split())
+    assert not (tmp_path / "demo").exists()

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,20 @@ def test_a_script_that_cannot_be_written_is_named_as_the_option_at_fault(tmp_pat
         result.output.split()), result.output
 
 
+def test_a_folder_whose_name_is_not_utf8_is_written_into_the_script_as_its_bytes(tmp_path, monkeypatch):
+    """Linux folder names are bytes: the script's --chdir must name the same folder, not fail half-written."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    folder = os.fsencode(tmp_path) + b"/lat\xe9n"
+    os.mkdir(folder)
+    monkeypatch.chdir(folder)
+    result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", "--gpus", "0", "--script", "j.sbatch"])
+    assert result.exit_code == 0, result.output
+    quoted = shlex.quote(os.fsdecode(folder)).encode("utf-8", "surrogateescape")
+    assert folder in quoted and b"#SBATCH --chdir=" + quoted + b"\n" in open(folder + b"/j.sbatch", "rb").read()
+
+
 def test_a_script_may_be_written_before_its_store_exists(tmp_path, monkeypatch):
     from typer.testing import CliRunner
     from tokens.cli import app
@@ -341,6 +356,23 @@ def write_clips(folder: Path, count: int):
     (folder / "data.csv").write_text("\n".join(rows) + "\n")
 
 
+def test_a_part_taken_from_the_environment_is_said_with_where_it_came_from(tmp_path, monkeypatch):
+    """A launcher's RANK/WORLD_SIZE, or an array task's variables in a script of one's own, make the
+    command do a fraction of the work: it says so when it starts and in its summary."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    write_clips(tmp_path, 3)
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1"}
+    result = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "-q"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "part 2/2 (from SLURM_ARRAY_TASK_ID/COUNT): this process writes every shard of that part" in result.output
+    assert "wrote 1 item in 1 shard (0 already complete) of part 2/2 in" in result.output, result.output
+    whole = CliRunner().invoke(app, ["extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "-q"], env={"SLURM_ARRAY_TASK_ID": None})
+    assert whole.exit_code == 0 and "part" not in whole.output and "wrote 2 items in 2 shards (1 already complete) in" in whole.output, whole.output
+
+
 def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_says_so(tmp_path, monkeypatch):
     """Tasks beyond the dataset's shards would start, load the backbone and write nothing."""
     from typer.testing import CliRunner
@@ -384,6 +416,7 @@ def test_more_extraction_tasks_than_shards_are_refused_and_a_part_with_no_shard_
     (["--layers", "99"], "--layers: 99 is not a block of this backbone"),
     (["-o", "foo=1"], "takes the options"),
     (["-b", "audiomae", "-c", "missing.pth", "--submit"], "missing.pth: no such checkpoint file"),
+    (["--dry-run"], "--dry-run in every task would write nothing"),
 ])
 def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_path, monkeypatch, args, message):
     """The same rules as `tokens extract` applies, before a job array waits hours in the queue to fail in every task."""
@@ -393,7 +426,7 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     monkeypatch.chdir(tmp_path)
     write_clips(tmp_path, 3)
     output = refused_at_submission("extract", "data.csv", "--store", "s.zarr", "--array", "2", *args)
-    assert "tokens extract would refuse them" in output and message in output, output
+    assert ("tokens extract would refuse them" in output or "dry-run" in message) and message in output, output
     accepted = CliRunner().invoke(app, ["slurm", "extract", "data.csv", "--store", "s.zarr", "--shard-size", "1", "--array", "2",
                                         "--script", "job.sbatch"])
     assert accepted.exit_code == 0 and (tmp_path / "job.sbatch").exists(), accepted.output
@@ -412,6 +445,7 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     (["--constraint", "h100 ;id"], "is not a SLURM constraint (e.g. h100|a100)"),
     (["--gpus", "0", "--device", "cuda"], "--device cuda needs a GPU, and with --gpus 0 the tasks have none"),
     (["--gpus", "0", "--data", "gpu"], "--data gpu needs a GPU, and with --gpus 0 the tasks have none"),
+    (["--device", "cuda:1"], "--device cuda:1: each task sees only the GPU it is given, as cuda:0"),
 ])
 def test_sbatch_settings_that_cannot_be_are_refused_before_a_script_is_written(tmp_path, monkeypatch, args, message):
     """They are written into #SBATCH lines: a newline in one would add a line the shell runs."""
@@ -440,6 +474,7 @@ def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp
     assert result.exit_code == 0, result.output
     text = (tmp_path / "job.sbatch").read_text()
     assert "#SBATCH --dependency=afterok:41:42_3" in text
+    assert "it stays pending (DependencyNeverSatisfied).\n# Then scancel it, resubmit the failed tasks" in text  # what afterok does on a failure
     assert "probe later.zarr --out r --quiet --part" in text
     CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "-q", "--array", "2", "--script", "job.sbatch"])
     assert text.count("--quiet") == 1 and "--quiet" not in (tmp_path / "job.sbatch").read_text()  # -q given: not twice

@@ -22,7 +22,7 @@ import torch
 import typer
 
 from tokens.cache.store import StoreError, TokenStore, differences, open_store, short
-from tokens.cluster import pick_device, resolve_part
+from tokens.cluster import part_origin, pick_device, resolve_part
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import probe as recipe
 from tokens.train import sweep as sweeps
@@ -84,6 +84,9 @@ def check_options(head: str, options: dict, where: str):
         )
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are not negative, torch's fit 64 bits: a common range, as numpy's legacy seeds
+
+
 def check_rates(key: str, values: list, name: str, where: str):
     """Refuse an lr that is not positive or a wd below zero now, not when AdamW is built; nan and inf
     too, which pass those tests and would train every head to NaN."""
@@ -133,6 +136,9 @@ def read_sweep(heads, option, lr, wd, layers, seeds, sweep_file, require_lr: boo
                 check_rates(key, values, f"--{key}", f"--{key}")
         elif key in ("lr", "wd") and key in spec:
             check_rates(key, spec[key], f"{sweep_file}: {key}", where)
+    if bad := [seed for seed in spec.get("seeds", []) if not 0 <= seed <= MAX_SEED]:  # torch's and numpy's seeds
+        raise SweepError(f"{'--seeds' if seeds is not None else f'{sweep_file}: seeds'}: {bad[0]} is not a seed from 0 to "
+                         f"{MAX_SEED}", "--seeds" if seeds is not None else where)
     in_file = f"{sweep_file}: " if sweep_file is not None else ""  # the file at fault, as for its other keys
     for head, opts in spec["heads"].items():
         if head not in HEADS:
@@ -253,7 +259,7 @@ def probe(
     data: str = typer.Option("auto", "--data", help="stream (from disk), ram, gpu, or auto (by size against free memory)."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     num_threads: int = typer.Option(None, "--num-threads", min=1, help="CPU threads for torch."),
-    data_seed: int = typer.Option(0, "--data-seed", help="Seed of the batch order (and of the held-out validation items)."),
+    data_seed: int = typer.Option(0, "--data-seed", min=0, max=MAX_SEED, help="Seed of the batch order (and of the held-out validation items)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on the written shards of an unfinished store."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (for the log files of batch jobs)."),
 ):
@@ -292,7 +298,7 @@ def probe(
         check_whole_or_parts(out, count)
         if count > 1:
             out = out / f"part-{index}-of-{count}"
-            typer.echo(f"part {index}/{count}: {len(mine)} of {len(configs)} configurations, results in {out}")
+            typer.echo(f"part {index}/{count} (from {part_origin(part)}): {len(mine)} of {len(configs)} configurations, results in {out}")
         typer.echo(f"{len(mine)} configurations on {compute}")
         recipe.run(
             # The sweep's whole list of configurations, in order: parts take every count-th, so parts

@@ -433,7 +433,11 @@ def run(
         if (out / "leaderboard.csv").exists():  # this sweep finished here, its checkpoint deleted since: nothing to resume
             tqdm.write(f"{out} holds this sweep's results already (leaderboard.csv), and no checkpoint to score them "
                        f"again from: nothing to do (delete {out} to train it again)")
-            return report.read_leaderboard(out / "leaderboard.csv")
+            try:
+                return report.read_leaderboard(out / "leaderboard.csv")
+            except ValueError as error:  # cut short, and nothing left to write it again from
+                raise SweepError(f"{error}. No checkpoint.pt is left here to score it from: delete {out} to train the "
+                                 "sweep again", "--out") from None
     record = {"store": str(Path(store.path).resolve()), "store_key": store.meta["cache_key"], "task": task,
               "classes": classes, "data_mode": mode, "device": str(device), "validation": validation,
               "part": list(part), "sweep": sweep, "configs": [c.record() for c in configs],

@@ -11,10 +11,13 @@ DIR/leaderboard.csv (merged), DIR/report.csv, DIR/report.md and DIR/report.png.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import re
 import textwrap
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from tokens.train.sweep import sanitise
 
 FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
 LAST_COLUMNS = ["layer", "lr", "wd", "seed", "options", "store_key", "training"]
-OPTIONAL_COLUMNS = {"training": ""}  # absent from leaderboards of earlier versions
+# absent from leaderboards of earlier versions (training), or of runs (run: a report's merged
+# leaderboard names the run each row came from, so that a report of it finds their stores and best/ heads)
+OPTIONAL_COLUMNS = {"training": "", "run": ""}
 INTEGERS = {"params", "best_epoch", "seed"}
 PART = re.compile(r"part-(\d+)-of-(\d+)")  # the folder of one part of a split sweep
 
@@ -67,11 +72,19 @@ def ranked(rows: list[dict], metric: str) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    """Written aside and renamed into place: a run's leaderboard.csv says it finished, and one cut
+    short by a kill or a full disk would pass for a finished run with fewer configurations."""
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(aside, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        os.replace(aside, path)
+    except BaseException:
+        aside.unlink(missing_ok=True)
+        raise
 
 
 def leaderboard_columns(rows: list[dict]) -> list[str]:
@@ -175,12 +188,16 @@ def plot_val_curves(records: list[dict], metric: str, path: Path, title: str | N
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     heads = head_colours(r["head"] for r in records)
+    epochs = max((len(record["val_curve"]) for record in records), default=1)
     for record in records:
         curve = [np.nan if v is None else v for v in record["val_curve"]]
-        ax.plot(range(1, len(curve) + 1), curve, color=heads[record["head"]], alpha=0.6, linewidth=1)
+        # markers on short curves: a line of one epoch, or a point between NaNs, draws nothing
+        ax.plot(range(1, len(curve) + 1), curve, color=heads[record["head"]], alpha=0.6, linewidth=1,
+                marker="o" if epochs <= 30 else None, markersize=3)
     for head, colour in heads.items():
         ax.plot([], [], color=colour, label=head)
     ax.set_xlabel("epoch")
+    ax.set_xlim(0.5, epochs + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric_words(f"val_{metric}"))
     if title:
@@ -200,8 +217,8 @@ def _cell(value) -> str:
 def table(rows: list[dict], columns: list[str], markdown: bool = False) -> str:
     """Rows as an aligned text table, or a Markdown table."""
     cells = [columns] + [[_cell(r[c]) for c in columns] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(line) + " |" for line in cells]
+    if markdown:  # a | in a cell (a store's or run's name) would start another column; a newline, another row
+        lines = ["| " + " | ".join(" ".join(cell.split("\n")).replace("|", "\\|") for cell in line) + " |" for line in cells]
         lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
         return "\n".join(lines)
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
@@ -250,8 +267,9 @@ def read_leaderboard(path: Path) -> list[dict]:
     not_ours = f"{path} is not a leaderboard.csv written by `tokens probe`"
     try:
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
+            text = f.read()
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"{not_ours} ({error})") from None
     columns = reader.fieldnames or []
@@ -259,6 +277,12 @@ def read_leaderboard(path: Path) -> list[dict]:
     missing += [f"{p}*" for p in ("val_", "test_") if not any(c.startswith(p) for c in columns)]
     if missing:
         raise ValueError(f"{not_ours}: it has no column {', '.join(missing)}")
+    # Ours, but cut short (copied in part, a full disk): our rows each end their line, with every field
+    cut = next((number for number, row in enumerate(rows, 2) if None in row or None in row.values()), None)
+    if not text.endswith("\n") or cut:
+        where = f"row {cut} has {'fewer' if None in rows[cut - 2].values() else 'more'} fields than the header" if cut else "its last line is cut short"
+        raise ValueError(f"{path} is damaged: {where}; write it again with the command that wrote it (`tokens probe`, "
+                         "from the run's checkpoint.pt, or `tokens report`)")
     if not rows:
         raise ValueError(f"{path} holds no configurations")
     try:
@@ -297,8 +321,8 @@ def store_labels(paths: list[Path], keys: list[str]) -> dict[str, str]:
 
 def merge(paths: list[Path]) -> tuple[list[dict], list[str], dict[tuple, Path]]:
     """All rows of all leaderboards, one per (store, configuration, training); notes on what was
-    dropped; and the leaderboard each row was kept from."""
-    rows, seen, columns = [], {}, None
+    dropped; and the leaderboard each row was kept from (its run's, for a report's merged one)."""
+    rows, seen, origins, columns = [], {}, {}, None
     repeated: dict[tuple[Path, Path], list[str]] = {}  # (kept from, dropped from) -> configurations
     for path in paths:
         for row in read_leaderboard(path):
@@ -312,11 +336,12 @@ def merge(paths: list[Path]) -> tuple[list[dict], list[str], dict[tuple, Path]]:
                 raise ValueError(f"{path} has metrics {metric_columns([row])}, other runs {columns}: "
                                  "a report cannot mix multi-label and multi-class runs")
             seen[key] = path
+            origins[key] = Path(row["run"]) / "leaderboard.csv" if row["run"] else path
             rows.append(row)
     notes = [f"{configs[0]} appears in {first} and {second}: kept the first" if len(configs) == 1 else
              f"{len(configs)} configurations (e.g. {configs[0]}) appear in {first} and {second}: kept the first"
              for (first, second), configs in repeated.items()]
-    return rows, notes, seen
+    return rows, notes, origins
 
 
 def group_id(config: str) -> str:
@@ -376,10 +401,17 @@ def diverged(rows: list[dict], metric: str, labels: dict[str, str]) -> list[str]
     trainings = {training for _, _, training in groups}
     notes = []
     for (store_key, config, training), members in groups.items():
-        if bad := sum(not math.isfinite(m[f"val_{metric}"]) for m in members):
-            where = (f" on {labels[store_key]}" if len(labels) > 1 else "") + (f" ({training})" if len(trainings) > 1 else "")
-            notes.append(f"{config}{where}: {bad} of {len(members)} seeds diverged (NaN validation {metric}), so its mean "
-                         "is NaN and it is not selected")
+        nan = [m for m in members if not math.isfinite(m[f"val_{metric}"])]
+        if not nan:
+            continue
+        # A head that diverged scores NaN on every split; one with finite test figures did not: its
+        # validation items leave the metric undefined (no class with both positive and negative items).
+        undefined = sum(math.isfinite(m.get(f"test_{metric}", math.nan)) for m in nan)
+        why = [f"{len(nan) - undefined} of {len(members)} seeds diverged (NaN validation {metric})"] * (len(nan) > undefined) + [
+            f"{undefined} of {len(members)} seeds have a validation {metric} that their validation items leave undefined "
+            f"(NaN, while the test {metric} is finite)"] * bool(undefined)
+        where = (f" on {labels[store_key]}" if len(labels) > 1 else "") + (f" ({training})" if len(trainings) > 1 else "")
+        notes.append(f"{config}{where}: {'; '.join(why)}, so its mean is NaN and it is not selected")
     return notes
 
 
@@ -563,7 +595,10 @@ def write_report(runs: list[Path], out: Path) -> str:
     found = {run: find_leaderboards(run) for run in runs}
     paths = [p for run in runs for p in found[run]]
     if not paths:
-        raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}")
+        started = [str(run) for run in runs if any(Path(run).glob("checkpoint.pt")) or any(Path(run).glob("part-*/checkpoint.pt"))]
+        raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}" + (
+            f": {', '.join(started)} {'holds a sweep' if len(started) == 1 else 'hold sweeps'} not finished (checkpoint.pt); "
+            "run the same `tokens probe` command again to finish" if started else ""))
     rows, notes, origins = merge(paths)
     unfinished = [note for run in runs for note in missing_parts(run) or
                   ([] if found[run] else [f"{run}: no leaderboard.csv yet (not finished); the report leaves it out"])]
@@ -573,12 +608,13 @@ def write_report(runs: list[Path], out: Path) -> str:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot make the folder {out}: {error.strerror or error}") from None
-    write_csv(out / "leaderboard.csv", ranked(rows, metric), leaderboard_columns(rows))
+    write_csv(out / "leaderboard.csv", [r | {"run": origins[(r["store_key"], r["config"], r["training"])].parent.resolve()} for r in ranked(rows, metric)],
+              leaderboard_columns(rows) + ["run"])
     summary = summarize(rows)
     mark_selected(summary, metric)
     heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
-    labels = store_labels(paths, list(dict.fromkeys(r["store_key"] for r in rows)))
+    labels = store_labels(list(dict.fromkeys(origins.values())), list(dict.fromkeys(r["store_key"] for r in rows)))
     notes += diverged(rows, metric, labels)
     columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
                + ["store", "store_key", "training", "data_seeds", "saved_head"])
@@ -594,6 +630,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     apart += " (a store's runs on it unfinished apart)" if partial else ""
     why = (f"One configuration per head{apart}: the best mean validation {metric}. "
            "Its test figures are the ones to report; the other rows' test figures were not used to choose.")
+    why = "".join(f"**Note:** {note}\n\n" for note in notes if note not in unfinished) + why  # as said in the terminal
     if unfinished:  # in the file too: a report read later must not pass for the finished sweep's
         why = f"**Unfinished:** {'; '.join(unfinished)}. The selection may change once they finish.\n\n{why}"
     if partial:
@@ -601,10 +638,11 @@ def write_report(runs: list[Path], out: Path) -> str:
                    "store; they are selected apart, and their figures are not comparable with a finished store's")
         why = f"**Unfinished store:** {caution}.\n\n{why}"
         notes.append(caution)
-    saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use)
+    saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use) + "\n\n" if heads_to_use else ""
     compared = f"{side_by_side(summary, labels, metric)}\n\n" if len(labels) > 1 else ""
-    (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{compared}{table(chosen, shown_columns, markdown=True)}\n\n"
-                                   f"{saved}\n\n## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
+    selected = table(chosen, shown_columns, markdown=True) if chosen else f"No configuration is selected: every one's mean validation {metric} is NaN."
+    (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{compared}{selected}\n\n"
+                                   f"{saved}## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
 
     # A store, and a training setup, per panel where there are several; of the setup, a panel's title
     # shows what not all of them share (epochs=3 against epochs=12), not the whole line.
@@ -620,7 +658,10 @@ def write_report(runs: list[Path], out: Path) -> str:
                           chosen=[r for r in summary if r["selected"]], panel_of=panel_of)
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
-    if len(chosen) < len(shown):
+    if not chosen:
+        lines += ["", f"no configuration is selected: every one's mean validation {metric} is NaN (see the notes above)"]
+    elif len(chosen) < len(shown):
         lines += ["", f"selected by validation {metric}, one per head{' and store' if len(labels) > 1 else ''}:", table(chosen, shown_columns)]
-    lines += ["", "saved weights of each one's best seed:"] + [f"  {line}" for line in heads_to_use]
+    if heads_to_use:
+        lines += ["", "saved weights of each one's best seed:"] + [f"  {line}" for line in heads_to_use]
     return "\n".join(lines)
