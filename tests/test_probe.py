@@ -293,6 +293,8 @@ def test_parts_merged_by_report_equal_the_whole_sweep(store, run, tmp_path):
     from_parts, summary = read_csv(tmp_path / "from_parts" / "report.csv"), read_csv(tmp_path / "from_run" / "report.csv")
     # A report of the report's leaderboard finds the same stores and saved heads through that column.
     ok("report", tmp_path / "from_parts" / "leaderboard.csv", "--out", tmp_path / "again")
+    twice = ok("report", tmp_path / "from_parts" / "leaderboard.csv", parts, "--out", tmp_path / "twice")  # the note names the files given
+    assert f"appear in {tmp_path / 'from_parts' / 'leaderboard.csv'} and {parts / 'part-1-of-2' / 'leaderboard.csv'}: kept the first" in said(twice)
     assert read_csv(tmp_path / "again" / "report.csv") == [
         row | {"saved_head": str(Path(row["saved_head"]).resolve()) if row["saved_head"] else ""} for row in from_parts]
     saved = {row["head"]: (row.pop("saved_head"), other.pop("saved_head")) for row, other in zip(from_parts, summary)}
@@ -690,6 +692,7 @@ def test_a_validation_metric_the_labels_leave_undefined_is_not_called_divergence
     assert "no configuration is selected: every one's mean validation map is NaN" in said(result)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "No configuration is selected: every one's mean validation map is NaN." in text and "leave undefined" in text
+    assert "Saved weights" not in text and "saved weights" not in result.output  # no heading over an empty list
 
 
 def test_a_leaderboard_cut_short_is_refused_by_report_and_written_anew_by_its_run(store, run, tmp_path):
