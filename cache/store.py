@@ -13,6 +13,7 @@ shard in flight and a restarted one skips what is done.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -128,9 +129,10 @@ def writer() -> str:
     return f"{HOST}-{os.getpid()}"
 
 
-def writer_gone(name: str, path: Path) -> bool:
+def writer_gone(name: str, path: Path, clock: Callable[[], float]) -> bool:
     """Whether the writer called `name` (see writer()) of `path` is gone: a process of this host that
-    no longer runs or, when that cannot be told (another host), a path unchanged for STALE_SECONDS."""
+    no longer runs or, when that cannot be told (another host), a path unchanged for STALE_SECONDS
+    by the `clock` of its folder (see folder_clock)."""
     host, _, pid = name.rpartition("-")
     if host == HOST and pid.isdigit():
         try:
@@ -141,20 +143,24 @@ def writer_gone(name: str, path: Path) -> bool:
             return False
         return False
     try:
-        return _filesystem_now(path.parent) - path.stat().st_mtime > STALE_SECONDS
+        return clock() - path.stat().st_mtime > STALE_SECONDS
     except FileNotFoundError:  # renamed into place meanwhile
         return False
 
 
-def _filesystem_now(folder: Path) -> float:
-    """The time by the clock that stamps files in `folder`, read by touching the folder (as adding a
-    file to it would): on NFS the server's, which may be minutes off this host's. File systems that
-    stamp with each client's clock (Lustre, GPFS) give this host's; so does a folder not writable here."""
-    try:
-        os.utime(folder)
-        return os.stat(folder).st_mtime
-    except OSError:
-        return time.time()
+def folder_clock(folder: Path) -> Callable[[], float]:
+    """The time by the clock that stamps files in `folder`, read once, when first asked (a scan that
+    finds only this host's writers touches nothing). Read by touching the folder, as adding a file
+    to it would: on NFS the server's, which may be minutes off this host's. File systems that stamp
+    with each client's clock (Lustre, GPFS) give this host's; so does a folder not writable here."""
+    @functools.cache
+    def now() -> float:
+        try:
+            os.utime(folder)
+            return os.stat(folder).st_mtime
+        except OSError:
+            return time.time()
+    return now
 
 
 def build_aside(path: Path) -> Path:
@@ -171,9 +177,10 @@ def discard_builds(path: Path):
     """Delete what killed builders left beside `path` (see build_aside); also once the store is
     there, since tasks of a job array create it at once, and one killed then is not the one that made it."""
     built = re.compile(rf"\.{re.escape(path.name)}\.(?:([^.]+)\.)?[0-9a-f]{{32}}\.tmp")  # no writer: made before it was named
+    clock = folder_clock(path.parent)
     for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         found = built.fullmatch(entry.name)
-        if found and writer_gone(found[1] or "", entry):
+        if found and writer_gone(found[1] or "", entry, clock):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -25,7 +25,8 @@ import zarr
 import zarr.codecs
 
 from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, NotAStore, RawItems, StoreError, StoreSpec,
-                                build_aside, column_layout, store_exists, write_error, writer, writer_gone)
+                                build_aside, column_layout, folder_clock, store_exists, write_error, writer,
+                                writer_gone)
 
 CODECS = {
     "zstd": lambda: [zarr.codecs.ZstdCodec(level=1)],
@@ -293,9 +294,10 @@ class ZarrHandle:
             entries = list(os.scandir(self.path / PARTIAL))
         except FileNotFoundError:
             return
+        clock = folder_clock(self.path / PARTIAL)
         for entry in entries:
             fields = entry.name.split(".")  # <shard>.<split>.<array...>.<host>-<pid>.<uuid>.tmp
-            if len(fields) >= 6 and fields[-1] == "tmp" and writer_gone(fields[-3], Path(entry.path)):
+            if len(fields) >= 6 and fields[-1] == "tmp" and writer_gone(fields[-3], Path(entry.path), clock):
                 Path(entry.path).unlink(missing_ok=True)
 
     def chunk_file(self, split: str, name: str, shard: int) -> Path:

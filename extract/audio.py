@@ -116,10 +116,15 @@ def _identity(path: Path) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def _take_kept() -> _Reader | None:
+    """The reader this thread kept, no longer kept; None if none, or if it is a forked parent's."""
+    kept, _kept.reader = getattr(_kept, "reader", None), None
+    return kept if kept is not None and kept.pid == os.getpid() else None
+
+
 def _reader_for(path: Path, offset: float) -> _Reader:
     """A reader of `path` that can reach `offset` seconds: the kept one where it can, else a new one."""
-    kept, _kept.reader = getattr(_kept, "reader", None), None
-    if kept is not None and kept.pid == os.getpid():
+    if kept := _take_kept():
         if kept.path == path and kept.at <= round(offset * kept.file.samplerate) and kept.stat == _identity(path):
             return kept
         kept.file.close()
@@ -137,8 +142,7 @@ def _keep(reader: _Reader):
 def close_kept_file():
     """Close the file this thread keeps open for its next window, once no window follows: DataLoader
     workers end with their process, but with --num-workers 0 the main thread reads the audio."""
-    kept, _kept.reader = getattr(_kept, "reader", None), None
-    if kept is not None and kept.pid == os.getpid():
+    if kept := _take_kept():
         kept.file.close()
 
 

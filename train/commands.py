@@ -30,7 +30,7 @@ from tokens.train.data import MODES, Source, usable_items
 from tokens.train.heads import HEADS, build_head
 from tokens.train.losses import LOSSES
 from tokens.train.optim import OPTIMIZERS, SCHEDULES, default_lr, lr_required
-from tokens.train.report import OutputError, write_report
+from tokens.train.report import OutputError, write_report, written_aside
 from tokens.train.sweep import SweepError
 
 # Choices as typer checks them when the arguments are parsed (by `tokens slurm` too, before submitting).
@@ -456,16 +456,11 @@ def predict(
         if not log_scores:
             scores = np.exp(scores)
         ids = the_split.column("ids")[items]
-    target = out.resolve()  # through a link, not over it
-    aside = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # earlier scores stay whole until these are
-    try:
-        with open(aside, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", *saved["classes"]])
-            for item_id, row in zip(ids, scores):
-                writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
-        os.replace(aside, target)
-    finally:
-        aside.unlink(missing_ok=True)
+    # through a link, not over it; earlier scores stay whole until these are
+    with written_aside(out.resolve()) as aside, open(aside, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", *saved["classes"]])
+        for item_id, row in zip(ids, scores):
+            writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
     skipped = the_split.num_items - len(items)
     typer.echo(f"{out}: scores of {len(items)} items of {split}" + (f" ({skipped} failed or unwritten items left out)" if skipped else ""))

@@ -17,9 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
 import platform
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,16 +156,9 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
 
 
 def save_aside(obj, path: Path):
-    """torch.save into a file of its own beside `path`, then renamed into place: a run killed
-    meanwhile leaves the old file whole, and a part resubmitted while its old task still runs
-    saves beside it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save, written aside and renamed into place (see report.written_aside)."""
+    with report.written_aside(path) as aside:
+        torch.save(obj, aside)
 
 
 def unfinished_shards(done: dict[str, np.ndarray]) -> dict[str, list[int]]:

@@ -19,6 +19,7 @@ import re
 import textwrap
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,20 +72,27 @@ def ranked(rows: list[dict], metric: str) -> list[dict]:
     return sorted(rows, key=_rank(f"val_{metric}"))
 
 
-def write_csv(path: Path, rows: list[dict], columns: list[str]):
-    """Written aside and renamed into place: a run's leaderboard.csv says it finished, and one cut
-    short by a kill or a full disk would pass for a finished run with fewer configurations."""
+@contextmanager
+def written_aside(path: Path):
+    """A file of its own beside `path` to write, renamed onto `path` once written and deleted if the
+    writing fails: a kill or a full disk meanwhile leaves the old file whole, and a part resubmitted
+    while its old task still runs writes beside it."""
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(aside, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        yield aside
         os.replace(aside, path)
-    except BaseException:
+    finally:
         aside.unlink(missing_ok=True)
-        raise
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]):
+    """Written aside (a run's leaderboard.csv says it finished: one cut short would pass for a
+    finished run with fewer configurations)."""
+    with written_aside(path) as aside, open(aside, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def leaderboard_columns(rows: list[dict]) -> list[str]:
@@ -595,7 +603,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     found = {run: find_leaderboards(run) for run in runs}
     paths = [p for run in runs for p in found[run]]
     if not paths:
-        started = [str(run) for run in runs if any(Path(run).glob("checkpoint.pt")) or any(Path(run).glob("part-*/checkpoint.pt"))]
+        started = [str(run) for run in runs if (Path(run) / "checkpoint.pt").exists() or any(Path(run).glob("part-*/checkpoint.pt"))]
         raise FileNotFoundError(f"no leaderboard.csv in {', '.join(map(str, runs))}" + (
             f": {', '.join(started)} {'holds a sweep' if len(started) == 1 else 'hold sweeps'} not finished (checkpoint.pt); "
             "run the same `tokens probe` command again to finish" if started else ""))
