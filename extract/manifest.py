@@ -19,7 +19,6 @@ import json
 import math
 import multiprocessing
 import os
-import signal
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from tokens.cache.store import is_token_store
 from tokens.cluster import usable_cores
+from tokens.extract.workers import leave_signals_to_the_parent, signals_held
 
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("path", "labels", "label", "split", "id", "start", "end")  # what a manifest's rows may say
@@ -411,10 +411,12 @@ def _check(
     # The extractor's GPU warm-up thread may run meanwhile; the children only read file headers and
     # never touch CUDA, so no lock that thread holds is needed in them.
     context = multiprocessing.get_context("fork")
-    with (ProcessPoolExecutor(workers, mp_context=context, initializer=_leave_signals_to_the_parent)
+    with (ProcessPoolExecutor(workers, mp_context=context, initializer=leave_signals_to_the_parent)
           if workers > 1 else nullcontext()) as pool:
         try:
-            for chunk in (pool.map(check, chunks) if pool else map(check, chunks)):
+            with signals_held():  # map forks the pool's processes
+                checked = pool.map(check, chunks) if pool else map(check, chunks)
+            for chunk in checked:
                 for row, row_problems, windows, past_the_end in chunk:
                     problems += [f"{row.where}: {p}" for p in row_problems]
                     if not row_problems:
@@ -429,14 +431,6 @@ def _check(
     if cut:  # often a whole manifest's times in another unit, or files other than those annotated
         notes.append(f"{len(cut)} row(s) end past the end of their file and are cut there (e.g. {cut[0]})")
     return task, rows
-
-
-def _leave_signals_to_the_parent():
-    """Ctrl-C and SLURM's SIGTERM reach every process of the group. A checking process interrupted
-    mid-task broke the pool, which then raced the parent's own stop (once, a minute's hang): they
-    are the parent's to handle, and it stops the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _check_records(root: Path, task: str, known: set[str] | None, audio: bool, window: float | None,

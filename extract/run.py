@@ -35,6 +35,7 @@ from tokens.extract.backbones import Backbone, build_backbone, checked_options
 from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
 from tokens.extract.manifest import SPLITS, Dataset, Item, read_dataset
+from tokens.extract.workers import signals_held, start_decoding_worker, stop_decoding_workers
 
 
 class ExtractionError(Exception):
@@ -320,17 +321,6 @@ def default_workers(backbone: Backbone) -> int:
     backbone needs when its workers only decode (more took from the disk's writes)."""
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(backbone.enough_workers or MAX_WORKERS, cores - 1))
-
-
-WORKER_NICENESS = 10
-
-
-def _lower_priority(worker_id: int):
-    """DataLoader workers run at a lower priority: they still take every idle core, but give way
-    to the main process's threads and to the kernel's work of writing to disk. On the two-GPU H200
-    host, a one-layer extraction with 31 workers streamed 1 764 and 1 804 clips/s this way, against
-    1 671 and 1 723 at normal priority (interleaved runs of 32 768 clips)."""
-    os.nice(WORKER_NICENESS)
 
 
 class ItemSource(torch.utils.data.Dataset):
@@ -733,13 +723,14 @@ def extract(
         loader = torch.utils.data.DataLoader(
             ItemSource(model, items), batch_sampler=loader_batches(len(items), batch_size, workers), num_workers=workers, collate_fn=collate,
             pin_memory=target.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
-            worker_init_fn=_lower_priority if workers else None,
+            worker_init_fn=start_decoding_worker if workers else None,
             # fork, whatever the platform's default: forkserver and spawn would pickle the model for each worker
             multiprocessing_context="fork" if workers else None,
         )
         # The workers start decoding the first batches while the GPU warms up (they never touch CUDA, so
         # forking them beside the warm-up thread is safe, as for the dataset check).
-        batches = iter(loader)
+        with signals_held():
+            batches = iter(loader)
         pool = ArrayPool(spec)
         pool.reserve([len(_shard_items(spec, split, shard)) for split, shard in todo[:shards_in_flight(spec, batch_size)]])
         if warm_up is not None:
@@ -749,7 +740,7 @@ def extract(
     except BaseException:  # the dataset's, the store's or the warm-up's error: the first one is reported
         if warm_up is not None:
             warm_up.join()
-        _stop_workers(batches)
+        stop_decoding_workers(batches)
         _close_quietly(store)
         raise
     buffers: dict[tuple[str, int], ShardBuffer] = {}  # shards with rows still to come: only shards in flight take memory
@@ -810,7 +801,7 @@ def extract(
         while in_flight:
             in_flight.popleft().result()
     except BaseException:  # the first error is the one to report; the store is closed all the same
-        _stop_workers(batches)
+        stop_decoding_workers(batches)
         if landing is not None:  # no landing hands the writer a shard once it closes
             landing.shutdown(wait=True, cancel_futures=True)
         _close_quietly(bar, writer, store)
@@ -862,17 +853,6 @@ def _close_quietly(*closeables):
                 closeable.close()
         except BaseException:  # an error is already on its way up: it stays the one reported
             pass
-
-
-def _stop_workers(batches):
-    """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough on an
-    error path: the traceback keeps it alive (in a notebook, for as long as the error is kept),
-    and so does an error raised by the iterator itself, through its frame."""
-    if batches is not None and hasattr(batches, "_shutdown_workers"):  # only the multi-process iterator has workers
-        try:
-            batches._shutdown_workers()
-        except RuntimeError:  # torch's SIGCHLD handler: workers killed by the SIGTERM that SLURM sends every process of a job
-            pass  # (their shutdown is done all the same: torch forgets them and terminates what is left in a finally)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from tokens.cli import app
 from tokens.extract.audio import load_window
 from tokens.extract.backbones import build_backbone
 from tokens.extract.run import ExtractionError, extract
+from tokens.extract.workers import WORKER_NICENESS
 
 SR = 16000
 
@@ -366,7 +367,7 @@ def test_the_decoding_workers_run_at_a_lower_priority_than_the_run(dataset, tmp_
     """They take idle cores but give way to the main process and the kernel's disk writes."""
     import tokens.extract.run as run_module
 
-    if os.getpriority(os.PRIO_PROCESS, 0) + run_module.WORKER_NICENESS > 19:
+    if os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICENESS > 19:
         pytest.skip("this process runs too nice for its workers to be any nicer")
 
     seen = tmp_path / "niceness"
@@ -381,7 +382,7 @@ def test_the_decoding_workers_run_at_a_lower_priority_than_the_run(dataset, tmp_
     run(dataset, tmp_path / "s.zarr", num_workers=2)
     workers = {int(f.name): int(f.read_text()) for f in seen.iterdir()}
     assert workers and os.getpid() not in workers
-    assert set(workers.values()) == {os.getpriority(os.PRIO_PROCESS, 0) + run_module.WORKER_NICENESS}
+    assert set(workers.values()) == {os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICENESS}
 
 
 @pytest.mark.parametrize("backbone, cores, ranks, workers", [

@@ -255,7 +255,8 @@ def test_killed_extraction_resumes_to_the_uninterrupted_store(clips, tmp_path, h
 
 
 # `tokens extract` with two decoding workers, the first of which sends SIGTERM to the whole process
-# group at its third item, as SLURM does to every process of a job at its time limit.
+# group at its first item (as SLURM does to every process of a job at its time limit), while the
+# parent may still be starting the workers.
 TERMINATED_GROUP = """
     import os, signal, sys
     import tokens.extract.run as run
@@ -263,7 +264,7 @@ TERMINATED_GROUP = """
     load, calls = run.load_window, []
     def load_then_terminate(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3 and torch.utils.data.get_worker_info().id == 0:
+        if len(calls) == 1 and torch.utils.data.get_worker_info().id == 0:
             os.killpg(0, signal.SIGTERM)
         return load(*args, **kwargs)
     run.load_window = load_then_terminate
@@ -287,6 +288,45 @@ def test_sigterm_to_the_whole_job_stops_as_ctrl_c_does(clips, tmp_path):
     assert "interrupted: the shards already complete" in " ".join(err.split()) and "Traceback" not in err, err
     run_extract(dataset, store, backbone_options={"window_seconds": WINDOW})
     assert_same_store(reference, store)
+
+
+def test_a_decoding_worker_leaves_sigterm_to_the_parent(clips, tmp_path, monkeypatch):
+    """Workers that took SLURM's SIGTERM themselves died of it at a moment of their own: the parent
+    then failed on torch's 'worker killed by signal', or waited at exit for a worker that was waiting
+    to send a batch. Here each worker signals itself at every item, and the run goes on unharmed."""
+    import tokens.extract.run as run_module
+
+    dataset, reference = clips
+    load = run_module.load_window
+
+    def load_signalled(*args, **kwargs):
+        if torch.utils.data.get_worker_info() is not None:  # never this process
+            os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_window", load_signalled)
+    store = tmp_path / "signalled.zarr"
+    run_extract(dataset, store, num_workers=2, backbone_options={"window_seconds": WINDOW})
+    assert_same_store(reference, store)
+
+
+def test_a_stop_signal_while_workers_start_is_acted_on_once_they_run():
+    """Not in a child between its fork and its first line (it inherited the parent's handler then)."""
+    from tokens.extract.workers import signals_held
+
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []
+        assert received == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- interruption: probe sweep -----------------------------------------------------------------------
