@@ -173,11 +173,11 @@ def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int, g
                            ", or train on its shards written then (--allow-incomplete)"), err=True)
             try:
                 configs, spec = train_commands.plan_probe(store, **{key: params[key] for key in (
-                    "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "batch_size", "loss", "data")},
+                    "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "batch_size", "loss", "data", "final_norm")},
                     optimizer=params["optimizer"].value)
                 training = probe_recipe.training_plan(store, configs, optimizer=params["optimizer"].value,
                                                       schedule=params["schedule"].value, **{key: params[key] for key in (
-                                                          "epochs", "batch_size", "warmup_epochs", "loss", "data_seed")})
+                                                          "epochs", "batch_size", "warmup_epochs", "loss", "data_seed", "final_norm")})
                 probe_recipe.check_earlier_runs(params["out"], array, {
                     "store_key": store.meta["cache_key"], "sweep": spec | {"configs": [c.id for c in configs]}, "training": training},
                     store.task, unfinished, params["allow_incomplete"])

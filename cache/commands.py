@@ -41,6 +41,7 @@ def describe(store: TokenStore) -> dict:
         "class_token": store.class_token,
         "layers": meta["layers"],
         "final_norm": meta["final_norm"],
+        "final_norm_recorded": meta.get("final_norm_params") is not None,  # for tokens probe --final-norm
         "precision": meta.get("precision"),  # None: a store made before it was recorded
         "dtype": meta["dtype"],
         "masked": meta["masked"],
@@ -64,6 +65,12 @@ def _size(n: float) -> str:
         n /= 1024
 
 
+def _final_norm(info: dict) -> str:
+    if info["final_norm"]:
+        return "applied"
+    return "not applied (recorded: tokens probe --final-norm applies it)" if info["final_norm_recorded"] else "not applied"
+
+
 def render(info: dict) -> str:
     T, F = info["grid"]
     classes = info["classes"]
@@ -72,7 +79,7 @@ def render(info: dict) -> str:
         f"store      {info['path']} ({info['format']}, {_size(info['disk_bytes'])} on disk)",
         f"backbone   {info['backbone']}  checkpoint sha256 {(info['checkpoint_sha256'] or '')[:16] or 'none (built-in weights)'}",
         f"tokens     grid {T}x{F} = {info['num_tokens']} tokens x {info['dim']} dims, "
-        f"{info['num_prefix']} prefix tokens{'' if info['class_token'] or not info['num_prefix'] else ' (no class token)'}, {info['dtype']}, final norm {'applied' if info['final_norm'] else 'not applied'}"
+        f"{info['num_prefix']} prefix tokens{'' if info['class_token'] or not info['num_prefix'] else ' (no class token)'}, {info['dtype']}, final norm {_final_norm(info)}"
         f"{', forward pass in ' + info['precision'] if info['precision'] else ''}"
         f"{', compressed with ' + info['codec'] if info['codec'] else ''}",
         f"layers     {', '.join(map(str, info['layers']))}",

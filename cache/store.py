@@ -245,6 +245,7 @@ class StoreSpec:
     codec: str | None = None  # None, "zstd" or "blosc-lz4"
     extra: dict = field(default_factory=dict)  # provenance that does not change tokens
     class_token: bool | None = None  # the first prefix token is a class token (None: whenever there is one); a ViT with registers alone has none
+    final_norm_params: dict | None = None  # raw tokens: the encoder's final LayerNorm, for `tokens probe --final-norm`
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

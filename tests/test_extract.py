@@ -983,3 +983,45 @@ def test_an_empty_directory_made_beforehand_becomes_the_store(dataset, tmp_path)
     assert first.exit_code == 0 and "wrote 8 items" in first.output, first.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "wrote 0 items" in again.output, again.output
+
+
+def test_a_raw_store_records_the_final_norm_and_probes_apply_it_as_extraction_would(dataset, tmp_path):
+    """backbones.md: caching the raw block outputs and the final norm's weights lets either be had at
+    probe time. Oracle: the tokens of a store extracted with --final-norm (float32 both, so the norm's
+    input is the same numbers)."""
+    timm = pytest.importorskip("timm")
+    from tokens.cache.commands import describe, render
+    from tokens.train.data import FinalNorm, Source, usable_items
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=(1024, 128), patch_size=16, in_chans=1, embed_dim=64, depth=2, num_heads=4, num_classes=0)
+    with torch.no_grad():  # a norm of its own, not the identity LayerNorm starts as
+        vit.norm.weight.uniform_(0.5, 2.0)
+        vit.norm.bias.normal_()
+    checkpoint = tmp_path / "audiomae.pth"
+    torch.save({"model": vit.state_dict()}, checkpoint)
+    options = dict(backbone="audiomae", checkpoint=str(checkpoint), backbone_options=dict(dim=64, depth=2, num_heads=4),
+                   dtype="float32", precision="fp32", device="cpu")
+    run(dataset, tmp_path / "raw.zarr", **options)
+    run(dataset, tmp_path / "normed.zarr", final_norm=True, **options)
+    cpu = torch.device("cpu")
+    with open_store(tmp_path / "raw.zarr") as raw, open_store(tmp_path / "normed.zarr") as normed:
+        recorded = raw.meta["final_norm_params"]
+        assert np.array(recorded["weight"], np.float32).tobytes() == vit.norm.weight.detach().numpy().tobytes()
+        assert np.array(recorded["bias"], np.float32).tobytes() == vit.norm.bias.detach().numpy().tobytes()
+        assert recorded["eps"] == vit.norm.eps and normed.meta["final_norm_params"] is None
+        assert "final norm not applied (recorded: tokens probe --final-norm applies it)" in render(describe(raw))
+        assert "final norm applied" in render(describe(normed))
+        with pytest.raises(ValueError, match="normed already"):
+            FinalNorm.recorded(normed.meta, cpu)
+        for name in raw.splits:
+            items = usable_items(raw.split(name))
+            ours = Source(raw.split(name), [0, 1], True, "stream", cpu, norm=FinalNorm.recorded(raw.meta, cpu))
+            theirs = Source(normed.split(name), [0, 1], True, "stream", cpu)
+            ours, theirs = ours.to_batch(ours.read(items)), theirs.to_batch(theirs.read(items))
+            for layer in (0, 1):
+                torch.testing.assert_close(ours.tokens[layer], theirs.tokens[layer], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(ours.cls[layer], theirs.cls[layer], rtol=1e-4, atol=1e-5)
+            plain = Source(raw.split(name), [1], False, "stream", cpu)  # raw tokens: not what the norm gives
+            assert not torch.allclose(ours.tokens[1], plain.to_batch(plain.read(items)).tokens[1], atol=1e-2)

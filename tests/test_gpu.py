@@ -291,3 +291,30 @@ def test_a_sweep_moves_between_gpu_and_cpu_and_predict_scores_as_the_run_did(tmp
         expected = np.mean([average_precision_score(labels[:, c], scores[:, c]) for c in range(len(CLASSES))])
         (row,) = [row for row in leaderboard(run).values() if row["head"] == head]
         assert float(row["test_map"]) == pytest.approx(expected, abs=1e-12), head
+
+
+@pytest.mark.parametrize("data", ["gpu", "stream"])
+def test_a_sweep_behind_the_final_norm_on_a_gpu_trains_as_on_normed_tokens(tmp_path, data):
+    """The recorded norm, moved to the GPU with the tokens (loaded there whole, or streamed and
+    pinned), gives the figures of tokens written normed, and predict applies it there too."""
+    from test_probe import D, leaderboard, make_store, ok, read_csv
+
+    rng = np.random.default_rng(1)
+    params = {"kind": "layer_norm", "eps": 1e-6, "weight": rng.uniform(0.5, 2, D).astype(np.float32).tolist(),
+              "bias": rng.normal(size=D).astype(np.float32).tolist()}
+    raw = make_store(tmp_path / "raw.zarr", dtype="float32", final_norm_params=params)
+    normed = make_store(tmp_path / "normed.zarr", dtype="float32", final_norm=True, normed_by=params)
+    sweep = ["--heads", "linear,ep", "--option", "ep.num_queries=4", "--epochs", "4", "--batch-size", "16",
+             "--device", "cuda", "--data", data]
+    ok("probe", raw, *sweep, "--final-norm", "--out", tmp_path / "behind")
+    ok("probe", normed, *sweep, "--out", tmp_path / "stored")
+    behind, stored = leaderboard(tmp_path / "behind"), leaderboard(tmp_path / "stored")
+    for config, row in stored.items():
+        for key in ("val_map", "test_map"):
+            assert float(behind[config][key]) == pytest.approx(float(row[key]), abs=1e-3), (config, key)
+    ok("predict", raw, "--head", tmp_path / "behind" / "best" / "ep.pt", "--device", "cuda", "--out", tmp_path / "behind.csv")
+    ok("predict", normed, "--head", tmp_path / "stored" / "best" / "ep.pt", "--device", "cuda", "--out", tmp_path / "stored.csv")
+    ours, theirs = read_csv(tmp_path / "behind.csv"), read_csv(tmp_path / "stored.csv")
+    assert [row["id"] for row in ours] == [row["id"] for row in theirs]
+    np.testing.assert_allclose([[float(v) for k, v in row.items() if k != "id"] for row in ours],
+                               [[float(v) for k, v in row.items() if k != "id"] for row in theirs], atol=1e-3)

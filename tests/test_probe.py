@@ -54,9 +54,10 @@ def ok(*args):
     return result
 
 
-def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,), **spec_changes):
+def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,), normed_by=None, **spec_changes):
     """Tokens with each item's classes written into a few of its tokens; the tail tokens of some
-    items are padding (masked, filled with garbage); the `failed` train items failed extraction."""
+    items are padding (masked, filled with garbage); the `failed` train items failed extraction.
+    `normed_by`: a final norm's parameters, applied to the tokens (float32) before they are written."""
     spec = StoreSpec(
         backbone="synthetic", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[3, 6],
         final_norm=False, dtype=dtype, grid=(T, F), dim=D, num_prefix=1, task=task, classes=CLASSES,
@@ -90,11 +91,12 @@ def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=N
                 for i in failed:
                     errors[i] = "unreadable: test"
             split = store.split(name)
+            cast = functools.partial(_cast, dtype=dtype) if normed_by is None else functools.partial(_normed, params=normed_by)
             for shard in range(split.num_shards) if written is None else written:
                 a, b = split.shard_range(shard)
                 split.write_shard(
-                    shard, tokens={k: _cast(v[a:b], dtype) for k, v in tokens.items()},
-                    prefix={k: _cast(v[a:b], dtype) for k, v in prefix.items()}, mask=mask[a:b],
+                    shard, tokens={k: cast(v[a:b]) for k, v in tokens.items()},
+                    prefix={k: cast(v[a:b]) for k, v in prefix.items()}, mask=mask[a:b],
                     labels=labels[a:b], ids=[f"{name}-{i}" for i in range(a, b)], sources=[f"{name}-{i // 2}.wav" for i in range(a, b)],
                     offsets=np.zeros(b - a), durations=np.ones(b - a), errors=errors[a:b],
                 )
@@ -105,6 +107,12 @@ def _cast(x, dtype):
     if dtype == "bfloat16":
         return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     return x.astype(dtype)
+
+
+def _normed(x, params):
+    """float32 tokens through a LayerNorm, as torch computes it."""
+    weight, bias = (torch.tensor(params[k], dtype=torch.float32) for k in ("weight", "bias"))
+    return torch.nn.functional.layer_norm(torch.from_numpy(x.astype(np.float32)), (D,), weight, bias, params["eps"]).numpy()
 
 
 def read_csv(path):
@@ -1571,3 +1579,47 @@ def test_a_job_array_on_an_unfinished_store_says_what_its_tasks_need(tmp_path, m
     make_store(partial, splits={"train": 96, "test": 40})  # the extraction finished since
     result = slurm("--allow-incomplete")
     assert result.exit_code == 2 and "was trained on train 2 of 3 shards, which the store no longer is: every task would refuse it" in said(result), said(result)
+
+
+def test_a_sweep_behind_the_recorded_final_norm_trains_as_on_tokens_extracted_normed(tmp_path):
+    """`probe --final-norm` on raw tokens gives the heads, leaderboard and predictions of the same sweep
+    on a store whose tokens went through that norm when written; predict applies the head's norm."""
+    rng = np.random.default_rng(1)
+    params = {"kind": "layer_norm", "eps": 1e-6, "weight": rng.uniform(0.5, 2, D).astype(np.float32).tolist(),
+              "bias": rng.normal(size=D).astype(np.float32).tolist()}
+    raw = make_store(tmp_path / "raw.zarr", dtype="float32", final_norm_params=params)
+    normed = make_store(tmp_path / "normed.zarr", dtype="float32", final_norm=True, normed_by=params)
+    sweep = ["--heads", "linear,ep", "--option", "ep.num_queries=4", *FAST]
+    ok("probe", raw, *sweep, "--final-norm", "--out", tmp_path / "behind")
+    ok("probe", normed, *sweep, "--out", tmp_path / "stored")
+    behind, stored = leaderboard(tmp_path / "behind"), leaderboard(tmp_path / "stored")
+    metrics = [k for k in next(iter(stored.values())) if k.startswith(("val_", "test_"))]
+    assert {c: [r[k] for k in metrics] for c, r in behind.items()} == {c: [r[k] for k in metrics] for c, r in stored.items()}
+    assert all(r["training"].endswith("/final_norm") for r in behind.values())
+    assert json.loads((tmp_path / "behind" / "config.json").read_text())["training"]["final_norm"] is True
+    ok("predict", raw, "--head", tmp_path / "behind" / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "behind.csv")
+    ok("predict", normed, "--head", tmp_path / "stored" / "best" / "ep.pt", "--device", "cpu", "--out", tmp_path / "stored.csv")
+    assert read_csv(tmp_path / "behind.csv") == read_csv(tmp_path / "stored.csv")
+    # without --final-norm the same raw store trains other heads: the norm was applied, not only recorded
+    ok("probe", raw, *sweep, "--out", tmp_path / "plain")
+    assert [r["test_map"] for r in leaderboard(tmp_path / "plain").values()] != [r["test_map"] for r in behind.values()]
+
+
+def test_final_norm_is_refused_where_there_is_none_to_apply(store, tmp_path):
+    """Named before any training: a store normed already, one with no norm recorded (an encoder without
+    one, or an older store), and a checkpoint of the sweep without the norm is not resumed with it."""
+    normed = make_store(tmp_path / "normed.zarr", final_norm=True)
+    for path, why in ((normed, "normed already (extracted with --final-norm)"), (store, "records no final norm to apply")):
+        result = invoke("probe", path, "--heads", "linear", *FAST, "--final-norm", "--out", tmp_path / "run")
+        assert result.exit_code == 2 and "--final-norm" in said(result) and why in said(result), said(result)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_stopped_without_the_final_norm_is_not_resumed_behind_it(tmp_path, monkeypatch):
+    raw = make_store(tmp_path / "raw.zarr", final_norm_params={"kind": "layer_norm", "eps": 1e-5, "weight": None, "bias": None})
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "run", functools.partial(recipe.run, stop_after=1))
+        ok("probe", raw, "--heads", "linear", *FAST, "--out", out)
+    result = invoke("probe", raw, "--heads", "linear", *FAST, "--final-norm", "--out", out)
+    assert result.exit_code == 2 and "final_norm False there, True here" in said(result), said(result)

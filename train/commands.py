@@ -26,7 +26,7 @@ from tokens.cluster import part_origin, pick_device, resolve_part
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import probe as recipe
 from tokens.train import sweep as sweeps
-from tokens.train.data import MODES, Source, usable_items
+from tokens.train.data import MODES, FinalNorm, Source, usable_items
 from tokens.train.heads import HEADS, build_head
 from tokens.train.losses import LOSSES
 from tokens.train.optim import OPTIMIZERS, SCHEDULES, default_lr, lr_required
@@ -219,10 +219,12 @@ def check_whole_or_parts(out: Path, count: int):
 
 
 def plan_probe(store, *, heads, option, lr, wd, layers, seeds, sweep, optimizer: str, batch_size: int, loss: str | None,
-               data: str) -> tuple[list, dict]:
+               data: str, final_norm: bool = False) -> tuple[list, dict]:
     """The configurations `tokens probe` would train on this open store, after every check it makes
     before training; `tokens slurm probe` runs it before it writes a script."""
     _check_data(data)
+    if final_norm:
+        recipe.recorded_norm(store, torch.device("cpu"))
     if loss is not None and loss not in LOSSES[store.task]:
         raise SweepError(f"{loss!r} does not fit this {store.task} store; use {', '.join(LOSSES[store.task])}", "--loss")
     return build_sweep(store, heads, option, lr, wd, layers, seeds, sweep, default_lr(optimizer, batch_size),
@@ -260,6 +262,7 @@ def probe(
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     num_threads: int = typer.Option(None, "--num-threads", min=1, help="CPU threads for torch."),
     data_seed: int = typer.Option(0, "--data-seed", min=0, max=MAX_SEED, help="Seed of the batch order (and of the held-out validation items)."),
+    final_norm: bool = typer.Option(False, "--final-norm", help="Apply the encoder's final norm, which a store of raw tokens records, to every token the heads read: the normed tokens without a second extraction."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on the written shards of an unfinished store."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (for the log files of batch jobs)."),
 ):
@@ -286,7 +289,7 @@ def probe(
     opened = open_checked(store, ["train", "test"], allow_incomplete, optional=("valid",))
     try:
         configs, spec = plan_probe(opened, heads=heads, option=option, lr=lr, wd=wd, layers=layers, seeds=seeds, sweep=sweep,
-                                   optimizer=optimizer.value, batch_size=batch_size, loss=loss, data=data)
+                                   optimizer=optimizer.value, batch_size=batch_size, loss=loss, data=data, final_norm=final_norm)
         try:
             index, count = resolve_part(part)
         except ValueError as error:
@@ -305,7 +308,7 @@ def probe(
             # of one sweep must agree on it (report.check_parts_agree), not only on its heads and values.
             opened, mine, out, sweep=spec | {"configs": [c.id for c in configs]}, part=(index, count), epochs=epochs, batch_size=batch_size,
             warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss, data=data, device=compute,
-            data_seed=data_seed, progress=not quiet,
+            data_seed=data_seed, final_norm=final_norm, progress=not quiet,
         )
     except (SweepError, StoreError) as error:
         raise _bad(error) from error
@@ -451,7 +454,8 @@ def predict(
         module.load_state_dict(saved["state_dict"])
         module.to(compute)
         layers = opened.layers if multi else [layer]
-        source = Source(the_split, layers, module.uses_cls, "stream", compute)
+        norm = None if saved.get("final_norm") is None else FinalNorm.from_params(saved["final_norm"], compute)  # probe --final-norm
+        source = Source(the_split, layers, module.uses_cls, "stream", compute, norm=norm)
         (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])
         if not log_scores:
             scores = np.exp(scores)

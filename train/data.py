@@ -46,6 +46,45 @@ class Batch:
         return self._stacked
 
 
+@dataclass
+class FinalNorm:
+    """The encoder's final LayerNorm, applied to raw tokens as they are read (`tokens probe
+    --final-norm`): one store of raw block outputs gives both the EP protocol's tokens and the normed
+    ones that cosine-similarity heads may want (backbones.md), in float32 from the stored dtype."""
+
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def recorded(cls, meta: dict, device: torch.device) -> FinalNorm:
+        """The norm a store of raw tokens records; ValueError saying why there is none to apply."""
+        if meta["final_norm"]:
+            raise ValueError("its tokens are normed already (extracted with --final-norm): leave out --final-norm")
+        params = meta.get("final_norm_params")
+        if params is None:
+            raise ValueError("it records no final norm to apply: its encoder has none (EAT, SSLAM and BEATs end in "
+                             "post-norm blocks), or not a LayerNorm, or the store was made by a version of tokens that "
+                             "did not record it (extract again, with or without --final-norm)")
+        return cls.from_params(params, device)
+
+    @classmethod
+    def from_params(cls, params: dict, device: torch.device) -> FinalNorm:
+        """From a store's record (lists) or a saved head's (tensors)."""
+        def tensor(values):
+            return None if values is None else torch.as_tensor(values, dtype=torch.float32).to(device)
+
+        return cls(float(params["eps"]), tensor(params["weight"]), tensor(params["bias"]))
+
+    def params(self) -> dict:
+        """As a saved head keeps it: tensors, loadable with weights_only."""
+        return {"eps": self.eps, "weight": None if self.weight is None else self.weight.cpu(),
+                "bias": None if self.bias is None else self.bias.cpu()}
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(tokens, tokens.shape[-1:], self.weight, self.bias, self.eps)
+
+
 def usable_items(split: Split, shards_done: np.ndarray | None = None) -> np.ndarray:
     """Items in complete shards whose extraction did not fail, sorted: the only items ever used
     (`shards_done`: see Split.complete_items)."""
@@ -121,10 +160,11 @@ class Source:
     """The rows of one split for a fixed set of layers, from disk, RAM or the GPU."""
 
     def __init__(self, split: Split, layers: list[int], with_cls: bool, mode: str, device: torch.device,
-                 labels: np.ndarray | None = None, with_tokens: bool = True):
+                 labels: np.ndarray | None = None, with_tokens: bool = True, norm: FinalNorm | None = None):
         """`labels`: the split's labels column, when the caller has read it already (to check it);
-        `with_tokens=False`: the class tokens alone, for heads that read nothing else."""
-        self.split, self.layers, self.mode, self.device = split, list(layers), mode, device
+        `with_tokens=False`: the class tokens alone, for heads that read nothing else; `norm`: applied
+        to every token and class token of a batch."""
+        self.split, self.layers, self.mode, self.device, self.norm = split, list(layers), mode, device, norm
         self.with_cls = with_cls and split.class_token
         self.with_tokens = with_tokens or not self.with_cls
         labels = split.column("labels") if labels is None else labels
@@ -175,10 +215,16 @@ class Source:
         return raw
 
     def to_batch(self, raw: dict) -> Batch:
-        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            t = move(t).float()
+            return t if self.norm is None else self.norm(t)
+
         return Batch(
-            tokens={layer: move(raw["tokens", layer]).float() for layer in self.layers if self.with_tokens},
-            cls={layer: move(raw["cls", layer]).float() for layer in self.layers} if self.with_cls else {},
+            tokens={layer: tokens(raw["tokens", layer]) for layer in self.layers if self.with_tokens},
+            cls={layer: tokens(raw["cls", layer]) for layer in self.layers} if self.with_cls else {},
             mask=move(raw["mask"]) if "mask" in raw else None,
             labels=move(raw["labels"]),
         )

@@ -31,7 +31,7 @@ from tokens.cache.store import TokenStore
 from tokens.cluster import cuda_float32
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
-from tokens.train.data import SAMPLING, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
+from tokens.train.data import SAMPLING, FinalNorm, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters, shared_steps
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, primary_metric, undefined
@@ -183,13 +183,21 @@ def _with_default_loss(training: dict, task: str) -> dict:
 
 
 def training_plan(store: TokenStore, configs: list[Config], *, epochs: int, batch_size: int, warmup_epochs: float,
-                  optimizer: str, schedule: str, loss: str | None, data_seed: int) -> dict:
+                  optimizer: str, schedule: str, loss: str | None, data_seed: int, final_norm: bool = False) -> dict:
     """What a checkpoint must agree on to be resumed (the data mode and device may change), less
     the store's unfinished shards, which a run adds when it trains on them."""
     return {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
             "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule,
-            "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "sampling": SAMPLING,
-            "store_key": store.meta["cache_key"]}
+            "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "final_norm": final_norm,
+            "sampling": SAMPLING, "store_key": store.meta["cache_key"]}
+
+
+def recorded_norm(store: TokenStore, device: torch.device) -> FinalNorm:
+    """The store's final norm for --final-norm, or a SweepError saying why it has none to apply."""
+    try:
+        return FinalNorm.recorded(store.meta, device)
+    except ValueError as error:
+        raise SweepError(f"{store.path}: {error}", "--final-norm") from None
 
 
 def check_earlier_runs(out: Path, count: int, record: dict, task: str, unfinished: dict, allow_incomplete: bool):
@@ -353,10 +361,14 @@ def run(
     data: str = "auto",
     device: torch.device = torch.device("cpu"),
     data_seed: int = 0,
+    final_norm: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> list[dict]:
     """Train `configs` on `store`, write the results to `out`, return the leaderboard rows.
+
+    `final_norm` applies the encoder's final norm, which a store of raw tokens records, to every
+    token the heads read.
 
     `stop_after` ends the run after that epoch, leaving the checkpoint to resume from (for
     time-limited jobs and for tests).
@@ -364,6 +376,7 @@ def run(
     out = Path(out)
     task, classes = store.task, store.classes
     metric = primary_metric(task)
+    norm = recorded_norm(store, device) if final_norm else None
 
     # Plan: which items train and validate, and which layers every batch must carry. The shards
     # written are read once: with --allow-incomplete an extraction may be adding to them meanwhile.
@@ -416,7 +429,8 @@ def run(
     tqdm.write(f"validation: {validation}")
 
     plan = training_plan(store, configs, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs, optimizer=optimizer,
-                         schedule=schedule, loss=loss, data_seed=data_seed) | ({"unfinished": unfinished} if unfinished else {})
+                         schedule=schedule, loss=loss, data_seed=data_seed, final_norm=final_norm) | (
+                             {"unfinished": unfinished} if unfinished else {})
     checkpoint = out / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, plan, task)
     if saved is None:
@@ -440,8 +454,9 @@ def run(
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # Sources and heads (float32 matrix products on TF32 tensor cores, see run's decorator).
-    train_source = Source(train_split, layers, with_cls, mode, device, labels["train"], with_tokens)
-    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device, labels["valid"], with_tokens)
+    train_source = Source(train_split, layers, with_cls, mode, device, labels["train"], with_tokens, norm)
+    valid_source = train_source if valid_split is train_split else Source(valid_split, layers, with_cls, mode, device,
+                                                                           labels["valid"], with_tokens, norm)
     probes = [build_probe(c, train_split.dim, len(classes), len(store.layers), device, optimizer) for c in configs]
     loss_fn = make_loss(task, loss)
     valid_labels = valid_source.labels[torch.from_numpy(valid_items).to(valid_source.labels.device)].cpu().numpy()
@@ -499,14 +514,14 @@ def run(
     for p in probes:
         if p.best_state is not None:
             p.head.load_state_dict(p.best_state)
-    test_source = Source(test_split, layers, with_cls, mode, device, labels.pop("test"), with_tokens)
+    test_source = Source(test_split, layers, with_cls, mode, device, labels.pop("test"), with_tokens, norm)
     test_labels = test_source.labels[torch.from_numpy(test_items).to(test_source.labels.device)].cpu().numpy()
     with cuda_float32("ieee"):
         test_scores = score([(p.head, p.config.layer) for p in probes], test_source, test_items, batch_size, task)
 
     # The training in a line: runs that differ only in it are told apart in reports.
     trained = "{optimizer}/{schedule}/epochs={epochs}/batch={batch_size}/warmup={warmup_epochs:g}/loss={loss}/data_seed={data_seed}"
-    trained = trained.format(**plan)
+    trained = trained.format(**plan) + ("/final_norm" if final_norm else "")
     if unfinished:  # told apart from the finished store's runs in reports
         trained += f"/unfinished={','.join(f'{name}:{w}of{n}' for name, (w, n) in unfinished.items())}"
     rows, records = [], []
@@ -531,7 +546,7 @@ def run(
     selected = report.selected_rows(rows)
     for head, row in selected.items():
         i = next(k for k, candidate in enumerate(rows) if candidate is row)
-        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta)
+        save_best(out / "best" / f"{head}.pt", probes[i], row, task, classes, store.meta, norm)
     if unsaved := [head for head in dict.fromkeys(row["head"] for row in rows) if head not in selected]:
         for head in unsaved:  # nor one an earlier run of this sweep left in the folder
             (out / "best" / f"{head}.pt").unlink(missing_ok=True)
@@ -553,12 +568,15 @@ def run(
 TOKEN_FIELDS = ("backbone", "backbone_config", "checkpoint_sha256", "frontend", "final_norm")
 
 
-def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict):
+def save_best(path: Path, probe: Probe, row: dict, task: str, classes: list[str], store_meta: dict,
+              norm: FinalNorm | None = None):
     """A head's weights with what `tokens predict` needs to rebuild and feed it (weights_only-loadable):
-    `layers`, the layers it reads, in order (a multi-layer head reads all the store's)."""
+    `layers`, the layers it reads, in order (a multi-layer head reads all the store's); `final_norm`,
+    the norm it was trained behind (None: raw or stored tokens as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = list(store_meta["layers"]) if HEADS[probe.config.head].multi_layer else [probe.config.layer]
     save_aside({"config": probe.config.id, "build": probe.build, "layer": probe.config.layer, "layers": layers, "task": task,
                 "classes": list(classes), "store_key": row["store_key"], "state_dict": _state(probe.head),
                 "tokens": {name: store_meta.get(name) for name in TOKEN_FIELDS},
+                "final_norm": None if norm is None else norm.params(),
                 "metrics": {k: v for k, v in row.items() if k.startswith(("val_", "test_"))}}, path)

@@ -460,8 +460,8 @@ def _with_sd(row: dict, column: str) -> str:
     return _cell(mean) if sd is None else f"{_cell(mean)} ± {_cell(sd)}"
 
 
-# What plans of runs from before --optimizer and --schedule trained with (checkpoints, config.json).
-EARLIER_DEFAULTS = {"optimizer": "adamw", "schedule": "cosine"}
+# What plans of runs from before --optimizer, --schedule and --final-norm trained with (checkpoints, config.json).
+EARLIER_DEFAULTS = {"optimizer": "adamw", "schedule": "cosine", "final_norm": False}
 
 
 def part_fields(record: dict) -> dict:

@@ -114,6 +114,19 @@ class Backbone(torch.nn.Module):
         """Whether the first prefix token is a class token, which heads on the class token read."""
         return self.num_prefix > 0
 
+    def final_norm_params(self) -> dict | None:
+        """The final norm's parameters, which a store of raw block outputs records so that `tokens probe
+        --final-norm` can give the normed tokens from it too (backbones.md). A LayerNorm's only: None
+        for encoders without a final norm, norms of other kinds, and tokens normed already. Each
+        float32 value is written in its shortest exact form (half the JSON of a float64's)."""
+        if self.final_norm or not isinstance(self.norm, torch.nn.LayerNorm):
+            return None
+
+        def values(param):
+            return None if param is None else [float(str(v)) for v in param.detach().float().cpu().numpy()]
+
+        return {"kind": "layer_norm", "eps": float(self.norm.eps), "weight": values(self.norm.weight), "bias": values(self.norm.bias)}
+
     def _finish(self, checkpoint_sha256: str | None, **details) -> None:
         """Record the checkpoint hash and the JSON-able config once the model is built and loaded."""
         if self.final_norm and self.norm is None:
