@@ -654,7 +654,8 @@ def test_a_diverged_head_does_not_stop_the_sweep(store, tmp_path, monkeypatch):
     assert reported["ep"]["selected"] == "1" and reported["linear"]["selected"] == "0"
     # When no head gives a number, the run says so and fails (its files are still written).
     result = invoke("probe", store, "--heads", "linear", *FAST, "--out", tmp_path / "all")
-    assert result.exit_code == 2 and "every head gave NaN or Inf scores" in said(result) and "tokens verify" in said(result)
+    assert result.exit_code == 1 and "error: every head gave NaN or Inf scores" in said(result) and "tokens verify" in said(result)
+    assert "Invalid value" not in said(result)
     assert (tmp_path / "all" / "leaderboard.csv").exists()
 
 

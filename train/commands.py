@@ -312,6 +312,9 @@ def probe(
         )
     except (SweepError, StoreError) as error:
         raise _bad(error) from error
+    except recipe.TrainingFailed as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: run the same command again to resume from {out}'s last finished epoch "
                    "(or from the start, if none had finished)", err=True)

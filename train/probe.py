@@ -41,6 +41,10 @@ from tokens.train.sweep import Config, SweepError
 HOLD_OUT = 0.1  # share of train used for validation when the store has no valid split
 
 
+class TrainingFailed(Exception):
+    """The sweep ran, and no head of it gave a number: not an option's fault, as a SweepError is."""
+
+
 @dataclass
 class Probe:
     """One configuration being trained: its head, optimizer, random state and best epoch so far."""
@@ -558,8 +562,8 @@ def run(
     if diverged:
         tqdm.write(f"warning: {len(diverged)} of {len(probes)} heads gave NaN or Inf scores (ranked last): {', '.join(diverged)}")
     if len(diverged) == len(probes):
-        raise SweepError(f"every head gave NaN or Inf scores: run `tokens verify {store.path}` (the tokens may hold "
-                         "NaN or Inf), or lower the learning rates", "STORE")
+        raise TrainingFailed(f"every head gave NaN or Inf scores: run `tokens verify {store.path}` (the tokens may hold "
+                             f"NaN or Inf), or lower the learning rates; the run's files are in {out}")
     return rows
 
 
