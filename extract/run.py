@@ -147,7 +147,7 @@ def plan(
             frontend=backbone.config.get("frontend", {}),
             layers=resolve_layers(layers, backbone.depth),
             final_norm=backbone.final_norm,
-            final_norm_params=backbone.final_norm_params(),
+            final_norm_params=backbone.final_norm_params,
             dtype=dtype,
             grid=backbone.grid,
             dim=backbone.dim,

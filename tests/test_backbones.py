@@ -598,6 +598,12 @@ def test_a_timm_checkpoint_without_the_final_norm_loads_unless_the_norm_is_asked
     torch.testing.assert_close(ours, reference)
     with pytest.raises(CheckpointError, match=r"it has only the norm applied after pooling \(fc_norm, .*leave out --final-norm"):
         build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "ft.pth"), final_norm=True)
+    # nor is timm's initial norm recorded as its final norm (for probe --final-norm), where a whole checkpoint's is
+    assert backbone.final_norm_params is None
+    torch.save(vit.state_dict(), tmp_path / "whole.pth")
+    recorded = build_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "whole.pth")).final_norm_params
+    assert np.array(recorded["weight"], np.float32).tobytes() == vit.norm.weight.detach().numpy().tobytes()
+    assert np.array(recorded["bias"], np.float32).tobytes() == vit.norm.bias.detach().numpy().tobytes()
 
 
 def test_a_timm_checkpoint_of_another_patch_size_or_resolution_is_refused_in_any_layout(tmp_path):

@@ -61,8 +61,13 @@ def test_gpu_extraction_equals_a_direct_forward(dataset, tmp_path, precision, dt
                       backbone_options=SMALL, layers="all", precision=precision, dtype=dtype, device="cuda",
                       batch_size=3, shard_size=4, num_workers=2, progress=False)
     assert [item for item, _ in summary.failed] == ["bad.wav"]
+    norm = torch.load(dataset / "audiomae.pth", weights_only=True)["model"]
     with open_store(store_path) as store:
         assert store.meta["precision"] == precision
+        # the final norm is recorded (for probe --final-norm) as the checkpoint has it; read before the warm-up
+        # checks that the forward pass never synchronises, which a read of the weights on the GPU would
+        for name in ("weight", "bias"):
+            assert np.array(store.meta["final_norm_params"][name], np.float32).tobytes() == norm[f"norm.{name}"].numpy().tobytes()
         train = store.split("train")
         ids = list(train.column("ids"))
         for index, name in enumerate(ids):

@@ -39,6 +39,7 @@ class Backbone(torch.nn.Module):
     checkpoint_sha256: str | None = None
     final_norm: bool = False
     norm: torch.nn.Module | None  # the final norm, for encoders that have one
+    final_norm_params: dict | None = None  # see _finish
     # DataLoader workers that keep ahead of the GPU when `preprocess` only decodes (audio whose
     # front-end runs on the device); None: one per usable core but one.
     enough_workers: int | None = None
@@ -114,24 +115,12 @@ class Backbone(torch.nn.Module):
         """Whether the first prefix token is a class token, which heads on the class token read."""
         return self.num_prefix > 0
 
-    def final_norm_params(self) -> dict | None:
-        """The final norm's parameters, which a store of raw block outputs records so that `tokens probe
-        --final-norm` can give the normed tokens from it too (backbones.md). A LayerNorm's only: None
-        for encoders without a final norm, norms of other kinds, and tokens normed already. Each
-        float32 value is written in its shortest exact form (half the JSON of a float64's)."""
-        if self.final_norm or not isinstance(self.norm, torch.nn.LayerNorm):
-            return None
-
-        def values(param):
-            return None if param is None else [float(str(v)) for v in param.detach().float().cpu().numpy()]
-
-        return {"kind": "layer_norm", "eps": float(self.norm.eps), "weight": values(self.norm.weight), "bias": values(self.norm.bias)}
-
     def _finish(self, checkpoint_sha256: str | None, **details) -> None:
         """Record the checkpoint hash and the JSON-able config once the model is built and loaded."""
         if self.final_norm and self.norm is None:
             raise ValueError(f"{self.name} has no final norm in this architecture or checkpoint; leave out --final-norm (final_norm=False)")
         self.checkpoint_sha256 = checkpoint_sha256
+        self.final_norm_params = None if self.final_norm else layer_norm_params(self.norm)
         self.config = {
             "name": self.name,
             "modality": self.modality,
@@ -145,6 +134,21 @@ class Backbone(torch.nn.Module):
             "checkpoint_sha256": checkpoint_sha256,
             **details,
         }
+
+
+def layer_norm_params(norm: torch.nn.Module | None) -> dict | None:
+    """A final LayerNorm's parameters, which a store of raw block outputs records so that `tokens
+    probe --final-norm` can give the normed tokens from it too (backbones.md); None for encoders
+    without a final norm and norms of other kinds. Read once the weights are loaded, before the model
+    goes to the device. Each float32 value is written in its shortest exact form (half the JSON of a
+    float64's)."""
+    if not isinstance(norm, torch.nn.LayerNorm):
+        return None
+
+    def values(param):
+        return None if param is None else [float(str(v)) for v in param.detach().float().cpu().numpy()]
+
+    return {"kind": "layer_norm", "eps": float(norm.eps), "weight": values(norm.weight), "bias": values(norm.bias)}
 
 
 def need_checkpoint(name: str, checkpoint) -> str:

@@ -90,6 +90,8 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     if img_size:  # timm's config keeps the tag's size
         data["input_size"] = (3, img_size, img_size)
     backbone = TimmViT(model, create_transform(**data), final_norm=final_norm, name=name)
+    if "norm.weight" not in state:  # a fine-tuned MAE's: its tokens have no final norm to record, only timm's initial one
+        backbone.norm = None
     backbone._finish(
         sha256, model_name=model_name,
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
