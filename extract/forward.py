@@ -77,6 +77,9 @@ class Forward:
 
         Such an operation cannot be captured, and a capture that fails on one reports a later error
         instead of it and keeps the memory it had taken (torch 2.11), so it is looked for first.
+        The mode is the process's: meanwhile the main thread, checking the dataset, must not wait for
+        the GPU either; what it reads of the model (Backbone.final_norm_params) is read before the
+        model goes there.
         """
         # torch warns that this mode is a prototype, on every run: the user has nothing to act on
         warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype", category=UserWarning)
