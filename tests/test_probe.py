@@ -719,6 +719,9 @@ def test_a_leaderboard_cut_short_is_refused_by_report_and_written_anew_by_its_ru
     (copy / "leaderboard.csv").write_text(lines[0] + lines[1].rsplit(",", 3)[0] + "\r\n" + "".join(lines[2:]))
     result = invoke("report", copy, "--out", tmp_path / "report")
     assert "is damaged: row 2 has fewer fields than the header" in said(result), said(result)
+    (copy / "leaderboard.csv").write_text("".join(lines[:-2]))  # cut at a line's end: whole rows, too few
+    result = invoke("report", copy, "--out", tmp_path / "report")
+    assert f"is damaged: it lacks 2 of the {len(lines) - 1} configurations its run trained (config.json)" in said(result), said(result)
     ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", copy)  # from its checkpoint
     assert (copy / "leaderboard.csv").read_bytes() == whole
     assert not [p.name for p in copy.iterdir() if p.name.endswith(".tmp")]

@@ -293,6 +293,10 @@ def read_leaderboard(path: Path) -> list[dict]:
                          "from the run's checkpoint.pt, or `tokens report`)")
     if not rows:
         raise ValueError(f"{path} holds no configurations")
+    trained = _configs_trained(Path(path).parent)  # a cut at a line's end leaves whole rows: the run's record tells
+    if missing := [config for config in trained if config not in {row["config"] for row in rows}]:
+        raise ValueError(f"{path} is damaged: it lacks {len(missing)} of the {len(trained)} configurations its run trained "
+                         f"(config.json), e.g. {missing[0]}; write it again with `tokens probe`, from the run's checkpoint.pt")
     try:
         for row in rows:
             for k, default in OPTIONAL_COLUMNS.items():
@@ -307,6 +311,15 @@ def read_leaderboard(path: Path) -> list[dict]:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{not_ours}: {error}") from None
     return rows
+
+
+def _configs_trained(run: Path) -> list[str]:
+    """The configurations a run folder's config.json says it trained ([] where there is none to read:
+    a report's folder, a leaderboard copied alone)."""
+    try:
+        return [config["id"] for config in json.loads((run / "config.json").read_text())["configs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def store_labels(paths: list[Path], keys: list[str]) -> dict[str, str]:
