@@ -1169,6 +1169,18 @@ def test_parameter_ticks_are_labelled_however_narrow_their_span(tmp_path):
         assert len(labels) >= 2 and shown, (params, labels)
 
 
+def test_heads_of_one_parameter_count_are_drawn_apart_and_their_rings_on_them(tmp_path):
+    """linear and mean have as many parameters and often close figures: one hid the other."""
+    rows = [{"head": head, "params": 291, "test_map": 0.61} for head in ("linear", "mean")] + [
+        {"head": "ep", "params": 5000, "test_map": 0.7}]
+    figure = report_module.plot_params_vs_metric(rows, "test_map", tmp_path / "p.png", chosen=rows[1:2])
+    ax = figure.axes[0]
+    drawn = {bars.get_label(): bars.lines[0].get_xdata()[0] for bars in ax.containers}
+    assert drawn["linear"] < 291 < drawn["mean"] and drawn["mean"] / drawn["linear"] < 1.1 and drawn["ep"] == 5000
+    (ring,) = [c for c in ax.collections if c.get_label() == "selected on validation"]
+    assert ring.get_offsets()[0][0] == drawn["mean"]
+
+
 def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selects():
     """One lucky seed does not make a configuration: lr=0.01 has the best single seed (0.9) but the
     worse mean (0.5 against 0.55), so best/linear.pt holds lr=0.003's better seed."""

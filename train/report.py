@@ -150,16 +150,17 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     chosen = [r for r in chosen if np.isfinite(r[column])]  # a diverged head's NaN has no place on the axes
     for ax, panel in zip(axes, panels):
         here = [r for r in rows if panel_of(r) == panel]
+        x = dodged(here)
         for i, (head, colour) in enumerate(heads.items()):
             mine = [r for r in here if r["head"] == head]
             if not mine:
                 continue
             err = [r[sd_column] or 0 for r in mine] if sd_column else None
-            ax.errorbar([r["params"] for r in mine], [r[column] for r in mine], yerr=err, fmt=markers[i % len(markers)],
+            ax.errorbar([x[id(r)] for r in mine], [r[column] for r in mine], yerr=err, fmt=markers[i % len(markers)],
                         color=colour, label=head, capsize=3, alpha=0.8)
         ringed = [r for r in chosen if panel_of(r) == panel]
         if ringed:
-            ax.scatter([r["params"] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
+            ax.scatter([x[id(r)] for r in ringed], [r[column] for r in ringed], s=180, facecolors="none",
                        edgecolors="black", linewidths=1.2, zorder=3, label="selected on validation")
         ax.set_xscale("log")
         # 10k and 300k rather than 1e4 beside 300000; minor ticks labelled at 2 and 5 where a few decades
@@ -186,6 +187,24 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
+
+
+DODGE = 1.04  # the x factor between heads of one parameter count: apart on a log axis, near their count
+
+
+def dodged(rows: list[dict]) -> dict[int, float]:
+    """Each row's x position: its parameter count, set a little apart from other heads of the same
+    count (linear and mean have as many parameters, and often close figures: one hid the other)."""
+    heads_at: dict[int, list[str]] = {}
+    for r in rows:
+        heads_at.setdefault(r["params"], [])
+        if r["head"] not in heads_at[r["params"]]:
+            heads_at[r["params"]].append(r["head"])
+    x = {}
+    for r in rows:
+        heads = heads_at[r["params"]]
+        x[id(r)] = r["params"] * DODGE ** (heads.index(r["head"]) - (len(heads) - 1) / 2)
+    return x
 
 
 def plot_val_curves(records: list[dict], metric: str, path: Path, title: str | None = None):
