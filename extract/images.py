@@ -1,9 +1,14 @@
 """Open an image as RGB, or say why it cannot be used."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# Pillow's own warning for images past its decompression-bomb threshold names no file: load_image
+# gives one that does.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Modes that Pillow's convert("RGB") clips to 0..255 instead of rescaling: 16-bit grayscale (PNG,
 # TIFF), "I" (32-bit integers: older Pillow's 16-bit PNGs, signed or 32-bit TIFFs) and 32-bit floats.
@@ -31,6 +36,10 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
+            if Image.MAX_IMAGE_PIXELS and (pixels := image.width * image.height) > Image.MAX_IMAGE_PIXELS:
+                warnings.warn(f"{path}: {image.width}x{image.height} = {pixels / 1e6:.0f} Mpx, past Pillow's "
+                              f"decompression-bomb threshold of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx: decoded, as Pillow "
+                              f"does below twice it (larger images are recorded as bad items)", stacklevel=2)
             if image.mode not in (*_INTEGER_MODES, _FLOAT_MODE):
                 return image.convert("RGB")
             mode, pixels = image.mode, np.asarray(image)
