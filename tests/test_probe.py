@@ -1639,3 +1639,31 @@ def test_a_sweep_stopped_without_the_final_norm_is_not_resumed_behind_it(tmp_pat
         ok("probe", raw, "--heads", "linear", *FAST, "--out", out)
     result = invoke("probe", raw, "--heads", "linear", *FAST, "--final-norm", "--out", out)
     assert result.exit_code == 2 and "final_norm False there, True here" in said(result), said(result)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"weight": [1.0] * 5}, "its weight is not 96 finite numbers"),
+    ({"eps": None}, "eps is None, not a small positive number"),
+    ({"kind": "rms_norm"}, "a final norm of kind 'rms_norm', which this version of tokens cannot apply"),
+])
+def test_a_damaged_final_norm_record_is_named_before_any_training(tmp_path, change, why):
+    params = {"kind": "layer_norm", "eps": 1e-6, "weight": [1.0] * D, "bias": None} | change
+    raw = make_store(tmp_path / "raw.zarr", final_norm_params=params)
+    result = invoke("probe", raw, "--heads", "linear", *FAST, "--final-norm", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "--final-norm" in said(result) and f"final_norm_params: {why}" in said(result), said(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_says_which_side_of_the_final_norm_a_head_and_a_store_are(tmp_path):
+    params = {"kind": "layer_norm", "eps": 1e-6, "weight": None, "bias": None}
+    raw = make_store(tmp_path / "raw.zarr", splits={"train": 40, "valid": 16, "test": 16}, final_norm_params=params)
+    normed = make_store(tmp_path / "normed.zarr", splits={"train": 40, "valid": 16, "test": 16}, final_norm=True)
+    ok("probe", raw, "--heads", "linear", *FAST, "--final-norm", "--out", tmp_path / "behind")
+    ok("probe", normed, "--heads", "linear", *FAST, "--out", tmp_path / "on-normed")
+    for head, store, why in (
+        ("behind", normed, "applies the encoder's final norm itself (trained with tokens probe --final-norm): give it a store of raw tokens"),
+        ("on-normed", raw, "was trained on tokens normed at extraction (--final-norm), and"),
+    ):
+        result = invoke("predict", store, "--head", tmp_path / head / "best" / "linear.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
+        assert result.exit_code == 2 and why in said(result), said(result)
+    assert report_module._named({"config": "linear/x", "training": "adamw/cosine/data_seed=0/final_norm"}).endswith(" with --final-norm")

@@ -441,6 +441,15 @@ def predict(
         # backbone_config repeats fields recorded on their own (final_norm, the checkpoint hash): each said once
         differ = [entry for name in made for entry in differences(name, made[name], opened.meta.get(name))
                   if entry[0].partition("backbone_config.")[2] not in made]
+        if [name for name, _, _ in differ] == ["final_norm"]:  # the same encoder's tokens, normed on one side only
+            if saved.get("final_norm") is not None:
+                why = "applies the encoder's final norm itself (trained with tokens probe --final-norm): give it a store of raw tokens"
+            elif made["final_norm"]:
+                why = (f"was trained on tokens normed at extraction (--final-norm), and {store}'s are raw: score a store "
+                       "extracted with --final-norm, or train on this one with tokens probe --final-norm")
+            else:
+                why = f"was trained on raw tokens, and {store}'s were normed at extraction: score a store extracted without --final-norm"
+            raise typer.BadParameter(f"{head} {why}", param_hint="--head")
         if differ:
             shown = ", ".join(f"{name} {short(there)} there, {short(here)} here" for name, there, here in differ[:3])
             raise typer.BadParameter(f"{head} was trained on tokens made another way ({shown}): its scores on {store} "
@@ -457,7 +466,10 @@ def predict(
         module.load_state_dict(saved["state_dict"])
         module.to(compute)
         layers = opened.layers if multi else [layer]
-        norm = None if saved.get("final_norm") is None else FinalNorm.from_params(saved["final_norm"], compute)  # probe --final-norm
+        try:  # the norm the head was trained behind (probe --final-norm)
+            norm = None if saved.get("final_norm") is None else FinalNorm.from_params(saved["final_norm"], build["dim"], compute, str(head))
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--head") from None
         source = Source(the_split, layers, module.uses_cls, "stream", compute, norm=norm)
         (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])
         if not log_scores:

@@ -64,21 +64,40 @@ class FinalNorm:
         params = meta.get("final_norm_params")
         if params is None:
             raise ValueError("it records no final norm to apply: its encoder has none (EAT, SSLAM and BEATs end in "
-                             "post-norm blocks), or not a LayerNorm, or the store was made by a version of tokens that "
-                             "did not record it (extract again, with or without --final-norm)")
-        return cls.from_params(params, device)
+                             "post-norm blocks), or not a LayerNorm, or its checkpoint lacks it, or the store was made by a "
+                             "version of tokens that did not record it (extract into a new store: resuming this one keeps "
+                             "its record as it is)")
+        return cls.from_params(params, meta["dim"], device, "its metadata's final_norm_params")
 
     @classmethod
-    def from_params(cls, params: dict, device: torch.device) -> FinalNorm:
-        """From a store's record (lists) or a saved head's (tensors)."""
-        def tensor(values):
-            return None if values is None else torch.as_tensor(values, dtype=torch.float32).to(device)
+    def from_params(cls, params: dict, dim: int, device: torch.device, where: str) -> FinalNorm:
+        """From a store's record (lists) or a saved head's (tensors), checked against the tokens' `dim`:
+        a damaged or hand-edited record is named (`where`), not met as a shape error mid-training."""
+        if not isinstance(params, dict) or params.get("kind", "layer_norm") != "layer_norm":
+            kind = params.get("kind") if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"{where}: a final norm of kind {kind!r}, which this version of tokens cannot apply "
+                             "(it applies a layer_norm)")
+        eps = params.get("eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"{where}: eps is {eps!r}, not a small positive number")
 
-        return cls(float(params["eps"]), tensor(params["weight"]), tensor(params["bias"]))
+        def tensor(name):
+            values = params.get(name)
+            if values is None:
+                return None
+            try:
+                t = torch.as_tensor(values, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                t = None
+            if t is None or t.shape != (dim,) or not torch.isfinite(t).all():
+                raise ValueError(f"{where}: its {name} is not {dim} finite numbers, one per token dimension")
+            return t.to(device)
+
+        return cls(float(eps), tensor("weight"), tensor("bias"))
 
     def params(self) -> dict:
         """As a saved head keeps it: tensors, loadable with weights_only."""
-        return {"eps": self.eps, "weight": None if self.weight is None else self.weight.cpu(),
+        return {"kind": "layer_norm", "eps": self.eps, "weight": None if self.weight is None else self.weight.cpu(),
                 "bias": None if self.bias is None else self.bias.cpu()}
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

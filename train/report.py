@@ -567,9 +567,11 @@ def saved_head(leaderboard: Path, row: dict) -> Path | None:
 
 
 def _named(row: dict) -> str:
-    """A row's configuration, and its data seed where the training names one: what trains it again."""
+    """A row's configuration, and its data seed and final norm where the training names them: what
+    trains it again."""
     data_seed = DATA_SEED.search(row["training"])
-    return row["config"] + (f" with --data-seed {data_seed.group(1)}" if data_seed else "")
+    named = row["config"] + (f" with --data-seed {data_seed.group(1)}" if data_seed else "")
+    return named + (" with --final-norm" if row["training"].endswith("/final_norm") else "")
 
 
 def point_at_saved_heads(summary: list[dict], rows: list[dict], origins: dict[tuple, Path]) -> list[str]:
