@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from tokens.cache.store import is_token_store
 from tokens.cluster import usable_cores
-from tokens.extract.workers import leave_signals_to_the_parent, signals_held
+from tokens.extract.workers import signals_held, start_checking_worker, stop_checking_workers
 
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("path", "labels", "label", "split", "id", "start", "end")  # what a manifest's rows may say
@@ -411,7 +411,7 @@ def _check(
     # The extractor's GPU warm-up thread may run meanwhile; the children only read file headers and
     # never touch CUDA, so no lock that thread holds is needed in them.
     context = multiprocessing.get_context("fork")
-    with (ProcessPoolExecutor(workers, mp_context=context, initializer=leave_signals_to_the_parent)
+    with (ProcessPoolExecutor(workers, mp_context=context, initializer=start_checking_worker)
           if workers > 1 else nullcontext()) as pool:
         try:
             with signals_held():  # map forks the pool's processes
@@ -424,9 +424,9 @@ def _check(
                     if past_the_end:
                         cut.append(f"{row.where}: {past_the_end}")
                 bar.update(len(chunk))
-        except BaseException:  # Ctrl-C: the chunks not started are dropped, not checked before the pool closes
+        except BaseException:  # Ctrl-C: the chunks not started are dropped
             if pool:
-                pool.shutdown(wait=False, cancel_futures=True)
+                stop_checking_workers(pool)
             raise
     if cut:  # often a whole manifest's times in another unit, or files other than those annotated
         notes.append(f"{len(cut)} row(s) end past the end of their file and are cut there (e.g. {cut[0]})")

@@ -840,3 +840,56 @@ def test_ctrl_c_while_worker_processes_check_rows_stops_at_once_and_quietly(tmp_
         os.killpg(child.pid, signal.SIGKILL)
         raise AssertionError("still running a minute after Ctrl-C")
     assert stderr.count("Traceback") == 1 and stderr.rstrip().endswith("KeyboardInterrupt"), stderr
+
+
+SLOW_CHECK = """
+    import sys, time
+    from tokens.extract import manifest
+    manifest.usable_cores = lambda: 2
+    check = manifest._check_records
+
+    def slow(*args):  # in the checking processes: a chunk of rows on a slow file system
+        time.sleep(8)
+        return check(*args)
+
+    manifest._check_records = slow
+    print("checking", flush=True)
+    manifest.read_dataset(sys.argv[1], window_seconds=1.0, sample_rate=8000, modality="audio")
+"""
+
+
+def _group(pid: int) -> list[str]:
+    """The live processes of a process group (ps), zombies left out."""
+    found = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(pid)], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if "Z" not in line.split()[-1]]
+
+
+def test_a_second_ctrl_c_or_a_killed_parent_leaves_no_checking_process_behind(tmp_path):
+    """The checking processes ignore Ctrl-C; the parent waits for the chunks in hand, and a second
+    Ctrl-C during that wait left it joining them forever. A parent killed outright (the OOM killer)
+    left them waiting on its queue forever."""
+    wav(tmp_path / "a.wav", 0.1)
+    (tmp_path / "m.csv").write_text("path,label,split,id\n" + "".join(f"a.wav,x,train,{i}\n" for i in range(20_000)))
+    for how in ("two Ctrl-Cs", "SIGKILL"):
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_CHECK), str(tmp_path / "m.csv")], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert child.stdout.readline() == "checking\n"
+        time.sleep(3)  # the checking processes are in their first chunk (8 s)
+        assert len(_group(child.pid)) >= 3
+        if how == "SIGKILL":
+            child.kill()
+            child.wait()
+        else:
+            os.killpg(child.pid, signal.SIGINT)
+            time.sleep(0.5)
+            os.killpg(child.pid, signal.SIGINT)
+        for _ in range(30):  # the chunks in hand end within 8 s; orphans watch their parent each second
+            if not _group(child.pid):
+                break
+            time.sleep(1)
+        left = _group(child.pid)
+        if left:
+            os.killpg(child.pid, signal.SIGKILL)
+        assert not left, f"{how}: {left}"
+        if how != "SIGKILL":
+            assert child.wait() != 0 and "checking" not in child.stderr.read()

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -288,6 +289,43 @@ def test_sigterm_to_the_whole_job_stops_as_ctrl_c_does(clips, tmp_path):
     assert "interrupted: the shards already complete" in " ".join(err.split()) and "Traceback" not in err, err
     run_extract(dataset, store, backbone_options={"window_seconds": WINDOW})
     assert_same_store(reference, store)
+
+
+# `tokens extract` whose decoding workers take 30 s an item (a hung network file system), told that
+# they are busy by a line on stdout.
+SLOW_DECODING = """
+    import sys, time
+    import tokens.extract.run as run
+    load = run.load_window
+    def slow(*args, **kwargs):
+        print("decoding", flush=True)
+        time.sleep(30)
+        return load(*args, **kwargs)
+    run.load_window = slow
+    from tokens.cli import main
+    sys.argv = ["tokens", "extract", *sys.argv[1:]]
+    main()
+"""
+
+
+def test_two_ctrl_cs_while_the_workers_are_mid_item_stop_the_run_at_once(clips, tmp_path):
+    """The workers ignore Ctrl-C: the parent kills them rather than wait 5 s for each busy one in turn,
+    and a second Ctrl-C, which cut that wait short, no longer leaves it waiting at exit for every
+    worker to finish its batch (here 90 s)."""
+    dataset, _ = clips
+    proc = spawn(SLOW_DECODING, dataset, "--store", tmp_path / "s.zarr", "-l", "all", "--batch-size", "3", "--num-workers", "2",
+                 "-o", f"window_seconds={WINDOW}", "-q", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 start_new_session=True)
+    assert proc.stdout.readline() == "decoding\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=25)  # less than one item takes
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("still running 25 s after two Ctrl-Cs") from None
+    assert proc.returncode in (130, -signal.SIGINT) and "interrupted" in err, err  # the second may end it as Ctrl-C does
 
 
 def test_a_decoding_worker_leaves_sigterm_to_the_parent(clips, tmp_path, monkeypatch):
