@@ -874,7 +874,11 @@ def test_a_second_ctrl_c_or_a_killed_parent_leaves_no_checking_process_behind(tm
         child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_CHECK), str(tmp_path / "m.csv")], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
         assert child.stdout.readline() == "checking\n"
-        time.sleep(3)  # the checking processes are in their first chunk (8 s)
+        for _ in range(60):  # until the checking processes are in their first chunk (8 s)
+            if len(_group(child.pid)) >= 3:
+                break
+            time.sleep(0.5)
+        time.sleep(1)
         assert len(_group(child.pid)) >= 3
         if how == "SIGKILL":
             child.kill()
