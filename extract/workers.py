@@ -65,18 +65,24 @@ def signals_held():
         yield
         return
     held: list[int] = []
-    swapped = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not None]
-    before = {}
+    before: dict = {}
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in this thread, which forks: the children inherit it
     try:
-        for signum in swapped:
-            before[signum] = signal.signal(signum, lambda signum, frame: held.append(signum))
+        _swap_in(lambda signum, frame: held.append(signum), before)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one pending for the process comes now, and is held
         _restore(before)
     for signum in dict.fromkeys(held):  # acted on as it would have been: a handler that raises ends the run
         signal.raise_signal(signum)
+
+
+def _swap_in(handler, before: dict):
+    """Set `handler` for each stop signal whose handler Python set (one set outside it could not be
+    put back), recording in `before` each one it replaces as it goes."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not None:
+            before[signum] = signal.signal(signum, handler)
 
 
 def _restore(handlers: dict):
@@ -108,11 +114,9 @@ def _stop_signals_ignored():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {}
+    before: dict = {}
     try:
-        for signum in STOP_SIGNALS:
-            if signal.getsignal(signum) is not None:
-                before[signum] = signal.signal(signum, signal.SIG_IGN)
+        _swap_in(signal.SIG_IGN, before)
         yield
     finally:
         _restore(before)

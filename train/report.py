@@ -195,14 +195,12 @@ DODGE = 1.04  # the x factor between heads of one parameter count: apart on a lo
 def dodged(rows: list[dict]) -> dict[int, float]:
     """Each row's x position: its parameter count, set a little apart from other heads of the same
     count (linear and mean have as many parameters, and often close figures: one hid the other)."""
-    heads_at: dict[int, list[str]] = {}
+    heads_at: dict[int, dict[str, None]] = {}  # the heads of each count, in order of appearance
     for r in rows:
-        heads_at.setdefault(r["params"], [])
-        if r["head"] not in heads_at[r["params"]]:
-            heads_at[r["params"]].append(r["head"])
+        heads_at.setdefault(r["params"], {})[r["head"]] = None
     x = {}
     for r in rows:
-        heads = heads_at[r["params"]]
+        heads = list(heads_at[r["params"]])
         x[id(r)] = r["params"] * DODGE ** (heads.index(r["head"]) - (len(heads) - 1) / 2)
     return x
 
