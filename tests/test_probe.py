@@ -1672,3 +1672,5 @@ def test_predict_says_which_side_of_the_final_norm_a_head_and_a_store_are(tmp_pa
         result = invoke("predict", store, "--head", tmp_path / head / "best" / "linear.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
         assert result.exit_code == 2 and why in said(result), said(result)
     assert report_module._named({"config": "linear/x", "training": "adamw/cosine/data_seed=0/final_norm"}).endswith(" with --final-norm")
+    unfinished = "adamw/cosine/data_seed=0/final_norm/unfinished=test:2of7"  # as probe.run writes it on an unfinished store
+    assert report_module._named({"config": "linear/x", "training": unfinished}).endswith(" with --final-norm")

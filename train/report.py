@@ -569,7 +569,7 @@ def _named(row: dict) -> str:
     trains it again."""
     data_seed = DATA_SEED.search(row["training"])
     named = row["config"] + (f" with --data-seed {data_seed.group(1)}" if data_seed else "")
-    return named + (" with --final-norm" if row["training"].endswith("/final_norm") else "")
+    return named + (" with --final-norm" if "final_norm" in row["training"].split("/") else "")  # an /unfinished= may follow
 
 
 def point_at_saved_heads(summary: list[dict], rows: list[dict], origins: dict[tuple, Path]) -> list[str]:
