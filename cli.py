@@ -11,7 +11,7 @@ import typer
 try:  # the stages bring torch in: a second or two, in which Ctrl-C should say what it stopped
     from tokens.cache import commands as cache_commands
     from tokens.cache.store import StoreError
-    from tokens.cluster import sbatch_script
+    from tokens.cluster import REQUEUE_LEAD_SECONDS, sbatch_script, slurm_minutes
     from tokens.demo import demo
     from tokens.extract import commands as extract_commands
     from tokens.train import commands as train_commands
@@ -58,6 +58,9 @@ def slurm(
     constraint: str = typer.Option(None, "--constraint", help="SLURM node features the tasks need, e.g. 'h100|a100'."),
     after: str = typer.Option(None, "--after", metavar="JOBID", help="Start once these jobs (comma-separated ids, e.g. "
                               "the extraction's) have all finished well: a probe array submitted with its store's extraction."),
+    requeue: int = typer.Option(3, "--requeue", min=0, help="Times a task that nears its time limit is requeued to go on where "
+                                "it stopped: SLURM signals it 2-3 minutes before the limit, and it stops keeping its finished "
+                                "work. 0: never (a task at its limit ends TIMEOUT, and jobs waiting on it with --after never start)."),
     script: Path = typer.Option(None, "--script", help="Where to write the sbatch script (default: tokens-VERB.sbatch)."),
     submit: bool = typer.Option(False, "--submit", help="Submit the script with sbatch after writing it."),
 ):
@@ -75,12 +78,15 @@ def slurm(
     if gpus > 1:  # the task's one process would hold them and use the first
         raise typer.BadParameter(f"a task uses one GPU, not {gpus}: give --gpus 1 and more --array tasks", param_hint="--gpus")
     # Written into the script's #SBATCH lines: a value with a newline would add a line the shell runs.
-    for value, option, form, example in ((mem, "--mem", r"\d+([KMGT]B?)?", "64G"), (time, "--time", r"[\d:-]+|unlimited|infinite", "04:00:00"),
+    for value, option, form, example in ((mem, "--mem", r"\d+([KMGT]B?)?", "64G"), (time, "--time", r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite", "04:00:00"),
                                          (partition, "--partition", r"[\w.,-]+", "gpu"), (account, "--account", r"[\w.-]+", "proj42"),
                                          (qos, "--qos", r"[\w.-]+", "normal"), (constraint, "--constraint", r"[\w.,|&:*\[\]-]+", "h100|a100"),
                                          (after, "--after", r"\d+(_\d+)?([,:]\d+(_\d+)?)*", "1234,1235")):
         if value is not None and not re.fullmatch(form, value, re.IGNORECASE):
             raise typer.BadParameter(f"{value!r} is not a SLURM {option.removeprefix('--')} (e.g. {example})", param_hint=option)
+    if requeue and time and (minutes := slurm_minutes(time)) is not None and minutes * 60 < 2 * REQUEUE_LEAD_SECONDS:
+        raise typer.BadParameter(f"{time} leaves no time to work before the signal to requeue, which comes 2-3 minutes before "
+                                 f"the limit: give a longer --time, or --requeue 0", param_hint="--time")
     if any(arg in ("--part", "--shard") or arg.startswith(("--part=", "--shard=")) for arg in ctx.args):
         raise typer.BadParameter("each array task picks its own part; leave out --part", param_hint="ARGS")
     # sbatch reads its #SBATCH lines with rules of its own: it drops a backslash even inside quotes and
@@ -93,7 +99,7 @@ def slurm(
     quiet = [] if {"-q", "--quiet"} & set(ctx.args) else ["--quiet"]  # progress bars fill a log with carriage returns
     text = sbatch_script(
         verb, ctx.args + quiet, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
-        partition=partition, account=account, qos=qos, constraint=constraint, after=after, python=sys.executable, workdir=Path.cwd(),
+        partition=partition, account=account, qos=qos, constraint=constraint, after=after, requeues=requeue, python=sys.executable, workdir=Path.cwd(),
     )
     path = script or Path(f"tokens-{verb}.sbatch")
     try:

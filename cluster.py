@@ -14,6 +14,7 @@ import os
 import shlex
 from pathlib import Path
 
+REQUEUE_LEAD_SECONDS = 120  # SLURM's signal before a time limit; stopping an extraction takes seconds
 
 def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
     """`"2/4"` -> (2, 4), as given; None -> the SLURM array's task, or torchrun's rank, or (1, 1)
@@ -126,6 +127,20 @@ def cuda_float32(precision: str):
         matmul.fp32_precision, conv.fp32_precision = saved
 
 
+def slurm_minutes(limit: str) -> float | None:
+    """A SLURM time limit in minutes: "30" (minutes), "30:00" (minutes:seconds), "4:00:00",
+    "1-12", "1-12:00", "1-12:00:00" (days-hours...); None for an unlimited one."""
+    if limit.lower() in ("unlimited", "infinite"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = parts if len(parts) == 3 else [0, *(parts + [0])[:2]]
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
 def sbatch_script(
     verb: str,
     args: list[str],
@@ -141,6 +156,7 @@ def sbatch_script(
     qos: str | None = None,
     constraint: str | None = None,
     after: str | None = None,
+    requeues: int = 3,
     workdir: Path,
     logs: Path = Path("slurm-logs"),
     python: str | None = None,
@@ -148,7 +164,12 @@ def sbatch_script(
     """An sbatch script that runs `tokens VERB ARGS` as an N-task job array, one part per task.
 
     The tasks run in `workdir` (absolute), where ARGS's relative paths and `logs` were meant, from
-    wherever the script is submitted; sbatch reads the directive's shell quoting."""
+    wherever the script is submitted; sbatch reads the directive's shell quoting.
+
+    A task near its time limit is stopped as on Ctrl-C, keeping its finished work, and requeued (at
+    most `requeues` times) to go on where it stopped. A task killed at its limit would end TIMEOUT
+    instead, and a job waiting on the array with afterok would never start. A requeued task keeps its
+    job id, so such a job waits for it; its log is appended to, not started anew."""
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
@@ -157,6 +178,8 @@ def sbatch_script(
         f"#SBATCH --chdir={shlex.quote(str(workdir))}",
         f"#SBATCH --output={logs}/%x-%A_%a.out",
     ]
+    if requeues:  # USR1 to this script only (B:), 2 minutes before the limit (or up to a minute earlier)
+        lines += [f"#SBATCH --signal=B:USR1@{REQUEUE_LEAD_SECONDS}", "#SBATCH --requeue", "#SBATCH --open-mode=append"]
     if gpus:
         lines.append(f"#SBATCH --gres=gpu:{gpus}")
     if mem:
@@ -179,7 +202,33 @@ def sbatch_script(
         *(["# This job waits for every task of those jobs to succeed: if one fails, it stays pending (DependencyNeverSatisfied).",
            "# Then scancel it, resubmit the failed tasks, and submit this script with sbatch --dependency=afterok:NEWID SCRIPT",
            "# (NEWID: the resubmitted tasks' job; the option replaces the line above)."] * bool(after)),
-        shlex.join(command + [verb] + list(args)) + f' --part "$SLURM_ARRAY_TASK_ID/{array}"',
-        "",
     ]
-    return "\n".join(lines)
+    run = shlex.join(command + [verb] + list(args)) + f' --part "$SLURM_ARRAY_TASK_ID/{array}"'
+    if not requeues:
+        return "\n".join(lines + [run, ""])
+    # The command runs in the background so that this shell can take USR1 while it works: a shell
+    # runs its traps only between commands, and `wait` is one it leaves for them.
+    return "\n".join(lines + [
+        "# Near the time limit SLURM sends USR1 to this script: the command stops as on Ctrl-C, keeping its finished",
+        f"# work, and the task is requeued to go on where it stopped, at most {requeues} times (tokens slurm --requeue).",
+        "stop_and_requeue() {",
+        '  echo "tokens slurm: the time limit is near: stopping the command, which keeps its finished work"',
+        "  running=$(jobs -p)  # the command, once started",
+        "  kill -TERM $running 2>/dev/null || true",
+        "  status=0; wait $running || status=$?",
+        f"  if (( ${{SLURM_RESTART_COUNT:-0}} < {requeues} )); then",
+        # said first: the requeue ends this script at once
+        f'    echo "tokens slurm: requeueing the task (time $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of {requeues}): it goes on where it stopped"',
+        '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && exit 0',
+        '    echo "tokens slurm: scontrol could not requeue the task; resubmit it (sbatch --array=$SLURM_ARRAY_TASK_ID SCRIPT) to go on"',
+        "  else",
+        f'    echo "tokens slurm: not requeued: it was requeued {requeues} times already (tokens slurm --requeue); resubmit it'
+        ' (sbatch --array=$SLURM_ARRAY_TASK_ID SCRIPT) to go on"',
+        "  fi",
+        '  exit "$status"',
+        "}",
+        "trap stop_and_requeue USR1",
+        run + " &",
+        'wait "$!"',
+        "",
+    ])

@@ -134,11 +134,11 @@ def wait_for(job: str, cwd: Path, timeout=TIMEOUT):
         assert states and all(s == ("COMPLETED", "0:0") for s in states), f"job {job}: {states}\n{logs(cwd, job)}"
 
 
-def compare_stores(a: Path, b: Path):
+def compare_stores(a: Path, b: Path, splits=("train", "valid", "test")):
     with open_store(a) as one, open_store(b) as two:
         assert one.meta["cache_key"] == two.meta["cache_key"]
         assert (one.classes, one.layers, one.task) == (two.classes, two.layers, two.task)
-        assert set(one.splits) == set(two.splits) == {"train", "valid", "test"}
+        assert set(one.splits) == set(two.splits) == set(splits)
         for name in one.splits:
             x, y = one.split(name), two.split(name)
             assert x.num_items == y.num_items and x.complete_mask().all() and y.complete_mask().all()
@@ -213,6 +213,85 @@ def test_job_arrays_equal_a_single_process(slurm, tmp_path):
     finally:
         for job in jobs:  # nothing of this test keeps running after it
             subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+def job_field(job: str, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    found = re.search(rf"\b{field}=(\S+)", shown.stdout)
+    return found[1] if found else ""
+
+
+def shards_done(store: Path) -> int:
+    """Complete shards of a store another process is writing; 0 until it can be opened."""
+    try:
+        with open_store(store) as s:
+            return int(sum(s.split(name).complete_mask().sum() for name in s.splits))
+    except Exception:  # not created yet, or caught mid-creation: look again
+        return 0
+
+
+def test_a_task_near_its_time_limit_stops_keeping_its_work_and_is_requeued(slurm, tmp_path):
+    """SLURM's signal before a task's time limit (USR1 to the script, sent here with scancel as SLURM
+    sends it at --signal's lead) stops the extraction mid-run, keeping its finished shards; the task is
+    requeued under the same job id and goes on from there. Past --requeue's count it is not requeued
+    and fails, and resubmitting it finishes a store equal to a single process's. Before, a task at its
+    limit ended TIMEOUT, and a probe array waiting on it (afterok) never started."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["path,labels,split"]
+    for i, freq in enumerate((220, 500, 900)):  # 40 one-second windows each: 30 shards of 4
+        tone(data / f"long{i}.wav", 40.0, freq)
+        rows.append(f"long{i}.wav,{('low', 'mid', 'high')[i]},{('train', 'train', 'test')[i]}")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    store = tmp_path / "slurm.zarr"
+    extract_args = ["data/manifest.csv", "--shard-size", "4", "--num-workers", "0", "--device", "cpu", "-q"]
+    sh([*TOKENS, "slurm", "extract", *extract_args, "--store", store.name, "--array", "1", "--gpus", "0",
+        "--cpus", "1", "--requeue", "1", "--script", "extract.sbatch"], tmp_path)
+    script = (tmp_path / "extract.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@120\n#SBATCH --requeue\n#SBATCH --open-mode=append\n" in script, script
+    job = submitted(sh(["sbatch", "extract.sbatch"], tmp_path))
+    deadline = time.monotonic() + TIMEOUT
+
+    def signal_once_more_shards_are_done(than: int):
+        while shards_done(store) <= than:
+            assert time.monotonic() < deadline, f"no more than {than} shards written in {TIMEOUT} s\n{logs(tmp_path, job)}"
+            time.sleep(0.2)
+        sh(["scancel", "--batch", "--signal=USR1", job], tmp_path)
+
+    try:
+        signal_once_more_shards_are_done(0)
+        while not (job_field(job, "JobState") == "PENDING" and job_field(job, "Restarts") == "1"):
+            assert time.monotonic() < deadline, f"job {job} not requeued: {job_field(job, 'JobState')}\n{logs(tmp_path, job)}"
+            time.sleep(0.2)
+        kept = shards_done(store)
+        # Not SLURM's delay of minutes before a requeued job starts; but a start within a second or so of
+        # the requeue is refused by the node (the last run's credential is revoked up to that second).
+        time.sleep(3)
+        sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], tmp_path)
+        while job_field(job, "JobState") != "RUNNING":
+            assert time.monotonic() < deadline, f"job {job} did not start again\n{logs(tmp_path, job)}"
+            time.sleep(0.2)
+        signal_once_more_shards_are_done(kept)  # requeued once already: --requeue 1 lets it end here
+        while job_field(job, "JobState") in ("RUNNING", "COMPLETING"):
+            assert time.monotonic() < deadline, f"job {job} still running after its second signal\n{logs(tmp_path, job)}"
+            time.sleep(0.2)
+        assert (job_field(job, "JobState"), job_field(job, "ExitCode"), job_field(job, "Restarts")) == ("FAILED", "130:0", "1")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    log = (tmp_path / "slurm-logs" / f"tokens-extract-{job}_1.out").read_text()  # both runs: appended, not overwritten
+    stop = "tokens slurm: the time limit is near: stopping the command, which keeps its finished work"
+    first, second = log.index(stop), log.rindex(stop)
+    assert log.index("interrupted: ", first) < log.index("tokens slurm: requeueing the task (time 1 of 1)", first) < second, log
+    assert log.index("interrupted: ", second) < log.index("tokens slurm: not requeued: it was requeued 1 times already", second), log
+    resumed = re.search(r"resuming: (\d+) of 30 shards already complete", log)
+    assert resumed and int(resumed[1]) == kept, (kept, log)
+
+    again = submitted(sh(["sbatch", "--wait", "extract.sbatch"], tmp_path))
+    finished = (tmp_path / "slurm-logs" / f"tokens-extract-{again}_1.out").read_text()
+    done = re.search(r"wrote \d+ items? in (\d+) shards? \((\d+) already complete\)", finished)
+    assert done and int(done[2]) > kept and int(done[1]) + int(done[2]) == 30, finished
+    sh([*TOKENS, "extract", *extract_args, "--store", "single.zarr"], tmp_path)
+    compare_stores(store, tmp_path / "single.zarr", splits={"train", "test"})
 
 
 def refused_at_submission(*args) -> str:
@@ -440,6 +519,10 @@ def test_extract_options_every_task_would_refuse_are_refused_at_submission(tmp_p
     (["--gpus", "2"], "Invalid value for --gpus: a task uses one GPU, not 2: give --gpus 1 and more --array tasks"),
     (["--mem", "64G\nrm -rf ~"], "is not a SLURM mem (e.g. 64G)"),
     (["--time", "soon"], "'soon' is not a SLURM time (e.g. 04:00:00)"),
+    (["--time", "1-2-3"], "'1-2-3' is not a SLURM time (e.g. 04:00:00)"),
+    (["--time", "00:03:00"], "00:03:00 leaves no time to work before the signal to requeue, which comes 2-3 minutes before the limit"),
+    (["--time", "3"], "3 leaves no time to work before the signal to requeue"),
+    (["--requeue", "-1"], "Invalid value for '--requeue'"),
     (["--after", "12;echo"], "is not a SLURM after (e.g. 1234,1235)"),
     (["--account", "proj\n#SBATCH --x"], "is not a SLURM account (e.g. proj42)"),
     (["--constraint", "h100 ;id"], "is not a SLURM constraint (e.g. h100|a100)"),
@@ -484,6 +567,33 @@ def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp
                                 ("--constraint", "h100|a100", "--constraint=h100|a100"), ("--partition", "gpu", "--partition=gpu")):
         result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", option, value, "--script", "job.sbatch"])
         assert result.exit_code == 0 and f"#SBATCH {line}\n" in (tmp_path / "job.sbatch").read_text(), result.output
+
+
+@pytest.mark.parametrize("limit, minutes", [("30", 30), ("30:15", 30.25), ("4:00:00", 240), ("1-12", 2160), ("1-12:30", 2190),
+                                            ("2-00:00:30", 2880.5), ("UNLIMITED", None)])
+def test_time_limits_are_read_in_slurms_forms(limit, minutes):
+    """sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]."""
+    from tokens.cluster import slurm_minutes
+
+    assert slurm_minutes(limit) == minutes
+
+
+def test_a_task_is_requeued_near_its_limit_unless_told_not_to(tmp_path, monkeypatch):
+    """By default the script traps SLURM's USR1, sent 2 minutes before the limit, around a command run in
+    the background (a shell runs traps only between commands); --requeue 0 runs the command plainly."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for args, requeued in ((["--time", "10"], True), (["--requeue", "0", "--time", "3"], False)):
+        result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", *args, "--script", "job.sbatch"])
+        assert result.exit_code == 0, result.output
+        text = (tmp_path / "job.sbatch").read_text()
+        assert ("#SBATCH --signal=B:USR1@120" in text) == ("#SBATCH --requeue" in text) == ("trap stop_and_requeue USR1" in text) == requeued
+        assert text.endswith('--part "$SLURM_ARRAY_TASK_ID/2" &\nwait "$!"\n' if requeued else '--part "$SLURM_ARRAY_TASK_ID/2"\n'), text
+        # it parses, so that no task fails on a syntax error hours later in the queue
+        checked = subprocess.run(["bash", "-n", "job.sbatch"], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
 
 
 def test_a_probe_array_submitted_after_its_extraction_may_precede_its_store(tmp_path, monkeypatch):
