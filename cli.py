@@ -1,25 +1,20 @@
 """The `tokens` command: a thin layer that hands each verb to its stage."""
 
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import typer
 
-try:  # the stages bring torch in: a second or two, in which Ctrl-C should say what it stopped
-    from tokens.cache import commands as cache_commands
-    from tokens.cache.store import StoreError
-    from tokens.cluster import REQUEUE_LEAD_SECONDS, sbatch_script, slurm_minutes
-    from tokens.demo import demo
-    from tokens.extract import commands as extract_commands
-    from tokens.train import commands as train_commands
-    from tokens.train import probe as probe_recipe
-    from tokens.train.sweep import SweepError
-except KeyboardInterrupt:
-    sys.stderr.write("interrupted while tokens was starting: nothing was done\n")
-    sys.exit(130)
+from tokens.cache import commands as cache_commands
+from tokens.cache.store import StoreError
+from tokens.cluster import REQUEUE_LEAD_SECONDS, sbatch_script, slurm_minutes
+from tokens.demo import demo
+from tokens.extract import commands as extract_commands
+from tokens.train import commands as train_commands
+from tokens.train import probe as probe_recipe
+from tokens.train.sweep import SweepError
 
 app = typer.Typer(
     help=(
@@ -217,19 +212,10 @@ def _check_extraction_dataset(params: dict, model, layers: list[int], fmt: str, 
                                  f"{', or a smaller --shard-size' if work.spec.shard_size > 1 else ''}", param_hint="--array")
 
 
-def _terminated(signum, frame):
-    # One is enough: a second (SLURM signals every process of a job, a user may send another) would
-    # cut short the cleanup that writes the shards in hand and stops the decoding workers.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main():
-    """The console script. A file that cannot be read or written (a read-only folder, a directory
-    where a file should be) or a damaged store is reported with its path, not as a traceback.
-    SIGTERM, which SLURM sends at a job's time limit, stops a command as Ctrl-C does: it says what
-    is kept and how to go on, where the task's log used to just end."""
-    signal.signal(signal.SIGTERM, _terminated)
+    """Run the command line (tokens.__main__ takes the stop signals first). A file that cannot be
+    read or written (a read-only folder, a directory where a file should be) or a damaged store is
+    reported with its path, not as a traceback."""
     try:
         app(prog_name="tokens")
     except OSError as error:

@@ -531,7 +531,7 @@ def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_p
 def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
     """SLURM sends SIGTERM at a job's time limit: the log says what is kept instead of just ending."""
     import tokens.cache.store as store_module
-    from tokens import cli
+    from tokens.__main__ import main
 
     store_path = tmp_path / "s.zarr"
     written = store_module.Split.write_shard
@@ -547,7 +547,7 @@ def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as stopped:
-            cli.main()
+            main()
     finally:
         signal.signal(signal.SIGTERM, before)
     assert stopped.value.code == 130
@@ -608,18 +608,20 @@ def test_ctrl_c_while_the_command_imports_torch_says_so(dataset, tmp_path, monke
     assert isinstance(result.exception, ImportError) and "broken torch" in str(result.exception)  # itself, not a NameError
 
 
-def test_ctrl_c_while_the_command_itself_starts_says_so():
+@pytest.mark.parametrize("stop", ["raise KeyboardInterrupt", "os.kill(os.getpid(), signal.SIGTERM)"])
+def test_a_stop_while_the_command_itself_starts_says_so(stop):
     """Before `tokens` reaches a verb it imports the stages, and torch with them: Ctrl-C then gave
-    torch's traceback; it says that nothing was done."""
-    script = textwrap.dedent("""
-        import importlib.abc, sys
+    torch's traceback, and SIGTERM (SLURM's, or the requeueing script's) ended the process without a
+    word; each says that nothing was done."""
+    script = textwrap.dedent(f"""
+        import importlib.abc, os, signal, sys
         class Interrupted(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
                 if name == "tokens.train.commands":
-                    raise KeyboardInterrupt
+                    {stop}
         sys.meta_path.insert(0, Interrupted())
         sys.argv = ["tokens", "--help"]
-        from tokens.cli import main
+        from tokens.__main__ import main
         main()
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

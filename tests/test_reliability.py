@@ -269,7 +269,7 @@ TERMINATED_GROUP = """
             os.killpg(0, signal.SIGTERM)
         return load(*args, **kwargs)
     run.load_window = load_then_terminate
-    from tokens.cli import main
+    from tokens.__main__ import main
     sys.argv = ["tokens", "extract", *sys.argv[1:]]
     main()
 """
@@ -302,7 +302,7 @@ SLOW_DECODING = """
         time.sleep(30)
         return load(*args, **kwargs)
     run.load_window = slow
-    from tokens.cli import main
+    from tokens.__main__ import main
     sys.argv = ["tokens", "extract", *sys.argv[1:]]
     main()
 """
