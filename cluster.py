@@ -10,6 +10,7 @@ shards or configurations.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 from pathlib import Path
@@ -127,9 +128,10 @@ def cuda_float32(precision: str):
         matmul.fp32_precision, conv.fp32_precision = saved
 
 
-def slurm_minutes(limit: str) -> float | None:
-    """A SLURM time limit in minutes: "30" (minutes), "30:00" (minutes:seconds), "4:00:00",
-    "1-12", "1-12:00", "1-12:00:00" (days-hours...); None for an unlimited one."""
+def slurm_minutes(limit: str) -> int | None:
+    """A SLURM time limit in whole minutes, rounded up as SLURM rounds it: "30" (minutes), "30:00"
+    (minutes:seconds), "4:00:00", "1-12", "1-12:00", "1-12:00:00" (days-hours...); None for no
+    limit ("unlimited", or 0)."""
     if limit.lower() in ("unlimited", "infinite"):
         return None
     days, _, clock = limit.rpartition("-")
@@ -138,7 +140,7 @@ def slurm_minutes(limit: str) -> float | None:
         hours, minutes, seconds = (parts + [0, 0])[:3]
     else:
         hours, minutes, seconds = parts if len(parts) == 3 else [0, *(parts + [0])[:2]]
-    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+    return int(days or 0) * 1440 + hours * 60 + minutes + math.ceil(seconds / 60) or None
 
 
 def sbatch_script(
@@ -210,25 +212,35 @@ def sbatch_script(
     # runs its traps only between commands, and `wait` is one it leaves for them.
     return "\n".join(lines + [
         "# Near the time limit SLURM sends USR1 to this script: the command stops as on Ctrl-C, keeping its finished",
-        f"# work, and the task is requeued to go on where it stopped, at most {requeues} times (tokens slurm --requeue).",
+        f"# work, and the task is requeued to go on where it stopped, at most {requeues} times (tokens slurm --requeue;",
+        "# requeues after a node failure count too).",
+        "command=",
         "stop_and_requeue() {",
         '  echo "tokens slurm: the time limit is near: stopping the command, which keeps its finished work"',
-        "  running=$(jobs -p)  # the command, once started",
-        "  kill -TERM $running 2>/dev/null || true",
-        "  status=0; wait $running || status=$?",
+        "  status=1  # the command's, once read: a task signalled before its command started has done nothing",
+        '  if [[ -n $command ]]; then',
+        '    kill -TERM "$command" 2>/dev/null || true',
+        '    wait "$command" && status=0 || status=$?',
+        "  fi",
+        "  (( status >= 0 && status <= 255 )) || status=1  # bash's -1: a command it could not wait for",
+        "  if (( status == 0 )); then",
+        '    echo "tokens slurm: the command had finished: nothing to go on with"',
+        "    exit 0",
+        "  fi",
         f"  if (( ${{SLURM_RESTART_COUNT:-0}} < {requeues} )); then",
         # said first: the requeue ends this script at once
         f'    echo "tokens slurm: requeueing the task (time $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of {requeues}): it goes on where it stopped"',
         '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && exit 0',
         '    echo "tokens slurm: scontrol could not requeue the task; resubmit it (sbatch --array=$SLURM_ARRAY_TASK_ID SCRIPT) to go on"',
         "  else",
-        f'    echo "tokens slurm: not requeued: it was requeued {requeues} times already (tokens slurm --requeue); resubmit it'
+        f'    echo "tokens slurm: not requeued: tokens slurm --requeue {requeues} allows no more; resubmit it'
         ' (sbatch --array=$SLURM_ARRAY_TASK_ID SCRIPT) to go on"',
         "  fi",
         '  exit "$status"',
         "}",
         "trap stop_and_requeue USR1",
         run + " &",
-        'wait "$!"',
+        "command=$!",
+        'wait "$command"',
         "",
     ])

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -239,12 +240,12 @@ def test_a_task_near_its_time_limit_stops_keeping_its_work_and_is_requeued(slurm
     data = tmp_path / "data"
     data.mkdir()
     rows = ["path,labels,split"]
-    for i, freq in enumerate((220, 500, 900)):  # 40 one-second windows each: 30 shards of 4
+    for i, freq in enumerate((220, 500, 900)):  # 40 one-second windows each: 60 shards of 2
         tone(data / f"long{i}.wav", 40.0, freq)
         rows.append(f"long{i}.wav,{('low', 'mid', 'high')[i]},{('train', 'train', 'test')[i]}")
     (data / "manifest.csv").write_text("\n".join(rows) + "\n")
     store = tmp_path / "slurm.zarr"
-    extract_args = ["data/manifest.csv", "--shard-size", "4", "--num-workers", "0", "--device", "cpu", "-q"]
+    extract_args = ["data/manifest.csv", "--shard-size", "2", "--num-workers", "0", "--device", "cpu", "-q"]
     sh([*TOKENS, "slurm", "extract", *extract_args, "--store", store.name, "--array", "1", "--gpus", "0",
         "--cpus", "1", "--requeue", "1", "--script", "extract.sbatch"], tmp_path)
     script = (tmp_path / "extract.sbatch").read_text()
@@ -282,14 +283,14 @@ def test_a_task_near_its_time_limit_stops_keeping_its_work_and_is_requeued(slurm
     stop = "tokens slurm: the time limit is near: stopping the command, which keeps its finished work"
     first, second = log.index(stop), log.rindex(stop)
     assert log.index("interrupted: ", first) < log.index("tokens slurm: requeueing the task (time 1 of 1)", first) < second, log
-    assert log.index("interrupted: ", second) < log.index("tokens slurm: not requeued: it was requeued 1 times already", second), log
-    resumed = re.search(r"resuming: (\d+) of 30 shards already complete", log)
+    assert log.index("interrupted: ", second) < log.index("tokens slurm: not requeued: tokens slurm --requeue 1 allows no more", second), log
+    resumed = re.search(r"resuming: (\d+) of 60 shards already complete", log)
     assert resumed and int(resumed[1]) == kept, (kept, log)
 
     again = submitted(sh(["sbatch", "--wait", "extract.sbatch"], tmp_path))
     finished = (tmp_path / "slurm-logs" / f"tokens-extract-{again}_1.out").read_text()
     done = re.search(r"wrote \d+ items? in (\d+) shards? \((\d+) already complete\)", finished)
-    assert done and int(done[2]) > kept and int(done[1]) + int(done[2]) == 30, finished
+    assert done and int(done[2]) > kept and int(done[1]) + int(done[2]) == 60, finished
     sh([*TOKENS, "extract", *extract_args, "--store", "single.zarr"], tmp_path)
     compare_stores(store, tmp_path / "single.zarr", splits={"train", "test"})
 
@@ -569,10 +570,11 @@ def test_a_script_waits_for_the_jobs_it_is_told_to_and_its_tasks_log_quietly(tmp
         assert result.exit_code == 0 and f"#SBATCH {line}\n" in (tmp_path / "job.sbatch").read_text(), result.output
 
 
-@pytest.mark.parametrize("limit, minutes", [("30", 30), ("30:15", 30.25), ("4:00:00", 240), ("1-12", 2160), ("1-12:30", 2190),
-                                            ("2-00:00:30", 2880.5), ("UNLIMITED", None)])
+@pytest.mark.parametrize("limit, minutes", [("30", 30), ("30:15", 31), ("4:00:00", 240), ("1-12", 2160), ("1-12:30", 2190),
+                                            ("2-00:00:30", 2881), ("UNLIMITED", None), ("0", None)])
 def test_time_limits_are_read_in_slurms_forms(limit, minutes):
-    """sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]."""
+    """sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]],
+    rounded up to whole minutes as SLURM does (3:30 is 4 minutes); 0 is no limit."""
     from tokens.cluster import slurm_minutes
 
     assert slurm_minutes(limit) == minutes
@@ -585,15 +587,72 @@ def test_a_task_is_requeued_near_its_limit_unless_told_not_to(tmp_path, monkeypa
     from tokens.cli import app
 
     monkeypatch.chdir(tmp_path)
-    for args, requeued in ((["--time", "10"], True), (["--requeue", "0", "--time", "3"], False)):
+    for args, requeued in ((["--time", "10"], True), (["--time", "3:30"], True), (["--time", "0"], True),
+                           (["--requeue", "0", "--time", "3"], False)):
         result = CliRunner().invoke(app, ["slurm", "probe", "later.zarr", "--out", "r", "--array", "2", *args, "--script", "job.sbatch"])
         assert result.exit_code == 0, result.output
         text = (tmp_path / "job.sbatch").read_text()
         assert ("#SBATCH --signal=B:USR1@120" in text) == ("#SBATCH --requeue" in text) == ("trap stop_and_requeue USR1" in text) == requeued
-        assert text.endswith('--part "$SLURM_ARRAY_TASK_ID/2" &\nwait "$!"\n' if requeued else '--part "$SLURM_ARRAY_TASK_ID/2"\n'), text
+        assert text.endswith('--part "$SLURM_ARRAY_TASK_ID/2" &\ncommand=$!\nwait "$command"\n' if requeued else '--part "$SLURM_ARRAY_TASK_ID/2"\n'), text
         # it parses, so that no task fails on a syntax error hours later in the queue
         checked = subprocess.run(["bash", "-n", "job.sbatch"], capture_output=True, text=True, timeout=30)
         assert checked.returncode == 0, checked.stderr
+
+
+# Stand-ins for the command a task runs and for scontrol, to run the script's requeueing with bash
+# alone. The command says when it works, and what it did; STUB says what it does.
+STUB_COMMAND = """#!/bin/bash
+case "$STUB" in
+  work) trap 'kill $!; echo "command: stopped by SIGTERM"; exit 130' TERM; touch started; sleep 60 & wait ;;
+  finish-as-signalled) trap '' TERM; touch started; kill -USR1 "$PPID"; sleep 0.5; echo "command: finished"; exit 0 ;;
+  fail) touch started; exit 3 ;;
+esac
+"""
+STUB_SCONTROL = """#!/bin/bash
+echo "$@" >> scontrol-calls
+exit "$SCONTROL_STATUS"
+"""
+
+
+@pytest.mark.parametrize("stub, restarts, scontrol_status, exit_code, said, requeued", [
+    ("work", 0, 0, 0, "requeueing the task (time 1 of 3): it goes on where it stopped", True),
+    ("work", 2, 0, 0, "requeueing the task (time 3 of 3)", True),
+    ("work", 3, 0, 130, "not requeued: tokens slurm --requeue 3 allows no more; resubmit it (sbatch --array=2 SCRIPT) to go on", False),
+    ("work", 0, 1, 130, "scontrol could not requeue the task; resubmit it (sbatch --array=2 SCRIPT) to go on", True),
+    ("finish-as-signalled", 0, 0, 0, "the command had finished: nothing to go on with", False),
+    ("fail", 0, 0, 3, None, False),
+])
+def test_the_scripts_requeueing_with_bash_alone(tmp_path, monkeypatch, stub, restarts, scontrol_status, exit_code, said, requeued):
+    """What a task does on SLURM's USR1, wherever SLURM cannot run: the command is stopped and waited
+    for, the task requeued while requeues are left, and the script's exit is the command's otherwise
+    (a task that finished as the signal came is not requeued, nor marked failed)."""
+    from tokens.cluster import sbatch_script
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bin").mkdir()
+    for name, text in (("command", STUB_COMMAND), ("scontrol", STUB_SCONTROL)):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    (tmp_path / "job.sbatch").write_text(sbatch_script("extract", ["data.csv", "--store", "s.zarr"], array=4, job_name="t",
+                                                       workdir=tmp_path, python=str(tmp_path / "bin" / "command")))
+    env = {**ENV, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "STUB": stub, "SCONTROL_STATUS": str(scontrol_status),
+           "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2", "SLURM_RESTART_COUNT": str(restarts)}
+    script = subprocess.Popen(["bash", "job.sbatch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+        time.sleep(0.05)
+    if stub == "work":
+        time.sleep(0.2)  # the command's trap is set just before it says it started
+        script.send_signal(signal.SIGUSR1)
+    out, _ = script.communicate(timeout=30)
+    assert script.returncode == exit_code, out
+    assert ("tokens slurm: the time limit is near" in out) == (stub != "fail"), out
+    assert ("command: stopped by SIGTERM" in out) == (stub == "work"), out
+    if said:
+        assert f"tokens slurm: {said}" in out, out
+    calls = (tmp_path / "scontrol-calls").read_text() if (tmp_path / "scontrol-calls").exists() else ""
+    assert calls == ("requeue 7_2\n" if requeued else ""), calls
 
 
 def test_a_probe_array_submitted_after_its_extraction_may_precede_its_store(tmp_path, monkeypatch):
