@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, log_loss as sklearn_log_loss, roc_auc_score
 
 from tokens.train.losses import AsymmetricLoss, make_loss
-from tokens.train.metrics import compute_metrics, primary_metric
+from tokens.train.metrics import compute_metrics, log_loss, primary_metric
 
 # ------------------------------------------------------------------ metrics
 
@@ -171,3 +171,20 @@ def test_undefined_says_which_metrics_labels_leave_undefined_and_compute_metrics
         undefined_now = {name for name in ("map", "roc_auc") if np.isnan(metrics[name])}
         assert undefined_now == (set(expected[0].split(" and ")) if expected else set())
     assert undefined("multiclass", np.array([0])) is None
+
+
+def test_log_loss_is_the_cross_entropy_of_the_log_scores():
+    """Multi-class: scikit-learn's log loss of the softmax probabilities; multi-label: torch's binary
+    cross-entropy of the logits, averaged over items and classes, confident logits (40, -40, 800)
+    included, where the probabilities round to 1 or 0 in float64."""
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(scale=3, size=(40, 5)))
+    classes = rng.integers(0, 5, 40)
+    assert log_loss("multiclass", logits.log_softmax(-1).numpy(), classes) == pytest.approx(
+        sklearn_log_loss(classes, logits.softmax(-1).numpy(), labels=range(5)), rel=1e-12)
+    logits[0, :3] = torch.tensor([40.0, -40.0, 800.0])
+    targets = torch.tensor((rng.random((40, 5)) < 0.4).astype(float))
+    targets[0, :3] = torch.tensor([0.0, 1.0, 1.0])
+    expected = F.binary_cross_entropy_with_logits(logits, targets).item()
+    assert log_loss("multilabel", F.logsigmoid(logits).numpy(), targets.numpy()) == pytest.approx(expected, rel=1e-9)
+    assert math.isnan(log_loss("multilabel", np.full((2, 2), np.nan), np.ones((2, 2))))

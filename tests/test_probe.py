@@ -364,6 +364,23 @@ def test_ram_gives_the_results_of_stream(store, run, tmp_path):
     assert leaderboard(out) == leaderboard(run)
 
 
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_epochs_of_equal_validation_metric_are_told_apart_by_log_loss(store, tmp_path, monkeypatch, task):
+    """A small validation split saturates (an mAP of 1.0 at every epoch): the best epoch was then the
+    first, and the head was tested after one epoch of warm-up. An equal metric now goes to the epoch
+    of lowest validation log loss, the loss each epoch's scores give (recorded here as computed)."""
+    if task == "multiclass":
+        store = make_store(tmp_path / "mc.zarr", task="multiclass")
+    metric = "map" if task == "multilabel" else "acc"
+    losses, computed = [], recipe.log_loss
+    monkeypatch.setattr(recipe, "compute_metrics", lambda t, scores, labels: {**compute_metrics(t, scores, labels), metric: 1.0})
+    monkeypatch.setattr(recipe, "log_loss", lambda *args: losses.append(computed(*args)) or losses[-1])
+    ok("probe", store, "--heads", "mean", "--lr", "3e-3", *FAST, "--epochs", "6", "--out", tmp_path / "run")
+    (row,) = read_csv(tmp_path / "run" / "leaderboard.csv")
+    assert len(losses) == 6 and int(np.argmin(losses)) > 0, losses  # the loss fell: the first epoch is not the best
+    assert int(row["best_epoch"]) == int(np.argmin(losses)) + 1 and float(row[f"val_{metric}"]) == 1.0, (row, losses)
+
+
 def test_multiclass_store_without_valid_split(tmp_path):
     store = make_store(tmp_path / "mc.h5", task="multiclass", dtype="bfloat16", splits={"train": 150, "test": 48})
     out = tmp_path / "run"
@@ -685,6 +702,23 @@ def test_a_report_says_which_configurations_lost_a_seed_to_divergence(run, tmp_p
     result = ok("report", tmp_path / "run", tmp_path / "other", "--out", tmp_path / "both")
     notes = [line for line in result.output.splitlines() if "seeds diverged" in line]
     assert len(notes) == 2 and len(set(notes)) == 2 and any(" on 00000000: 1 of 2" in n for n in notes), notes
+
+
+def test_a_report_says_when_the_selected_configuration_only_ties_with_others(run, tmp_path):
+    """Configurations of equal mean validation metric are ranked by name: the report says the one it
+    selects was not better, in the terminal and in report.md; a head without ties gets no such note."""
+    rows, head = read_csv(run / "leaderboard.csv"), "linear"
+    rows += [r | {"config": r["config"].replace("lr=0.001", "lr=0.003"), "lr": "0.003"} for r in rows if r["head"] == head]
+    for row in rows:
+        if row["head"] == head:
+            row["val_map"] = "0.5"
+    write_leaderboard(tmp_path / "run", rows)
+    result = ok("report", tmp_path / "run", "--out", tmp_path / "report")
+    configs = sorted({r["config"].rsplit("/seed=", 1)[0] for r in rows if r["head"] == head})
+    note = (f"{head}: {len(configs)} configurations tie at a mean validation map of 0.5000; {configs[0]} is selected as the "
+            f"first by name, not as better than {configs[1]}")
+    assert f"note: {note}" in said(result) and f"**Note:** {note}" in (tmp_path / "report" / "report.md").read_text()
+    assert said(result).count("configurations tie") == 1, said(result)
 
 
 def test_a_validation_metric_the_labels_leave_undefined_is_not_called_divergence(run, tmp_path):
@@ -1452,8 +1486,8 @@ def test_a_finished_run_without_its_checkpoint_is_left_as_it_is(store, run, tmp_
     shutil.copytree(run, out)
     (out / "checkpoint.pt").unlink()
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
-    for heads in ("linear,ep,protobin", "protobin,linear,ep"):  # the same sweep listed in another order too
-        again = ok("probe", store, "--heads", heads, *SWEEP[2:], *FAST, "--data", "stream", "--out", out)
+    for listed in ("linear,ep,protobin", "protobin,linear,ep"):  # the same sweep listed in another order too
+        again = ok("probe", store, "--heads", listed, *SWEEP[2:], *FAST, "--data", "stream", "--out", out)
         assert "holds this sweep's results already" in said(again) and "nothing to do" in said(again), said(again)
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
     other = invoke("probe", store, *SWEEP, *FAST[:-4], "--batch-size", "8", "--device", "cpu", "--out", out)

@@ -34,7 +34,7 @@ from tokens.train import report
 from tokens.train.data import SAMPLING, FinalNorm, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters, shared_steps
 from tokens.train.losses import DEFAULT_LOSS, make_loss
-from tokens.train.metrics import compute_metrics, primary_metric, undefined
+from tokens.train.metrics import compute_metrics, log_loss, primary_metric, undefined
 from tokens.train.optim import lr_factor, make_optimizer
 from tokens.train.sweep import Config, SweepError
 
@@ -56,6 +56,7 @@ class Probe:
     rng: torch.Tensor
     best_state: dict | None = None
     best_metric: float = -math.inf
+    best_loss: float = math.inf  # the best epoch's validation log loss: the tie-break between equal metrics
     best_epoch: int = 0
     val_metrics: dict | None = None  # validation metrics of the weights tested at the end
     curve: list = field(default_factory=list)  # validation metric per epoch
@@ -149,6 +150,7 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
                 "rng": p.rng,
                 "best_state": p.best_state,
                 "best_metric": p.best_metric,
+                "best_loss": p.best_loss,
                 "best_epoch": p.best_epoch,
                 "val_metrics": p.val_metrics,
                 "curve": p.curve,
@@ -335,6 +337,7 @@ def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int
             generator.manual_seed((probe.config.seed * 1_000_003 + epoch) % 2**63)
             probe.rng, moved = generator.get_state(), True
         probe.best_state, probe.best_metric = saved["best_state"], saved["best_metric"]
+        probe.best_loss = saved.get("best_loss", math.inf)  # a checkpoint of an earlier version has none
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
         probe.val_metrics = saved["val_metrics"]
     return epoch, moved
@@ -505,8 +508,11 @@ def run(
         for p, scores in zip(probes, val_scores):
             metrics = compute_metrics(task, scores, valid_labels)
             p.curve.append(metrics[metric])
-            if _metric(metrics[metric]) > p.best_metric:
-                p.best_metric, p.best_epoch, p.best_state = _metric(metrics[metric]), epoch + 1, _state(p.head)
+            value, loss = _metric(metrics[metric]), log_loss(task, scores, valid_labels)
+            # An equal metric with a lower log loss wins too: a metric that saturates on a small
+            # validation split (an mAP of 1.0 from the first epoch) would otherwise keep epoch 1.
+            if value > p.best_metric or (value == p.best_metric > -math.inf and loss < p.best_loss):
+                p.best_metric, p.best_loss, p.best_epoch, p.best_state = value, loss, epoch + 1, _state(p.head)
             if p.best_epoch in (0, epoch + 1):
                 p.val_metrics = metrics
         save_checkpoint(checkpoint, plan, epoch + 1, probes)

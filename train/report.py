@@ -453,6 +453,27 @@ def diverged(rows: list[dict], metric: str, labels: dict[str, str]) -> list[str]
     return notes
 
 
+def ties(summary: list[dict], metric: str, labels: dict[str, str]) -> list[str]:
+    """Notes on selected configurations whose mean validation metric others of their head equal: the
+    first by name was taken, which a reader would otherwise read as the best (a small validation
+    split gives many such ties). Call after mark_selected."""
+    notes = []
+    for chosen in (r for r in summary if r["selected"]):
+        key, value = (chosen["store_key"], unfinished_marker(chosen["training"]), chosen["head"]), chosen[f"val_{metric}_mean"]
+        tied = [r["config"] for r in summary if r is not chosen and r[f"val_{metric}_mean"] == value
+                and (r["store_key"], unfinished_marker(r["training"]), r["head"]) == key]
+        if tied:
+            where = f" on {labels[chosen['store_key']]}" if len(labels) > 1 else ""
+            notes.append(f"{chosen['head']}{where}: {len(tied) + 1} configurations tie at a mean validation {metric} of "
+                         f"{_cell(value)}; {chosen['config']} is selected as the first by name, not as better than "
+                         f"{_some_configs(tied)} (more validation items would tell them apart)")
+    return notes
+
+
+def _some_configs(configs: list[str]) -> str:
+    return ", ".join(configs[:3]) + (f" and {len(configs) - 3} more" if len(configs) > 3 else "")
+
+
 def mark_selected(summary: list[dict], metric: str):
     """Flag the first configuration of each (store, head) in the summary, which comes ranked by mean
     validation metric (ties by configuration): model selection never looks at test. Trainings
@@ -655,7 +676,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     heads_to_use = point_at_saved_heads(summary, rows, origins)
     metrics = metric_columns(rows)
     labels = store_labels(list(dict.fromkeys(origins.values())), list(dict.fromkeys(r["store_key"] for r in rows)))
-    notes += diverged(rows, metric, labels)
+    notes += diverged(rows, metric, labels) + ties(summary, metric, labels)
     columns = (["head", "config", "params", "seeds", "selected"] + [f"{m}_{s}" for m in metrics for s in ("mean", "sd")]
                + ["store", "store_key", "training", "data_seeds", "saved_head"])
     write_csv(out / "report.csv", [r | {"store": labels[r["store_key"]]} for r in summary], columns)
