@@ -381,6 +381,20 @@ def test_epochs_of_equal_validation_metric_are_told_apart_by_log_loss(store, tmp
     assert int(row["best_epoch"]) == int(np.argmin(losses)) + 1 and float(row[f"val_{metric}"]) == 1.0, (row, losses)
 
 
+def test_a_validation_split_without_some_classes_is_said_before_training(store, tmp_path):
+    """Two validation items cannot hold three classes: the heads would be chosen without the others,
+    which the run says (naming them) before it trains; a validation split of every class says nothing."""
+    small = make_store(tmp_path / "mc.zarr", task="multiclass", splits={"train": 60, "valid": 2, "test": 20})
+    with open_store(small) as opened:
+        held = {CLASSES[i] for i in opened.split("valid").column("labels")}
+    missing = [c for c in CLASSES if c not in held]
+    result = ok("probe", small, "--heads", "mean", *FAST, "--epochs", "1", "--out", tmp_path / "run")
+    assert f"note: the 2 validation items hold no item of {len(missing)} of the 3 classes that train holds ({', '.join(missing)}): " \
+           "epochs and configurations are chosen without them\n" in result.output, result.output
+    result = ok("probe", store, "--heads", "mean", *FAST, "--epochs", "1", "--out", tmp_path / "full")
+    assert "hold no item of" not in result.output
+
+
 def test_multiclass_store_without_valid_split(tmp_path):
     store = make_store(tmp_path / "mc.h5", task="multiclass", dtype="bfloat16", splits={"train": 150, "test": 48})
     out = tmp_path / "run"

@@ -129,6 +129,14 @@ def score(heads: list[tuple[nn.Module, object]], source: Source, items: np.ndarr
     return [np.concatenate(out) for out in outputs]
 
 
+def classes_missing(task: str, train_labels: np.ndarray, valid_labels: np.ndarray, classes: list[str]) -> list[str]:
+    """Classes some train item holds and no validation item does: a metric on those items ignores
+    them, and a few files held out of a small train split often leave some out."""
+    def present(y):
+        return y.astype(bool).any(0) if task == "multilabel" else np.bincount(y.astype(int), minlength=len(classes)) > 0
+    return [c for c, trained, validated in zip(classes, present(train_labels), present(valid_labels)) if trained and not validated]
+
+
 def _state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -471,6 +479,11 @@ def run(
         if found := undefined(task, split_labels):
             tqdm.write(f"note: {found[0]} cannot be computed on the {len(split_labels)} {name} items ({found[1]}): "
                        "NaN for every head")
+    if lacking := classes_missing(task, labels["train"][train_items], valid_labels, classes):
+        tqdm.write(f"note: the {len(valid_items)} validation items hold no item of {len(lacking)} of the {len(classes)} classes "
+                   f"that train holds ({', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}): epochs and configurations "
+                   "are chosen without them" + ("; a valid split holding every class would choose with them" if valid_split is
+                                                train_split else ""))
     steps = max(1, len(train_items) // batch_size)
     total, warmup = epochs * steps, round(warmup_epochs * steps)
 
