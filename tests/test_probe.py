@@ -1038,6 +1038,23 @@ def test_a_report_names_the_runs_it_cannot_use(run, tmp_path):
     assert f"{unfinished}: no leaderboard.csv yet (not finished)" in result.output, result.output
 
 
+def test_results_are_not_written_among_other_files(store, run, tmp_path):
+    """`--out data` wrote heads/, best/ and a checkpoint into the dataset (whose next extraction then
+    failed on best/ as a split folder), and `--out S.zarr` into a store: a folder holding anything
+    but this command's own results is refused, naming what it holds, and left as it was."""
+    dataset = tmp_path / "data"
+    (dataset / "train" / "bird").mkdir(parents=True)
+    (dataset / "manifest.csv").write_text("path,labels,split\n")
+    for out in (dataset, store):
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        for command in (["probe", store, "--heads", "mean", *FAST], ["report", run]):
+            result = invoke(*command, "--out", out)
+            assert result.exit_code == 2 and f"{out} holds files this command does not write (" in said(result), said(result)
+            assert "give a new or empty folder" in said(result)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert "holds files this command does not write (manifest.csv, train)" in said(invoke("report", run, "--out", dataset))
+
+
 def test_a_report_never_replaces_a_runs_leaderboard_nor_reads_one_kept_inside_a_run(store, run, tmp_path):
     """A report's leaderboard.csv in a run's folder would pass for the run's own (its heads/ and best/
     no longer matching); a report kept inside a run is not one of the run's parts."""

@@ -281,7 +281,7 @@ def probe(
     sweep (--part) are merged with `tokens report RUN`.
     """
     compute = device_option(device)
-    check_out_folder(out, "leaderboard.csv, heads/, best/, plots")
+    check_out_folder(out, "leaderboard.csv, heads/, best/, plots", RUN_FILES)
     if data == "gpu" and compute.type != "cuda":
         raise typer.BadParameter("gpu mode needs a CUDA device; use ram or stream", param_hint="--data")
     if num_threads:
@@ -331,7 +331,7 @@ def report(
 
     Example: tokens report runs/s1 runs/s2 --out reports/s
     """
-    check_out_folder(out, "report.csv, report.md, report.png")
+    check_out_folder(out, "report.csv, report.md, report.png", REPORT_FILES | RUN_FILES)  # a run: refused by name later
     try:
         text = write_report(runs, out)
     except OutputError as error:
@@ -354,11 +354,26 @@ def check_saved_head(path: Path, saved):
         raise typer.BadParameter(f"{path} is not a head saved by `tokens probe` (RUN/best/HEAD.pt)", param_hint="--head")
 
 
-def check_out_folder(out: Path, holds: str):
+# What `tokens probe` and `tokens report` write into their --out (a run's part folders too).
+RUN_FILES = {"config.json", "checkpoint.pt", "leaderboard.csv", "heads", "best", "params_vs_metric.png", "val_curves.png"}
+REPORT_FILES = {"leaderboard.csv", "report.csv", "report.md", "report.png"}
+
+
+def check_out_folder(out: Path, holds: str, ours: set[str]):
     """--out must be a folder that can be made and written: a file in its place or on its path, or
-    a place that takes no writes (read-only, /proc), is named before any work. Nothing is left there."""
+    a place that takes no writes (read-only, /proc), is named before any work. Nothing is left there.
+    A folder holding anything but what this command writes (`ours`: earlier results to resume or
+    replace) is refused: results written into a dataset or a token store would be mixed with it,
+    and a dataset's class folders would gain folders of results."""
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} is a file; this writes a folder ({holds}): give a folder path", param_hint="--out")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir()
+                        if not p.name.startswith(".") and p.name not in ours and not re.fullmatch(r"part-\d+-of-\d+", p.name))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise typer.BadParameter(f"{out} holds files this command does not write ({shown}): its results ({holds}) "
+                                     "would be mixed with them; give a new or empty folder", param_hint="--out")
     check_can_make(out)
 
 
