@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,11 @@ from tokens.cluster import usable_cores
 from tokens.extract.workers import signals_held, start_checking_worker, stop_checking_workers
 
 SPLITS = ("train", "valid", "test")
+OUTSIDE_FIX = " (the manifest's folder): keep the manifest at or above the files it lists, or link their folder into its own"
+# Split names other tools and datasets use, and ours they stand for: said beside the refusal.
+SPLIT_NAMES_MEANT = {"val": "valid", "validation": "valid", "dev": "valid", "development": "valid",
+                     "training": "train", "testing": "test",
+                     **{name: name for name in ("train", "valid", "test")}}  # other case, or spaces around
 COLUMNS = ("path", "labels", "label", "split", "id", "start", "end")  # what a manifest's rows may say
 # A recording's last partial window becomes an item only if it holds at least this fraction of a
 # window: a 0.3 s tail padded to 10 s is mostly padding and adds little but cost. A recording
@@ -56,11 +62,21 @@ AUDIO_SUFFIXES = frozenset({f".{name.lower()}" for name in sf.available_formats(
 
 
 class ManifestError(ValueError):
-    """Every problem found in a dataset description, one per line, raised before any work."""
+    """Every problem found in a dataset description, one per line, raised before any work. Past
+    SHOWN problems the message lists the first ones and counts the rest by kind: a manifest of a
+    million rows with one wrong split name would print a million lines, the first scrolled away."""
+
+    SHOWN = 50
 
     def __init__(self, source: Path, problems: list[str]):
         self.problems = problems
-        listing = "\n".join(f"  {p}" for p in problems)
+        listing = "\n".join(f"  {p}" for p in problems[: self.SHOWN])
+        if len(problems) > self.SHOWN:
+            kinds = Counter(re.sub(r"^line \d+: ", "", p) for p in problems[self.SHOWN :])
+            listing += f"\n  ... and {len(problems) - self.SHOWN} more, of which:" + "".join(
+                f"\n    {count} x {kind}" for kind, count in kinds.most_common(5))
+            if len(kinds) > 5:
+                listing += f"\n    {sum(kinds.values()) - sum(c for _, c in kinds.most_common(5))} of {len(kinds) - 5} other kinds"
         super().__init__(f"{source}: {len(problems)} problem(s); fix them and run again:\n{listing}")
 
 
@@ -157,12 +173,13 @@ def read_dataset(
         for n, (offset, duration) in enumerate(windows):
             item_id = _item_id(row, offset, first=n == 0)
             if first_row_of.setdefault(item_id, row.where) != row.where:
-                duplicates.setdefault(row.where, f"duplicate id {item_id!r} (also {first_row_of[item_id]})")
+                fix = "" if row.id else ": rows of one file (cut by start/end, say) need an id column to tell them apart"
+                duplicates.setdefault(row.where, f"duplicate id {item_id!r} (also {first_row_of[item_id]}){fix}")
             splits[row.split].append(Item(item_id, row.path, row.rel, offset, duration, row.split, labels))
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]
     if problems:
         raise ManifestError(source, problems)
-    notes += _leaks(splits) + _unlearnable(splits, names) + _unprobeable(splits) + _case_clashes(names)
+    notes += _leaks(splits) + _unlearnable(splits, names) + _unprobeable(splits) + _case_clashes(names) + _joined_labels(task, names)
     return Dataset(root, task, names, {s: items for s, items in splits.items() if items}, sample_rate, notes)
 
 
@@ -212,6 +229,14 @@ def _case_clashes(classes: list[str]) -> list[str]:
         by_folded.setdefault(name.casefold(), []).append(name)
     clashes = [" and ".join(map(repr, names)) for names in by_folded.values() if len(names) > 1]
     return [f"class names differ only in case, and are different classes: {_listed(clashes)}"] if clashes else []
+
+
+def _joined_labels(task: str, classes: list[str]) -> list[str]:
+    """A note on multi-class names holding ';': the `label` column takes one class per row, so
+    'dog;cat' became a class of its own, where a `labels` column would have made it two."""
+    joined = [name for name in classes if ";" in name] if task == "multiclass" else []
+    return [f"class names hold ';' ({_listed([repr(n) for n in joined])}): the label column takes one class per row, so each "
+            "is a class of its own; for several classes per row, name the column labels (multi-label)"] if joined else []
 
 
 def _unprobeable(splits: dict[str, list[Item]]) -> list[str]:
@@ -322,7 +347,8 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
 
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not skipped(p)):
         if split_dir.name not in SPLITS:
-            problems.append(f"{split_dir.name}/: not a split folder (use train, valid or test)")
+            meant = SPLIT_NAMES_MEANT.get(split_dir.name.lower().strip())
+            problems.append(f"{split_dir.name}/: not a split folder (use train, valid or test{f'; rename it {meant}/?' if meant else ''})")
             continue
         split_dirs.append(split_dir)
         for class_dir in sorted(p for p in split_dir.iterdir() if not skipped(p)):
@@ -338,7 +364,10 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
                     other_files.append(rel)
             if len(records) == records_before:
                 empty.append(f"{split_dir.name}/{class_dir.name}")
-    if not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
+    if not split_dirs and (manifests := sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in (".csv", ".jsonl"))):
+        problems.insert(0, f"no split folders, but a manifest at the top ({_listed(manifests, 3)}): to read it, give the file "
+                           f"({root / manifests[0]}) rather than its folder")
+    elif not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
                         "ROOT/<split>/<class>/<file> with splits train, valid, test, or give a manifest")
     notes = []
@@ -487,7 +516,7 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     # Items are recorded by their path inside the folder, so the path as written must stay inside;
     # where a link inside leads (audio kept on shared storage) does not matter.
     elif not (full + os.sep).startswith(inside):
-        bad.append(f"path {raw_path!r} leads outside the dataset folder {root}")
+        bad.append(f"path {raw_path!r} leads outside the dataset folder {root}{OUTSIDE_FIX}")
     elif not os.path.isfile(full):
         if os.path.isdir(full):
             bad.append(f"{raw_path} is a folder, not a file")
@@ -501,7 +530,8 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
 
     split = _text(record.get("split"))
     if split not in SPLITS:
-        bad.append(f"unknown split {split!r} (use train, valid or test)")
+        meant = SPLIT_NAMES_MEANT.get(split.lower().strip() if isinstance(split, str) else None)
+        bad.append(f"unknown split {split!r} (use train, valid or test{f'; {meant} for this one?' if meant else ''})")
 
     column = "labels" if task == "multilabel" else "label"
     try:

@@ -20,7 +20,7 @@ from PIL import Image
 from tokens.cache import StoreSpec, create_or_open
 from tokens.extract.images import BadImage, load_image
 import tokens.extract.manifest as manifest_module
-from tokens.extract.manifest import ManifestError, read_dataset
+from tokens.extract.manifest import OUTSIDE_FIX, ManifestError, read_dataset
 
 SR = 16000
 
@@ -387,7 +387,7 @@ sub,dog,test,,,
     )
     with pytest.raises(ManifestError) as e:
         audio(manifest, classes=["cat", "dog"])
-    outside = f"leads outside the dataset folder {data}"
+    outside = f"leads outside the dataset folder {data}{OUTSIDE_FIX}"
     assert e.value.problems == [
         "line 3: unknown split 'tain' (use train, valid or test)",
         "line 5: label(s) not among the store's classes: wolf",
@@ -419,7 +419,7 @@ def test_linked_audio_is_taken_wherever_the_link_leads(tmp_path, checking):
     csv_file(manifest, "path,label,split\naudio/../../disk/clip.wav,x,train\n")
     with pytest.raises(ManifestError) as e:
         audio(manifest)
-    assert e.value.problems == [f"line 2: path 'audio/../../disk/clip.wav' leads outside the dataset folder {data}"]
+    assert e.value.problems == [f"line 2: path 'audio/../../disk/clip.wav' leads outside the dataset folder {data}{OUTSIDE_FIX}"]
 
 
 def test_an_absolute_path_through_a_linked_dataset_folder_is_inside_it(tmp_path, checking, monkeypatch):
@@ -444,7 +444,7 @@ def test_an_absolute_path_through_a_linked_dataset_folder_is_inside_it(tmp_path,
     csv_file(manifest, f"path,label,split\n{tmp_path / 'elsewhere.wav'},x,train\n")
     with pytest.raises(ManifestError) as e:
         audio(linked / "m.csv")
-    assert e.value.problems == [f"line 2: path '{tmp_path / 'elsewhere.wav'}' leads outside the dataset folder {real}"]
+    assert e.value.problems == [f"line 2: path '{tmp_path / 'elsewhere.wav'}' leads outside the dataset folder {real}{OUTSIDE_FIX}"]
 
 
 def test_class_folders_follow_linked_folders_and_files(tmp_path):
@@ -489,7 +489,8 @@ def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
 def test_duplicate_paths_are_duplicate_ids(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,x,train\na.wav,y,test\n")
-    with pytest.raises(ManifestError, match="line 3: duplicate id 'a.wav' \\(also line 2\\)"):
+    with pytest.raises(ManifestError, match="line 3: duplicate id 'a.wav' \\(also line 2\\): rows of one file \\(cut by "
+                                            "start/end, say\\) need an id column to tell them apart"):
         audio(manifest)
 
 
@@ -897,3 +898,49 @@ def test_a_second_ctrl_c_or_a_killed_parent_leaves_no_checking_process_behind(tm
         assert not left, f"{how}: {left}"
         if how != "SIGKILL":
             assert child.wait() != 0 and "checking" not in child.stderr.read()
+
+
+def test_a_long_list_of_problems_shows_the_first_and_counts_the_rest_by_kind(tmp_path):
+    """A wrong split name on every row of a large manifest printed one line per row, its header
+    scrolled away: the message lists the first 50 and counts the rest by kind, while the error still
+    holds every problem; a split name other tools use says which of ours it stands for."""
+    wav(tmp_path / "a.wav", 1)
+    rows = ["a.wav,dog,val" for _ in range(300)] + ["missing.wav,dog,train", "a.wav,dog,Test"]
+    manifest = csv_file(tmp_path / "m.csv", "path,labels,split,id\n" + "\n".join(f"{r},{i}" for i, r in enumerate(rows)) + "\n")
+    with pytest.raises(ManifestError) as refused:
+        audio(manifest)
+    message = str(refused.value)
+    assert len(refused.value.problems) == 302 and message.startswith(f"{manifest}: 302 problem(s); fix them and run again:\n")
+    assert "  line 2: unknown split 'val' (use train, valid or test; valid for this one?)\n" in message
+    assert message.count("unknown split 'val'") == 51  # 50 listed, then one line that counts the others
+    assert "\n  ... and 252 more, of which:\n    250 x unknown split 'val' (use train, valid or test; valid for this one?)\n" \
+           "    1 x file not found: missing.wav\n    1 x unknown split 'Test' (use train, valid or test; test for this one?)" in message
+    assert len(message.splitlines()) == 1 + 50 + 4
+
+
+def test_a_split_folder_of_another_name_says_which_of_ours_it_stands_for(tmp_path):
+    wav(tmp_path / "train" / "dog" / "a.wav", 1)
+    wav(tmp_path / "val" / "dog" / "b.wav", 1)
+    with pytest.raises(ManifestError, match=r"val/: not a split folder \(use train, valid or test; rename it valid/\?\)"):
+        audio(tmp_path)
+
+
+def test_multi_class_labels_holding_semicolons_are_noted(tmp_path):
+    """In a `label` column, 'dog;cat' is one class of its own: said, with the column that makes it two."""
+    for name in ("a.wav", "b.wav", "c.wav"):
+        wav(tmp_path / name, 1)
+    ds = audio(csv_file(tmp_path / "m.csv", "path,label,split\na.wav,dog;cat,train\nb.wav,dog,train\nc.wav,cat,train\n"))
+    assert ds.task == "multiclass" and ds.classes == ["cat", "dog", "dog;cat"]
+    assert other_notes(ds) == ["class names hold ';' ('dog;cat'): the label column takes one class per row, so each is a class "
+                               "of its own; for several classes per row, name the column labels (multi-label)"]
+    assert not other_notes(audio(csv_file(tmp_path / "l.csv", "path,labels,split\na.wav,dog;cat,train\nc.wav,cat,train\n")))
+
+
+def test_a_folder_holding_a_manifest_says_to_give_the_manifest(tmp_path):
+    """`tokens extract data` for data/manifest.csv beside data/audio/ said only 'audio/: not a split folder'."""
+    wav(tmp_path / "audio" / "a.wav", 1)
+    csv_file(tmp_path / "manifest.csv", "path,label,split\naudio/a.wav,dog,train\n")
+    with pytest.raises(ManifestError) as refused:
+        audio(tmp_path)
+    assert refused.value.problems[0] == (f"no split folders, but a manifest at the top (manifest.csv): to read it, give the file "
+                                         f"({tmp_path / 'manifest.csv'}) rather than its folder")
