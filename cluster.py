@@ -200,7 +200,8 @@ def sbatch_script(
     # task (`sbatch --array=2 SCRIPT`) gives it a count of 1, and it would then do the whole job.
     lines += [
         "set -euo pipefail",
-        f"# Task I does part I of {array}. Resubmit all tasks, or some (sbatch --array=2,5 SCRIPT): finished work is skipped.",
+        f"# Task I does part I of {array}. Resubmit all tasks, or some (sbatch --array={','.join(map(str, range(1, array + 1)[-2:]))} SCRIPT): "
+        "finished work is skipped.",
         *(["# This job waits for every task of those jobs to succeed: if one fails, it stays pending (DependencyNeverSatisfied).",
            "# Then scancel it, resubmit the failed tasks, and submit this script with sbatch --dependency=afterok:NEWID SCRIPT",
            "# (NEWID: the resubmitted tasks' job; the option replaces the line above)."] * bool(after)),

@@ -39,6 +39,8 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     """A checkpoint loaded onto the CPU (safetensors, or torch.load with weights_only unless
     allow_pickle) and its SHA-256, computed on a second thread while it loads."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (only ast reads a folder: a Hugging Face model's)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     hashing = ThreadPoolExecutor(1)

@@ -44,6 +44,11 @@ def parse_backbone_options(pairs: list[str]) -> dict:
     return options
 
 
+def _rate(per_second: float) -> str:
+    """1234, 56, 0.42: a slow backbone on a CPU makes under one item a second, which :.0f showed as 0."""
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.2g}"
+
+
 def _interrupted(store: Path):
     """Ctrl-C or SIGTERM: say what is kept and how to go on, and exit 130."""
     from tokens.cache.store import store_exists
@@ -118,7 +123,7 @@ def extract(
     pace = ""
     if result.streaming_seconds > 0:
         startup = result.seconds - result.streaming_seconds
-        pace = f" ({startup:.1f} s to the first batch, then {result.items_written / result.streaming_seconds:.0f} items/s)"
+        pace = f" ({startup:.1f} s to the first batch, then {_rate(result.items_written / result.streaming_seconds)} items/s)"
     typer.echo(
         f"{result.store}: wrote {_count(result.items_written, 'item')} in {_count(result.shards_written, 'shard')} "
         f"({result.shards_skipped} already complete){_of_part(part_of_work)} in {result.seconds:.1f} s{pace}"

@@ -620,6 +620,11 @@ def check_options(store_path: Path, *, fmt: str | None, dtype: str, precision: s
     `tokens slurm extract` before it submits, so that a mistake does not fail in every task."""
     if fmt not in (None, "zarr", "hdf5"):
         raise ExtractionError(f"--format {fmt!r}: use zarr or hdf5")
+    implied = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}.get(Path(store_path).suffix.lower())
+    if fmt and implied and implied != fmt:  # a zarr folder named .h5 misleads every tool and person that meets it
+        suffix = ".zarr" if fmt == "zarr" else ".h5"
+        raise ExtractionError(f"--format {fmt} for {store_path}, whose name says {implied}: name the store "
+                              f"{Path(store_path).with_suffix(suffix).name}, or leave out --format")
     fmt = fmt or detect_format(store_path, default="zarr")
     if dtype not in TORCH_DTYPE:
         raise ExtractionError(f"--dtype {dtype!r}: use {', '.join(TORCH_DTYPE)}")

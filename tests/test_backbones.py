@@ -71,6 +71,8 @@ def test_registry_lists_every_family_and_the_default_is_offline():
     assert DEFAULT_BACKBONE == "crepe-tiny"
     with pytest.raises(ValueError, match="unknown backbone 'nope'.*crepe-tiny"):
         build_backbone("nope")
+    with pytest.raises(ValueError, match=r"\(timm as timm:<model_name>, here timm:vit_tiny_patch16_224\)"):
+        build_backbone("vit_tiny_patch16_224")  # a timm name without its prefix
     with pytest.raises(ValueError, match="audiomae needs a checkpoint"):
         build_backbone("audiomae")
     with pytest.raises(ValueError, match="crepe-tiny takes the options window_seconds; not window"):
@@ -872,3 +874,9 @@ def test_timm_vit_matches_forward_intermediates(tmp_path, model_name, layout):
         torch.testing.assert_close(ours[layer][1], prefix)
     assert backbone.config["model_name"] == model_name and backbone.checkpoint_sha256 == sha256(path)
     json.dumps(backbone.config)
+
+
+def test_a_folder_given_as_a_checkpoint_is_called_one(tmp_path):
+    """`-c data` said 'no such checkpoint file' of a folder that is there."""
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; give the checkpoint file inside it"):
+        build_backbone("audiomae", str(tmp_path))

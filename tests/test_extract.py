@@ -1027,3 +1027,10 @@ def test_a_raw_store_records_the_final_norm_and_probes_apply_it_as_extraction_wo
                 torch.testing.assert_close(ours.cls[layer], theirs.cls[layer], rtol=1e-4, atol=1e-5)
             plain = Source(raw.split(name), [1], False, "stream", cpu)  # raw tokens: not what the norm gives
             assert not torch.allclose(ours.tokens[1], plain.to_batch(plain.read(items)).tokens[1], atol=1e-2)
+
+
+def test_a_slow_rate_is_not_shown_as_zero():
+    """crepe-full on a CPU makes under one item a second: the summary said 'then 0 items/s'."""
+    from tokens.extract.commands import _rate
+
+    assert [_rate(r) for r in (2447.4, 56.2, 9.87, 0.4234)] == ["2447", "56", "9.9", "0.42"]

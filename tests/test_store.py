@@ -1283,3 +1283,17 @@ def test_columns_are_named_and_completion_of_a_closed_store_refused(tmp_path, fm
     for ask in (train.complete_items, train.complete_mask, train.missing_shards):
         with pytest.raises(StoreError, match="is closed"):
             ask()
+
+
+@pytest.mark.parametrize("name, fmt", [("f.h5", "zarr"), ("s.zarr", "hdf5"), ("s.HDF5", "zarr")])
+def test_a_format_its_store_name_contradicts_is_refused_before_any_work(tmp_path, name, fmt):
+    """`--store f.h5 --format zarr` made a zarr folder named .h5, which every tool and person meeting
+    it reads as HDF5: refused, naming the store as the format would, and nothing is made."""
+    from typer.testing import CliRunner
+    from tokens.cli import app
+
+    (tmp_path / "data.csv").write_text("path,labels,split\nc0.wav,a,train\n")
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "data.csv"), "-s", str(tmp_path / name), "--format", fmt, "-q"])
+    suggested = (tmp_path / name).with_suffix(".zarr" if fmt == "zarr" else ".h5").name
+    assert result.exit_code == 2 and f"name the store {suggested}, or leave out --format" in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]

@@ -247,7 +247,7 @@ def probe(
     option: list[str] = typer.Option(None, "--option", metavar="HEAD.NAME=V1,V2", help="Sweep a head option: HEAD.NAME=V1,V2 (repeatable), e.g. ep.num_queries=16,32 or protobin.lr=2e-2,4e-2."),
     lr: str = typer.Option(None, "--lr", help="Learning rates, e.g. 1e-3,3e-3. Default per head, for AdamW: 2e-2 for prototype heads, 1e-3 otherwise; with --optimizer lars, 0.1 x batch size / 256 (MAE's rule). --optimizer sgd has no default: give them."),
     wd: str = typer.Option(None, "--wd", help="Weight decays, e.g. 1e-4,5e-4. Default: 1e-4."),
-    layers: str = typer.Option(None, "--layers", help="Cached layers, each swept on its own: stored layer numbers, negative ones counted from the last (-1), or 'all'. Default: -1."),
+    layers: str = typer.Option(None, "--layers", help="Cached layers, each swept on its own: the store's layer numbers, negative ones counting the layers it caches from its last (-1; on a store of layers 8 and 11, -2 is 8), or 'all'. Default: -1."),
     seeds: str = typer.Option(None, "--seeds", help="Head seeds (init and dropout), e.g. 0,1,2. Default: 0."),
     sweep: Path = typer.Option(None, "--sweep", help="A TOML sweep file instead of --heads/--option (format above). --lr, --wd, --layers and --seeds given with it replace its top-level lists; a head's own lr and wd in the file still win."),
     part: str = typer.Option(None, "--part", help="Train part I of N of the configurations (I/N); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun RANK/WORLD_SIZE. Parts write to RUN/part-I-of-N/."),

@@ -48,7 +48,8 @@ def checked_options(name: str, options: dict) -> tuple[Entry, dict]:
     family, _, model_name = name.partition(":")
     entry = BACKBONES.get(family)
     if entry is None:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>)")
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>"
+                         f"{f', here timm:{name}' if ':' not in name else ''})")
     if "model_name" in options:  # it would be overridden by, or stand in for, the name after timm:
         raise ValueError(f"{family}: give the model as timm:<model_name>, not as the option model_name")
     if "model_name" in options_of(entry) and not model_name:
