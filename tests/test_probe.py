@@ -163,10 +163,11 @@ def test_sweep_writes_every_result_and_predict_agrees_with_sklearn(store, run, t
     ok("predict", store, "--head", run / "best" / "ep.pt", "--split", "test", "--out", scores_path,
        "--batch-size", "16", "--device", "cpu")
     scores = read_csv(scores_path)
-    assert list(scores[0]) == ["id", *CLASSES]
+    assert list(scores[0]) == ["id", "source", "offset", *CLASSES]
     split = open_store(store).split("test")
     labels = split.column("labels")[usable_items(split)]
     assert [s["id"] for s in scores] == [f"test-{i}" for i in usable_items(split)]
+    assert [(s["source"], s["offset"]) for s in scores] == [(f"test-{i // 2}.wav", "0") for i in usable_items(split)]
     s = np.array([[float(row[c]) for c in CLASSES] for row in scores])
     expected_map = np.mean([average_precision_score(labels[:, c], s[:, c]) for c in range(3)])
     expected_auc = np.mean([roc_auc_score(labels[:, c], s[:, c]) for c in range(3)])
@@ -955,9 +956,14 @@ def test_predict_refuses_tokens_made_another_way_and_notes_another_dataset(run, 
     other_checkpoint = make_store(tmp_path / "other-checkpoint.zarr", checkpoint_sha256="ab" * 32)
     result = invoke("predict", other_checkpoint, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "made another way (checkpoint_sha256 null there, " in said(result), said(result)
-    renamed = make_store(tmp_path / "renamed.zarr", classes=[f"{name}-2" for name in CLASSES])
-    result = invoke("predict", renamed, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
-    assert result.exit_code == 2 and f"was trained on the classes {json.dumps(CLASSES)}" in said(result), said(result)
+    # New data need not hold the head's classes: its scores are the head's, in the head's columns, as on its own classes.
+    reference = tmp_path / "reference.csv"
+    ok("predict", make_store(tmp_path / "same-classes.zarr"), "--head", head, "--device", "cpu", "--out", reference)
+    renamed = make_store(tmp_path / "renamed.zarr", classes=["bird", "car", "snow"])
+    result = ok("predict", renamed, "--head", head, "--device", "cpu", "--out", tmp_path / "renamed.csv")
+    assert (f"labels its items with the classes {json.dumps(['bird', 'car', 'snow'])}, the head scores its own "
+            f"{json.dumps(CLASSES)}: the columns are the head's; [\"snow\"] it was not trained on") in said(result), said(result)
+    assert (tmp_path / "renamed.csv").read_text() == reference.read_text()
     other = make_store(tmp_path / "other-dataset.zarr")
     result = ok("predict", other, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert "trained on another store" in result.output and (tmp_path / "s.csv").exists()
@@ -1010,7 +1016,7 @@ def test_predict_never_writes_its_scores_over_the_store_the_head_or_another_file
         assert result.exit_code == 2 and "is not a scores file" in said(result), (what, said(result))
         assert target.read_bytes() == before, what
     earlier = tmp_path / "scores.csv"
-    earlier.write_text(f"id,{','.join(CLASSES)}\nold,0.1,0.2,0.3\n")
+    earlier.write_text(f"id,source,offset,{','.join(CLASSES)}\nold,a.wav,0,0.1,0.2,0.3\n")
     (tmp_path / "linked.csv").symlink_to(earlier)
     ok("predict", store, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", tmp_path / "linked.csv")
     assert len(read_csv(earlier)) == SIZES["test"] and (tmp_path / "linked.csv").is_symlink()  # written through the link

@@ -407,10 +407,10 @@ def prepare_output(out: Path, header: list[str]):
 
 
 def predict(
-    store: Path = typer.Argument(..., metavar="STORE", help="A token store with the same encoder, layers and classes as the head's."),
+    store: Path = typer.Argument(..., metavar="STORE", help="A token store of the head's encoder and layers (any dataset: its classes may differ)."),
     head: Path = typer.Option(..., "--head", help="A saved head, e.g. RUN/best/ep.pt."),
     split: str = typer.Option("test", "--split", help="The split to score."),
-    out: Path = typer.Option(Path("scores.csv"), "--out", "-o", help="CSV: id, then one score column per class."),
+    out: Path = typer.Option(Path("scores.csv"), "--out", "-o", help="CSV: id, source file, offset (seconds into it), then one score column per class of the head."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Items scored at once."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N; under torchrun a bare cuda is the rank's GPU."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Score the written shards of an unfinished split."),
@@ -440,9 +440,6 @@ def predict(
         if opened.meta["dim"] != build["dim"]:
             raise typer.BadParameter(f"{head} was trained on tokens of {build['dim']} dims; {store}'s have {opened.meta['dim']}",
                                      param_hint="--head")
-        if opened.classes != saved["classes"]:
-            raise typer.BadParameter(f"{head} was trained on the classes {short(saved['classes'])}; {store} has "
-                                     f"{short(opened.classes)}: a head scores the classes it was trained on", param_hint="--head")
         if saved["task"] != opened.task:  # its scores would be sigmoids for a softmax task, or the reverse
             raise typer.BadParameter(f"{head} was trained for a {saved['task']} task; {store} is {opened.task}", param_hint="--head")
         multi = HEADS[build["name"]].multi_layer
@@ -472,11 +469,17 @@ def predict(
         if saved["store_key"] != opened.meta["cache_key"][:16]:
             typer.echo(f"note: {head} was trained on another store (key {saved['store_key']}: another dataset, other "
                        "cached layers, precision or token dtype); scoring anyway")
+        if opened.classes != saved["classes"]:  # new data need not hold every class, nor in the same order: the scores are the head's
+            unknown = [name for name in opened.classes if name not in saved["classes"]]
+            typer.echo(f"note: {store} labels its items with the classes {short(opened.classes)}, the head scores its own "
+                       f"{short(saved['classes'])}: the columns are the head's" +
+                       (f"; {short(unknown)} it was not trained on and does not score" if unknown else ""))
         the_split = opened.split(split)
         items = usable_items(the_split)
         if not len(items):
             raise typer.BadParameter(f"{store} has no usable {split} items (all failed or in unwritten shards)", param_hint="--split")
-        prepare_output(out, ["id", *saved["classes"]])
+        header = ["id", "source", "offset", *saved["classes"]]
+        prepare_output(out, header)
         module = build_head(**build)
         module.load_state_dict(saved["state_dict"])
         module.to(compute)
@@ -489,12 +492,13 @@ def predict(
         (scores,) = recipe.score([(module, layer)], source, items, batch_size, saved["task"])
         if not log_scores:
             scores = np.exp(scores)
-        ids = the_split.column("ids")[items]
+        ids, sources, offsets = (the_split.column(name)[items] for name in ("ids", "sources", "offsets"))
     # through a link, not over it; earlier scores stay whole until these are
     with written_aside(out.resolve()) as aside, open(aside, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", *saved["classes"]])
-        for item_id, row in zip(ids, scores):
-            writer.writerow([item_id, *map(repr, row.tolist())])  # every digit: rounding would tie the confident items
+        writer.writerow(header)
+        for item_id, source_file, offset, row in zip(ids, sources, offsets, scores):
+            # every digit: rounding would tie the confident items
+            writer.writerow([item_id, source_file, f"{offset:g}", *map(repr, row.tolist())])
     skipped = the_split.num_items - len(items)
     typer.echo(f"{out}: scores of {len(items)} items of {split}" + (f" ({skipped} failed or unwritten items left out)" if skipped else ""))
