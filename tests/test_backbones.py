@@ -566,7 +566,7 @@ def test_an_unknown_timm_model_is_named():
     pytest.importorskip("timm")
     with pytest.raises(ValueError, match=r"timm \S+ has no model 'vit_nosuch'; .*list_models"):
         build_backbone("timm:vit_nosuch", "unused.pth")
-    with pytest.raises(ValueError, match=r"timm:vit_tiny_patch16_224.nosuchtag: .*nosuchtag"):
+    with pytest.raises(ValueError, match=r"timm:vit_tiny_patch16_224.nosuchtag: .*nosuchtag.* Its tags: .*augreg_in21k"):
         build_backbone("timm:vit_tiny_patch16_224.nosuchtag", "unused.pth")
 
 

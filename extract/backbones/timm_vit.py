@@ -62,7 +62,8 @@ def build(name, checkpoint, *, allow_pickle=False, model_name=None, final_norm=F
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}))
     except RuntimeError as error:  # a tag timm does not know (vit_base_patch16_224.nosuchtag)
-        raise ValueError(f"timm:{model_name}: {error}") from None
+        tags = timm.list_pretrained(f"{model_name.partition('.')[0]}.*")
+        raise ValueError(f"timm:{model_name}: {error}" + (f" Its tags: {', '.join(t.partition('.')[2] for t in tags)}" if tags else "")) from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{model_name} is a timm {type(model).__name__}, not a VisionTransformer")
     patch = model.patch_embed.patch_size[0]
