@@ -880,3 +880,14 @@ def test_a_folder_given_as_a_checkpoint_is_called_one(tmp_path):
     """`-c data` said 'no such checkpoint file' of a folder that is there."""
     with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; give the checkpoint file inside it"):
         build_backbone("audiomae", str(tmp_path))
+
+
+def test_a_timm_checkpoint_of_another_size_names_its_size(tmp_path):
+    """A ViT-S checkpoint given to a ViT-Ti was refused on the first weight of another shape
+    ('cls_token' (1, 1, 384) against (1, 1, 192)), which named no fix: its size is said instead."""
+    import timm
+
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), tmp_path / "vit-s.pth")
+    with pytest.raises(CheckpointError, match=r"vit-s\.pth: its tokens have 384 dims \(a ViT-S's\), this model's 192: "
+                                              "give the timm model of its size"):
+        build_backbone("timm:vit_tiny_patch16_224.augreg_in21k", str(tmp_path / "vit-s.pth"))

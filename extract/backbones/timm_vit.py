@@ -153,6 +153,11 @@ def check_geometry(path, state: dict, model, positions_resampled: bool):
     kernel = _find(tensors, PATCH_KERNELS)
     if kernel is not None:
         expect(path, "the patch embedding", "patches of", tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(kernel.shape[-2:]))
+        if kernel.shape[0] != model.embed_dim:  # before any weight's shape is compared: the whole model is of another size
+            sizes = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H", 1536: "g"}
+            size = f" (a ViT-{sizes[kernel.shape[0]]}'s)" if kernel.shape[0] in sizes else ""
+            raise CheckpointError(f"{path}: its tokens have {kernel.shape[0]} dims{size}, this model's {model.embed_dim}: "
+                                  "give the timm model of its size")
     if any(_find(tensors, names) is not None for names in (CLASS_TOKENS, REGISTERS, ("dist_token",))):  # prefix tokens known by name
         registers = _find(tensors, REGISTERS)
         theirs = (_find(tensors, CLASS_TOKENS) is not None, _find(tensors, ("dist_token",)) is not None,
