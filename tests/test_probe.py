@@ -54,18 +54,18 @@ def ok(*args):
     return result
 
 
-def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,), normed_by=None, **spec_changes):
+def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=None, failed=(5,), normed_by=None, dim=D, **spec_changes):
     """Tokens with each item's classes written into a few of its tokens; the tail tokens of some
     items are padding (masked, filled with garbage); the `failed` train items failed extraction.
     `normed_by`: a final norm's parameters, applied to the tokens (float32) before they are written."""
     spec = StoreSpec(
         backbone="synthetic", backbone_config={}, checkpoint_sha256=None, frontend={}, layers=[3, 6],
-        final_norm=False, dtype=dtype, grid=(T, F), dim=D, num_prefix=1, task=task, classes=CLASSES,
+        final_norm=False, dtype=dtype, grid=(T, F), dim=dim, num_prefix=1, task=task, classes=CLASSES,
         splits=dict(splits), dataset_fingerprint=path.name, masked=True, shard_size=32,
     )
     spec = dataclasses.replace(spec, **spec_changes)
     rng = np.random.default_rng(0)
-    directions = rng.normal(size=(len(CLASSES), D)) * 1.5
+    directions = rng.normal(size=(len(CLASSES), dim)) * 1.5
     with create_or_open(path, spec) as store:
         for name, n in splits.items():
             if task == "multilabel":
@@ -76,7 +76,7 @@ def make_store(path, task="multilabel", dtype="float16", splits=SIZES, written=N
                 present = np.eye(len(CLASSES), dtype=bool)[labels]
             tokens = {}
             for layer, strength in zip(spec.layers, (0.5, 1.0)):
-                x = rng.normal(size=(n, T * F, D))
+                x = rng.normal(size=(n, T * F, dim))
                 for i in range(n):
                     for c in np.flatnonzero(present[i]):
                         x[i, rng.choice(T * F - 4, 2, replace=False)] += strength * directions[c]
@@ -964,6 +964,10 @@ def test_predict_refuses_tokens_made_another_way_and_notes_another_dataset(run, 
     assert (f"labels its items with the classes {json.dumps(['bird', 'car', 'snow'])}, the head scores its own "
             f"{json.dumps(CLASSES)}: the columns are the head's; [\"snow\"] it was not trained on") in said(result), said(result)
     assert (tmp_path / "renamed.csv").read_text() == reference.read_text()
+    wider = make_store(tmp_path / "wider.zarr", dim=2 * D, backbone="synthetic-wide")
+    result = invoke("predict", wider, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and f"was trained on tokens of {D} dims; {wider}'s have {2 * D} (synthetic there, " \
+           "synthetic-wide here): score a store of the head's encoder" in said(result), said(result)
     other = make_store(tmp_path / "other-dataset.zarr")
     result = ok("predict", other, "--head", head, "--device", "cpu", "--out", tmp_path / "s.csv")
     assert "trained on another store" in result.output and (tmp_path / "s.csv").exists()

@@ -438,8 +438,10 @@ def predict(
     with opened:
         build, layer = saved["build"], saved["layer"]
         if opened.meta["dim"] != build["dim"]:
-            raise typer.BadParameter(f"{head} was trained on tokens of {build['dim']} dims; {store}'s have {opened.meta['dim']}",
-                                     param_hint="--head")
+            theirs = saved.get("tokens", {}).get("backbone")  # heads saved before it was recorded: the dims alone
+            which = f" ({theirs} there, {opened.meta.get('backbone')} here)" if theirs else ""
+            raise typer.BadParameter(f"{head} was trained on tokens of {build['dim']} dims; {store}'s have {opened.meta['dim']}{which}: "
+                                     "score a store of the head's encoder", param_hint="--head")
         if saved["task"] != opened.task:  # its scores would be sigmoids for a softmax task, or the reverse
             raise typer.BadParameter(f"{head} was trained for a {saved['task']} task; {store} is {opened.task}", param_hint="--head")
         multi = HEADS[build["name"]].multi_layer
