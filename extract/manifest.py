@@ -376,8 +376,9 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
                         f"({_listed(sorted(suffixes))}), e.g. {other_files[0]}")
     elif other_files:
         kinds = Counter(PurePosixPath(rel).suffix.lower() or "suffix-less" for rel in other_files)
-        notes.append(f"{len(other_files)} files in the class folders are of other kinds than those read here and are left "
-                     f"out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
+        some = "1 file in the class folders is of another kind than those read here and is" if len(other_files) == 1 else \
+            f"{len(other_files)} files in the class folders are of other kinds than those read here and are"
+        notes.append(f"{some} left out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
     if empty and records:
         notes.append(f"{len(empty)} class folder(s) hold no file read here, so add no item ({_listed(empty)})")
     return ["path", "label", "split"], records, problems, notes

@@ -257,7 +257,7 @@ def test_an_hdf5_file_beside_pictures_is_not_a_picture(tmp_path):
     (tmp_path / "train/red/features.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     images = read_dataset(tmp_path, window_seconds=None, sample_rate=None, modality="image")
     assert [item.id for item in images.splits["train"]] == ["train/red/1.png"]
-    assert other_notes(images) == ["1 files in the class folders are of other kinds than those read here and are left out "
+    assert other_notes(images) == ["1 file in the class folders is of another kind than those read here and is left out "
                             "(1 .h5; e.g. train/red/features.h5)"]
 
 

@@ -301,8 +301,8 @@ def probe(
         check_whole_or_parts(out, count)
         if count > 1:
             out = out / f"part-{index}-of-{count}"
-            typer.echo(f"part {index}/{count} (from {part_origin(part)}): {len(mine)} of {len(configs)} configurations, results in {out}")
-        typer.echo(f"{len(mine)} configurations on {compute}")
+            typer.echo(f"part {index}/{count} (from {part_origin(part)}): {len(mine)} of {len(configs)} configuration{'s' * (len(configs) != 1)}, results in {out}")
+        typer.echo(f"{len(mine)} configuration{'s' * (len(mine) != 1)} on {compute}")
         recipe.run(
             # The sweep's whole list of configurations, in order: parts take every count-th, so parts
             # of one sweep must agree on it (report.check_parts_agree), not only on its heads and values.

@@ -110,7 +110,7 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str, sel
         (out / "heads" / f"{sanitise(record['config'])}.json").write_text(text + "\n")
     plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=selected,
                           title=f"{out.resolve().name}: each configuration and seed")
-    plot_val_curves(records, metric, out / "val_curves.png", title=f"{out.resolve().name}: {len(records)} configurations, one line each")
+    plot_val_curves(records, metric, out / "val_curves.png", title=f"{out.resolve().name}: {len(records)} configuration{'s' * (len(records) != 1)}, one line each")
     write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
     print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png)")
