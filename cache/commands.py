@@ -71,6 +71,17 @@ def _final_norm(info: dict) -> str:
     return "not applied (recorded: tokens probe --final-norm applies it)" if info["final_norm_recorded"] else "not applied"
 
 
+def _input(info: dict) -> str:
+    """The front-end the tokens were made behind, in one line: an audio backbone's (fbank settings,
+    normalisation) or a timm ViT's preprocessing (size, crop, mean, std), which decides whether the
+    tokens are the encoder's at all."""
+    settings = info["frontend"] or info["backbone_config"].get("data_config") or {}
+
+    def shown(value) -> str:
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else str(value)
+    return ", ".join(f"{key}={shown(value)}" for key, value in settings.items())
+
+
 def render(info: dict) -> str:
     T, F = info["grid"]
     classes = info["classes"]
@@ -82,6 +93,7 @@ def render(info: dict) -> str:
         f"{info['num_prefix']} prefix tokens{'' if info['class_token'] or not info['num_prefix'] else ' (no class token)'}, {info['dtype']}, final norm {_final_norm(info)}"
         f"{', forward pass in ' + info['precision'] if info['precision'] else ''}"
         f"{', compressed with ' + info['codec'] if info['codec'] else ''}",
+        *([f"input      {_input(info)}"] if _input(info) else []),
         f"layers     {', '.join(map(str, info['layers']))}",
         f"task       {info['task']}, {len(classes)} classes: {shown}",
         "splits",

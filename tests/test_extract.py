@@ -1015,6 +1015,9 @@ def test_a_raw_store_records_the_final_norm_and_probes_apply_it_as_extraction_wo
         assert recorded["eps"] == vit.norm.eps and normed.meta["final_norm_params"] is None
         assert "final norm not applied (recorded: tokens probe --final-norm applies it)" in render(describe(raw))
         assert "final norm applied" in render(describe(normed))
+        # the front-end, in a line of its own: AudioMAE's published normalisation and 128-mel fbank
+        (line,) = [line for line in render(describe(raw)).splitlines() if line.startswith("input      ")]
+        assert "mean=-4.2677393, std=4.5689974, num_mel_bins=128" in line and "target_frames=1024" in line, line
         with pytest.raises(ValueError, match="normed already"):
             FinalNorm.recorded(normed.meta, cpu)
         for name in raw.splits:
