@@ -137,6 +137,7 @@ def _check_forwarded(verb: str, args: list[str], starts_now: bool, array: int, g
             train_commands.check_probe_args(optimizer=params["optimizer"].value, **{key: params[key] for key in (
                 "heads", "option", "lr", "wd", "layers", "seeds", "sweep", "data")})
             train_commands.check_whole_or_parts(params["out"], array)  # what it holds; it may not be made yet
+            train_commands.check_out_folder(params["out"], "the parts' results", train_commands.RUN_FILES)
         except SweepError as error:
             raise typer.BadParameter(str(error), param_hint=error.option) from error
     if verb == "extract":  # the options, the backbone as each task will load it, then the dataset it will read

@@ -72,12 +72,21 @@ class ManifestError(ValueError):
         self.problems = problems
         listing = "\n".join(f"  {p}" for p in problems[: self.SHOWN])
         if len(problems) > self.SHOWN:
-            kinds = Counter(re.sub(r"^line \d+: ", "", p) for p in problems[self.SHOWN :])
+            kinds = Counter(_kind(p) for p in problems[self.SHOWN :])
             listing += f"\n  ... and {len(problems) - self.SHOWN} more, of which:" + "".join(
                 f"\n    {count} x {kind}" for kind, count in kinds.most_common(5))
             if len(kinds) > 5:
                 listing += f"\n    {sum(kinds.values()) - sum(c for _, c in kinds.most_common(5))} of {len(kinds) - 5} other kinds"
         super().__init__(f"{source}: {len(problems)} problem(s); fix them and run again:\n{listing}")
+
+
+def _kind(problem: str) -> str:
+    """A problem less what differs from row to row (its line, quoted values, a missing file's path),
+    so that problems of one kind are counted together: "unknown split '…' (use train, valid or test)"."""
+    kind = re.sub(r"^line \d+: ", "", problem)
+    kind = re.sub(r"(file not found): .*", r"\1", kind)
+    kind = re.sub(r"\(also line \d+\)", "(also line …)", kind)
+    return re.sub(r"'[^']*'", "'…'", kind)
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,7 @@ def read_dataset(
         for n, (offset, duration) in enumerate(windows):
             item_id = _item_id(row, offset, first=n == 0)
             if first_row_of.setdefault(item_id, row.where) != row.where:
-                fix = "" if row.id else ": rows of one file (cut by start/end, say) need an id column to tell them apart"
+                fix = "" if row.id else ": a file listed twice, or rows of one file (cut by start/end) that need an id column to tell them apart"
                 duplicates.setdefault(row.where, f"duplicate id {item_id!r} (also {first_row_of[item_id]}){fix}")
             splits[row.split].append(Item(item_id, row.path, row.rel, offset, duration, row.split, labels))
     problems += [f"{where}: {problem}" for where, problem in duplicates.items()]

@@ -73,6 +73,9 @@ def test_registry_lists_every_family_and_the_default_is_offline():
         build_backbone("nope")
     with pytest.raises(ValueError, match=r"\(timm as timm:<model_name>, here timm:vit_tiny_patch16_224\)"):
         build_backbone("vit_tiny_patch16_224")  # a timm name without its prefix
+    with pytest.raises(ValueError) as typo:
+        build_backbone("beat")  # a typo is no timm model: no such advice
+    assert "here timm:" not in str(typo.value)
     with pytest.raises(ValueError, match="audiomae needs a checkpoint"):
         build_backbone("audiomae")
     with pytest.raises(ValueError, match="crepe-tiny takes the options window_seconds; not window"):

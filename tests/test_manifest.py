@@ -906,15 +906,16 @@ def test_a_long_list_of_problems_shows_the_first_and_counts_the_rest_by_kind(tmp
     holds every problem; a split name other tools use says which of ours it stands for."""
     wav(tmp_path / "a.wav", 1)
     rows = ["a.wav,dog,val" for _ in range(300)] + ["missing.wav,dog,train", "a.wav,dog,Test"]
+    rows += [f"gone-{i}.wav,dog,train" for i in range(3)]  # each names its own file: counted as one kind
     manifest = csv_file(tmp_path / "m.csv", "path,labels,split,id\n" + "\n".join(f"{r},{i}" for i, r in enumerate(rows)) + "\n")
     with pytest.raises(ManifestError) as refused:
         audio(manifest)
     message = str(refused.value)
-    assert len(refused.value.problems) == 302 and message.startswith(f"{manifest}: 302 problem(s); fix them and run again:\n")
+    assert len(refused.value.problems) == 305 and message.startswith(f"{manifest}: 305 problem(s); fix them and run again:\n")
     assert "  line 2: unknown split 'val' (use train, valid or test; valid for this one?)\n" in message
-    assert message.count("unknown split 'val'") == 51  # 50 listed, then one line that counts the others
-    assert "\n  ... and 252 more, of which:\n    250 x unknown split 'val' (use train, valid or test; valid for this one?)\n" \
-           "    1 x file not found: missing.wav\n    1 x unknown split 'Test' (use train, valid or test; test for this one?)" in message
+    assert message.count("unknown split 'val'") == 50  # listed; then counted with their kind's values left out
+    assert "\n  ... and 255 more, of which:\n    250 x unknown split '…' (use train, valid or test; valid for this one?)\n" \
+           "    4 x file not found\n    1 x unknown split '…' (use train, valid or test; test for this one?)" in message
     assert len(message.splitlines()) == 1 + 50 + 4
 
 

@@ -735,6 +735,23 @@ def test_a_report_says_when_the_selected_configuration_only_ties_with_others(run
     assert f"note: {note}" in said(result) and f"**Note:** {note}" in (tmp_path / "report" / "report.md").read_text()
     assert said(result).count("configurations tie") == 1, said(result)
 
+    # Means of the same seeds' figures listed in another order tie exactly, as the figures do.
+    figures = [35 / 37, 1.0, 36 / 37]
+    ordered = [dict(r, val_map=str(v)) for r, v in zip((r for r in rows if r["head"] == head and "lr=0.001" in r["config"]), figures[:2])]
+    ordered += [dict(ordered[0], config=ordered[0]["config"].replace("seed=0", "seed=2"), seed="2", val_map=str(figures[2]))]
+    shuffled = [dict(r, config=r["config"].replace("lr=0.001", "lr=0.003"), lr="0.003") for r in ordered]
+    shuffled = [dict(r, val_map=str(v)) for r, v in zip(shuffled, figures[::-1])]
+    write_leaderboard(tmp_path / "ordered", ordered + shuffled)
+    assert "2 configurations tie at a mean validation map" in said(ok("report", tmp_path / "ordered", "--out", tmp_path / "r2"))
+
+    # One configuration in two trainings ties with itself but for the training, which the note names.
+    longer = [dict(r, training=r["training"].replace("epochs=4", "epochs=8")) for r in ordered]
+    write_leaderboard(tmp_path / "trainings", ordered + longer)
+    said_there = said(ok("report", tmp_path / "trainings", "--out", tmp_path / "r3"))
+    config = ordered[0]["config"].rsplit("/seed=", 1)[0]
+    short, long = (report_module.replicates(r["training"]) for r in (ordered[0], longer[0]))  # less the data seed
+    assert f"{config} ({short}) is selected as the first by name, not as better than {config} ({long})" in said_there, said_there
+
 
 def test_a_validation_metric_the_labels_leave_undefined_is_not_called_divergence(run, tmp_path):
     """A head that diverged scores NaN on every split; NaN validation beside finite test figures is a
@@ -1063,6 +1080,12 @@ def test_results_are_not_written_among_other_files(store, run, tmp_path):
             assert "give a new or empty folder" in said(result)
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert "holds files this command does not write (manifest.csv, train)" in said(invoke("report", run, "--out", dataset))
+    # A run folder that holds a report kept inside it is still the run: run again, it resumes.
+    kept = tmp_path / "kept"
+    shutil.copytree(run, kept)
+    ok("report", kept, "--out", kept / "merged")
+    again = ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", kept)
+    assert f"resuming from {kept / 'checkpoint.pt'} after epoch 4 of 4" in said(again), said(again)
 
 
 def test_a_report_never_replaces_a_runs_leaderboard_nor_reads_one_kept_inside_a_run(store, run, tmp_path):

@@ -343,6 +343,15 @@ def test_a_sweep_every_task_would_refuse_is_refused_before_its_store_exists(tmp_
     assert message in output, output
 
 
+def test_a_probe_array_into_a_folder_of_other_files_is_refused(tmp_path, monkeypatch):
+    """Every task would refuse an --out holding the dataset: refused before the script is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("path,labels,split\n")
+    output = " ".join(refused_at_submission("probe", "later.zarr", "--out", "data", "--array", "2").split())
+    assert "data holds files this command does not write (manifest.csv)" in output, output
+
+
 def test_a_script_that_cannot_be_written_is_named_as_the_option_at_fault(tmp_path, monkeypatch):
     from typer.testing import CliRunner
     from tokens.cli import app

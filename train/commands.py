@@ -367,7 +367,9 @@ def check_out_folder(out: Path, holds: str, ours: set[str]):
     and a dataset's class folders would gain folders of results."""
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} is a file; this writes a folder ({holds}): give a folder path", param_hint="--out")
-    if out.is_dir():
+    made_here = out.is_dir() and (any((out / name).is_file() for name in ours if name.endswith((".json", ".csv", ".md", ".pt")))
+                                  or any(out.glob("part-*-of-*")))  # what it holds beside (a report kept inside a run) is the user's
+    if out.is_dir() and not made_here:
         others = sorted(p.name for p in out.iterdir()
                         if not p.name.startswith(".") and p.name not in ours and not re.fullmatch(r"part-\d+-of-\d+", p.name))
         if others:
@@ -501,6 +503,6 @@ def predict(
         writer.writerow(header)
         for item_id, source_file, offset, row in zip(ids, sources, offsets, scores):
             # every digit: rounding would tie the confident items
-            writer.writerow([item_id, source_file, f"{offset:g}", *map(repr, row.tolist())])
+            writer.writerow([item_id, source_file, f"{offset:.3f}".rstrip("0").rstrip("."), *map(repr, row.tolist())])
     skipped = the_split.num_items - len(items)
     typer.echo(f"{out}: scores of {len(items)} items of {split}" + (f" ({skipped} failed or unwritten items left out)" if skipped else ""))

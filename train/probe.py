@@ -345,7 +345,8 @@ def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int
             generator.manual_seed((probe.config.seed * 1_000_003 + epoch) % 2**63)
             probe.rng, moved = generator.get_state(), True
         probe.best_state, probe.best_metric = saved["best_state"], saved["best_metric"]
-        probe.best_loss = saved.get("best_loss", math.inf)  # a checkpoint of an earlier version has none
+        # a checkpoint of an earlier version has none: its ties keep their best epoch, as that version did
+        probe.best_loss = saved.get("best_loss", -math.inf)
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
         probe.val_metrics = saved["val_metrics"]
     return epoch, moved

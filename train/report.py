@@ -421,7 +421,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                "seeds": len(members), "data_seeds": ",".join(data_seeds), "store_key": store_key, "training": training}
         for column in metric_columns(members):
             values = np.array([m[column] for m in members], dtype=float)
-            out[f"{column}_mean"] = float(values.mean())
+            out[f"{column}_mean"] = math.fsum(values) / len(values)  # exactly rounded: equal seeds in any order tie exactly
             out[f"{column}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
         summary.append(out)
     metric = primary_of(rows)
@@ -460,13 +460,17 @@ def ties(summary: list[dict], metric: str, labels: dict[str, str]) -> list[str]:
     notes = []
     for chosen in (r for r in summary if r["selected"]):
         key, value = (chosen["store_key"], unfinished_marker(chosen["training"]), chosen["head"]), chosen[f"val_{metric}_mean"]
-        tied = [r["config"] for r in summary if r is not chosen and r[f"val_{metric}_mean"] == value
+        tied = [r for r in summary if r is not chosen and r[f"val_{metric}_mean"] == value
                 and (r["store_key"], unfinished_marker(r["training"]), r["head"]) == key]
         if tied:
             where = f" on {labels[chosen['store_key']]}" if len(labels) > 1 else ""
+            trainings = {r["training"] for r in [chosen, *tied]}
+
+            def named(r: dict) -> str:  # one configuration in two trainings ties with itself but for the training
+                return f"{r['config']} ({r['training']})" if len(trainings) > 1 else r["config"]
             notes.append(f"{chosen['head']}{where}: {len(tied) + 1} configurations tie at a mean validation {metric} of "
-                         f"{_cell(value)}; {chosen['config']} is selected as the first by name, not as better than "
-                         f"{_some_configs(tied)} (more validation items would tell them apart)")
+                         f"{_cell(value)}; {named(chosen)} is selected as the first by name, not as better than "
+                         f"{_some_configs([named(r) for r in tied])} (more validation items would tell them apart)")
     return notes
 
 

@@ -42,6 +42,15 @@ def build_backbone(name: str, checkpoint: str | None = None, *, allow_pickle: bo
     return model.eval().requires_grad_(False)
 
 
+def _timm_knows(name: str) -> bool:
+    """Whether `name` is a timm model's (given without timm:); False where timm is not installed."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return ":" not in name and timm.is_model(name.partition(".")[0])
+
+
 def checked_options(name: str, options: dict) -> tuple[Entry, dict]:
     """The registry entry of `name` and its options as its builder takes them (numbers as numbers),
     or a ValueError naming what it lacks: what can be checked before a checkpoint is there."""
@@ -49,7 +58,7 @@ def checked_options(name: str, options: dict) -> tuple[Entry, dict]:
     entry = BACKBONES.get(family)
     if entry is None:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (timm as timm:<model_name>"
-                         f"{f', here timm:{name}' if ':' not in name else ''})")
+                         f"{f', here timm:{name}' if _timm_knows(name) else ''})")
     if "model_name" in options:  # it would be overridden by, or stand in for, the name after timm:
         raise ValueError(f"{family}: give the model as timm:<model_name>, not as the option model_name")
     if "model_name" in options_of(entry) and not model_name:
