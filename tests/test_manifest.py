@@ -489,8 +489,8 @@ def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
 def test_duplicate_paths_are_duplicate_ids(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,x,train\na.wav,y,test\n")
-    with pytest.raises(ManifestError, match="line 3: duplicate id 'a.wav' \\(also line 2\\): rows of one file \\(cut by "
-                                            "start/end, say\\) need an id column to tell them apart"):
+    with pytest.raises(ManifestError, match="line 3: duplicate id 'a.wav' \\(also line 2\\): a file listed twice, or rows "
+                                            "of one file \\(cut by start/end\\) that need an id column to tell them apart"):
         audio(manifest)
 
 
