@@ -1041,6 +1041,10 @@ def test_predict_never_writes_its_scores_over_the_store_the_head_or_another_file
     (tmp_path / "linked.csv").symlink_to(earlier)
     ok("predict", store, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", tmp_path / "linked.csv")
     assert len(read_csv(earlier)) == SIZES["test"] and (tmp_path / "linked.csv").is_symlink()  # written through the link
+    older = tmp_path / "older.csv"  # scores of an earlier version, without source and offset: scores all the same
+    older.write_text(f"id,{','.join(CLASSES)}\nold,0.1,0.2,0.3\n")
+    ok("predict", store, "--head", tmp_path / "ep.pt", "--device", "cpu", "--out", older)
+    assert list(read_csv(older)[0])[:3] == ["id", "source", "offset"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -402,7 +402,8 @@ def prepare_output(out: Path, header: list[str]):
     if out.exists() and out.stat().st_size:
         with open(out, "rb") as f:
             first = f.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n")
-        if next(csv.reader([first]), []) != header:
+        written = next(csv.reader([first]), [])
+        if written != header and written != [header[0], *header[3:]]:  # scores of these classes, of an earlier version too (no source, offset)
             raise typer.BadParameter(f"{out} exists and is not a scores file of these classes (its first line is not "
                                      f"{','.join(header)[:80]}): it would be replaced; give another --out, or delete it first",
                                      param_hint="--out")
