@@ -17,6 +17,7 @@ from pathlib import Path
 
 REQUEUE_LEAD_SECONDS = 120  # SLURM's signal before a time limit; stopping an extraction takes seconds
 
+
 def resolve_part(option: str | None, environ=os.environ) -> tuple[int, int]:
     """`"2/4"` -> (2, 4), as given; None -> the SLURM array's task, or torchrun's rank, or (1, 1)
     when run by hand. Under torchrun inside an array task, rank r of W in task I of N does part

@@ -93,7 +93,7 @@ def render(info: dict) -> str:
         f"{info['num_prefix']} prefix tokens{'' if info['class_token'] or not info['num_prefix'] else ' (no class token)'}, {info['dtype']}, final norm {_final_norm(info)}"
         f"{', forward pass in ' + info['precision'] if info['precision'] else ''}"
         f"{', compressed with ' + info['codec'] if info['codec'] else ''}",
-        *([f"input      {_input(info)}"] if _input(info) else []),
+        *([f"input      {front_end}"] if (front_end := _input(info)) else []),
         f"layers     {', '.join(map(str, info['layers']))}",
         f"task       {info['task']}, {len(classes)} classes: {shown}",
         "splits",

@@ -298,6 +298,9 @@ def store_exists(path: Path) -> bool:
         return next(entries, None) is not None
 
 
+SUFFIX_FORMATS = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}  # what a store's name says of its format
+
+
 def detect_format(path: Path, default: str | None = None) -> str:
     """The format of the store at `path`, told by what is there, since `--format` lets a store have
     any name: a directory is zarr, a file that starts with HDF5's signature is hdf5. Only a path with
@@ -313,10 +316,8 @@ def detect_format(path: Path, default: str | None = None) -> str:
         if head == HDF5_SIGNATURE:
             return "hdf5"
         raise NotAStore(f"{path} is not a store: neither a zarr directory nor an HDF5 file")
-    if path.suffix == ".zarr":
-        return "zarr"
-    if path.suffix in (".h5", ".hdf5"):
-        return "hdf5"
+    if named := SUFFIX_FORMATS.get(path.suffix):
+        return named
     if default:
         return default
     raise StoreError(f"{path}: cannot tell the store format; use a .zarr directory or a .h5 file")
@@ -619,6 +620,11 @@ def labels_outside(labels: np.ndarray, num_classes: int) -> np.ndarray:
     if labels.ndim == 2:
         return (labels > 1).any(axis=1)
     return (labels < 0) | (labels >= num_classes)
+
+
+def listed(names: list[str], most: int = 12) -> str:
+    """The first `most` names, and how many more: a message names a few, not thousands."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def short(value) -> str:

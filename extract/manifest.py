@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import soundfile as sf
 from tqdm import tqdm
 
-from tokens.cache.store import is_token_store
+from tokens.cache.store import is_token_store, listed
 from tokens.cluster import usable_cores
 from tokens.extract.workers import signals_held, start_checking_worker, stop_checking_workers
 
@@ -73,10 +73,10 @@ class ManifestError(ValueError):
         listing = "\n".join(f"  {p}" for p in problems[: self.SHOWN])
         if len(problems) > self.SHOWN:
             kinds = Counter(_kind(p) for p in problems[self.SHOWN :])
-            listing += f"\n  ... and {len(problems) - self.SHOWN} more, of which:" + "".join(
-                f"\n    {count} x {kind}" for kind, count in kinds.most_common(5))
+            top = kinds.most_common(5)
+            listing += f"\n  ... and {len(problems) - self.SHOWN} more, of which:" + "".join(f"\n    {count} x {kind}" for kind, count in top)
             if len(kinds) > 5:
-                listing += f"\n    {sum(kinds.values()) - sum(c for _, c in kinds.most_common(5))} of {len(kinds) - 5} other kinds"
+                listing += f"\n    {kinds.total() - sum(count for _, count in top)} of {len(kinds) - 5} other kinds"
         super().__init__(f"{source}: {len(problems)} problem(s); fix them and run again:\n{listing}")
 
 
@@ -228,7 +228,7 @@ def _unlearnable(splits: dict[str, list[Item]], classes: list[str]) -> list[str]
         return []
     seen = {label for item in splits["train"] for label in item.labels}
     missing = [name for i, name in enumerate(classes) if i not in seen]
-    return [f"class(es) {_listed(missing)} have no train item: a probe cannot learn them"] if missing else []
+    return [f"class(es) {listed(missing)} have no train item: a probe cannot learn them"] if missing else []
 
 
 def _case_clashes(classes: list[str]) -> list[str]:
@@ -237,14 +237,14 @@ def _case_clashes(classes: list[str]) -> list[str]:
     for name in classes:
         by_folded.setdefault(name.casefold(), []).append(name)
     clashes = [" and ".join(map(repr, names)) for names in by_folded.values() if len(names) > 1]
-    return [f"class names differ only in case, and are different classes: {_listed(clashes)}"] if clashes else []
+    return [f"class names differ only in case, and are different classes: {listed(clashes)}"] if clashes else []
 
 
 def _joined_labels(task: str, classes: list[str]) -> list[str]:
     """A note on multi-class names holding ';': the `label` column takes one class per row, so
     'dog;cat' became a class of its own, where a `labels` column would have made it two."""
     joined = [name for name in classes if ";" in name] if task == "multiclass" else []
-    return [f"class names hold ';' ({_listed([repr(n) for n in joined])}): the label column takes one class per row, so each "
+    return [f"class names hold ';' ({listed([repr(n) for n in joined])}): the label column takes one class per row, so each "
             "is a class of its own; for several classes per row, name the column labels (multi-label)"] if joined else []
 
 
@@ -374,7 +374,7 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
             if len(records) == records_before:
                 empty.append(f"{split_dir.name}/{class_dir.name}")
     if not split_dirs and (manifests := sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in (".csv", ".jsonl"))):
-        problems.insert(0, f"no split folders, but a manifest at the top ({_listed(manifests, 3)}): to read it, give the file "
+        problems.insert(0, f"no split folders, but a manifest at the top ({listed(manifests, 3)}): to read it, give the file "
                            f"({root / manifests[0]}) rather than its folder")
     elif not split_dirs and not problems and (loose := sorted(p for p in root.iterdir() if p.is_file() and not skipped(p))):
         problems.append(f"no split folders, but {len(loose)} file(s) at the top (e.g. {loose[0].name}): lay the folder out as "
@@ -382,14 +382,14 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
     notes = []
     if other_files and not records and not problems:
         problems.append(f"none of the {len(other_files)} files in the class folders has a suffix read here "
-                        f"({_listed(sorted(suffixes))}), e.g. {other_files[0]}")
+                        f"({listed(sorted(suffixes))}), e.g. {other_files[0]}")
     elif other_files:
         kinds = Counter(PurePosixPath(rel).suffix.lower() or "suffix-less" for rel in other_files)
         some = "1 file in the class folders is of another kind than those read here and is" if len(other_files) == 1 else \
             f"{len(other_files)} files in the class folders are of other kinds than those read here and are"
         notes.append(f"{some} left out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
     if empty and records:
-        notes.append(f"{len(empty)} class folder(s) hold no file read here, so add no item ({_listed(empty)})")
+        notes.append(f"{len(empty)} class folder(s) hold no file read here, so add no item ({listed(empty)})")
     return ["path", "label", "split"], records, problems, notes
 
 
@@ -410,10 +410,6 @@ def _files(folder: Path, skipped: Callable[[Path], bool]) -> list[Path]:
         folders[:] = kept
         files += [Path(parent, name) for name in names if not name.startswith(".")]
     return sorted(files)
-
-
-def _listed(names: list[str], most: int = 12) -> str:
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _within(path: str, folder: str) -> bool:

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, TokenStore, create_or_open, open_store
-from tokens.cache.store import STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, failed, store_exists
+from tokens.cache.store import SUFFIX_FORMATS, STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, failed, store_exists
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, close_kept_file, load_window
@@ -620,7 +620,7 @@ def check_options(store_path: Path, *, fmt: str | None, dtype: str, precision: s
     `tokens slurm extract` before it submits, so that a mistake does not fail in every task."""
     if fmt not in (None, "zarr", "hdf5"):
         raise ExtractionError(f"--format {fmt!r}: use zarr or hdf5")
-    implied = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}.get(Path(store_path).suffix.lower())
+    implied = SUFFIX_FORMATS.get(Path(store_path).suffix.lower())
     if fmt and implied and implied != fmt:  # a zarr folder named .h5 misleads every tool and person that meets it
         suffix = ".zarr" if fmt == "zarr" else ".h5"
         raise ExtractionError(f"--format {fmt} for {store_path}, whose name says {implied}: name the store "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import typer
 
-from tokens.cache.store import StoreError, TokenStore, differences, open_store, short
+from tokens.cache.store import StoreError, TokenStore, differences, listed, open_store, short
 from tokens.cluster import part_origin, pick_device, resolve_part
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import probe as recipe
@@ -370,11 +370,9 @@ def check_out_folder(out: Path, holds: str, ours: set[str]):
     made_here = out.is_dir() and (any((out / name).is_file() for name in ours if name.endswith((".json", ".csv", ".md", ".pt")))
                                   or any(out.glob("part-*-of-*")))  # what it holds beside (a report kept inside a run) is the user's
     if out.is_dir() and not made_here:
-        others = sorted(p.name for p in out.iterdir()
-                        if not p.name.startswith(".") and p.name not in ours and not re.fullmatch(r"part-\d+-of-\d+", p.name))
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours)
         if others:
-            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            raise typer.BadParameter(f"{out} holds files this command does not write ({shown}): its results ({holds}) "
+            raise typer.BadParameter(f"{out} holds files this command does not write ({listed(others, 3)}): its results ({holds}) "
                                      "would be mixed with them; give a new or empty folder", param_hint="--out")
     check_can_make(out)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tokens.cache.store import listed
 from tokens.train.sweep import sanitise
 
 FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
@@ -470,12 +471,8 @@ def ties(summary: list[dict], metric: str, labels: dict[str, str]) -> list[str]:
                 return f"{r['config']} ({r['training']})" if len(trainings) > 1 else r["config"]
             notes.append(f"{chosen['head']}{where}: {len(tied) + 1} configurations tie at a mean validation {metric} of "
                          f"{_cell(value)}; {named(chosen)} is selected as the first by name, not as better than "
-                         f"{_some_configs([named(r) for r in tied])} (more validation items would tell them apart)")
+                         f"{listed([named(r) for r in tied], 3)} (more validation items would tell them apart)")
     return notes
-
-
-def _some_configs(configs: list[str]) -> str:
-    return ", ".join(configs[:3]) + (f" and {len(configs) - 3} more" if len(configs) > 3 else "")
 
 
 def mark_selected(summary: list[dict], metric: str):
