@@ -1212,6 +1212,63 @@ def test_the_report_selects_each_heads_configuration_by_validation_alone(tmp_pat
     assert all(abs(x / 10 - 1) < 0.05 for x, _ in ringed)  # both heads have 10 parameters: set a little apart
 
 
+def test_a_sweep_over_layers_reports_each_heads_best_at_each_layer(tmp_path, monkeypatch):
+    """Where in the encoder a head finds what it needs: at each layer, the configuration of best mean
+    validation over seeds (its own learning rate), its test mean in a table and a plot; a multi-layer
+    head, trained once on them all, a level line. Computed here from the rows directly."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for head, layers in (("linear", (4, 8, 12)), ("ep", (4, 8, 12)), ("cgp", ("all",))):
+        for layer in layers:
+            for lr in (0.001, 0.01):
+                for seed in (0, 1):
+                    rows.append({"head": head, "config": f"{head}/lr={lr}/wd=0.0001/layer={layer}/seed={seed}", "params": 10,
+                                 "best_epoch": 3, "val_map": rng.random(), "test_map": rng.random(), "layer": layer, "lr": lr,
+                                 "wd": 0.0001, "seed": seed, "options": "{}", "store_key": "k" * 16})
+    (tmp_path / "run").mkdir()
+    report_module.write_csv(tmp_path / "run" / "leaderboard.csv", rows, list(rows[0]))
+    figures, plot = [], report_module.plot_layers
+    monkeypatch.setattr(report_module, "plot_layers", lambda *a, **k: figures.append(plot(*a, **k)))
+    result = ok("report", tmp_path / "run", "--out", tmp_path / "r")
+
+    def expected(head, layer):
+        mine = [r for r in rows if r["head"] == head and r["layer"] == layer]
+        val = {lr: np.mean([r["val_map"] for r in mine if r["lr"] == lr]) for lr in (0.001, 0.01)}
+        test = [r["test_map"] for r in mine if r["lr"] == max(val, key=val.get)]
+        return np.mean(test), np.std(test, ddof=1)
+
+    section = (tmp_path / "r" / "report.md").read_text().split("## By layer")[1].split("## All configurations")[0]
+    lines = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in section.splitlines() if line.startswith("| ")}
+    assert lines["head"] == ["layer 4", "layer 8", "layer 12", "all layers"]
+    for head in ("linear", "ep"):
+        assert lines[head] == [f"{expected(head, layer)[0]:.4f} ± {expected(head, layer)[1]:.4f}" for layer in (4, 8, 12)] + [""]
+    assert lines["cgp"] == ["", "", "", "{:.4f} ± {:.4f}".format(*expected("cgp", "all"))]
+    assert "best on validation at each layer, test map (layers.png)" in result.output
+    assert (tmp_path / "r" / "layers.png").exists()
+    ax = figures[0].axes[0]
+    drawn = {bars.get_label(): bars.lines[0] for bars in ax.containers} | {line.get_label(): line for line in ax.get_lines()}
+    for head in ("linear", "ep"):
+        assert list(drawn[head].get_xdata()) == [4, 8, 12]
+        assert np.allclose(drawn[head].get_ydata(), [expected(head, layer)[0] for layer in (4, 8, 12)])
+    assert np.allclose(drawn["cgp (all layers)"].get_ydata(), expected("cgp", "all")[0])  # a level line across the layers
+
+    one_layer = [r for r in rows if r["layer"] in (8, "all")]  # a sweep of one layer: nothing to set side by side
+    (tmp_path / "run8").mkdir()
+    report_module.write_csv(tmp_path / "run8" / "leaderboard.csv", one_layer, list(rows[0]))
+    ok("report", tmp_path / "run8", "--out", tmp_path / "r")
+    assert "## By layer" not in (tmp_path / "r" / "report.md").read_text()
+    assert not (tmp_path / "r" / "layers.png").exists()  # the earlier report's plot would pass for this one's
+
+
+def test_a_run_over_layers_plots_each_heads_best_at_each_layer(store, tmp_path):
+    """A run sweeping two layers draws layers.png; one of a single layer does not."""
+    result = ok("probe", store, "--heads", "linear,ep", "--option", "ep.num_queries=4", "--layers", "all", "--seeds", "0",
+                *FAST, "--out", tmp_path / "both")
+    assert (tmp_path / "both" / "layers.png").exists() and "layers.png" in result.output
+    result = ok("probe", store, "--heads", "linear", "--seeds", "0", *FAST, "--out", tmp_path / "one")
+    assert not (tmp_path / "one" / "layers.png").exists() and "layers.png" not in result.output
+
+
 def test_data_seeds_are_pooled_and_an_unfinished_store_is_selected_apart(tmp_path):
     """Runs that differ only in --data-seed are replicates (selecting the best batch order would be a
     maximum over noise); a run on an unfinished store validated on other items, so it must not win
@@ -1292,7 +1349,7 @@ def test_a_runs_best_head_is_the_best_seed_of_the_configuration_its_report_selec
     """One lucky seed does not make a configuration: lr=0.01 has the best single seed (0.9) but the
     worse mean (0.5 against 0.55), so best/linear.pt holds lr=0.003's better seed."""
     rows = [{"head": "linear", "config": f"linear/lr={lr}/wd=0.0001/layer=6/seed={seed}", "params": 10, "val_map": val,
-             "test_map": 0.5, "store_key": "k" * 16, "training": "adamw/cosine"}
+             "test_map": 0.5, "layer": 6, "store_key": "k" * 16, "training": "adamw/cosine"}
             for lr, seed, val in ((0.01, 0, 0.9), (0.01, 1, 0.1), (0.003, 0, 0.5), (0.003, 1, 0.6))]
     assert report_module.selected_rows(rows)["linear"]["config"] == "linear/lr=0.003/wd=0.0001/layer=6/seed=1"
     summary = report_module.summarize(rows)

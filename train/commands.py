@@ -325,7 +325,7 @@ def probe(
 
 def report(
     runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (parts inside them are found), or leaderboard.csv files."),
-    out: Path = typer.Option(Path("report"), "--out", "-o", help="Where report.csv, report.md, report.png and the merged leaderboard.csv go."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Where report.csv, report.md, report.png (and layers.png, for a sweep over layers) and the merged leaderboard.csv go."),
 ):
     """Merge runs and parts of runs; average configurations that differ only by seed (mean ± sd).
 
@@ -339,7 +339,8 @@ def report(
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="RUN") from error
     typer.echo(text)
-    typer.echo(f"\nreport in {out}/ (report.csv, report.md, report.png, leaderboard.csv)")
+    plots = "report.png, layers.png" if (out / "layers.png").exists() else "report.png"
+    typer.echo(f"\nreport in {out}/ (report.csv, report.md, {plots}, leaderboard.csv)")
 
 
 SAVED_HEAD_KEYS = {"build", "layer", "task", "classes", "store_key", "state_dict"}
@@ -355,8 +356,8 @@ def check_saved_head(path: Path, saved):
 
 
 # What `tokens probe` and `tokens report` write into their --out (a run's part folders too).
-RUN_FILES = {"config.json", "checkpoint.pt", "leaderboard.csv", "heads", "best", "params_vs_metric.png", "val_curves.png"}
-REPORT_FILES = {"leaderboard.csv", "report.csv", "report.md", "report.png"}
+RUN_FILES = {"config.json", "checkpoint.pt", "leaderboard.csv", "heads", "best", "params_vs_metric.png", "val_curves.png", "layers.png"}
+REPORT_FILES = {"leaderboard.csv", "report.csv", "report.md", "report.png", "layers.png"}
 
 
 def check_out_folder(out: Path, holds: str, ours: set[str]):

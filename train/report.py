@@ -2,10 +2,11 @@
 
 A run writes RUN/leaderboard.csv (one row per configuration, full-precision numbers),
 RUN/heads/<config>.json (per-class metric and validation curve), RUN/params_vs_metric.png and
-RUN/val_curves.png. `tokens report` reads any number of runs and parts of runs, keeps one row
-per (store, configuration), averages configurations that differ only by seed (mean ± sd), selects
-the best of each head by validation alone (the one whose test figures to report), and writes
-DIR/leaderboard.csv (merged), DIR/report.csv, DIR/report.md and DIR/report.png.
+RUN/val_curves.png (and RUN/layers.png for a sweep over layers). `tokens report` reads any number
+of runs and parts of runs, keeps one row per (store, configuration), averages configurations that
+differ only by seed (mean ± sd), selects the best of each head by validation alone (the one whose
+test figures to report), and writes DIR/leaderboard.csv (merged), DIR/report.csv, DIR/report.md and
+DIR/report.png (and DIR/layers.png).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tokens.cache.store import listed
-from tokens.train.sweep import sanitise
+from tokens.train.sweep import ALL_LAYERS, sanitise
 
 FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
 LAST_COLUMNS = ["layer", "lr", "wd", "seed", "options", "store_key", "training"]
@@ -112,9 +113,13 @@ def write_run(out: Path, rows: list[dict], records: list[dict], metric: str, sel
     plot_params_vs_metric(rows, f"test_{metric}", out / "params_vs_metric.png", chosen=selected,
                           title=f"{out.resolve().name}: each configuration and seed")
     plot_val_curves(records, metric, out / "val_curves.png", title=f"{out.resolve().name}: {len(records)} configuration{'s' * (len(records) != 1)}, one line each")
+    by_layer = layer_wise(summarize(rows), metric)
+    (out / "layers.png").unlink(missing_ok=True)  # an earlier sweep's, run in this folder before, would pass for this one's
+    if by_layer:
+        plot_layers(by_layer, f"test_{metric}", out / "layers.png", title=f"{out.resolve().name}: each head's best on validation at each layer")
     write_csv(out / "leaderboard.csv", rows, leaderboard_columns(rows))
     print(table(rows, ["head", "config", "params", "best_epoch"] + metric_columns(rows)))
-    print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png)")
+    print(f"\nresults in {out}/ (leaderboard.csv, heads/, best/, params_vs_metric.png, val_curves.png{', layers.png' * bool(by_layer)})")
 
 
 METRIC_NAMES = {"map": "mAP", "roc_auc": "ROC-AUC", "acc": "accuracy", "balanced_acc": "balanced accuracy"}
@@ -131,14 +136,11 @@ def head_colours(heads) -> dict[str, str]:
     return {head: f"C{i % 10}" for i, head in enumerate(sorted(set(heads)))}
 
 
-def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None, chosen: list[dict] = (),
-                          panel_of=None, title: str | None = None):
-    """The metric against trainable parameters (log x), one marker per head type; error bars
-    of one sd where `sd_column` is given; the `chosen` rows (selected on validation) ringed.
-    `panel_of(row)` names the panel a row goes in (the store and training setup of a merged report),
-    so that points of two encoders are never read as one another's; panels share the y axis."""
+def panelled(rows: list[dict], panel_of=None):
+    """A figure with a panel per value of `panel_of(row)` (the store and training setup of a merged
+    report: points of two encoders are never read as one another's), three to a line, sharing the
+    y axis; returns it with (axes, panel name, the panel's rows) for each panel."""
     from matplotlib.figure import Figure  # Agg, no global backend state; imported here: it is slow to import
-    from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
     panel_of = panel_of or (lambda row: None)
     panels = list(dict.fromkeys(map(panel_of, rows))) or [None]
@@ -146,11 +148,41 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
     lines = -(-len(panels) // columns)
     fig = Figure(figsize=(7 if columns == 1 else 4.2 * columns, 4.5 if lines == 1 else 3.6 * lines))
     axes = fig.subplots(lines, columns, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return fig, [(ax, panel, [r for r in rows if panel_of(r) == panel]) for ax, panel in zip(axes, panels)]
+
+
+def save_panelled(fig, panels: list[tuple], ylabel: str, title: str | None, path: Path):
+    """Grid, legend and title of each panel of `panelled`, the y label, the figure's title; saved to `path`."""
+    wide = len(panels) > 1
+    for ax, panel, _ in panels:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        if panel is not None:
+            ax.set_title(textwrap.fill(panel, 45 if wide else 80), fontsize="medium")
+    panels[0][0].set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: str | None = None, chosen: list[dict] = (),
+                          panel_of=None, title: str | None = None):
+    """The metric against trainable parameters (log x), one marker per head type; error bars
+    of one sd where `sd_column` is given; the `chosen` rows (selected on validation) ringed.
+    `panel_of(row)` names the panel a row goes in (the store and training setup of a merged report),
+    so that points of two encoders are never read as one another's (panelled)."""
+    from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
+
+    fig, panels = panelled(rows, panel_of)
+    panel_of = panel_of or (lambda row: None)
     markers = "osD^v<>pPX*h"
     heads = head_colours(r["head"] for r in rows)
     chosen = [r for r in chosen if np.isfinite(r[column])]  # a diverged head's NaN has no place on the axes
-    for ax, panel in zip(axes, panels):
-        here = [r for r in rows if panel_of(r) == panel]
+    for ax, panel, here in panels:
         x = dodged(here)
         for i, (head, colour) in enumerate(heads.items()):
             mine = [r for r in here if r["head"] == head]
@@ -176,18 +208,7 @@ def plot_params_vs_metric(rows: list[dict], column: str, path: Path, sd_column: 
         ax.xaxis.set_major_formatter(short)
         ax.xaxis.set_minor_formatter(FuncFormatter(minor) if decades < 3 else NullFormatter())
         ax.set_xlabel("trainable parameters")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-        if panel is not None:
-            ax.set_title(textwrap.fill(panel, 45 if columns > 1 else 80), fontsize="medium")
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    axes[0].set_ylabel(metric_words(column) + ("" if sd_column is None else ", mean ± sd over seeds"))
-    if title:
-        fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return fig
+    return save_panelled(fig, panels, metric_words(column) + ("" if sd_column is None else ", mean ± sd over seeds"), title, path)
 
 
 DODGE = 1.04  # the x factor between heads of one parameter count: apart on a log axis, near their count
@@ -418,7 +439,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     summary = []
     for (store_key, config, training), members in groups.items():
         data_seeds = sorted({m.group(1) for r in members if (m := DATA_SEED.search(r["training"]))}, key=float)
-        out = {"head": members[0]["head"], "config": config, "params": members[0]["params"],
+        out = {"head": members[0]["head"], "config": config, "params": members[0]["params"], "layer": members[0]["layer"],
                "seeds": len(members), "data_seeds": ",".join(data_seeds), "store_key": store_key, "training": training}
         for column in metric_columns(members):
             values = np.array([m[column] for m in members], dtype=float)
@@ -487,6 +508,68 @@ def mark_selected(summary: list[dict], metric: str):
         key = (row["store_key"], unfinished_marker(row["training"]), row["head"])
         row["selected"] = int(key not in seen and math.isfinite(row[f"val_{metric}_mean"]))
         seen.add(key)
+
+
+def layer_wise(summary: list[dict], metric: str) -> list[dict]:
+    """Of each store (its runs on it unfinished apart), head and layer, the configuration of best mean
+    validation metric: where in the encoder each head finds what it needs, every layer with its own
+    choice of learning rate and options (a head's one selection compares layers as it does rates).
+    Empty unless some head trained on two layers of a store or more. `summary` comes ranked."""
+    best: dict[tuple, dict] = {}
+    for row in summary:
+        if math.isfinite(row[f"val_{metric}_mean"]):
+            best.setdefault((row["store_key"], unfinished_marker(row["training"]), row["head"], str(row["layer"])), row)
+    swept = Counter((store, marker, head) for store, marker, head, layer in best if layer != ALL_LAYERS)
+    return list(best.values()) if max(swept.values(), default=0) > 1 else []
+
+
+def _layer_order(layer) -> float:
+    """Layers by number; a multi-layer head's 'all' after them."""
+    return math.inf if str(layer) == ALL_LAYERS else int(layer)
+
+
+def plot_layers(best: list[dict], column: str, path: Path, panel_of=None, title: str | None = None):
+    """The test metric of each head's best configuration at each layer (layer_wise), mean ± sd over
+    seeds, a line per head; a multi-layer head, which reads every layer at once, a dashed level line."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, panels = panelled(best, panel_of)
+    heads = head_colours(r["head"] for r in best)
+    for ax, _, here in panels:
+        layers = sorted({int(r["layer"]) for r in here if str(r["layer"]) != ALL_LAYERS})
+        for head, colour in heads.items():
+            mine = sorted((r for r in here if r["head"] == head), key=lambda r: _layer_order(r["layer"]))
+            sd = f"{column}_sd"
+            for r in mine:
+                if str(r["layer"]) == ALL_LAYERS:
+                    ax.axhline(r[f"{column}_mean"], color=colour, linestyle="--", linewidth=1.2, label=f"{head} (all layers)")
+            per_layer = [r for r in mine if str(r["layer"]) != ALL_LAYERS]
+            if per_layer:
+                ax.errorbar([int(r["layer"]) for r in per_layer], [r[f"{column}_mean"] for r in per_layer],
+                            yerr=[r[sd] or 0 for r in per_layer], color=colour, marker="o", capsize=3, label=head)
+        ax.set_xlabel("layer")
+        if layers:
+            ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+        if 0 < len(layers) <= 16:  # the layers swept, and no others
+            ax.set_xticks(layers)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_panelled(fig, panels, metric_words(column) + ", mean ± sd over seeds", title, path)
+
+
+def layer_table(best: list[dict], labels: dict[str, str], metric: str) -> tuple[list[dict], list[str]]:
+    """layer_wise's test figures as table rows: a row per head (and store), a column per layer."""
+    layers = sorted({str(r["layer"]) for r in best}, key=_layer_order)
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in best:
+        marker = unfinished_marker(r["training"]).removeprefix("/")
+        store = labels[r["store_key"]] + (f" ({marker})" if marker else "")
+        cells.setdefault((r["head"], store), {})[str(r["layer"])] = _with_sd(r, f"test_{metric}")
+    several = len({store for _, store in cells}) > 1
+    named = {layer: "all layers" if layer == ALL_LAYERS else f"layer {layer}" for layer in layers}
+    rows = [{"head": head, "store": store} | {named[layer]: by_layer.get(layer, "") for layer in layers}
+            for (head, store), by_layer in sorted(cells.items())]
+    return rows, ["head", *(["store"] if several else []), *named.values()]
 
 
 def best_seeds(summary: list[dict], rows: list[dict]) -> dict[tuple, dict]:
@@ -703,8 +786,13 @@ def write_report(runs: list[Path], out: Path) -> str:
     saved = "Saved weights of each one's best seed by validation:\n\n" + "\n".join(f"- {line}" for line in heads_to_use) + "\n\n" if heads_to_use else ""
     compared = f"{side_by_side(summary, labels, metric)}\n\n" if len(labels) > 1 else ""
     selected = table(chosen, shown_columns, markdown=True) if chosen else f"No configuration is selected: every one's mean validation {metric} is NaN."
+    by_layer = layer_wise(summary, metric)
+    layer_rows, layer_columns = layer_table(by_layer, labels, metric)
+    layer_section = (f"## By layer\n\nTest {METRIC_NAMES.get(metric, metric)} of each head's best configuration at each layer, "
+                     f"selected by validation at that layer, mean ± sd over seeds (layers.png):\n\n"
+                     f"{table(layer_rows, layer_columns, markdown=True)}\n\n") if by_layer else ""
     (out / "report.md").write_text(f"## Selected by validation\n\n{why}\n\n{compared}{selected}\n\n"
-                                   f"{saved}## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
+                                   f"{saved}{layer_section}## All configurations\n\n{table(shown, shown_columns, markdown=True)}\n")
 
     # A store, and a training setup, per panel where there are several; of the setup, a panel's title
     # shows what not all of them share (epochs=3 against epochs=12), not the whole line.
@@ -718,12 +806,22 @@ def write_report(runs: list[Path], out: Path) -> str:
 
     plot_params_vs_metric(summary, f"test_{metric}_mean", out / "report.png", sd_column=f"test_{metric}_sd", title=f"{out.resolve().name}: each configuration over its seeds",
                           chosen=[r for r in summary if r["selected"]], panel_of=panel_of)
+    (out / "layers.png").unlink(missing_ok=True)  # an earlier report's, of other runs, would pass for this one's
+    if by_layer:
+        def store_of(row: dict) -> str | None:
+            marker = unfinished_marker(row["training"]).removeprefix("/")
+            return ", ".join(([labels[row["store_key"]]] if len(labels) > 1 else []) + [marker] * bool(marker)) or None
+
+        plot_layers(by_layer, f"test_{metric}", out / "layers.png", panel_of=store_of,
+                    title=f"{out.resolve().name}: each head's best on validation at each layer")
     lines = [f"note: {n}" for n in notes] + [f"{len(rows)} configuration{'s' * (len(rows) != 1)} from {len(paths)} leaderboard{'s' * (len(paths) != 1)}"]
     lines.append(table(shown, shown_columns))
     if not chosen:
         lines += ["", f"no configuration is selected: every one's mean validation {metric} is NaN (see the notes above)"]
     elif len(chosen) < len(shown):
         lines += ["", f"selected by validation {metric}, one per head{' and store' if len(labels) > 1 else ''}:", table(chosen, shown_columns)]
+    if by_layer:
+        lines += ["", f"best on validation at each layer, test {metric} (layers.png):", table(layer_rows, layer_columns)]
     if heads_to_use:
         lines += ["", "saved weights of each one's best seed:"] + [f"  {line}" for line in heads_to_use]
     return "\n".join(lines)
