@@ -16,6 +16,8 @@ from tokens.train import commands as train_commands
 from tokens.train import probe as probe_recipe
 from tokens.train.sweep import SweepError
 
+LOGS = Path("slurm-logs")  # where `tokens slurm` tasks write their logs, beside the folder they run in
+
 app = typer.Typer(
     help=(
         "Cache full patch-token maps of frozen encoders once, then train many probe heads on them.\n\n"
@@ -94,7 +96,7 @@ def slurm(
     quiet = [] if {"-q", "--quiet"} & set(ctx.args) else ["--quiet"]  # progress bars fill a log with carriage returns
     text = sbatch_script(
         verb, ctx.args + quiet, array=array, job_name=f"tokens-{verb}", gpus=gpus, cpus=cpus, mem=mem, time=time,
-        partition=partition, account=account, qos=qos, constraint=constraint, after=after, requeues=requeue, python=sys.executable, workdir=Path.cwd(),
+        partition=partition, account=account, qos=qos, constraint=constraint, after=after, requeues=requeue, python=sys.executable, workdir=Path.cwd(), logs=LOGS,
     )
     path = script or Path(f"tokens-{verb}.sbatch")
     try:
@@ -102,7 +104,7 @@ def slurm(
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
     except OSError as error:
         raise typer.BadParameter(f"cannot write {path}: {error.strerror}", param_hint="--script") from None
-    Path("slurm-logs").mkdir(exist_ok=True)
+    LOGS.mkdir(exist_ok=True)
     typer.echo(f"wrote {path}")
     if submit:
         result = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)

@@ -32,7 +32,7 @@ def describe(store: TokenStore) -> dict:
         "format": store.format,
         "backbone": meta["backbone"],
         "backbone_config": meta["backbone_config"],
-        "checkpoint_sha256": meta["checkpoint_sha256"],
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),  # recorded, not checked at opening: info shows a store whose copy lost them
         "frontend": meta["frontend"],
         "dim": meta["dim"],
         "grid": meta["grid"],
@@ -49,10 +49,10 @@ def describe(store: TokenStore) -> dict:
         "classes": meta["classes"],
         "splits": splits,
         "shard_size": meta["shard_size"],
-        "codec": meta["codec"],
+        "codec": meta.get("codec"),
         "disk_bytes": store.disk_bytes(),
-        "created": meta["created"],
-        "tool_version": meta["tool_version"],
+        "created": meta.get("created"),
+        "tool_version": meta.get("tool_version"),
         "cache_key": meta["cache_key"],
         "extra": meta.get("extra", {}),
     }
@@ -102,7 +102,8 @@ def render(info: dict) -> str:
         state = "complete" if s["complete"] else f"INCOMPLETE ({s['shards_complete']}/{s['shards']} shards)"
         failed = f", {s['failed_items']} failed item{'s' * (s['failed_items'] != 1)}" if s["failed_items"] else ""
         lines.append(f"  {name:<8} {s['items']:>9} items  {state}{failed}")
-    lines.append(f"created    {info['created']} by tokens {info['tool_version']}; cache key {info['cache_key'][:16]}")
+    lines.append(f"created    {info['created'] or 'at an unrecorded time'} by tokens {info['tool_version'] or '(version unrecorded)'}; "
+                 f"cache key {info['cache_key'][:16]}")
     made = info["extra"]  # provenance: who made the store, from what, with which command (the first run's)
     if made.get("dataset"):
         lines.append(f"from       {made['dataset']}" + (f" on {made['host']}" if made.get("host") else ""))

@@ -242,7 +242,7 @@ class StoreSpec:
     masked: bool = True
     precision: str = "fp32"  # of the forward pass: "bf16" (autocast, on a GPU) or "fp32"; it changes the tokens
     shard_size: int = 0  # 0: chosen from TARGET_SHARD_BYTES and TARGET_SHARD_TOTAL_BYTES
-    codec: str | None = None  # None, "zstd" or "blosc-lz4"
+    codec: str | None = None  # None, or one of the format's CODECS (check_codec)
     extra: dict = field(default_factory=dict)  # provenance that does not change tokens
     class_token: bool | None = None  # the first prefix token is a class token (None: whenever there is one); a ViT with registers alone has none
     final_norm_params: dict | None = None  # raw tokens: the encoder's final LayerNorm, for `tokens probe --final-norm`
@@ -316,7 +316,7 @@ def detect_format(path: Path, default: str | None = None) -> str:
         if head == HDF5_SIGNATURE:
             return "hdf5"
         raise NotAStore(f"{path} is not a store: neither a zarr directory nor an HDF5 file")
-    if named := SUFFIX_FORMATS.get(path.suffix):
+    if named := SUFFIX_FORMATS.get(path.suffix.lower()):  # out.H5 is an HDF5 file, as extraction's --format check reads it
         return named
     if default:
         return default
@@ -412,7 +412,7 @@ def _zarr_store_at(path: Path) -> bool:
 # named at opening, not met as a KeyError wherever it is first read.
 META_TYPES = {"backbone": str, "backbone_config": dict, "frontend": dict, "layers": list, "final_norm": bool,
               "dtype": str, "grid": list, "dim": int, "num_prefix": int, "task": str, "classes": list,
-              "splits": dict, "masked": bool, "shard_size": int, "cache_key": str}
+              "splits": dict, "masked": bool, "shard_size": int, "cache_key": str, "dataset_fingerprint": str}
 
 
 TYPE_WORDS = {str: "text", dict: "a mapping", list: "a list", int: "a whole number", bool: "true or false"}

@@ -2,7 +2,7 @@
 
 A pretrained encoder only gives its published quality on the features it was trained with; small
 differences (window type, waveform scale, padding before or after normalising) shift every token.
-The settings below are the ones in each family's training code (see specs/backbones.md).
+The settings below are the ones in each family's training code.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Fbank:
     std: float
     num_mel_bins: int = 128
     window_type: str = "hanning"
-    htk_compat: bool = True
+    htk_compat: bool = True  # recorded as the family's kaldi call sets it; without energy it changes nothing here
     waveform_scale: float = 1.0  # BEATs was trained on int16-scaled audio: x 2**15
     remove_mean: bool = True  # subtract the clip's mean sample first ("DC removed", AudioMAE/EAT)
     pad_waveform: bool = False  # True: zero-pad the audio to the window (BEATs); False: pad the fbank frames

@@ -31,7 +31,7 @@ from tokens.cache.store import SUFFIX_FORMATS, STORAGE_DTYPE, StoreError, check_
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, close_kept_file, load_window
-from tokens.extract.backbones import Backbone, build_backbone, checked_options
+from tokens.extract.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, checked_options
 from tokens.extract.forward import TORCH_DTYPE, Forward
 from tokens.extract.images import BadImage, load_image
 from tokens.extract.manifest import SPLITS, Dataset, Item, read_dataset
@@ -644,7 +644,7 @@ def extract(
     dataset_source: str | Path,
     store_path: str | Path,
     *,
-    backbone: str = "crepe-tiny",
+    backbone: str = DEFAULT_BACKBONE,
     checkpoint: str | None = None,
     allow_pickle: bool = False,
     backbone_options: dict | None = None,
@@ -911,4 +911,4 @@ def provenance() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return {"host": socket.gethostname(), "argv": sys.argv, "torch": torch.__version__, "versions": versions}
+    return {"host": socket.gethostname(), "argv": sys.argv, "versions": versions}

@@ -18,7 +18,7 @@ import zarr
 from typer.testing import CliRunner
 
 from tokens.cache import StoreError, StoreSpec, create_or_open, open_store
-from tokens.cache.store import TokenStore
+from tokens.cache.store import TokenStore, detect_format
 from tokens.cache.verify import verify
 from tokens.cli import app
 
@@ -611,6 +611,7 @@ def edit_meta(path, fmt: str, change):
     (lambda m: m.update(splits=["train", "test"]), "gives 'splits' as ['train', 'test'], not a mapping"),
     (lambda m: m.update(dim=True), "gives 'dim' as True, not a whole number"),
     (lambda m: m.update(dtype="int8"), "'dtype' 'int8' is none of float16, bfloat16, float32"),
+    (lambda m: m.pop("dataset_fingerprint"), "has no 'dataset_fingerprint'"),  # resuming reads it
 ])
 def test_store_metadata_edited_by_hand_is_named_at_opening(tmp_path, fmt, suffix, change, message):
     """A missing or mistyped field was a KeyError or AttributeError wherever it was first read."""
@@ -779,6 +780,28 @@ def test_info_json_reports_splits_and_completeness(tmp_path):
     compressed = tmp_path / "c.zarr"
     create_or_open(compressed, make_spec(codec="zstd")).close()
     assert ", compressed with zstd" in CliRunner().invoke(app, ["info", str(compressed)]).output
+
+
+@pytest.mark.parametrize("fmt, suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_info_shows_a_store_whose_record_of_its_making_was_edited_away(tmp_path, fmt, suffix):
+    """The codec, creation time, tool version and checkpoint hash are told, not needed: a KeyError
+    traceback in tokens info was all a store that lost one got."""
+    path = tmp_path / f"s{suffix}"
+    fill(path, make_spec(), fmt)
+    edit_meta(path, fmt, lambda m: [m.pop(name) for name in ("codec", "created", "tool_version", "checkpoint_sha256")])
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "created    at an unrecorded time by tokens (version unrecorded)" in result.output
+    assert "checkpoint sha256 none (built-in weights)" in result.output and "compressed" not in result.output
+    assert json.loads(CliRunner().invoke(app, ["info", str(path), "--json"]).output)["codec"] is None
+
+
+def test_a_store_named_in_capitals_is_of_the_format_its_suffix_says(tmp_path):
+    """out.H5 made a zarr directory, while extraction's --format check took it for HDF5."""
+    assert detect_format(tmp_path / "out.H5") == "hdf5" and detect_format(tmp_path / "out.HDF5") == "hdf5"
+    assert detect_format(tmp_path / "out.Zarr") == "zarr"
+    create_or_open(tmp_path / "made.H5", make_spec()).close()
+    assert (tmp_path / "made.H5").is_file() and h5py.is_hdf5(tmp_path / "made.H5")
 
 
 SIZE_LIMITED_WRITER = """

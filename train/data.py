@@ -50,7 +50,7 @@ class Batch:
 class FinalNorm:
     """The encoder's final LayerNorm, applied to raw tokens as they are read (`tokens probe
     --final-norm`): one store of raw block outputs gives both the EP protocol's tokens and the normed
-    ones that cosine-similarity heads may want (backbones.md), in float32 from the stored dtype."""
+    ones that cosine-similarity heads may want, in float32 from the stored dtype."""
 
     eps: float
     weight: torch.Tensor | None

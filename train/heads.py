@@ -2,7 +2,7 @@
 
 Every head maps tokens (B, N, D), a validity mask (B, N) (True = valid) and an optional class
 token (B, D) to logits (B, C); `cgp` takes every cached layer, tokens (B, L, N, D) and class
-tokens (B, L, D). The math is shared/specs/probes.md. Tokens may be stored as float16/bfloat16;
+tokens (B, L, D). Each head's docstring gives its math. Tokens may be stored as float16/bfloat16;
 heads compute in float32 (float64 stays float64, which the tests use).
 
 Padding tokens are zeroed on entry and excluded from every mean, softmax and max, so their

@@ -141,11 +141,6 @@ def _state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _metric(value) -> float:
-    """A metric for comparisons: an undefined one (NaN) never wins."""
-    return -math.inf if value is None or math.isnan(value) else float(value)
-
-
 def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
     """Everything needed to continue after `epoch`, written aside then renamed into place."""
     state = {
@@ -386,8 +381,8 @@ def run(
     `final_norm` applies the encoder's final norm, which a store of raw tokens records, to every
     token the heads read.
 
-    `stop_after` ends the run after that epoch, leaving the checkpoint to resume from (for
-    time-limited jobs and for tests).
+    `stop_after` ends the run after that epoch, leaving the checkpoint to resume from, as a stop
+    there would (the tests' way to interrupt a run at an epoch's end).
     """
     out = Path(out)
     task, classes = store.task, store.classes
@@ -522,7 +517,7 @@ def run(
         for p, scores in zip(probes, val_scores):
             metrics = compute_metrics(task, scores, valid_labels)
             p.curve.append(metrics[metric])
-            value, loss = _metric(metrics[metric]), log_loss(task, scores, valid_labels)
+            value, loss = report.comparable(metrics[metric]), log_loss(task, scores, valid_labels)
             # An equal metric with a lower log loss wins too: a metric that saturates on a small
             # validation split (an mAP of 1.0 from the first epoch) would otherwise keep epoch 1.
             if value > p.best_metric or (value == p.best_metric > -math.inf and loss < p.best_loss):

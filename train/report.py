@@ -48,9 +48,9 @@ def _nan_to_none(value):
     return value
 
 
-def _key(value) -> float:
-    """Sort key of a metric: higher first, undefined last."""
-    return -math.inf if value is None or math.isnan(value) else value
+def comparable(value) -> float:
+    """A metric to compare, higher better: an undefined one (None, NaN) never wins."""
+    return -math.inf if value is None or math.isnan(value) else float(value)
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
@@ -66,7 +66,7 @@ def primary_of(rows: list[dict]) -> str:
 def _rank(column: str):
     """The sort key of rows by `column`, best first; ties by store, configuration and training.
     Runs (best/HEAD.pt) and reports (the selected rows) both rank by it."""
-    return lambda r: (-_key(r[column]), r.get("store_key", ""), r["config"], r.get("training", ""))
+    return lambda r: (-comparable(r[column]), r.get("store_key", ""), r["config"], r.get("training", ""))
 
 
 def ranked(rows: list[dict], metric: str) -> list[dict]:

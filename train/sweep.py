@@ -39,7 +39,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 DEFAULT_HEADS = ["linear", "ep", "protobin"]
-# probes.md: lr searched in 1e-4..7e-3, and 2e-3..8e-2 for prototype heads.
+# The papers' searches: lr in 1e-4..7e-3, and 2e-3..8e-2 for prototype heads.
 DEFAULT_LR = {"protobin": 2e-2, "protofloat": 2e-2, "cgp": 2e-2}
 FALLBACK_LR = 1e-3
 DEFAULT_WD = [1e-4]
@@ -62,11 +62,11 @@ class Config:
     """One head to train: what to build, how to optimise it, from which layer, with which seed."""
 
     head: str
-    options: dict = field(default_factory=dict, hash=False)
-    lr: float = FALLBACK_LR
-    wd: float = 0.0
-    layer: int | str = -1  # a stored layer number, or ALL_LAYERS for multi-layer heads
-    seed: int = 0
+    options: dict = field(hash=False)
+    lr: float
+    wd: float
+    layer: int | str  # a stored layer number, or ALL_LAYERS for multi-layer heads
+    seed: int
 
     @property
     def id(self) -> str:

@@ -138,7 +138,7 @@ class Backbone(torch.nn.Module):
 
 def layer_norm_params(norm: torch.nn.Module | None) -> dict | None:
     """A final LayerNorm's parameters, which a store of raw block outputs records so that `tokens
-    probe --final-norm` can give the normed tokens from it too (backbones.md); None for encoders
+    probe --final-norm` can give the normed tokens from it too; None for encoders
     without a final norm and norms of other kinds. Read once the weights are loaded, before the model
     goes to the device. Each float32 value is written in its shortest exact form (half the JSON of a
     float64's)."""
