@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, RawItems, StoreError, StoreSpec, build_aside,
-                                column_layout, write_error)
+                                column_layout, shard_count, write_error)
 
 CODECS = {"gzip": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}}
 STRING = h5py.string_dtype()
@@ -70,7 +70,7 @@ def _create_split(group: h5py.Group, n: int, spec: StoreSpec, storage, S: int):
         columns["mask"] = ((n, spec.num_tokens), np.bool_)
     for name in STRING_COLUMNS:
         columns[name] = ((n,), STRING)
-    columns["complete"] = ((-(-n // S),), np.uint8)
+    columns["complete"] = ((shard_count(n, S),), np.uint8)
     for name, (shape, dtype) in columns.items():
         group.create_dataset(name, shape=shape, dtype=dtype, dcpl=_early())
 

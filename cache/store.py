@@ -622,6 +622,11 @@ def labels_outside(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return (labels < 0) | (labels >= num_classes)
 
 
+def shard_count(items: int, shard_size: int) -> int:
+    """How many shards hold `items` items, the last one possibly short."""
+    return -(-items // shard_size)
+
+
 def listed(names: list[str], most: int = 12) -> str:
     """The first `most` names, and how many more: a message names a few, not thousands."""
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
@@ -639,7 +644,7 @@ class Split:
         self.store, self.name, self.num_items = store, name, int(num_items)
         meta = store.meta
         self.shard_size = int(meta["shard_size"])
-        self.num_shards = -(-self.num_items // self.shard_size)
+        self.num_shards = shard_count(self.num_items, self.shard_size)
         self.grid = tuple(meta["grid"])
         self.num_tokens = self.grid[0] * self.grid[1]
         self.dim = int(meta["dim"])

@@ -25,7 +25,7 @@ import zarr
 import zarr.codecs
 
 from tokens.cache.store import (STORAGE_DTYPE, STRING_COLUMNS, DamagedShard, NotAStore, RawItems, StoreError, StoreSpec,
-                                build_aside, column_layout, folder_clock, store_exists, write_error, writer,
+                                build_aside, column_layout, folder_clock, shard_count, store_exists, write_error, writer,
                                 writer_gone)
 
 CODECS = {
@@ -103,7 +103,7 @@ def _build(tmp: Path, spec: StoreSpec):
             group.create_array(name, shape=shape, chunks=(S, *shape[1:]), dtype=dtype, fill_value=0, compressors=None)
         for name in STRING_COLUMNS:
             group.create_array(name, shape=(n,), chunks=(S,), dtype=str, fill_value="", compressors=None)
-        group.create_array("complete", shape=(-(-n // S),), chunks=(1,), dtype=np.uint8, fill_value=0, compressors=None)
+        group.create_array("complete", shape=(shard_count(n, S),), chunks=(1,), dtype=np.uint8, fill_value=0, compressors=None)
 
 
 def _shard_file(data: np.ndarray, shard_size: int) -> list:
@@ -357,7 +357,7 @@ class ZarrHandle:
 
     def read_column(self, split: str, name: str, num_items: int) -> np.ndarray:
         array = self.array(split, name)
-        shards = range(-(-num_items // (array.shards or array.chunks)[0]))
+        shards = range(shard_count(num_items, (array.shards or array.chunks)[0]))
         self._check_files(split, name, shards)
         try:
             return array[:]
@@ -442,7 +442,7 @@ class ZarrHandle:
             shard_offsets[shard] = identity, np.where(present, used[:, 0].astype(np.int64), -1)
             return shard_offsets[shard][1]
 
-        paths = [str(self.chunk_file(split, name, shard)) for shard in range(-(-num_items // shard_size))]
+        paths = [str(self.chunk_file(split, name, shard)) for shard in range(shard_count(num_items, shard_size))]
 
         def locate(indices: np.ndarray):
             shards, within = np.divmod(indices, shard_size)

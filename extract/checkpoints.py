@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tokens.cache.store import listed
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as given; the message names the file and what to do."""
@@ -192,17 +194,12 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path, unused:
     device, without paying for a random initialisation, comes out whole."""
     every = module.state_dict()
     if left_out := [key for key in state if key not in every and key.startswith(token_path)]:
-        raise CheckpointError(f"{path}: weights {_some(left_out)} have no place in this model: a checkpoint of another variant "
+        raise CheckpointError(f"{path}: weights {listed(list(map(repr, left_out)), 4)} have no place in this model: a checkpoint of another variant "
                               "(registers, a qkv bias, layer scale...); give the model of its kind")
     own = {key: tensor for key, tensor in every.items() if key in state or not key.startswith(unused)}
     missing = [key for key in own if key not in state]
     if missing:
-        raise CheckpointError(f"{path}: missing weights {_some(missing)}; is this a checkpoint of the right model?")
+        raise CheckpointError(f"{path}: missing weights {listed(list(map(repr, missing)), 4)}; is this a checkpoint of the right model?")
     for key, tensor in own.items():
         expect(path, f"key {key!r}", "shape", tuple(tensor.shape), tuple(state[key].shape))
     module.load_state_dict({key: state[key].to(tensor.dtype) for key, tensor in own.items()}, assign=True, strict=not unused)
-
-
-def _some(keys: list[str]) -> str:
-    """The first four keys, and how many more."""
-    return ", ".join(repr(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")

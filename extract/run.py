@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from tokens.cache import StoreSpec, TokenStore, create_or_open, open_store
-from tokens.cache.store import SUFFIX_FORMATS, STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, failed, store_exists
+from tokens.cache.store import (SUFFIX_FORMATS, STORAGE_DTYPE, StoreError, check_codec, check_writable, detect_format, failed,
+                                shard_count, store_exists)
 from tokens.cache.zarr_backend import PAGE
 from tokens.cluster import pick_device, usable_cores
 from tokens.extract.audio import BadAudio, close_kept_file, load_window
@@ -67,7 +68,7 @@ class Plan:
 
     def shard_count(self) -> int:
         """Shards of the whole dataset, every part's."""
-        return sum(-(-n // self.spec.shard_size) for n in self.spec.splits.values())
+        return sum(shard_count(n, self.spec.shard_size) for n in self.spec.splits.values())
 
     def item_bytes(self) -> int:
         s = self.spec
@@ -87,7 +88,7 @@ class Plan:
             strings = sum(len(item.id.encode()) + len(item.source.encode()) for item in items)
             total += len(items) * (self.item_bytes() - mask) + strings
             if s.extra["format"] == "zarr":  # whole shards of columns, and each token shard file's index
-                shards = -(-len(items) // s.shard_size)
+                shards = shard_count(len(items), s.shard_size)
                 total += shards * s.shard_size * columns + shards * token_arrays * (16 * s.shard_size + 4)
             else:
                 total += len(items) * columns
@@ -177,7 +178,7 @@ def plan(
     )
     spec = spec_with(task=dataset.task, classes=dataset.classes, dataset_fingerprint=dataset.fingerprint(),
                      splits={name: len(items) for name, items in dataset.splits.items()})
-    units = [(name, s) for name, n in spec.splits.items() for s in range(-(-n // spec.shard_size))]
+    units = [(name, s) for name, n in spec.splits.items() for s in range(shard_count(n, spec.shard_size))]
     index, count = part
     return Plan(spec, dataset, units[index - 1::count])
 
