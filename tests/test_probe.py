@@ -418,6 +418,13 @@ def test_multiclass_store_without_valid_split(tmp_path):
     assert float(mhca["test_acc"]) == pytest.approx(accuracy_score(labels, predicted))
     assert float(mhca["test_balanced_acc"]) == pytest.approx(balanced_accuracy_score(labels, predicted))
 
+    # a checkpoint of a version that held out files at random: resumed, it would train on items it had validated on
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["plan"]["held_out"]
+    torch.save(state, out / "checkpoint.pt")
+    result = invoke("probe", store, "--heads", "mean,mhca,cgp", "--option", "cgp.num_prototypes=16", *FAST, "--out", out)
+    assert result.exit_code == 2 and "it held out other files for validation, as an earlier version did" in said(result), result.output
+
     # The same dim and classes but a multi-label store: softmax scores would be meaningless there.
     multilabel = make_store(tmp_path / "ml.zarr", splits={"train": 16, "test": 16})
     refused = invoke("predict", multilabel, "--head", out / "best" / "mhca.pt", "--out", tmp_path / "ml.csv", "--device", "cpu")
@@ -563,14 +570,40 @@ def test_hold_out_keeps_every_window_of_a_file_on_one_side():
     trained on would flatter them."""
     items = np.arange(1000)
     recordings = np.array([f"r{i // 7}.wav" for i in items])  # long recordings of 7 windows
-    kept, held = hold_out(items, recordings, 0.1, seed=3)
+    labels = (items // 7) % 4  # a class per recording
+    kept, held = hold_out(items, recordings, labels, 0.1, seed=3)
     assert not set(recordings[kept]) & set(recordings[held])
     assert sorted(np.concatenate([kept, held])) == list(items)
     assert abs(len(held) - 100) <= 3.5  # the number of whole files nearest a tenth
-    assert (held == hold_out(items, recordings, 0.1, seed=3)[1]).all()
-    assert set(held) != set(hold_out(items, recordings, 0.1, seed=4)[1])
+    assert (held == hold_out(items, recordings, labels, 0.1, seed=3)[1]).all()
+    assert set(held) != set(hold_out(items, recordings, labels, 0.1, seed=4)[1])
     few = np.repeat(["a.wav", "b.wav", "c.wav"], [300, 300, 20])  # one file nears 62 items better than two
-    assert all(len(set(few[hold_out(np.arange(620), few, 0.1, seed)[1]])) == 1 for seed in range(6))
+    assert all(len(set(few[hold_out(np.arange(620), few, np.zeros(620, int), 0.1, seed)[1]])) == 1 for seed in range(6))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hold_out_takes_each_class_in_proportion(seed):
+    """A random draw of files held out each class near a tenth only on average (here up to 4 files
+    from it); every class of several files is held out within a file of a tenth of them, and a class
+    of one file, which would then not be trained on, only where nothing else is left."""
+    files = {"dog": 200, "cat": 95, "owl": 40, "bee": 12, "elk": 1, "emu": 1}
+    recordings = np.array([f"{name}{i}.wav" for name, n in files.items() for i in range(n) for _ in range(2)])  # 2 windows a file
+    names = list(files)
+    labels = np.array([names.index(r.rstrip("0123456789.wav")) for r in recordings])
+    items = np.arange(len(recordings))
+    kept, held = hold_out(items, recordings, labels, 0.1, seed)
+    assert abs(len(held) - 0.1 * len(items)) <= 2 and not set(recordings[kept]) & set(recordings[held])
+    for name, n in files.items():
+        held_files = len(set(recordings[held][labels[held] == names.index(name)]))
+        assert abs(held_files - 0.1 * n) <= 1, (name, held_files)
+    assert {"elk", "emu"} <= {names[c] for c in labels[kept]}
+    multi = np.zeros((len(items), 3), np.uint8)  # multi-label: a file counts for its rarest class
+    multi[:, 0] = 1  # every item holds the common class
+    multi[labels == 2, 1] = 1  # owl's 40 files also hold a second class; bee's 12 a third
+    multi[labels == 3, 2] = 1
+    kept, held = hold_out(items, recordings, multi, 0.1, seed)
+    for column, n in ((1, 40), (2, 12)):
+        assert abs(len(set(recordings[held][multi[held, column] == 1])) - 0.1 * n) <= 1
 
 
 def test_a_store_of_too_few_files_to_hold_out_asks_for_a_valid_split(tmp_path):

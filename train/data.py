@@ -25,6 +25,7 @@ BLOCK_ITEMS = 2048  # items shuffled together: runs from anywhere in the split
 # How batches and held-out items are drawn, as a run's plan records it: a checkpoint or a sweep
 # part drawn another way (by an earlier version) is not resumed or merged.
 SAMPLING = f"runs of {RUN_ITEMS} items in blocks of {BLOCK_ITEMS}; whole files held out"
+HELD_OUT = "whole files, each class in proportion"  # how hold_out draws, in a plan without a valid split
 MODES = ("auto", "stream", "ram", "gpu")
 
 
@@ -283,15 +284,47 @@ def epoch_order(items: np.ndarray, shard_size: int, seed: int, epoch: int) -> np
     return np.concatenate([rng.permutation(shuffled[i : i + BLOCK_ITEMS]) for i in range(0, len(shuffled), BLOCK_ITEMS)])
 
 
-def hold_out(items: np.ndarray, recordings: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def hold_out(items: np.ndarray, recordings: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held out): a seeded `fraction` of `items` set aside for validation, whole recordings
-    at a time (`recordings`: each item's source file). Windows of one recording are near-duplicates:
-    holding out some of them would select heads on what they trained on."""
+    at a time (`recordings`: each item's source file; windows of one recording are near-duplicates:
+    holding out some of them would select heads on what they trained on), each class in proportion
+    (`labels`: the items' rows). A random draw of a few files left small classes out of validation.
+
+    Each recording takes its rarest class (by items; multi-label items count every class they
+    hold). The recordings of a class are spread evenly through a seeded order, so that its first
+    recordings, which are held out, hold every class of several recordings near `fraction` of its
+    items. A class of one recording comes last: held out, it would not be trained on."""
     names, group = np.unique(recordings, return_inverse=True)
-    order = np.random.default_rng(seed).permutation(len(names))
+    rng = np.random.default_rng(seed)
+    strata = _rarest_class(labels, group, len(names))
+    shuffled = rng.permutation(len(names))
+    by_stratum = shuffled[np.argsort(strata[shuffled], kind="stable")]  # shuffled within each stratum
+    sizes = np.bincount(strata)
+    rank = np.empty(len(names))
+    rank[by_stratum] = np.arange(len(names)) - (np.cumsum(sizes) - sizes)[strata[by_stratum]]
+    spread = (rank + rng.random(len(names))) / sizes[strata] + (sizes[strata] == 1)
+    order = np.argsort(spread, kind="stable")
     held_so_far = np.cumsum(np.bincount(group, minlength=len(names))[order])
     wanted = max(1, round(fraction * len(items)))
     crossing = int(np.searchsorted(held_so_far, wanted))  # the file that takes the count to `wanted`
     files = crossing + 1 if crossing == 0 or held_so_far[crossing] - wanted <= wanted - held_so_far[crossing - 1] else crossing
     held = np.isin(group, order[:files])
     return items[~held], items[held]
+
+
+def _rarest_class(labels: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
+    """Of each group (recording), the class of fewest items among its items' classes: multi-hot rows
+    (N, C) or class indices (N,); C (a stratum of its own) for a group none of whose items has one."""
+    none = np.iinfo(np.int64).max
+    if labels.ndim == 1:
+        classes = int(labels.max(initial=0)) + 1
+        item_key = np.bincount(labels, minlength=classes)[labels] * (classes + 1) + labels
+    else:
+        classes = labels.shape[1]
+        # a class as one number, its count first: an item's smallest is its rarest class
+        class_key = labels.sum(axis=0, dtype=np.int64) * (classes + 1) + np.arange(classes)
+        item_key = np.concatenate([np.where(rows.astype(bool), class_key, none).min(axis=1, initial=none)  # rows at a time: (N, C) int64 is large
+                                   for rows in np.array_split(labels, max(1, len(labels) // 65536))])
+    group_key = np.full(groups, none)
+    np.minimum.at(group_key, group, item_key)
+    return np.where(group_key == none, classes, group_key % (classes + 1))

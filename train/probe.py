@@ -31,7 +31,7 @@ from tokens.cache.store import TokenStore
 from tokens.cluster import cuda_float32
 from tokens.extract.checkpoints import CheckpointError, load_tensors
 from tokens.train import report
-from tokens.train.data import SAMPLING, FinalNorm, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
+from tokens.train.data import HELD_OUT, SAMPLING, FinalNorm, Source, choose_mode, epoch_order, hold_out, split_bytes, usable_items
 from tokens.train.heads import HEADS, build_head, count_parameters, shared_steps
 from tokens.train.losses import DEFAULT_LOSS, make_loss
 from tokens.train.metrics import compute_metrics, log_loss, primary_metric, undefined
@@ -198,7 +198,7 @@ def training_plan(store: TokenStore, configs: list[Config], *, epochs: int, batc
     return {"configs": [c.id for c in configs], "epochs": epochs, "batch_size": batch_size,
             "warmup_epochs": warmup_epochs, "optimizer": optimizer, "schedule": schedule,
             "loss": loss or DEFAULT_LOSS[store.task], "data_seed": data_seed, "final_norm": final_norm,
-            "sampling": SAMPLING, "store_key": store.meta["cache_key"]}
+            "sampling": SAMPLING, "store_key": store.meta["cache_key"]} | ({} if "valid" in store.splits else {"held_out": HELD_OUT})
 
 
 def recorded_norm(store: TokenStore, device: torch.device) -> FinalNorm:
@@ -278,6 +278,8 @@ def _plan_difference(key: str, there, here) -> str:
         return f"it was trained on {described(there)} of the store, which has {described(here)} now"
     if key == "sampling" and there is None:
         return "it drew its batches and held-out items as an earlier version did"
+    if key == "held_out" and there is None:
+        return "it held out other files for validation, as an earlier version did (at random, where now each class is held out in proportion)"
     return f"{key} {there!r} there, {here!r} here"
 
 
@@ -394,6 +396,8 @@ def run(
     done = {name: store.split(name).complete_mask() for name in ("train", "valid", "test") if name in store.splits}
     train_split = store.split("train")
     train_items = usable_items(train_split, done["train"])
+    # read once, and checked (column() refuses labels no writer stores) before any training rather than at the test
+    labels = {name: store.split(name).column("labels") for name in ("train", "valid", "test") if name in store.splits}
     held_out = ""
     if "valid" in store.splits:
         valid_split, valid_items = store.split("valid"), usable_items(store.split("valid"), done["valid"])
@@ -402,7 +406,7 @@ def run(
         valid_split = train_split
         sources = train_split.column("sources")
         usable = len(train_items)
-        train_items, valid_items = hold_out(train_items, sources[train_items], HOLD_OUT, data_seed)
+        train_items, valid_items = hold_out(train_items, sources[train_items], labels["train"][train_items], HOLD_OUT, data_seed)
         files, share = len(set(sources[valid_items])), len(valid_items) / max(usable, 1)
         if share > 2 * HOLD_OUT:
             count = len(set(sources[train_items])) + files
@@ -410,13 +414,11 @@ def run(
                              f"to hold out {HOLD_OUT:.0%} of its items as whole files ({len(valid_items)} of {usable} would go): "
                              "add a valid split", "STORE")
         validation = (f"no valid split: {len(valid_items)} of {usable} train items ({share:.0%}, {files} "
-                      f"file{'s' * (files != 1)}, data seed {data_seed}) held out, every window of a file on one side")
+                      f"file{'s' * (files != 1)}, data seed {data_seed}) held out, every window of a file on one side, "
+                      "each class in proportion")
         held_out = f" after {len(valid_items)} held out for validation" if len(valid_items) else ""
     test_split = store.split("test")
     test_items = usable_items(test_split, done["test"])
-    # read once, and checked (column() refuses labels no writer stores) before any training rather than at the test
-    labels = {split.name: split.column("labels")
-              for split in dict.fromkeys((train_split, valid_split, test_split))}
     if len(train_items) < 2:  # BatchNorm cannot train on a batch of one, and one item teaches nothing
         raise SweepError(f"{store.path}: train has {len(train_items)} usable item{'' if len(train_items) == 1 else 's'}"
                          f"{held_out}; a probe needs at least 2 (failed items and unwritten shards are left out)", "STORE")
