@@ -159,6 +159,14 @@ def wrapping_prefixes(state: dict, blocks: str = "blocks.") -> list[str]:
     return sorted({key.split(blocks)[0] for key, _ in flat_tensors(state) if f".{blocks}" in f".{key}"})
 
 
+def unwrap_ddp(state: dict) -> dict:
+    """A model saved from inside DistributedDataParallel has every key under 'module.': the model's
+    own keys follow it (as timm's loader reads them). Any other wrapper is refused by `wrapped`."""
+    if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
+        return {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
 def wrapped(path: str | Path, prefixes: list[str]) -> CheckpointError:
     return CheckpointError(f"{path}: its weights sit under {' and '.join(map(repr, prefixes))} (a training wrapper's keys); "
                            f"save the state dict of the model inside, with the keys that follow {prefixes[0]!r}")

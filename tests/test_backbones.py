@@ -254,6 +254,22 @@ def test_checkpoint_mismatches_name_the_file_key_and_numbers(audiomae, tmp_path)
         build_backbone("crepe-full", str(tiny))
 
 
+def test_a_checkpoint_saved_from_inside_ddp_loads_as_the_model_inside(audiomae, eat, tmp_path):
+    """DistributedDataParallel puts every key under 'module.': the weights are the model's all the same."""
+    path, _ = audiomae
+    saved = torch.load(path, weights_only=True)
+    torch.save({"model": {f"module.{k}": v for k, v in saved["model"].items()}}, tmp_path / "audiomae-ddp.pth")
+    folder, _ = eat
+    saved_eat = torch.load(folder / "eat.pt", weights_only=True)
+    torch.save(saved_eat | {"model": {f"module.{k}": v for k, v in saved_eat["model"].items()}}, tmp_path / "eat-ddp.pt")
+    for name, plain, ddp in (("audiomae", path, tmp_path / "audiomae-ddp.pth"), ("eat", folder / "eat.pt", tmp_path / "eat-ddp.pt")):
+        backbones = [build_backbone(name, file, **TINY) for file in (plain, ddp)]
+        inputs, mask = batch(backbones[0], noise(10))
+        with torch.inference_mode():
+            tokens = [backbone(inputs, [1], mask)[1][0] for backbone in backbones]
+        assert torch.equal(tokens[0], tokens[1]), name
+
+
 def test_a_checkpoint_without_blocks_is_named_another_layout_not_depth_0(audiomae, tmp_path):
     """Weights under a wrapper's prefix, or another family's file, used to be told to pass depth=0."""
     path, _ = audiomae
@@ -418,9 +434,15 @@ def test_beats_loads_its_release_format_and_gives_62_by_8(tmp_path):
     with pytest.raises(CheckpointError, match=r"cfg\['encoder_embed_dim'\] gives embedding size 64, .* expects 768"):
         build_backbone("beats", tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt")
     saved = torch.load(tmp_path / "BEATs_iter3_plus_AS2M_finetuned.pt", weights_only=True)
-    saved["model"] = {f"module.{k}": v for k, v in saved["model"].items()}  # saved from inside DDP
+    model = saved["model"]
+    saved["model"] = {f"module.{k}": v for k, v in model.items()}  # saved from inside DDP: the model's keys follow
+    torch.save(saved, tmp_path / "ddp.pt")
+    with torch.inference_mode():
+        from_ddp = build_backbone("beats", tmp_path / "ddp.pt", dim=64, depth=2)(inputs, [0, 1], mask)
+    assert all(torch.equal(from_ddp[layer][0], outputs[layer][0]) for layer in (0, 1))
+    saved["model"] = {f"backbone.{k}": v for k, v in model.items()}  # another wrapper: which keys are the model's is not known
     torch.save(saved, tmp_path / "wrapped.pt")
-    with pytest.raises(CheckpointError, match=r"wrapped\.pt: its weights sit under 'module\.' \(a training wrapper's keys\)"):
+    with pytest.raises(CheckpointError, match=r"wrapped\.pt: its weights sit under 'backbone\.' \(a training wrapper's keys\)"):
         build_backbone("beats", tmp_path / "wrapped.pt", dim=64, depth=2)
 
 

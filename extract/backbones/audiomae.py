@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoints import expect, expect_depth, load_checkpoint, load_weights
+from ..checkpoints import expect, expect_depth, load_checkpoint, load_weights, unwrap_ddp
 from ..frontends import AUDIOMAE_FBANK, FbankFeatures, time_patch_mask
 from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
@@ -57,7 +57,7 @@ class AudioMAE(Backbone):
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=12, final_norm=False):
     path = need_checkpoint(name, checkpoint)
     state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
-    state = state.get("model", state)
+    state = unwrap_ddp(state.get("model", state))
     expect_depth(path, state, depth)
     if "patch_embed.proj.weight" in state:
         expect(path, "'patch_embed.proj.weight'", "embedding size", dim, state["patch_embed.proj.weight"].shape[0], "dim", heads=True)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointError, count_indexed, expect, load_checkpoint, load_weights, wrapped, wrapping_prefixes
+from ..checkpoints import (CheckpointError, count_indexed, expect, load_checkpoint, load_weights, unwrap_ddp, wrapped,
+                           wrapping_prefixes)
 from ..frontends import BEATS_FBANK, FbankFeatures, time_patch_mask
 from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 
@@ -215,7 +216,7 @@ def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, final_norm
     expect(path, "cfg['encoder_embed_dim']", "embedding size", dim, cfg["encoder_embed_dim"], "dim")
     expect(path, "cfg['encoder_layers']", "depth", depth, cfg["encoder_layers"], "depth")
     expect(path, "cfg['input_patch_size']", "patch size", 16, cfg["input_patch_size"])
-    state = our_keys(saved["model"])
+    state = our_keys(unwrap_ddp(saved["model"]))
     if not count_indexed(state, "encoder.layers.") and (prefixes := wrapping_prefixes(saved["model"], "encoder.layers.")):
         raise wrapped(path, prefixes)
     expect(path, "'encoder.layers.N.*'", "depth", depth, count_indexed(state, "encoder.layers."))

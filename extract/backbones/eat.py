@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, expect, expect_depth, load_checkpoint, load_weights
+from ..checkpoints import CheckpointError, expect, expect_depth, load_checkpoint, load_weights, unwrap_ddp
 from ..frontends import EAT_FBANK, FbankFeatures, time_patch_mask
 from .base import DECODING_WORKERS, Backbone, need_checkpoint, register
 from .vit import Block, PatchEmbed
@@ -78,7 +78,7 @@ def our_keys(state: dict, path, num_tokens: int) -> dict:
 def build(name, checkpoint, *, allow_pickle=False, dim=768, depth=12, num_heads=12, final_norm=False):
     path = need_checkpoint(name, checkpoint)
     state, sha256 = load_checkpoint(path, allow_pickle=allow_pickle)
-    raw = state.get("model", state)
+    raw = unwrap_ddp(state.get("model", state))
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
         model = EAT(dim, depth, num_heads, name=name)
     state = our_keys(raw, path, model.num_tokens)
