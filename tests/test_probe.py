@@ -4,8 +4,10 @@ import csv
 import dataclasses
 import functools
 import json
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +209,39 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(store, run, tmp_path, 
     other = invoke("probe", store, *SWEEP, *FAST, "--optimizer", "lars", "--out", out)
     assert other.exit_code == 2 and "optimizer 'adamw' there, 'lars' here" in said(other), said(other)
     assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 16
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+def test_a_sweep_stopped_mid_epoch_resumes_from_the_step_to_the_same_results(store, run, tmp_path, monkeypatch, signals):
+    """SIGTERM (a SLURM requeue's) or Ctrl-C mid-epoch saves the step in hand, where the epoch was
+    lost; a second signal stops at once, from the last save. Either way the resumed sweep ends as
+    the uninterrupted one."""
+    out, calls = tmp_path / "stopped", []
+
+    def signalled(*args, **kwargs):  # the 4th step of the 2nd epoch (9 a epoch): a signal in its middle
+        calls.append(1)
+        if len(calls) == 13:
+            for number in signals:
+                os.kill(os.getpid(), number)
+        return factor(*args, **kwargs)
+
+    factor = recipe.lr_factor
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "lr_factor", signalled)
+        result = invoke("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert result.exit_code == 130 and "resume from where" in said(result), result.output
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    if len(signals) == 1:
+        assert (saved["epoch"], saved["step"]) == (1, 4) and "stopped at step 4 of 9 of epoch 2" in result.output
+    else:
+        assert (saved["epoch"], saved["step"]) == (1, 0)  # the second signal did not wait: the first epoch's end
+    result = ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert ("and 4 of the next one's 9 steps" in result.output) == (len(signals) == 1), result.output
+    assert leaderboard(out) == leaderboard(run)
+    for config, state in _final_states(out).items():
+        for name, tensor in state["best_state"].items():
+            assert torch.equal(tensor, _final_states(run)[config]["best_state"][name]), (config, name)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_sweep_checkpointed_on_a_gpu_resumes_on_a_cpu(store, tmp_path, monkeypatch):

@@ -316,8 +316,8 @@ def probe(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: run the same command again to resume from {out}'s last finished epoch "
-                   "(or from the start, if none had finished)", err=True)
+        typer.echo(f"\ninterrupted: run the same command again to resume from where {out / 'checkpoint.pt'} left off "
+                   "(the step it stopped at; the start, if none was saved)", err=True)
         raise typer.Exit(130) from None
     finally:
         opened.close()

@@ -18,6 +18,9 @@ import importlib.metadata
 import json
 import math
 import platform
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,11 +144,13 @@ def _state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe]):
-    """Everything needed to continue after `epoch`, written aside then renamed into place."""
+def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe], step: int = 0):
+    """Everything needed to continue after `epoch` epochs and `step` batches of the next, written
+    aside then renamed into place."""
     state = {
         "plan": plan,
         "epoch": epoch,
+        "step": step,
         "probes": [
             {
                 "head": p.head.state_dict(),
@@ -327,7 +332,8 @@ def check_other_parts(out: Path, record: dict):
 
 
 def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int, bool]:
-    """Put every probe back as it was saved: the number of epochs already done, and whether the
+    """Put every probe back as it was saved: the number of epochs already done (and batches of the
+    next: state["step"], 0 in checkpoints saved at an epoch's end), and whether the
     random states were another kind of device's (a job resubmitted to a CPU node after a GPU one,
     or the reverse): those cannot go on, so dropout draws from states seeded by each head's seed
     and the epoch instead, and differs from an uninterrupted run's from there."""
@@ -347,6 +353,33 @@ def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
         probe.val_metrics = saved["val_metrics"]
     return epoch, moved
+
+
+@contextmanager
+def stop_between_steps():
+    """A flag that Ctrl-C or SIGTERM sets while heads train, read between steps: the run then saves
+    the step it is at and stops, where the epoch in hand was lost (SLURM's requeue signal comes
+    minutes before the time limit, and an epoch of a large store can take longer). A second signal
+    stops at once, from the last save. Outside the main thread, where signals cannot be caught,
+    they stop the run as before."""
+    requested = threading.Event()
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = {}
+    try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, handler)
+    except ValueError:
+        pass
+    try:
+        yield requested
+    finally:
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
 
 
 def versions() -> dict:
@@ -487,18 +520,21 @@ def run(
 
     training_order = [probes[i] for i in layer_by_layer([p.config.layer for p in probes])]
     start, moved = restore(saved, probes, device) if saved else (0, False)
-    if start:
-        tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}")
+    skip = saved.get("step", 0) if saved else 0  # batches of epoch `start` already trained
+    if start or skip:
+        tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}" + (f" and {skip} of the next one's {steps} steps" if skip else ""))
     if moved:
         tqdm.write(f"note: {checkpoint} was saved on another kind of device than {device}: dropout goes on from new random "
                    "states, so the heads that use it will differ a little from an uninterrupted run's")
 
-    for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=not progress):
+    def train_epoch(epoch: int, done: int, stop: threading.Event):
+        """One epoch from its batch `done`, validated and saved; saved and stopped at a step once `stop` is set."""
         for p in probes:
             p.head.train()
         order = epoch_order(train_items, train_split.shard_size, data_seed, epoch)
-        batches = train_source.batches(order, batch_size, drop_last=True)
-        for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", total=steps, leave=False, disable=not progress)):
+        batches = train_source.batches(order[done * batch_size:], batch_size, drop_last=True)  # the epoch's batches from `done`
+        for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", initial=done, total=steps, leave=False, disable=not progress),
+                                     start=done):
             factor = lr_factor(schedule, epoch * steps + step, total, warmup)
             with shared_steps():
                 for p in training_order:
@@ -510,6 +546,10 @@ def run(
                     loss_fn(logits, batch.labels).backward()
                     p.optimizer.step()
                     p.rng = get_rng(device)
+            if stop.is_set() and step + 1 < steps:
+                save_checkpoint(checkpoint, plan, epoch, probes, step=step + 1)
+                tqdm.write(f"stopped at step {step + 1} of {steps} of epoch {epoch + 1}: saved in {checkpoint}")
+                raise KeyboardInterrupt
 
         # Validate every head; keep each one's best epoch, and the validation metrics of the
         # weights it will be tested with (the best epoch's; the last epoch's while none is best),
@@ -527,9 +567,15 @@ def run(
             if p.best_epoch in (0, epoch + 1):
                 p.val_metrics = metrics
         save_checkpoint(checkpoint, plan, epoch + 1, probes)
-        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
-            tqdm.write(f"stopped after epoch {epoch + 1}; run again to resume")
-            return []
+
+    with stop_between_steps() as stop:
+        for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=not progress):
+            train_epoch(epoch, skip if epoch == start else 0, stop)
+            if stop.is_set():
+                raise KeyboardInterrupt
+            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
+                tqdm.write(f"stopped after epoch {epoch + 1}; run again to resume")
+                return []
 
     # Test once, with each head's best weights.
     for p in probes:
