@@ -12,8 +12,8 @@ is the lower of
       at a time, taking the faster (a cloud disk's short bursts can be faster than what it
       sustains over tens of GB, and one writer at a time can be slower than several),
 and the figure is the end-to-end items/s of the `tokens extract` command, run as a user runs it
-in a fresh process (start-up, dataset check, decode, fbank and forward on the GPU, write), divided by that
-bound, for one cached layer and for all 12; its rate once the first batch is out is beside it.
+in a fresh process (start-up, dataset check, decode, fbank and forward on the GPU, write; Python's
+bytecode cached, as an installed copy has it), divided by that bound, for one cached layer and for all 12; its rate once the first batch is out is beside it.
 The rate of decoding alone (the DataLoader workers, on the CPU; the fbank runs on the GPU, in the
 forward pass) is reported beside it: it is not part of the bound but is the next limit on machines
 with few cores per GPU. So is the
@@ -116,17 +116,31 @@ def summaries(stdout: str) -> list[dict]:
 
 def command_run(manifest: Path, store: Path, checkpoint: Path, layers: str, args) -> tuple[float, dict]:
     """`tokens extract` as a user runs it, in a fresh process: (wall seconds of the command, its
-    summary line: seconds inside the extraction, to its first batch, and items/s from then on)."""
+    summary line: seconds inside the extraction, to its first batch, and items/s from then on).
+
+    With Python's bytecode cached, as `pip install` leaves it: a machine that keeps none (the GPU
+    hosts set PYTHONDONTWRITEBYTECODE, and their torch has no __pycache__) compiles torch's source
+    in every process, 3 s of each start that no installed copy pays. The cache goes under --dir,
+    filled by a first run of the same command (warm_bytecode)."""
     command = [sys.executable, "-m", "tokens", "extract", str(manifest), "--store", str(store), "--backbone", "audiomae",
                "--checkpoint", str(checkpoint), "--layers", layers, "--batch-size", str(args.batch_size), "--quiet"]
     if args.num_workers is not None:
         command += ["--num-workers", str(args.num_workers)]
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    environment["PYTHONPYCACHEPREFIX"] = str(args.dir / "bytecode")
     started = time.perf_counter()
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
     wall = time.perf_counter() - started
     found = summaries(done.stdout)
     assert found, f"no summary in the output of {' '.join(command)}:\n{done.stdout}"
     return wall, found[0]
+
+
+def warm_bytecode(checkpoint: Path, args):
+    """The measured commands' bytecode, compiled by a small run of the same command (command_run)."""
+    directory = args.dir / "warm"
+    command_run(write_clips(directory, 8, 256), directory / "store.zarr", checkpoint, "-1", args)
+    shutil.rmtree(directory)
 
 
 def front_end_loader(manifest: Path, checkpoint: Path, batch: int, workers: int | None, clips: int):
@@ -228,6 +242,7 @@ def main():
 
     tokens_per_item = model.num_tokens + model.num_prefix
     figures = {"gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count()}
+    warm_bytecode(checkpoint, args)
     for name, layers, clips in (("1 layer", [-1], args.clips), ("12 layers", "all", args.clips_all_layers)):
         count = 1 if layers != "all" else model.depth
         item_bytes = count * tokens_per_item * model.dim * 2 + model.num_tokens  # float16 tokens + mask
