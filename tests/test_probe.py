@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1696,6 +1698,49 @@ def test_a_run_that_stopped_before_any_result_may_be_started_again_otherwise(sto
     shutil.rmtree(out / "best")
     shutil.rmtree(out / "heads")
     ok("probe", store, "--heads", "linear", *FAST, "--batch-size", "8", "--out", out)
+
+
+def test_a_run_folder_that_another_probe_is_training_is_refused(store, tmp_path):
+    """Two sweeps into one --out at once both trained and wrote there: the leaderboard and checkpoint
+    of one beside best heads of the other. The second is refused, naming the first; the lock goes
+    with its holder, and a folder the refused run made is not left behind."""
+    out = tmp_path / "busy"
+    with recipe.run_folder_lock(out):  # another run, as far as the lock can tell (its own open file)
+        result = invoke("probe", store, "--heads", "linear", "--seeds", "0", *FAST, "--out", out)
+        assert result.exit_code == 2 and f"{out} is being trained by another `tokens probe` (pid {os.getpid()} on" in said(result)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    ok("probe", store, "--heads", "linear", "--seeds", "0", *FAST, "--out", out)  # its holder gone, the folder is free
+    assert (out / "leaderboard.csv").exists()
+    result = invoke("probe", store, "--heads", "nope", *FAST, "--out", tmp_path / "refused")
+    assert result.exit_code == 2 and not (tmp_path / "refused").exists()
+    result = invoke("probe", store, "--heads", "linear", "--layers", "7", *FAST, "--out", tmp_path / "refused")
+    assert result.exit_code == 2 and not (tmp_path / "refused").exists()
+
+
+FILE_SIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = ["tokens", *sys.argv[2:]]
+from tokens.__main__ import main
+main()
+"""
+
+
+def test_a_sweep_that_cannot_write_its_checkpoint_says_so_and_resumes_once_it_can(store, run, tmp_path):
+    """A full disk (here a file-size limit: writes past it fail as on a full disk) while a sweep saves
+    its checkpoint was a 40-line traceback ending in torch's 'unexpected pos'. Now named, with what to
+    do; nothing half-written is left, and the same command then finishes as an uninterrupted run."""
+    out = tmp_path / "full"
+    limit = 64 * 1024  # more than config.json, less than the checkpoint
+    assert (run / "config.json").stat().st_size < limit < (run / "checkpoint.pt").stat().st_size
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), "probe", str(store), *SWEEP, *FAST, "--data", "stream",
+                           "--quiet", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: cannot write {out / 'checkpoint.pt'} (" in done.stderr and "free space and run the same command again" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]  # no half-written checkpoint, nor its temporary file
+    ok("probe", store, *SWEEP, *FAST, "--data", "stream", "--out", out)
+    assert leaderboard(out) == leaderboard(run)
 
 
 def test_two_copies_of_a_part_save_their_checkpoints_side_by_side(tmp_path):

@@ -303,17 +303,23 @@ def probe(
             out = out / f"part-{index}-of-{count}"
             typer.echo(f"part {index}/{count} (from {part_origin(part)}): {len(mine)} of {len(configs)} configuration{'s' * (len(configs) != 1)}, results in {out}")
         typer.echo(f"{len(mine)} configuration{'s' * (len(mine) != 1)} on {compute}")
-        recipe.run(
-            # The sweep's whole list of configurations, in order: parts take every count-th, so parts
-            # of one sweep must agree on it (report.check_parts_agree), not only on its heads and values.
-            opened, mine, out, sweep=spec | {"configs": [c.id for c in configs]}, part=(index, count), epochs=epochs, batch_size=batch_size,
-            warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss, data=data, device=compute,
-            data_seed=data_seed, final_norm=final_norm, progress=not quiet,
-        )
+        with recipe.run_folder_lock(out):
+            recipe.run(
+                # The sweep's whole list of configurations, in order: parts take every count-th, so parts
+                # of one sweep must agree on it (report.check_parts_agree), not only on its heads and values.
+                opened, mine, out, sweep=spec | {"configs": [c.id for c in configs]}, part=(index, count), epochs=epochs,
+                batch_size=batch_size, warmup_epochs=warmup_epochs, optimizer=optimizer.value, schedule=schedule.value, loss=loss,
+                data=data, device=compute, data_seed=data_seed, final_norm=final_norm, progress=not quiet,
+            )
     except (SweepError, StoreError) as error:
         raise _bad(error) from error
     except recipe.TrainingFailed as error:
         typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except (recipe.WriteFailed, OSError) as error:  # a full disk or a quota, while results or checkpoints are written
+        what = str(error) if isinstance(error, recipe.WriteFailed) else f"{error.filename or out}: {error.strerror or error}"
+        typer.echo(f"error: {what}\nwhat was saved before is whole: free space and run the same command again to go on "
+                   f"from {out / 'checkpoint.pt'}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: run the same command again to resume from where {out / 'checkpoint.pt'} left off "

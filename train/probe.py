@@ -14,12 +14,17 @@ started again with the same sweep resumes from it and ends with the same results
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import math
+import os
 import platform
+import shutil
 import signal
+import socket
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +174,19 @@ def save_checkpoint(path: Path, plan: dict, epoch: int, probes: list[Probe], ste
     save_aside(state, path)
 
 
+class WriteFailed(Exception):
+    """A checkpoint or head could not be written (a full disk, a quota); the file it replaces is whole."""
+
+
 def save_aside(obj, path: Path):
-    """torch.save, written aside and renamed into place (see report.written_aside)."""
-    with report.written_aside(path) as aside:
-        torch.save(obj, aside)
+    """torch.save, written aside and renamed into place (see report.written_aside). torch tells a
+    failed write as a RuntimeError ('unexpected pos 65536 vs 65428'): it is named as one here."""
+    try:
+        with report.written_aside(path) as aside:
+            torch.save(obj, aside)
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(path.parent).free
+        raise WriteFailed(f"cannot write {path} ({free / 2**20:.1f} MiB free on its disk; {error})") from error
 
 
 def unfinished_shards(done: dict[str, np.ndarray]) -> dict[str, list[int]]:
@@ -353,6 +367,40 @@ def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
         probe.val_metrics = saved["val_metrics"]
     return epoch, moved
+
+
+LOCK = ".lock"  # in a run folder: held by the `tokens probe` writing there (run_folder_lock)
+
+
+@contextmanager
+def run_folder_lock(out: Path):
+    """One `tokens probe` at a time in a run folder: two at once both trained and wrote there, the
+    leaderboard and checkpoint of one beside best heads of the other. The lock (flock on RUN/.lock,
+    which names its holder) goes with its process however that ends, so a killed run leaves none. A
+    folder made here and left with nothing else (the run refused) is removed. A file system that
+    takes no locks (Lustre without its flock option) runs unlocked, as before."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 200).decode(errors="replace").strip() or "a process that has not named itself yet"
+            raise SweepError(f"{out} is being trained by another `tokens probe` ({holder}): wait for it to finish, "
+                             "or give this one another --out", "--out") from None
+        except OSError:
+            pass
+        else:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        if made and [p.name for p in out.iterdir()] == [LOCK]:
+            path.unlink()
+            out.rmdir()
+        os.close(descriptor)
 
 
 @contextmanager
