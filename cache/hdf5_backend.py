@@ -167,13 +167,16 @@ class HDF5Handle:
     def meta(self, latest: bool = False) -> dict:
         """The store's metadata; {} for an HDF5 file that tokens did not write (TokenStore says so).
         `latest` changes nothing: an HDF5 store has one writer, so no other task changes it meanwhile."""
-        if "meta" not in self.file.attrs:
-            return {}
         try:
+            if "meta" not in self.file.attrs:
+                return {}
             return json.loads(self.file.attrs["meta"])
         except (TypeError, ValueError) as error:
             raise StoreError(f"{self.path}: its metadata is not readable JSON ({error}): the file is damaged, "
                              "or not a store tokens wrote") from None
+        except (OSError, RuntimeError) as error:  # libhdf5's own structures around it are damaged
+            raise StoreError(f"{self.path}: its metadata cannot be read ({error}): the file is damaged there; "
+                             "extract the store again, or restore it from a copy") from None
 
     def set_meta(self, meta: dict):
         with self._lock:

@@ -97,7 +97,26 @@ def load_tensors(path: str | Path):
     except pickle.UnpicklingError as err:
         raise _refusal(path, err) from None
     except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as err:  # torn, empty or foreign files
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_what_it_holds(path) or f'{type(err).__name__}: {_first_line(err)}'})") from None
+
+
+def _what_it_holds(path: str | Path) -> str:
+    """What a file that torch cannot read begins with, where that says more than torch's error (a
+    text file read as a legacy pickle fails with 'KeyError: 101', its first byte)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return ""
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive (torch.save) or a pickle: torn, not foreign
+        return ""
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it begins with the bytes {head[:8].hex(' ')}, neither torch.save's zip archive nor a pickle"
+    return f"it is text, beginning {text.split(chr(10))[0][:40]!r}"
 
 
 def _first_line(err: Exception) -> str:
@@ -116,7 +135,7 @@ def _refusal(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
         )
     # Not pickled objects: torch's advice to retry with weights_only=False does not apply, its detail does.
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
-    detail = found.group(1).strip() if found else _first_line(err)
+    detail = _what_it_holds(path) or (found.group(1).strip() if found else _first_line(err))
     return CheckpointError(f"{path}: not a readable torch checkpoint, not a file torch.save wrote ({detail})")
 
 

@@ -1025,6 +1025,14 @@ def test_predict_refuses_what_is_not_a_saved_head(store, run, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     result = invoke("predict", store, "--head", tmp_path / "other.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "is not a head saved by `tokens probe`" in said(result), result.output
+    saved = torch.load(run / "best" / "ep.pt", weights_only=True)  # a head edited, or damaged: a traceback from torch
+    reshaped = saved | {"state_dict": saved["state_dict"] | {"queries": saved["state_dict"]["queries"][:, :3]}}
+    unbuilt = saved | {"build": {k: v for k, v in saved["build"].items() if k != "dim"}}
+    for name, edited in (("reshaped", reshaped), ("unbuilt", unbuilt)):
+        torch.save(edited, tmp_path / f"{name}.pt")
+        result = invoke("predict", store, "--head", tmp_path / f"{name}.pt", "--device", "cpu", "--out", tmp_path / "s.csv")
+        assert result.exit_code == 2 and f"{tmp_path / name}.pt is damaged: its weights do not make the head it names (" in said(result)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -1621,6 +1629,9 @@ def test_a_run_directory_is_not_shared_by_two_sweeps(store, tmp_path):
     refused = invoke("probe", store, "--heads", "ep,protobin", *FAST, "--loss", "asl", "--out", out)
     assert "belongs to another sweep (loss 'bce' there, 'asl' here)" in said(refused), said(refused)
     ok("probe", store, "--heads", "ep,protobin", *FAST, "--loss", "bce", "--out", out)  # the default, given: the same sweep
+    other_store = make_store(tmp_path / "other.zarr")  # as a store extracted again (--retry-failed) has another key
+    refused = invoke("probe", other_store, "--heads", "ep,protobin", *FAST, "--out", out)
+    assert "belongs to another sweep (it was trained on another store, or on this one before it changed (extracted again into, " in said(refused)
     (out / "checkpoint.pt").unlink()
     refused = invoke("probe", store, "--heads", "linear", *FAST, "--out", out)
     assert refused.exit_code == 2 and f"{out} holds the results of another sweep" in said(refused), said(refused)

@@ -1131,6 +1131,8 @@ JUNK = {
     "random_bytes": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
     "json": b'{"model": {"w": [1, 2, 3]}}',
 }
+JUNK_SAID = {"empty": "(the file is empty)", "text": "(it is text, beginning 'this is not a checkpoint')",  # not torch's 'KeyError: 116'
+             "random_bytes": "", "json": """(it is text, beginning '{"model": {"w": [1, 2, 3]}}')"""}
 
 
 @pytest.mark.parametrize("case", list(JUNK))
@@ -1144,6 +1146,7 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(clips, probe_store, tmp_p
     for result, option in ((extraction, None), (prediction, "--head")):
         assert result.exit_code == 2, result.output
         assert f"{junk}: not a readable torch checkpoint" in result.output and "--allow-pickle" not in result.output, result.output
+        assert JUNK_SAID[case] in " ".join(result.output.split()), result.output
         assert "weights_only" not in result.output, result.output  # torch's advice to unpickle it, for a file with nothing pickled
         assert option is None or option in result.output
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "scores.csv").exists()

@@ -796,6 +796,20 @@ def test_info_shows_a_store_whose_record_of_its_making_was_edited_away(tmp_path,
     assert json.loads(CliRunner().invoke(app, ["info", str(path), "--json"]).output)["codec"] is None
 
 
+def test_an_hdf5_store_damaged_where_it_keeps_its_metadata_is_named(tmp_path):
+    """libhdf5's 'bad global heap collection signature', alone, named no file and said nothing to do."""
+    path = tmp_path / "s.h5"
+    fill(path, make_spec(), "hdf5")
+    data = bytearray(path.read_bytes())
+    heap = data.find(b"GCOL")  # the global heap that holds the metadata's string
+    data[heap:heap + 4] = b"\0" * 4
+    path.write_bytes(bytes(data))
+    for command in ("info", "verify"):
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert result.exit_code != 0 and f"{path}: its metadata cannot be read (" in result.output, result.output
+        assert "extract the store again, or restore it from a copy" in " ".join(result.output.split())
+
+
 def test_a_store_named_in_capitals_is_of_the_format_its_suffix_says(tmp_path):
     """out.H5 made a zarr directory, while extraction's --format check took it for HDF5."""
     assert detect_format(tmp_path / "out.H5") == "hdf5" and detect_format(tmp_path / "out.HDF5") == "hdf5"

@@ -352,13 +352,23 @@ def report(
 SAVED_HEAD_KEYS = {"build", "layer", "task", "classes", "store_key", "state_dict"}
 
 
-def check_saved_head(path: Path, saved):
-    """Refuse a file that is not a head saved by `tokens probe`, pointing a run's checkpoint at RUN/best/."""
+def check_saved_head(path: Path, saved) -> torch.nn.Module:
+    """The head a file saved by `tokens probe` holds. Refuse any other file, pointing a run's
+    checkpoint at RUN/best/, and a head whose weights do not make the head it names (edited, or
+    damaged): that was a traceback from deep in torch."""
     if isinstance(saved, dict) and {"plan", "probes"} <= set(saved):
         raise typer.BadParameter(f"{path} is a run checkpoint, not a saved head; use {path.parent / 'best'}/HEAD.pt",
                                  param_hint="--head")
     if not isinstance(saved, dict) or not SAVED_HEAD_KEYS <= set(saved):
         raise typer.BadParameter(f"{path} is not a head saved by `tokens probe` (RUN/best/HEAD.pt)", param_hint="--head")
+    try:
+        module = build_head(**saved["build"])
+        module.load_state_dict(saved["state_dict"])
+    except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as error:
+        why = " ".join(str(error).split())
+        raise typer.BadParameter(f"{path} is damaged: its weights do not make the head it names ({why[:300]}); save it again "
+                                 "from its run (the same `tokens probe` command, with the run's checkpoint.pt)", param_hint="--head") from None
+    return module
 
 
 # What `tokens probe` and `tokens report` write into their --out (a run's part folders too).
@@ -438,7 +448,7 @@ def predict(
         raise typer.BadParameter(f"{error}; a head saved by `tokens probe` holds only tensors and plain values", param_hint="--head") from None
     except OSError as error:
         raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from None
-    check_saved_head(head, saved)
+    module = check_saved_head(head, saved)
     opened = open_checked(store, [], allow_incomplete, optional=(split,))
     if split not in opened.splits:
         opened.close()
@@ -490,8 +500,6 @@ def predict(
             raise typer.BadParameter(f"{store} has no usable {split} items (all failed or in unwritten shards)", param_hint="--split")
         header = ["id", "source", "offset", *saved["classes"]]
         prepare_output(out, header)
-        module = build_head(**build)
-        module.load_state_dict(saved["state_dict"])
         module.to(compute)
         layers = opened.layers if multi else [layer]
         try:  # the norm the head was trained behind (probe --final-norm)

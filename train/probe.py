@@ -297,6 +297,9 @@ def _plan_difference(key: str, there, here) -> str:
         return f"it was trained on {described(there)} of the store, which has {described(here)} now"
     if key == "sampling" and there is None:
         return "it drew its batches and held-out items as an earlier version did"
+    if key == "store_key":  # keys are SHA-256s: words say what changed
+        return ("it was trained on another store, or on this one before it changed (extracted again into, e.g. with "
+                f"--retry-failed: key {str(there)[:12]}... there, {str(here)[:12]}... here)")
     if key == "held_out" and there is None:
         return "it held out other files for validation, as an earlier version did (at random, where now each class is held out in proportion)"
     return f"{key} {there!r} there, {here!r} here"
