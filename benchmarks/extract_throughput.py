@@ -105,12 +105,12 @@ def encoder_bound(checkpoint_model: AudioMAE, batch: int, layers: list[int], ste
     return max(eager, graphed)
 
 
-SUMMARY = re.compile(r"wrote (\d+) items? .* in ([\d.]+) s \(([\d.]+) s to the first batch, then (\d+) items/s\)")
+SUMMARY = re.compile(r"wrote (\d+) items? .* in ([\d.]+) s \(([\d.]+) s to the first batch, then ([\d.]+) items/s\)")
 
 
 def summaries(stdout: str) -> list[dict]:
     """The summary line of each `tokens extract` process in a command's output (one per torchrun rank)."""
-    return [{"items": int(m[1]), "seconds": float(m[2]), "startup_s": float(m[3]), "streaming_items_per_s": int(m[4])}
+    return [{"items": int(m[1]), "seconds": float(m[2]), "startup_s": float(m[3]), "streaming_items_per_s": float(m[4])}
             for m in SUMMARY.finditer(stdout)]
 
 

@@ -432,6 +432,10 @@ def check_meta(meta: dict):
     problems += [f"'{name}' is {meta[name]} (it must be positive)" for name in ("dim", "shard_size") if meta[name] < 1]
     problems += ["'splits' does not give each split's number of items"] * (
         not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in meta["splits"].values()))
+    # what the tokens and labels were made under, recorded beside the fields (stores of early versions have no record)
+    made = meta.get("key_fields") if isinstance(meta.get("key_fields"), dict) else {}
+    problems += [f"gives {name!r} as {short(meta.get(name))}, but its tokens and labels were made with {short(made[name])} "
+                 "(its record 'key_fields')" for name in made if _json(meta.get(name)) != _json(made[name])]
     if problems:
         raise StoreError("; ".join(problems))
 

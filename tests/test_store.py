@@ -383,7 +383,8 @@ def test_a_store_taken_by_another_task_meanwhile_is_compared_again_in_full(tmp_p
     fill(path, spec)
     taken = dataclasses.replace(spec, dataset_fingerprint="e" * 64)
     with TokenStore(path, mode="a") as slow:
-        edit_meta(path, "zarr", lambda meta: meta.update(dataset_fingerprint="e" * 64))  # the other task's record
+        edit_meta(path, "zarr", lambda meta: meta.update(dataset_fingerprint="e" * 64,  # the other task's record
+                                                          key_fields=meta["key_fields"] | {"dataset_fingerprint": "e" * 64}))
         slow.check_compatible(taken)
         assert slow.meta["dataset_fingerprint"] == "e" * 64
     with TokenStore(path, mode="a") as slow:
@@ -631,6 +632,7 @@ def test_metadata_that_disagrees_with_the_arrays_is_refused_before_a_read(tmp_pa
     the wrong targets or read float16 bits as bfloat16 without a sign."""
     path = tmp_path / f"s{suffix}"
     fill(path, make_spec(), fmt)
+    edit_meta(path, fmt, lambda m: m.pop("key_fields"))  # as a store of an early version, which kept no record of them
     edit_meta(path, fmt, lambda m: m.update(classes=["a", "b"]))
     with open_store(path) as store:
         assert "train/labels: shape (37, 3) uint8, expected (37, 2) uint8 (multilabel over 2 classes)" in verify(store, progress=False).problems
@@ -788,12 +790,25 @@ def test_info_shows_a_store_whose_record_of_its_making_was_edited_away(tmp_path,
     traceback in tokens info was all a store that lost one got."""
     path = tmp_path / f"s{suffix}"
     fill(path, make_spec(), fmt)
-    edit_meta(path, fmt, lambda m: [m.pop(name) for name in ("codec", "created", "tool_version", "checkpoint_sha256")])
+    edit_meta(path, fmt, lambda m: [m.pop(name) for name in ("codec", "created", "tool_version")])
     result = CliRunner().invoke(app, ["info", str(path)])
     assert result.exit_code == 0, result.output
-    assert "created    at an unrecorded time by tokens (version unrecorded)" in result.output
-    assert "checkpoint sha256 none (built-in weights)" in result.output and "compressed" not in result.output
+    assert "created    at an unrecorded time by tokens (version unrecorded)" in result.output and "compressed" not in result.output
     assert json.loads(CliRunner().invoke(app, ["info", str(path), "--json"]).output)["codec"] is None
+
+
+@pytest.mark.parametrize("fmt, suffix", [("zarr", ".zarr"), ("hdf5", ".h5")])
+def test_a_key_field_edited_by_hand_is_refused_at_opening(tmp_path, fmt, suffix):
+    """Classes put in another order passed verify, and a probe reported each class's figures under
+    another's name: the store's record of what made its tokens and labels tells."""
+    path = tmp_path / f"s{suffix}"
+    fill(path, make_spec(), fmt)
+    edit_meta(path, fmt, lambda m: m.update(classes=CLASSES[::-1]))
+    with pytest.raises(StoreError, match=re.escape(f"""gives 'classes' as ["c", "b", "a"], but its tokens and labels were made with """
+                                                   f"""["a", "b", "c"] (its record 'key_fields')""")):
+        open_store(path)
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code != 0 and "gives 'classes' as" in " ".join(result.output.split()), result.output
 
 
 def test_an_hdf5_store_damaged_where_it_keeps_its_metadata_is_named(tmp_path):
