@@ -214,19 +214,26 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
     file, window and labels. "" when none shows there, or the store's columns cannot be read."""
     for name in SPLITS:
         held, now = store.splits[name].num_items if name in store.splits else 0, len(dataset.splits.get(name, []))
-        if held != now:
-            return f"{name} has {held} items in the store, {now} now"
+        if held != now:  # where the items first differ tells which file gained or lost windows
+            first = _first_change(store, dataset, name, min(held, now), rows_at_once)
+            return f"{name} has {held} items in the store, {now} now" + (f"; the first to differ: {first}" if first else "")
+    for name in dataset.splits:
+        if found := _first_change(store, dataset, name, len(dataset.splits[name]), rows_at_once):
+            return found
+    return ""
+
+
+def _first_change(store, dataset: Dataset, name: str, count: int, rows_at_once: int) -> str:
+    """dataset_change() item by item over the first `count` items of a split, in the shards written so far."""
+    items = dataset.splits[name]
     try:
-        for name, items in dataset.splits.items():
-            split = store.split(name)
-            complete = split.complete_items()  # as many as items: the split sizes agree
-            for first in range(0, len(items), rows_at_once):  # a column of millions of rows is read in parts
-                rows = np.flatnonzero(complete[first:first + rows_at_once]) + first
-                if len(rows):
-                    found = _first_item_change(split, dataset, items, rows, complete)
-                    if found:
-                        return found
-    except (StoreError, OSError, ValueError):  # a damaged column: the refusal stays the fingerprint's
+        split = store.split(name)
+        complete = split.complete_items()
+        for first in range(0, count, rows_at_once):  # a column of millions of rows is read in parts
+            rows = np.flatnonzero(complete[first:min(first + rows_at_once, count)]) + first
+            if len(rows) and (found := _first_item_change(split, dataset, items, rows, complete)):
+                return found
+    except (StoreError, OSError, ValueError, KeyError):  # a damaged column: the refusal stays the fingerprint's
         return ""
     return ""
 
@@ -258,7 +265,7 @@ def _first_item_change(split, dataset: Dataset, items: list[Item], rows: np.ndar
     what = next(name for name, found in differs.items() if found[n])
     item, where = planned[n], f"{split.name} item {int(rows[n])}"
     if what == "id":
-        reordered = set(split.column("ids")[complete]) <= {it.id for it in items}
+        reordered = len(items) == split.num_items and set(split.column("ids")[complete]) <= {it.id for it in items}
         return (f"{where} is {held['ids'][n]!r} in the store but {item.id!r} now"
                 + (" (the same items in another order: were the manifest's rows reordered?)" if reordered else ""))
     if what == "file":

@@ -529,6 +529,12 @@ def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_p
         with pytest.raises(StoreError) as refused:
             run(manifest, store_path)
         assert f"the dataset differs: {said}" in str(refused.value), (name, str(refused.value))
+    tone(dataset.parent / "c1.wav", 2.5, 880)  # a file that grew: its windows shift every item after it
+    with pytest.raises(StoreError) as refused:
+        run(dataset, store_path)
+    assert ("the dataset differs: train has 6 items in the store, 8 now; the first to differ: train item 2 is 'c2.wav' in the "
+            "store but 'c1.wav@1' now") in str(refused.value), str(refused.value)
+    assert "another order" not in str(refused.value)
 
 
 def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
