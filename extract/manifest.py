@@ -390,6 +390,8 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
         notes.append(f"{some} left out ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; e.g. {other_files[0]})")
     if empty and records:
         notes.append(f"{len(empty)} class folder(s) hold no file read here, so add no item ({listed(empty)})")
+    if split_dirs and (top := sorted(p.name for p in root.iterdir() if p.is_file() and not skipped(p) and p.suffix.lower() in suffixes)):
+        notes.append(f"{len(top)} file(s) at the top of the folder, in no split or class folder, are left out ({listed(top, 3)})")
     return ["path", "label", "split"], records, problems, notes
 
 

@@ -173,6 +173,17 @@ def test_an_empty_class_folder_is_noted(tmp_path):
     assert "1 class folder(s) hold no file read here, so add no item (train/fish)" in ds.notes
 
 
+def test_audio_at_the_top_of_a_class_folder_dataset_is_noted(tmp_path):
+    """A clip left at the top, in no split or class folder, was left out without a word."""
+    wav(tmp_path / "train/dog/1.wav", 1)
+    wav(tmp_path / "test/dog/2.wav", 1)
+    wav(tmp_path / "stray.wav", 1)
+    (tmp_path / "README.txt").write_text("notes")
+    ds = audio(tmp_path)
+    assert len(ds.splits["train"]) == 1 and len(ds.splits["test"]) == 1
+    assert "1 file(s) at the top of the folder, in no split or class folder, are left out (stray.wav)" in ds.notes
+
+
 def test_audio_rows_given_to_an_image_backbone_are_refused_before_any_decoding(tmp_path):
     wav(tmp_path / "a.wav", 1)
     manifest = csv_file(tmp_path / "m.csv", "path,label,split\na.wav,dog,train\n")
