@@ -1135,6 +1135,23 @@ def test_report_refuses_a_csv_that_is_not_a_leaderboard(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_leaderboard_without_the_metric_selection_maximises_is_refused(run, tmp_path):
+    """Its val_map column deleted, a report selected by ROC-AUC without a word."""
+    rows = read_csv(run / "leaderboard.csv")
+    (tmp_path / "edited").mkdir()
+    report_module.write_csv(tmp_path / "edited" / "leaderboard.csv", rows, [c for c in rows[0] if c != "val_map"])
+    result = invoke("report", tmp_path / "edited", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "it has no column val_map" in said(result), result.output
+    shuffled = list(rows[0])  # its columns in another order: the same selection
+    shuffled.insert(0, shuffled.pop(shuffled.index("val_roc_auc")))
+    report_module.write_csv(tmp_path / "edited" / "leaderboard.csv", rows, shuffled)
+    ok("report", tmp_path / "edited", "--out", tmp_path / "r")
+    ok("report", run, "--out", tmp_path / "r0")
+    def selected(folder):
+        return {row["head"]: row["config"] for row in read_csv(folder / "report.csv") if row["selected"] == "1"}
+    assert selected(tmp_path / "r") == selected(tmp_path / "r0")
+
+
 def test_a_report_names_the_runs_it_cannot_use(run, tmp_path):
     """Among several runs, a mistyped folder is refused by name and an unfinished run (no
     leaderboard yet) is named in a note, rather than a report quietly made of fewer runs."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tokens.cache.store import listed
+from tokens.train.metrics import METRICS
 from tokens.train.sweep import ALL_LAYERS, sanitise
 
 FIRST_COLUMNS = ["head", "config", "params", "best_epoch"]
@@ -60,7 +61,8 @@ def metric_columns(rows: list[dict]) -> list[str]:
 
 
 def primary_of(rows: list[dict]) -> str:
-    return metric_columns(rows)[0].removeprefix("val_")
+    """The metric selection maximises (metrics.METRICS), whatever the order of the columns."""
+    return next((names[0] for names in METRICS.values() if f"val_{names[0]}" in rows[0]), metric_columns(rows)[0].removeprefix("val_"))
 
 
 def _rank(column: str):
@@ -322,6 +324,9 @@ def read_leaderboard(path: Path) -> list[dict]:
     columns = reader.fieldnames or []
     missing = [c for c in FIRST_COLUMNS + LAST_COLUMNS if c not in columns and c not in OPTIONAL_COLUMNS]
     missing += [f"{p}*" for p in ("val_", "test_") if not any(c.startswith(p) for c in columns)]
+    for names in METRICS.values():  # a task's metrics without the one selection maximises: another would be used unsaid
+        if any(f"{split}_{name}" in columns for split in ("val", "test") for name in names[:2]):
+            missing += [f"{split}_{names[0]}" for split in ("val", "test") if f"{split}_{names[0]}" not in columns]
     if missing:
         raise ValueError(f"{not_ours}: it has no column {', '.join(missing)}")
     # Ours, but cut short (copied in part, a full disk): our rows each end their line, with every field
