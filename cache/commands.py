@@ -32,7 +32,7 @@ def describe(store: TokenStore) -> dict:
         "format": store.format,
         "backbone": meta["backbone"],
         "backbone_config": meta["backbone_config"],
-        "checkpoint_sha256": meta.get("checkpoint_sha256"),  # recorded, not checked at opening: info shows a store whose copy lost them
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),  # a store of an early version (no record of its key fields) may lack it
         "frontend": meta["frontend"],
         "dim": meta["dim"],
         "grid": meta["grid"],

@@ -8,6 +8,7 @@ the file (`--allow-pickle`).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import pickle
 import re
@@ -112,9 +113,11 @@ def _what_it_holds(path: str | Path) -> str:
         return ""
     if not head:
         return "the file is empty"
-    try:
-        text = head.decode("utf-8")
+    try:  # incremental: a character cut at the 64th byte is still text
+        text = None if b"\0" in head else codecs.getincrementaldecoder("utf-8")().decode(head)
     except UnicodeDecodeError:
+        text = None
+    if text is None:
         return f"it begins with the bytes {head[:8].hex(' ')}, neither torch.save's zip archive nor a pickle"
     return f"it is text, beginning {text.split(chr(10))[0][:40]!r}"
 

@@ -225,7 +225,7 @@ def dataset_change(store, dataset: Dataset, rows_at_once: int = 65536) -> str:
 
 def _first_change(store, dataset: Dataset, name: str, count: int, rows_at_once: int) -> str:
     """dataset_change() item by item over the first `count` items of a split, in the shards written so far."""
-    items = dataset.splits[name]
+    items = dataset.splits.get(name, [])  # a split the dataset no longer has: none to compare
     try:
         split = store.split(name)
         complete = split.complete_items()

@@ -522,6 +522,7 @@ def test_a_changed_dataset_is_refused_naming_the_first_difference(dataset, tmp_p
         "reordered": ([rows[0], rows[2], rows[1], *rows[3:]], "train item 0 is 'c0.wav' in the store but 'c1.wav' now "
                       "(the same items in another order: were the manifest's rows reordered?)"),
         "relabelled": ([rows[0], "c0.wav,high,train", *rows[2:]], "train item 0 (c0.wav) is labelled low in the store but high now"),
+        "a split dropped": ([row for row in rows if not row.endswith(",valid")], "valid has 1 items in the store, 0 now"),
     }
     for name, (lines, said) in changes.items():
         manifest = dataset.parent / f"{name}.csv"

@@ -1131,9 +1131,12 @@ JUNK = {
     "text": b"this is not a checkpoint\n",
     "random_bytes": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
     "json": b'{"model": {"w": [1, 2, 3]}}',
+    "safetensors_header": b'=\x00\x00\x00\x00\x00\x00\x00{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\x00\x00\x80?',
 }
 JUNK_SAID = {"empty": "(the file is empty)", "text": "(it is text, beginning 'this is not a checkpoint')",  # not torch's 'KeyError: 116'
-             "random_bytes": "", "json": """(it is text, beginning '{"model": {"w": [1, 2, 3]}}')"""}
+             "random_bytes": "(it begins with the bytes 5f 82 c2 d9 cf eb 0f a3, neither torch.save's zip archive nor a pickle)",
+             "json": """(it is text, beginning '{"model": {"w": [1, 2, 3]}}')""",
+             "safetensors_header": "(it begins with the bytes 3d 00 00 00 00 00 00 00, neither"}  # valid UTF-8, yet not text
 
 
 @pytest.mark.parametrize("case", list(JUNK))

@@ -809,6 +809,9 @@ def test_a_key_field_edited_by_hand_is_refused_at_opening(tmp_path, fmt, suffix)
         open_store(path)
     result = CliRunner().invoke(app, ["verify", str(path)])
     assert result.exit_code != 0 and "gives 'classes' as" in " ".join(result.output.split()), result.output
+    edit_meta(path, fmt, lambda m: m.update(classes=CLASSES) or m.pop("checkpoint_sha256"))  # a key field edited away
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code != 0 and "gives 'checkpoint_sha256' as null, but its tokens and labels were made with" in " ".join(result.output.split())
 
 
 def test_an_hdf5_store_damaged_where_it_keeps_its_metadata_is_named(tmp_path):

@@ -7,6 +7,7 @@ job never dies an hour in because of a typo.
 from __future__ import annotations
 
 import csv
+import errno
 import inspect
 import json
 import math
@@ -316,10 +317,11 @@ def probe(
     except recipe.TrainingFailed as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    except (recipe.WriteFailed, OSError) as error:  # a full disk or a quota, while results or checkpoints are written
+    except (recipe.WriteFailed, OSError) as error:  # results or checkpoints that cannot be written
         what = str(error) if isinstance(error, recipe.WriteFailed) else f"{error.filename or out}: {error.strerror or error}"
-        typer.echo(f"error: {what}\nwhat was saved before is whole: free space and run the same command again to go on "
-                   f"from {out / 'checkpoint.pt'}", err=True)
+        full = isinstance(error, recipe.WriteFailed) or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        typer.echo(f"error: {what}" + (f"\nwhat was saved before is whole: free space and run the same command again to go on "
+                                       f"from {out / 'checkpoint.pt'}" if full else ""), err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: run the same command again to resume from where {out / 'checkpoint.pt'} left off "
@@ -352,7 +354,7 @@ def report(
 SAVED_HEAD_KEYS = {"build", "layer", "task", "classes", "store_key", "state_dict"}
 
 
-def check_saved_head(path: Path, saved) -> torch.nn.Module:
+def load_saved_head(path: Path, saved) -> torch.nn.Module:
     """The head a file saved by `tokens probe` holds. Refuse any other file, pointing a run's
     checkpoint at RUN/best/, and a head whose weights do not make the head it names (edited, or
     damaged): that was a traceback from deep in torch."""
@@ -448,7 +450,7 @@ def predict(
         raise typer.BadParameter(f"{error}; a head saved by `tokens probe` holds only tensors and plain values", param_hint="--head") from None
     except OSError as error:
         raise typer.BadParameter(f"cannot load {head}: {error}", param_hint="--head") from None
-    module = check_saved_head(head, saved)
+    module = load_saved_head(head, saved)
     opened = open_checked(store, [], allow_incomplete, optional=(split,))
     if split not in opened.splits:
         opened.close()

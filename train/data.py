@@ -293,7 +293,8 @@ def hold_out(items: np.ndarray, recordings: np.ndarray, labels: np.ndarray, frac
     Each recording takes its rarest class (by items; multi-label items count every class they
     hold). The recordings of a class are spread evenly through a seeded order, so that its first
     recordings, which are held out, hold every class of several recordings near `fraction` of its
-    items. A class of one recording comes last: held out, it would not be trained on."""
+    items. A recording that holds a class no other recording holds comes last: held out, that class
+    would not be trained on."""
     names, group = np.unique(recordings, return_inverse=True)
     rng = np.random.default_rng(seed)
     strata = _rarest_class(labels, group, len(names))
@@ -302,7 +303,7 @@ def hold_out(items: np.ndarray, recordings: np.ndarray, labels: np.ndarray, frac
     sizes = np.bincount(strata)
     rank = np.empty(len(names))
     rank[by_stratum] = np.arange(len(names)) - (np.cumsum(sizes) - sizes)[strata[by_stratum]]
-    spread = (rank + rng.random(len(names))) / sizes[strata] + (sizes[strata] == 1)
+    spread = (rank + rng.random(len(names))) / sizes[strata] + _alone_with_a_class(labels, group, len(names))
     order = np.argsort(spread, kind="stable")
     held_so_far = np.cumsum(np.bincount(group, minlength=len(names))[order])
     wanted = max(1, round(fraction * len(items)))
@@ -310,6 +311,17 @@ def hold_out(items: np.ndarray, recordings: np.ndarray, labels: np.ndarray, frac
     files = crossing + 1 if crossing == 0 or held_so_far[crossing] - wanted <= wanted - held_so_far[crossing - 1] else crossing
     held = np.isin(group, order[:files])
     return items[~held], items[held]
+
+
+def _alone_with_a_class(labels: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
+    """Of each group (recording), whether it holds a class that no other group holds (from the
+    labels' nonzero entries: a multi-hot matrix of millions of rows is not copied whole)."""
+    rows, classes = np.nonzero(labels) if labels.ndim == 2 else (np.arange(len(labels)), labels)
+    pairs = np.unique(classes.astype(np.int64) * groups + group[rows])  # (class, group), once each
+    pair_class, pair_group = np.divmod(pairs, groups)
+    alone = np.zeros(groups, bool)
+    alone[pair_group[np.bincount(pair_class)[pair_class] == 1]] = True
+    return alone
 
 
 def _rarest_class(labels: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:

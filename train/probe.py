@@ -400,9 +400,12 @@ def run_folder_lock(out: Path):
             os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         yield
     finally:
-        if made and [p.name for p in out.iterdir()] == [LOCK]:
-            path.unlink()
-            out.rmdir()
+        try:
+            if made and [p.name for p in out.iterdir()] == [LOCK]:
+                path.unlink()
+                out.rmdir()
+        except OSError:  # something came in meanwhile: the folder stays
+            pass
         os.close(descriptor)
 
 
@@ -423,7 +426,8 @@ def stop_between_steps():
     previous = {}
     try:
         for number in (signal.SIGINT, signal.SIGTERM):
-            previous[number] = signal.signal(number, handler)
+            if signal.getsignal(number) is not None:  # None: a handler not set from Python, which could not be put back
+                previous[number] = signal.signal(number, handler)
     except ValueError:
         pass
     try:
