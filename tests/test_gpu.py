@@ -324,3 +324,37 @@ def test_a_sweep_behind_the_final_norm_on_a_gpu_trains_as_on_normed_tokens(tmp_p
     item = ("id", "source", "offset")
     np.testing.assert_allclose([[float(v) for k, v in row.items() if k not in item] for row in ours],
                                [[float(v) for k, v in row.items() if k not in item] for row in theirs], atol=1e-3)
+
+
+def test_a_sweep_on_a_gpu_stopped_mid_epoch_resumes_from_the_step(tmp_path, monkeypatch):
+    """SIGTERM mid-epoch on a GPU: the step in hand is saved, dropout's CUDA random states with it,
+    and the resumed sweep ends as the uninterrupted one (compared to 1e-6: TF32 products)."""
+    import os
+    import signal
+
+    from test_probe import invoke, leaderboard, make_store, ok
+
+    from tokens.train import probe as recipe
+
+    store = make_store(tmp_path / "s.zarr")
+    sweep = ["--heads", "mlp,ep", "--option", "mlp.dropout=0.5", "--option", "ep.num_queries=4",
+             "--epochs", "3", "--batch-size", "16", "--warmup-epochs", "1", "--device", "cuda"]
+    ok("probe", store, *sweep, "--out", tmp_path / "whole")
+    calls, factor = [], recipe.lr_factor
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 13:  # the 4th step of the 2nd epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return factor(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "lr_factor", signalled)
+        result = invoke("probe", store, *sweep, "--out", tmp_path / "stopped")
+    assert result.exit_code == 130 and "stopped at step 4 of 9 of epoch 2" in result.output, result.output
+    ok("probe", store, *sweep, "--out", tmp_path / "stopped")
+    whole, resumed = leaderboard(tmp_path / "whole"), leaderboard(tmp_path / "stopped")
+    assert whole.keys() == resumed.keys()
+    for config in whole:
+        for column in ("val_map", "test_map"):
+            assert float(resumed[config][column]) == pytest.approx(float(whole[config][column]), abs=1e-6), (config, column)
