@@ -107,6 +107,9 @@ def demo(
     for step in steps:
         typer.echo(f"\n$ tokens {' '.join(step)}")
         code = app(step, standalone_mode=False)  # a step's error or Ctrl-C: its message is out, its code ends the demo
+        if code == 130:  # the step said to run "the same command" again: the demo's, which goes on from that step
+            again = " ".join(["tokens demo", str(directory), *(["--epochs", str(epochs)] if epochs != DEFAULT_EPOCHS else [])])
+            typer.echo(f"the demo stopped in `tokens {step[0]}`: run `{again}` again to go on from there", err=True)
         if code:
             raise typer.Exit(code)
     typer.echo(

@@ -69,6 +69,8 @@ class ManifestError(ValueError):
     SHOWN = 50
 
     def __init__(self, source: Path, problems: list[str]):
+        # by line, as the file reads (a duplicate id is found after every row's own check); the file's own first
+        problems = sorted(problems, key=lambda p: int(m[1]) if (m := re.match(r"line (\d+): ", p)) else 0)
         self.problems = problems
         listing = "\n".join(f"  {p}" for p in problems[: self.SHOWN])
         if len(problems) > self.SHOWN:

@@ -402,6 +402,7 @@ sub,dog,test,,,
     assert e.value.problems == [
         "line 3: unknown split 'tain' (use train, valid or test)",
         "line 5: label(s) not among the store's classes: wolf",
+        "line 6: duplicate id 'x' (also line 2)",  # found after every row's own check, listed in its place
         "line 7: path '../outside.wav' " + outside,
         f"line 8: path '{tmp_path / 'outside.wav'}' " + outside,
         "line 9: path 'sub/../../outside.wav' " + outside,
@@ -409,7 +410,6 @@ sub,dog,test,,,
         "line 11: start -1 is not a finite, non-negative number of seconds",
         "line 12: file not found: gone.wav",
         "line 13: sub is a folder, not a file",
-        "line 6: duplicate id 'x' (also line 2)",
     ]
     assert "line 12: file not found: gone.wav" in str(e.value)
 

@@ -1203,6 +1203,25 @@ def test_the_demo_stops_at_the_first_step_that_fails_with_its_exit_code(tmp_path
     assert "$ tokens extract" in result.output and "$ tokens info" not in result.output and "Plots:" not in result.output
 
 
+def test_an_interrupted_demo_says_to_run_the_demo_again(tmp_path, monkeypatch):
+    """The step's own message says to run "the same command" again, just below the `tokens extract`
+    line it printed: which command was unclear."""
+    import typer
+    from typer.testing import CliRunner
+
+    import tokens.cli
+    from tokens.demo import demo
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("path,labels,split\n")  # a dataset already written
+    monkeypatch.setattr(tokens.cli, "app", lambda step, standalone_mode: 130 if step[0] == "extract" else 0)
+    demo_app = typer.Typer()
+    demo_app.command()(demo)
+    result = CliRunner().invoke(demo_app, [str(tmp_path), "--epochs", "5"])
+    assert result.exit_code == 130
+    assert f"the demo stopped in `tokens extract`: run `tokens demo {tmp_path} --epochs 5` again to go on from there" in result.output
+
+
 def test_a_demo_into_a_file_is_refused_before_anything_is_written(tmp_path):
     from typer.testing import CliRunner
 
