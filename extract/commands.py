@@ -50,10 +50,17 @@ def _rate(per_second: float) -> str:
 
 
 def _interrupted(store: Path):
-    """Ctrl-C or SIGTERM: say what is kept and how to go on, and exit 130."""
-    from tokens.cache.store import store_exists
+    """Ctrl-C or SIGTERM: say what is kept (how many shards) and how to go on, and exit 130."""
+    from tokens.cache.store import open_store, store_exists
 
-    kept = f"the shards already complete in {store} are kept; " if store_exists(store) else ""
+    kept = ""
+    if store_exists(store):
+        try:
+            with open_store(store) as opened:
+                done = sum(int(split.complete_mask().sum()) for split in opened.splits.values())
+                kept = f"{done} of {sum(split.num_shards for split in opened.splits.values())} shards are complete in {store} and kept; "
+        except (StoreError, OSError):  # not readable now (another task writes its HDF5 file): said without the count
+            kept = f"the shards already complete in {store} are kept; "
     typer.echo(f"\ninterrupted: {kept}run the same command again to go on", err=True)
     raise typer.Exit(130) from None
 

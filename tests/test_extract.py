@@ -562,7 +562,7 @@ def test_sigterm_stops_as_ctrl_c_does(dataset, tmp_path, monkeypatch, capsys):
         signal.signal(signal.SIGTERM, before)
     assert stopped.value.code == 130
     said = " ".join(capsys.readouterr().err.split())
-    assert f"interrupted: the shards already complete in {store_path} are kept; run the same command again to go on" in said
+    assert re.search(rf"interrupted: [1-5] of 5 shards are complete in {re.escape(str(store_path))} and kept; run the same command again to go on", said)  # the shards in hand are written too
     monkeypatch.setattr(store_module.Split, "write_shard", written)
     again = CliRunner().invoke(app, sys.argv[1:])
     assert again.exit_code == 0 and "already complete)" in again.output, again.output
@@ -654,7 +654,7 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_finishes(dataset, tmp_pat
         patch.setattr(store_module.Split, "write_shard", stopped_at_the_second)
         result = CliRunner().invoke(app, command)
     assert result.exit_code == 130, result.output
-    assert f"interrupted: the shards already complete in {store_path} are kept; run the same command again to go on" in " ".join(result.output.split())
+    assert f"interrupted: 1 of 5 shards are complete in {store_path} and kept; run the same command again to go on" in " ".join(result.output.split())
     with open_store(store_path) as store:
         assert store.split("train").complete_mask().tolist()[:2] == [True, False]
     again = CliRunner().invoke(app, command)
