@@ -400,7 +400,7 @@ def _read_folders(root: Path, store: str | Path | None, suffixes: frozenset[str]
 def _files(folder: Path, skipped: Callable[[Path], bool]) -> list[Path]:
     """The files under `folder`, sorted, hidden ones left out, through linked folders too. A folder
     `skipped` says to leave out is not entered, nor one a link leads back into from below it (a loop).
-    A link that leads nowhere is kept, for the row check to call it not found (shared storage not
+    A link that leads nowhere is kept, for the row check to name it as such (shared storage not
     mounted) rather than let its items vanish."""
     files, chains = [], {str(folder): {os.path.realpath(folder)}}  # each folder's own and its parents' real paths
     for parent, folders, names in os.walk(folder, followlinks=True):
@@ -530,6 +530,9 @@ def _check_row(root: Path, where: str, record: dict, task: str, known: set[str] 
     elif not os.path.isfile(full):
         if os.path.isdir(full):
             bad.append(f"{raw_path} is a folder, not a file")
+        elif os.path.lexists(full):  # a named pipe, a device, or a link that loops or leads nowhere
+            what = "a link that leads nowhere (or in a loop)" if os.path.islink(full) else "not a regular file (a pipe or a device)"
+            bad.append(f"{raw_path} is {what}")
         elif "\n" in raw_path or "\r" in raw_path:  # what a CSV quote never closed swallows
             bad.append(f"file not found: {raw_path[:60]!r}... spans several lines: a quote opened on this line and never closed?")
         elif _renormalised(full, len(inside)):

@@ -475,13 +475,25 @@ def test_class_folders_follow_linked_folders_and_files(tmp_path):
     (root / "train/cat/gone.wav").symlink_to(disk / "unmounted.wav")
     with pytest.raises(ManifestError) as e:
         audio(root)
-    assert e.value.problems == ["train/cat/gone.wav: file not found: train/cat/gone.wav"]
+    assert e.value.problems == ["train/cat/gone.wav: train/cat/gone.wav is a link that leads nowhere (or in a loop)"]
     (root / "train/cat/gone.wav").unlink()
     ds = audio(root)
     assert ds.classes == ["cat", "dog"] and other_notes(ds) == []
     assert [(item.id, item.path) for item in ds.splits["train"]] == [
         ("train/cat/3.wav", root / "train/cat/3.wav"), ("train/cat/own.wav", root / "train/cat/own.wav"),
         ("train/dog/1.wav", root / "train/dog/1.wav"), ("train/dog/more/2.wav", root / "train/dog/more/2.wav")]
+
+
+def test_a_pipe_or_a_looping_link_in_a_manifest_is_named_as_what_it_is(tmp_path, checking):
+    """Both exist, and were called 'file not found'."""
+    wav(tmp_path / "a.wav", 0.5)
+    os.mkfifo(tmp_path / "pipe.wav")
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
+    manifest = csv_file(tmp_path / "m.csv", "path,labels,split\na.wav,dog,train\npipe.wav,dog,train\nloop.wav,dog,test\n")
+    with pytest.raises(ManifestError) as e:
+        audio(manifest)
+    assert e.value.problems == ["line 3: pipe.wav is not a regular file (a pipe or a device)",
+                                "line 4: loop.wav is a link that leads nowhere (or in a loop)"]
 
 
 def test_the_root_itself_and_a_nul_character_are_row_problems(tmp_path):
