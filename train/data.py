@@ -297,13 +297,13 @@ def hold_out(items: np.ndarray, recordings: np.ndarray, labels: np.ndarray, frac
     would not be trained on."""
     names, group = np.unique(recordings, return_inverse=True)
     rng = np.random.default_rng(seed)
-    strata = _rarest_class(labels, group, len(names))
+    strata, alone = _strata(labels, group, len(names))
     shuffled = rng.permutation(len(names))
     by_stratum = shuffled[np.argsort(strata[shuffled], kind="stable")]  # shuffled within each stratum
     sizes = np.bincount(strata)
     rank = np.empty(len(names))
     rank[by_stratum] = np.arange(len(names)) - (np.cumsum(sizes) - sizes)[strata[by_stratum]]
-    spread = (rank + rng.random(len(names))) / sizes[strata] + _alone_with_a_class(labels, group, len(names))
+    spread = (rank + rng.random(len(names))) / sizes[strata] + alone
     order = np.argsort(spread, kind="stable")
     held_so_far = np.cumsum(np.bincount(group, minlength=len(names))[order])
     wanted = max(1, round(fraction * len(items)))
@@ -313,30 +313,18 @@ def hold_out(items: np.ndarray, recordings: np.ndarray, labels: np.ndarray, frac
     return items[~held], items[held]
 
 
-def _alone_with_a_class(labels: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
-    """Of each group (recording), whether it holds a class that no other group holds (from the
-    labels' nonzero entries: a multi-hot matrix of millions of rows is not copied whole)."""
+def _strata(labels: np.ndarray, group: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of each group (recording): its rarest class, the one of fewest items among its items' classes
+    (C, a stratum of its own, for a group with none), and whether it holds a class that no other
+    group holds. From the labels' nonzero entries, multi-hot rows (N, C) or class indices (N,): a
+    matrix of millions of rows is not copied whole."""
     rows, classes = np.nonzero(labels) if labels.ndim == 2 else (np.arange(len(labels)), labels)
+    count = labels.shape[1] if labels.ndim == 2 else int(labels.max(initial=0)) + 1
+    none = np.iinfo(np.int64).max
+    rarest = np.full(groups, none)  # a class as one number, its item count first: a group's smallest is its rarest
+    np.minimum.at(rarest, group[rows], np.bincount(classes, minlength=count)[classes].astype(np.int64) * (count + 1) + classes)
     pairs = np.unique(classes.astype(np.int64) * groups + group[rows])  # (class, group), once each
     pair_class, pair_group = np.divmod(pairs, groups)
     alone = np.zeros(groups, bool)
     alone[pair_group[np.bincount(pair_class)[pair_class] == 1]] = True
-    return alone
-
-
-def _rarest_class(labels: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
-    """Of each group (recording), the class of fewest items among its items' classes: multi-hot rows
-    (N, C) or class indices (N,); C (a stratum of its own) for a group none of whose items has one."""
-    none = np.iinfo(np.int64).max
-    if labels.ndim == 1:
-        classes = int(labels.max(initial=0)) + 1
-        item_key = np.bincount(labels, minlength=classes)[labels] * (classes + 1) + labels
-    else:
-        classes = labels.shape[1]
-        # a class as one number, its count first: an item's smallest is its rarest class
-        class_key = labels.sum(axis=0, dtype=np.int64) * (classes + 1) + np.arange(classes)
-        item_key = np.concatenate([np.where(rows.astype(bool), class_key, none).min(axis=1, initial=none)  # rows at a time: (N, C) int64 is large
-                                   for rows in np.array_split(labels, max(1, len(labels) // 65536))])
-    group_key = np.full(groups, none)
-    np.minimum.at(group_key, group, item_key)
-    return np.where(group_key == none, classes, group_key % (classes + 1))
+    return np.where(rarest == none, count, rarest % (count + 1)), alone

@@ -348,9 +348,9 @@ def check_other_parts(out: Path, record: dict):
                              f"{advice}, or use another --out", "--out")
 
 
-def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int, bool]:
-    """Put every probe back as it was saved: the number of epochs already done (and batches of the
-    next: state["step"], 0 in checkpoints saved at an epoch's end), and whether the
+def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int, int, bool]:
+    """Put every probe back as it was saved: the number of epochs already done and of batches of the
+    next (0 in checkpoints saved at an epoch's end, or by earlier versions), and whether the
     random states were another kind of device's (a job resubmitted to a CPU node after a GPU one,
     or the reverse): those cannot go on, so dropout draws from states seeded by each head's seed
     and the epoch instead, and differs from an uninterrupted run's from there."""
@@ -369,7 +369,7 @@ def restore(state: dict, probes: list[Probe], device: torch.device) -> tuple[int
         probe.best_loss = saved.get("best_loss", -math.inf)
         probe.best_epoch, probe.curve = saved["best_epoch"], list(saved["curve"])
         probe.val_metrics = saved["val_metrics"]
-    return epoch, moved
+    return epoch, state.get("step", 0), moved
 
 
 LOCK = ".lock"  # in a run folder: held by the `tokens probe` writing there (run_folder_lock)
@@ -574,8 +574,7 @@ def run(
     total, warmup = epochs * steps, round(warmup_epochs * steps)
 
     training_order = [probes[i] for i in layer_by_layer([p.config.layer for p in probes])]
-    start, moved = restore(saved, probes, device) if saved else (0, False)
-    skip = saved.get("step", 0) if saved else 0  # batches of epoch `start` already trained
+    start, skip, moved = restore(saved, probes, device) if saved else (0, 0, False)  # skip: batches of epoch `start` trained
     if start or skip:
         tqdm.write(f"resuming from {checkpoint} after epoch {start} of {epochs}" + (f" and {skip} of the next one's {steps} steps" if skip else ""))
     if moved:

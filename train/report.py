@@ -567,9 +567,7 @@ def layer_table(best: list[dict], labels: dict[str, str], metric: str) -> tuple[
     layers = sorted({str(r["layer"]) for r in best}, key=_layer_order)
     cells: dict[tuple, dict[str, str]] = {}
     for r in best:
-        marker = unfinished_marker(r["training"]).removeprefix("/")
-        store = labels[r["store_key"]] + (f" ({marker})" if marker else "")
-        cells.setdefault((r["head"], store), {})[str(r["layer"])] = _with_sd(r, f"test_{metric}")
+        cells.setdefault((r["head"], store_column(r, labels)), {})[str(r["layer"])] = _with_sd(r, f"test_{metric}")
     several = len({store for _, store in cells}) > 1
     named = {layer: "all layers" if layer == ALL_LAYERS else f"layer {layer}" for layer in layers}
     rows = [{"head": head, "store": store} | {named[layer]: by_layer.get(layer, "") for layer in layers}
@@ -720,15 +718,19 @@ def check_report_folder(runs: list[Path], out: Path):
             raise OutputError(f"{out} holds {run}'s leaderboard.csv, which the report would replace; give the report a folder of its own")
 
 
+def store_column(row: dict, labels: dict[str, str]) -> str:
+    """The store a row's figures go under in a table: its name, and its runs on it unfinished apart."""
+    marker = unfinished_marker(row["training"]).removeprefix("/")
+    return labels[row["store_key"]] + (f" ({marker})" if marker else "")
+
+
 def side_by_side(summary: list[dict], labels: dict[str, str], metric: str) -> str:
     """The selected configurations' test figures as a Markdown table of heads by stores: encoders
     compared at a glance (a store's runs on it unfinished get a column of their own)."""
     cells: dict[str, dict[str, str]] = {}
     for row in summary:
         if row["selected"]:
-            marker = unfinished_marker(row["training"]).removeprefix("/")
-            store = labels[row["store_key"]] + (f" ({marker})" if marker else "")
-            cells.setdefault(row["head"], {})[store] = _with_sd(row, f"test_{metric}")
+            cells.setdefault(row["head"], {})[store_column(row, labels)] = _with_sd(row, f"test_{metric}")
     stores = sorted({store for by_store in cells.values() for store in by_store})
     rows = [{"head": head} | {store: by_store.get(store, "") for store in stores} for head, by_store in sorted(cells.items())]
     return f"Test {METRIC_NAMES.get(metric, metric)} of the selected configurations, mean ± sd over seeds:\n\n" + table(rows, ["head", *stores], markdown=True)
